@@ -1,0 +1,88 @@
+"""algorithm.serving: UGT from PyTorch to a live, measured Triton Inference Server.
+
+The public API of the module guide (section 4.1) plus names added since. Names resolve lazily so
+that ``import algorithm.serving`` stays cheap (torch, ONNX Runtime and tritonclient load only
+when used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    # configs
+    "ExportConfig": "config",
+    "TritonConfig": "config",
+    "BenchmarkConfig": "config",
+    # core classes
+    "ServingExporter": "exporter",
+    "ONNXExporter": "export_onnx",
+    "ModelWrapper": "export_onnx",
+    "ModelInputSpec": "export_onnx",
+    "TensorRTOptimizer": "optimize_trt",
+    "TritonConfigGenerator": "triton_config",
+    "TritonBenchmark": "benchmark",
+    "BenchmarkResult": "benchmark",
+    "ModelVersionManager": "repository",
+    "TritonServer": "server",
+    # convenience functions
+    "export_to_onnx": "export_onnx",
+    "build_trt_engine": "optimize_trt",
+    "create_calibration_data_generator": "optimize_trt",
+    "generate_triton_config": "triton_config",
+    "run_benchmark": "benchmark",
+    "create_exporter": "exporter",
+    "validate_deployment": "repository",
+    "create_runner": "runners",
+    # errors
+    "ServingError": "errors",
+    "ConfigError": "errors",
+    "DependencyError": "errors",
+    "ExportError": "errors",
+    "OptimizationError": "errors",
+    "ParityError": "errors",
+    "ServerError": "errors",
+    "BenchmarkError": "errors",
+    "CheckpointError": "errors",
+    "RepositoryError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'algorithm.serving' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .benchmark import BenchmarkResult, TritonBenchmark, run_benchmark
+    from .config import BenchmarkConfig, ExportConfig, TritonConfig
+    from .errors import (
+        BenchmarkError,
+        CheckpointError,
+        ConfigError,
+        DependencyError,
+        ExportError,
+        OptimizationError,
+        ParityError,
+        RepositoryError,
+        ServerError,
+        ServingError,
+    )
+    from .export_onnx import ModelInputSpec, ModelWrapper, ONNXExporter, export_to_onnx
+    from .exporter import ServingExporter, create_exporter
+    from .optimize_trt import TensorRTOptimizer, build_trt_engine, create_calibration_data_generator
+    from .repository import ModelVersionManager, validate_deployment
+    from .runners import create_runner
+    from .server import TritonServer
+    from .triton_config import TritonConfigGenerator, generate_triton_config

@@ -1,0 +1,1 @@
+"""Optimizer backends and their registry (filled in by the optimizer issue)."""

@@ -1,0 +1,260 @@
+"""Dataclass configs with ``validate()``: ExportConfig, TritonConfig, BenchmarkConfig.
+
+Every field of the module guide (section 3.1) is kept with its default; fields added by later
+issues come after them. ``validate()`` raises ConfigError naming the field, the value and what
+is allowed, and returns the config so calls can be chained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx", "openvino", "python")
+PYTHON_RUNTIMES = ("onnxruntime", "openvino", "torch", "tensorrt", "torch_aot")
+INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")
+CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
+SEQ_LEN_DISTRIBUTIONS = ("fixed", "uniform", "lognormal", "histogram")
+
+
+def check_name(field: str, value: Any) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ConfigError(field, value, "1-128 characters from letters, digits, '_' and '-'")
+    return value
+
+
+def _int(field: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(field, value, f"an integer {rng}")
+
+
+def _float(field: str, value: Any, lo: float, hi: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(field, value, f"a number {rng}")
+
+
+def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(field, value, f"one of {', '.join(allowed)}")
+
+
+def _ints(field: str, value: Any, lo: int, hi: int | None = None, allow_empty: bool = False) -> tuple:
+    if not isinstance(value, (tuple, list)) or (not value and not allow_empty):
+        raise ConfigError(field, value, "a non-empty tuple of integers")
+    for v in value:
+        try:
+            _int(field, v, lo, hi)
+        except ConfigError as e:
+            raise ConfigError(field, value, f"integers {e.allowed.removeprefix('an integer ')}") from None
+    return tuple(value)
+
+
+class _Config:
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(cls.__name__, unknown, f"known fields are {sorted(names)}")
+        return cls(**data)
+
+
+@dataclass
+class ExportConfig(_Config):
+    """How the model is exported and optimized (guide 3.1 plus accuracy gates and buckets)."""
+
+    model_name: str = "ugt_recommend"
+    precision: str = "fp16"
+    max_batch_size: int = 64
+    max_seq_length: int = 1024
+    min_batch_size: int = 1
+    opt_batch_size: int = 32
+    min_seq_length: int = 1
+    opt_seq_length: int = 512
+    opset_version: int = 18  # guide: 17; torch >= 2.9 exports opset >= 18 only (its Split has no 17 adapter)
+    do_constant_folding: bool = True
+    workspace_size_gb: int = 4
+    codebook_sizes: tuple[int, int, int] = (1024, 4096, 16384)
+    num_recommendations: int = 50
+    # --- added: verification after export and after every optimization -------------------
+    verify: bool = True
+    parity_min_recall: float = 0.99  # recall@K overlap of ONNX (fp32) vs PyTorch
+    parity_max_score_diff: float = 1e-3  # max |score difference| of ONNX (fp32) vs PyTorch
+    min_recall_fp32: float = 0.99
+    min_recall_fp16: float = 0.95
+    min_recall_int8: float = 0.90
+    accuracy_samples: int = 64  # held-out histories for the accuracy gate
+    # --- added: optimization -------------------------------------------------------------
+    seq_length_buckets: tuple[int, ...] = ()  # e.g. (128, 512, 1024): one TensorRT profile per bucket
+    calibration_method: str = "entropy"
+    calibration_samples: int = 64
+    timing_cache_path: str | None = None
+
+    def validate(self) -> ExportConfig:
+        check_name("model_name", self.model_name)
+        _choice("precision", self.precision, PRECISIONS)
+        _int("max_batch_size", self.max_batch_size, 1, 4096)
+        _int("min_batch_size", self.min_batch_size, 1, self.max_batch_size)
+        _int("opt_batch_size", self.opt_batch_size, 1)
+        # opt_* are tuning hints: keep them inside [min, max] instead of failing a smaller max.
+        self.opt_batch_size = min(max(self.opt_batch_size, self.min_batch_size), self.max_batch_size)
+        _int("max_seq_length", self.max_seq_length, 1, 65536)
+        _int("min_seq_length", self.min_seq_length, 1, self.max_seq_length)
+        _int("opt_seq_length", self.opt_seq_length, 1)
+        self.opt_seq_length = min(max(self.opt_seq_length, self.min_seq_length), self.max_seq_length)
+        _int("opset_version", self.opset_version, 18, 23)
+        if not isinstance(self.do_constant_folding, bool):
+            raise ConfigError("do_constant_folding", self.do_constant_folding, "True or False")
+        _int("workspace_size_gb", self.workspace_size_gb, 1, 1024)
+        cb = self.codebook_sizes
+        if not isinstance(cb, (tuple, list)) or len(cb) != 3:
+            raise ConfigError("codebook_sizes", cb, "three integers >= 2")
+        self.codebook_sizes = _ints("codebook_sizes", cb, 2)
+        _int("num_recommendations", self.num_recommendations, 1, min(self.codebook_sizes))
+        for name in ("parity_min_recall", "min_recall_fp32", "min_recall_fp16", "min_recall_int8"):
+            _float(name, getattr(self, name), 0.0, 1.0)
+        _float("parity_max_score_diff", self.parity_max_score_diff, 0.0)
+        _int("accuracy_samples", self.accuracy_samples, 1)
+        buckets = _ints("seq_length_buckets", self.seq_length_buckets, 1, self.max_seq_length, allow_empty=True)
+        if list(buckets) != sorted(set(buckets)):
+            raise ConfigError("seq_length_buckets", buckets, "strictly increasing lengths")
+        self.seq_length_buckets = buckets
+        _choice("calibration_method", self.calibration_method, CALIBRATION_METHODS)
+        _int("calibration_samples", self.calibration_samples, 1)
+        return self
+
+    def min_recall(self, precision: str | None = None) -> float:
+        """The accuracy gate's recall@K threshold for a precision (bf16 shares fp16's)."""
+        p = precision or self.precision
+        return {"fp32": self.min_recall_fp32, "int8": self.min_recall_int8}.get(p, self.min_recall_fp16)
+
+
+@dataclass
+class TritonConfig(_Config):
+    """How Triton serves the model (guide 3.1 plus platform, queue policy, warm-up, cache)."""
+
+    platform: str = "tensorrt_plan"
+    instance_count: int = 2
+    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
+    max_queue_delay_us: int = 100
+    gpus: tuple[int, ...] = (0,)
+    instance_kind: str = "KIND_GPU"
+    enable_dynamic_batching: bool = True
+    # --- added ----------------------------------------------------------------------------
+    python_runtime: str = "onnxruntime"  # the Runner used by platform="python"
+    max_queue_size: int = 0  # 0 = unbounded; > 0 rejects requests beyond it (UNAVAILABLE)
+    default_queue_timeout_us: int = 0  # 0 = none; > 0 rejects requests queued longer
+    allow_timeout_override: bool = True
+    model_warmup: bool = True
+    response_cache: bool = False
+    cuda_graphs: bool = True  # tensorrt_plan only
+    trt_accelerator_precision: str | None = None  # onnxruntime_onnx: None, "fp32" or "fp16"
+    version_policy: str = "latest"  # "latest" (one), "all"
+    runtime_threads: int = 0  # intra-op threads of CPU runtimes; 0 = runtime default
+
+    def validate(self) -> TritonConfig:
+        _choice("platform", self.platform, PLATFORMS)
+        _choice("python_runtime", self.python_runtime, PYTHON_RUNTIMES)
+        _int("instance_count", self.instance_count, 1, 64)
+        self.preferred_batch_sizes = _ints("preferred_batch_sizes", self.preferred_batch_sizes, 1, allow_empty=True)
+        _int("max_queue_delay_us", self.max_queue_delay_us, 0, 10_000_000)
+        _choice("instance_kind", self.instance_kind, INSTANCE_KINDS)
+        self.gpus = _ints("gpus", self.gpus, 0, 1023, allow_empty=self.instance_kind != "KIND_GPU")
+        _int("max_queue_size", self.max_queue_size, 0)
+        _int("default_queue_timeout_us", self.default_queue_timeout_us, 0)
+        _int("runtime_threads", self.runtime_threads, 0, 1024)
+        if self.trt_accelerator_precision not in (None, "fp32", "fp16"):
+            raise ConfigError("trt_accelerator_precision", self.trt_accelerator_precision, "None, 'fp32' or 'fp16'")
+        _choice("version_policy", self.version_policy, ("latest", "all"))
+        if self.platform == "tensorrt_plan" and self.instance_kind == "KIND_CPU":
+            raise ConfigError("instance_kind", self.instance_kind, "KIND_GPU for platform tensorrt_plan")
+        return self
+
+
+@dataclass
+class BenchmarkConfig(_Config):
+    """How the live server is measured (guide 3.1 plus protocol, modes and stability rules)."""
+
+    triton_url: str = "localhost:8001"
+    num_warmup_requests: int = 100
+    num_requests: int = 10000
+    concurrency: int = 1
+    test_batch_sizes: tuple[int, ...] = (1, 8, 16, 32)
+    test_seq_lengths: tuple[int, ...] = (32, 64, 128, 256)
+    # --- added ----------------------------------------------------------------------------
+    protocol: str = "grpc"
+    mode: str = "concurrency"  # or "request_rate" (Poisson arrivals)
+    concurrency_levels: tuple[int, ...] = ()  # sweep; empty = (concurrency,)
+    request_rates: tuple[float, ...] = ()  # requests/s for mode="request_rate"
+    seq_len_distribution: str = "fixed"
+    seq_len_median: int = 200  # lognormal
+    seq_len_sigma: float = 0.8  # lognormal
+    seq_len_min: int = 1
+    seq_len_max: int = 1024
+    seq_len_histogram_file: str | None = None  # JSON {"lengths": [...], "counts": [...]}
+    measurement_window_s: float = 2.0
+    stability_percent: float = 10.0
+    max_trials: int = 5
+    timeout_s: float = 10.0  # per request
+    slo_p99_ms: float = 30.0
+    seed: int = 0
+
+    def validate(self) -> BenchmarkConfig:
+        if not isinstance(self.triton_url, str) or not self.triton_url:
+            raise ConfigError("triton_url", self.triton_url, "host:port, e.g. localhost:8001")
+        _int("num_warmup_requests", self.num_warmup_requests, 0)
+        _int("num_requests", self.num_requests, 1)
+        _int("concurrency", self.concurrency, 1, 4096)
+        self.test_batch_sizes = _ints("test_batch_sizes", self.test_batch_sizes, 1)
+        self.test_seq_lengths = _ints("test_seq_lengths", self.test_seq_lengths, 1)
+        _choice("protocol", self.protocol, ("grpc", "http"))
+        _choice("mode", self.mode, ("concurrency", "request_rate"))
+        self.concurrency_levels = _ints("concurrency_levels", self.concurrency_levels, 1, 4096, allow_empty=True)
+        rates = self.request_rates
+        if not isinstance(rates, (tuple, list)) or any(
+            isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0 for r in rates
+        ):
+            raise ConfigError("request_rates", rates, "a tuple of positive numbers (requests/s)")
+        self.request_rates = tuple(float(r) for r in rates)
+        if self.mode == "request_rate" and not self.request_rates:
+            raise ConfigError("request_rates", rates, "at least one rate when mode='request_rate'")
+        _choice("seq_len_distribution", self.seq_len_distribution, SEQ_LEN_DISTRIBUTIONS)
+        _int("seq_len_min", self.seq_len_min, 1)
+        _int("seq_len_max", self.seq_len_max, self.seq_len_min)
+        _int("seq_len_median", self.seq_len_median, 1)
+        _float("seq_len_sigma", self.seq_len_sigma, 0.0)
+        if self.seq_len_distribution == "histogram" and not self.seq_len_histogram_file:
+            raise ConfigError("seq_len_histogram_file", None, "a JSON file when seq_len_distribution='histogram'")
+        _float("measurement_window_s", self.measurement_window_s, 0.05)
+        _float("stability_percent", self.stability_percent, 0.0, 100.0)
+        _int("max_trials", self.max_trials, 1)
+        _float("timeout_s", self.timeout_s, 0.001)
+        _float("slo_p99_ms", self.slo_p99_ms, 0.001)
+        return self
+
+    @property
+    def levels(self) -> tuple:
+        """The load points of a sweep: concurrency levels or request rates."""
+        if self.mode == "request_rate":
+            return self.request_rates
+        return self.concurrency_levels or (self.concurrency,)

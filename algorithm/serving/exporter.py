@@ -1,0 +1,146 @@
+"""ServingExporter: the one facade over export, optimize, Triton config, deploy and benchmark."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from algorithm.interfaces import ServingExporterInterface
+
+from .config import BenchmarkConfig, ExportConfig, TritonConfig
+
+logger = logging.getLogger(__name__)
+
+# Which optimizer backend produces the artifact each Triton platform serves.
+PLATFORM_BACKEND = {
+    "tensorrt_plan": "tensorrt",
+    "onnxruntime_onnx": "onnxruntime",
+    "openvino": "openvino",
+}
+PYTHON_RUNTIME_BACKEND = {
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+    "tensorrt": "tensorrt",
+    "torch_aot": "torch",
+}
+
+
+class ServingExporter(ServingExporterInterface):
+    """Implements ServingExporterInterface; sub-components are created on first use."""
+
+    def __init__(
+        self,
+        export_config: ExportConfig | None = None,
+        triton_config: TritonConfig | None = None,
+        benchmark_config: BenchmarkConfig | None = None,
+    ):
+        self.export_config = (export_config or ExportConfig()).validate()
+        self.triton_config = (triton_config or TritonConfig()).validate()
+        self.benchmark_config = (benchmark_config or BenchmarkConfig()).validate()
+        self._onnx_exporter = None
+        self._trt_optimizer = None
+        self._triton_generator = None
+        self._benchmarker = None
+
+    # -- guide 4.2 ---------------------------------------------------------------------------
+    def export_onnx(self, model, save_path, config: ExportConfig | None = None) -> str:
+        from .export_onnx import ONNXExporter
+
+        if config is not None:
+            return ONNXExporter(config).export(model, save_path)
+        if self._onnx_exporter is None:
+            self._onnx_exporter = ONNXExporter(self.export_config)
+        return self._onnx_exporter.export(model, save_path)
+
+    def optimize_tensorrt(self, onnx_path, engine_path, config: ExportConfig | None = None) -> str:
+        from .optimize_trt import TensorRTOptimizer
+
+        if config is not None:
+            return TensorRTOptimizer(config).optimize(onnx_path, engine_path)
+        if self._trt_optimizer is None:
+            self._trt_optimizer = TensorRTOptimizer(self.export_config)
+        return self._trt_optimizer.optimize(onnx_path, engine_path)
+
+    def optimize(
+        self,
+        onnx_path,
+        output_path,
+        backend: str = "tensorrt",
+        config: ExportConfig | None = None,
+        calibration_data=None,
+    ) -> str:
+        """Optimize with a registered backend (tensorrt, onnxruntime, openvino, torch) behind the accuracy gate."""
+        from .backends import optimize
+
+        return optimize(onnx_path, output_path, backend, config or self.export_config, calibration_data)
+
+    def generate_triton_config(self, model_repository, config: ExportConfig | None = None, model_file=None, version: int = 1) -> str:
+        from .triton_config import TritonConfigGenerator
+
+        gen = TritonConfigGenerator(export_config=config or self.export_config, triton_config=self.triton_config)
+        return gen.generate(model_repository, model_file=model_file, version=version)
+
+    def benchmark(self, triton_url, model_name, num_requests: int = 10000) -> dict[str, float]:
+        from .benchmark import TritonBenchmark
+
+        cfg = self.benchmark_config.replace(triton_url=triton_url, num_requests=num_requests)
+        result = TritonBenchmark(cfg).run(triton_url, model_name, batch_size=1, seq_length=cfg.test_seq_lengths[0])
+        return {
+            "throughput": result.throughput,
+            "latency_p50": result.latency_p50,
+            "latency_p90": result.latency_p90,
+            "latency_p95": result.latency_p95,
+            "latency_p99": result.latency_p99,
+        }
+
+    # -- extensions ----------------------------------------------------------------------------
+    def backend_for_platform(self) -> str:
+        tc = self.triton_config
+        if tc.platform == "python":
+            return PYTHON_RUNTIME_BACKEND.get(tc.python_runtime, "onnxruntime")
+        return PLATFORM_BACKEND[tc.platform]
+
+    def deploy_full_pipeline(self, model, model_repository, onnx_path=None, engine_path=None) -> dict[str, str]:
+        """Export -> optimize for the configured platform -> repository; returns the paths."""
+        from .backends import get_backend
+
+        cfg = self.export_config
+        repo = Path(model_repository)
+        work = repo.parent / f".{repo.name}-build"
+        onnx_path = Path(onnx_path or work / f"{cfg.model_name}.onnx")
+        self.export_onnx(model, onnx_path)
+        backend = get_backend(self.backend_for_platform())
+        engine_path = Path(engine_path or work / f"{cfg.model_name}{backend.artifact_suffix}")
+        artifact = self.optimize(onnx_path, engine_path, backend=backend.name)
+        config_path = self.generate_triton_config(repo, model_file=artifact)
+        return {
+            "onnx_path": str(onnx_path),
+            "engine_path": str(artifact),
+            "config_path": str(config_path),
+            "model_repository": str(repo),
+        }
+
+    def validate_deployment(self, model_repository, model_name: str | None = None) -> dict:
+        from .repository import validate_deployment
+
+        return validate_deployment(model_repository, model_name)
+
+
+def create_exporter(
+    model_name: str = "ugt_recommend",
+    precision: str = "fp16",
+    max_batch_size: int = 64,
+    max_seq_length: int = 1024,
+    triton_config: TritonConfig | None = None,
+    benchmark_config: BenchmarkConfig | None = None,
+    **export_fields,
+) -> ServingExporter:
+    """A ServingExporter with an ExportConfig built from the arguments (extra fields as keywords)."""
+    cfg = ExportConfig(
+        model_name=model_name,
+        precision=precision,
+        max_batch_size=max_batch_size,
+        max_seq_length=max_seq_length,
+        **export_fields,
+    )
+    return ServingExporter(cfg, triton_config, benchmark_config)

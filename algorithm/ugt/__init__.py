@@ -1,0 +1,21 @@
+"""The UGT reference model: config, model, checkpoints, synthetic data and a tiny trainer."""
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import INPUT_NAMES, OUTPUT_NAMES, UGTConfig
+from .data import SyntheticCatalog, random_inputs
+from .model import UGTModel
+from .train import TrainConfig, recall_at_k, train_tiny
+
+__all__ = [
+    "INPUT_NAMES",
+    "OUTPUT_NAMES",
+    "SyntheticCatalog",
+    "TrainConfig",
+    "UGTConfig",
+    "UGTModel",
+    "load_checkpoint",
+    "random_inputs",
+    "recall_at_k",
+    "save_checkpoint",
+    "train_tiny",
+]
