@@ -1,0 +1,282 @@
+"""config.pbtxt through Triton's own ModelConfig protobuf (shipped in tritonclient).
+
+The message is built field by field on ``model_config_pb2.ModelConfig`` and written with
+``google.protobuf.text_format``, then parsed back strictly, so every generated file is valid
+against the schema the server uses. No string templates.
+
+Platforms and what the version folder holds:
+
+- ``tensorrt_plan``: ``model.plan``; CUDA graphs (one exact-shape graph per preferred batch
+  size and sequence bucket).
+- ``onnxruntime_onnx``: ``model.onnx``; optionally ONNX Runtime's TensorRT execution
+  accelerator with its precision.
+- ``openvino``: ``model.xml`` + ``model.bin`` (Triton's OpenVINO backend, CPU instances).
+- ``python``: the project's ``model.py`` + the artifact (e.g. ``model.onnx``), run by a Runner
+  named in ``parameters``. Only this platform sets ``allow_ragged_batch`` so that the dynamic
+  batcher groups histories of different lengths (``model.py`` pads them); the others batch only
+  requests of equal length.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .config import NAME_RE, ExportConfig, TritonConfig, check_name
+from .errors import ConfigError, DependencyError, InputFileNotFoundError
+from .runners import INPUT_NAMES
+
+logger = logging.getLogger(__name__)
+
+#: The file Triton looks for in a version folder, per platform.
+DEFAULT_FILENAMES = {
+    "tensorrt_plan": "model.plan",
+    "onnxruntime_onnx": "model.onnx",
+    "openvino": "model.xml",
+    "python": "model.py",
+}
+#: Artifact file names a python-backend model runs, per Runner.
+PYTHON_ARTIFACTS = {
+    "onnxruntime": "model.onnx",
+    "openvino": "model.xml",
+    "tensorrt": "model.plan",
+    "torch_aot": "model.pt2",
+    "torch": "model.safetensors",
+}
+SIDECAR_NAME = "ugt_model.json"
+
+
+def model_config_pb2():
+    """Triton's ModelConfig protobuf module (from tritonclient[grpc])."""
+    try:
+        from tritonclient.grpc import model_config_pb2 as pb
+    except ImportError as e:
+        raise DependencyError(
+            "tritonclient[grpc]", "pip install 'tritonclient[grpc]'", purpose="Triton model configs"
+        ) from e
+    return pb
+
+
+def parse_config(text: str):
+    """Parse config.pbtxt text strictly (unknown fields fail) into a ModelConfig."""
+    from google.protobuf import text_format
+
+    pb = model_config_pb2()
+    return text_format.Parse(text, pb.ModelConfig())
+
+
+def config_to_text(config) -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(config)
+
+
+def artifact_filename(platform: str, python_runtime: str = "onnxruntime", model_file=None) -> str:
+    """The name of the artifact inside a version folder (for python: the Runner's artifact)."""
+    if platform != "python":
+        return DEFAULT_FILENAMES[platform]
+    if model_file is not None:
+        suffixes = "".join(Path(model_file).suffixes[-1:])
+        if suffixes:
+            return f"model{suffixes}"
+    return PYTHON_ARTIFACTS.get(python_runtime, "model.onnx")
+
+
+class TritonConfigGenerator:
+    """Builds the ModelConfig for an exported UGT model and writes a model repository entry."""
+
+    def __init__(self, export_config: ExportConfig | None = None, triton_config: TritonConfig | None = None):
+        self.export_config = (export_config or ExportConfig()).validate()
+        self.triton_config = (triton_config or TritonConfig()).validate()
+        self._check_combination()
+
+    def _check_combination(self) -> None:
+        tc = self.triton_config
+        if tc.platform == "openvino" and tc.instance_kind == "KIND_GPU":
+            raise ConfigError("instance_kind", tc.instance_kind, "KIND_CPU or KIND_AUTO for platform openvino",
+                              hint="Triton's OpenVINO backend runs on CPU instances only.")
+        if tc.trt_accelerator_precision and tc.platform != "onnxruntime_onnx":
+            raise ConfigError("trt_accelerator_precision", tc.trt_accelerator_precision,
+                              "None unless platform is onnxruntime_onnx")
+        if tc.trt_accelerator_precision and tc.instance_kind == "KIND_CPU":
+            raise ConfigError("trt_accelerator_precision", tc.trt_accelerator_precision,
+                              "None for KIND_CPU instances (the TensorRT accelerator needs a GPU)")
+
+    @property
+    def model_name(self) -> str:
+        return self.export_config.model_name
+
+    def preferred_batch_sizes(self) -> list[int]:
+        mbs = self.export_config.max_batch_size
+        sizes = sorted({b for b in self.triton_config.preferred_batch_sizes if b <= mbs})
+        dropped = sorted(set(self.triton_config.preferred_batch_sizes) - set(sizes))
+        if dropped:
+            logger.info("preferred batch sizes %s exceed max_batch_size=%d; left out", dropped, mbs)
+        return sizes
+
+    def warmup_lengths(self) -> list[int]:
+        ec = self.export_config
+        return list(ec.seq_length_buckets) or [ec.opt_seq_length]
+
+    # -- the message ---------------------------------------------------------------------------
+    def build_config(self, artifact_name: str | None = None):
+        """The ModelConfig protobuf message for this export/serving configuration."""
+        pb = model_config_pb2()
+        ec, tc = self.export_config, self.triton_config
+        k = ec.num_recommendations
+        cfg = pb.ModelConfig(name=ec.model_name, max_batch_size=ec.max_batch_size)
+        if tc.platform == "python":
+            cfg.backend = "python"
+        elif tc.platform == "openvino":
+            cfg.backend = "openvino"
+            cfg.default_model_filename = DEFAULT_FILENAMES["openvino"]
+        else:
+            cfg.platform = tc.platform
+            cfg.default_model_filename = DEFAULT_FILENAMES[tc.platform]
+        ragged = tc.platform == "python"
+        for name in INPUT_NAMES:
+            cfg.input.add(name=name, data_type=pb.TYPE_INT64, dims=[-1], allow_ragged_batch=ragged)
+        cfg.output.add(name="recommendations", data_type=pb.TYPE_INT64, dims=[k, 3])
+        cfg.output.add(name="scores", data_type=pb.TYPE_FP32, dims=[k])
+        self._batching(cfg, pb)
+        self._instances(cfg, pb)
+        self._optimization(cfg, pb)
+        self._parameters(cfg, artifact_name)
+        if tc.model_warmup:
+            self._warmup(cfg, pb)
+        if tc.version_policy == "all":
+            cfg.version_policy.all.SetInParent()
+        else:
+            cfg.version_policy.latest.num_versions = 1
+        if tc.response_cache:
+            cfg.response_cache.enable = True
+        return cfg
+
+    def _batching(self, cfg, pb) -> None:
+        tc = self.triton_config
+        if not tc.enable_dynamic_batching:
+            return
+        db = cfg.dynamic_batching
+        db.preferred_batch_size.extend(self.preferred_batch_sizes())
+        db.max_queue_delay_microseconds = tc.max_queue_delay_us
+        if tc.max_queue_size or tc.default_queue_timeout_us:
+            qp = db.default_queue_policy
+            qp.timeout_action = pb.ModelQueuePolicy.REJECT
+            qp.default_timeout_microseconds = tc.default_queue_timeout_us
+            qp.allow_timeout_override = tc.allow_timeout_override
+            qp.max_queue_size = tc.max_queue_size
+
+    def _instances(self, cfg, pb) -> None:
+        tc = self.triton_config
+        group = cfg.instance_group.add(count=tc.instance_count, kind=getattr(pb.ModelInstanceGroup, tc.instance_kind))
+        if tc.instance_kind == "KIND_GPU":
+            group.gpus.extend(tc.gpus)
+
+    def _optimization(self, cfg, pb) -> None:
+        ec, tc = self.export_config, self.triton_config
+        if tc.platform == "tensorrt_plan" and tc.cuda_graphs:
+            cuda = cfg.optimization.cuda
+            cuda.graphs = True
+            # Exact-shape graphs: a request uses one only at that shape (no lower_bound, so no
+            # padding inside the engine changes an answer).
+            for b in self.preferred_batch_sizes() or [ec.max_batch_size]:
+                for seq in self.warmup_lengths():
+                    spec = cuda.graph_spec.add(batch_size=b)
+                    for name in INPUT_NAMES:
+                        spec.input[name].dim.append(seq)
+        if tc.platform == "onnxruntime_onnx" and tc.trt_accelerator_precision:
+            acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+            acc.parameters["precision_mode"] = tc.trt_accelerator_precision.upper()
+            acc.parameters["max_workspace_size_bytes"] = str(ec.workspace_size_gb << 30)
+        if tc.platform == "onnxruntime_onnx" and tc.runtime_threads:
+            cfg.parameters["intra_op_thread_count"].string_value = str(tc.runtime_threads)
+        if tc.platform == "openvino" and tc.runtime_threads:
+            cfg.parameters["INFERENCE_NUM_THREADS"].string_value = str(tc.runtime_threads)
+
+    def _parameters(self, cfg, artifact_name: str | None) -> None:
+        ec, tc = self.export_config, self.triton_config
+        if tc.platform != "python":
+            return
+        params = {
+            "runtime": tc.python_runtime,
+            "artifact": artifact_name or artifact_filename("python", tc.python_runtime),
+            "device": "auto",  # model.py: the instance's GPU for KIND_GPU, else CPU
+            "threads": str(tc.runtime_threads),
+            "max_seq_length": str(ec.max_seq_length),
+            "codebook_sizes": ",".join(str(c) for c in ec.codebook_sizes),
+            "num_recommendations": str(ec.num_recommendations),
+            "precision": ec.precision,
+        }
+        for key, value in params.items():
+            cfg.parameters[key].string_value = value
+
+    def _warmup(self, cfg, pb) -> None:
+        # Zero ids are valid codes and an all-zero mask is a defined (empty) history, so the
+        # samples pass model.py's validation; batch 1 at each bucket length.
+        for seq in self.warmup_lengths():
+            w = cfg.model_warmup.add(name=f"zeros_batch1_seq{seq}", batch_size=1, count=1)
+            for name in INPUT_NAMES:
+                w.inputs[name].data_type = pb.TYPE_INT64
+                w.inputs[name].dims.append(seq)
+                w.inputs[name].zero_data = True
+
+    def config_text(self, artifact_name: str | None = None) -> str:
+        """config.pbtxt text, checked by parsing it back strictly."""
+        text = config_to_text(self.build_config(artifact_name))
+        parse_config(text)
+        return text
+
+    # -- the repository ------------------------------------------------------------------------
+    def generate(self, model_repository, model_file=None, version: int = 1) -> str:
+        """Write ``<repo>/<name>/config.pbtxt`` and, with ``model_file``, publish it as
+        ``version`` (atomically; replaces that version if present). Returns the config path."""
+        from .repository import ModelVersionManager, write_text_atomic
+
+        check_name("model_name", self.model_name)
+        tc = self.triton_config
+        model_dir = Path(model_repository) / self.model_name
+        artifact_name = None
+        if model_file is not None:
+            model_file = Path(model_file)
+            if not model_file.exists():
+                raise InputFileNotFoundError(f"model file not found: {model_file}")
+            artifact_name = artifact_filename(tc.platform, tc.python_runtime, model_file)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        path = write_text_atomic(model_dir / "config.pbtxt", self.config_text(artifact_name))
+        if model_file is not None:
+            ModelVersionManager(model_repository).deploy_version(
+                self.model_name, model_file, version=version, replace=True
+            )
+        logger.info("wrote %s", path)
+        return str(path)
+
+
+def generate_triton_config(
+    model_name_or_repository,
+    config: ExportConfig | None = None,
+    triton_config: TritonConfig | None = None,
+    model_file=None,
+    version: int = 1,
+) -> str:
+    """Guide 4.3: ``generate_triton_config("my_model", config)`` returns the config.pbtxt text
+    for a model named "my_model". Given a repository (an existing directory, or a path with a
+    separator) or a ``model_file``, it writes the repository entry and returns the config path."""
+    target = str(model_name_or_repository)
+    is_name = NAME_RE.match(target) and not Path(target).is_dir() and model_file is None
+    export_config = config or ExportConfig()
+    if is_name:
+        gen = TritonConfigGenerator(export_config.replace(model_name=target), triton_config)
+        return gen.config_text()
+    return TritonConfigGenerator(export_config, triton_config).generate(target, model_file, version)
+
+
+__all__ = [
+    "DEFAULT_FILENAMES",
+    "SIDECAR_NAME",
+    "TritonConfigGenerator",
+    "artifact_filename",
+    "config_to_text",
+    "generate_triton_config",
+    "model_config_pb2",
+    "parse_config",
+]

@@ -1,0 +1,1 @@
+"""The Triton python-backend model (``model.py``) shipped into python repositories."""

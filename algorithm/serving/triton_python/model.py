@@ -1,0 +1,179 @@
+"""Triton python-backend model for UGT: runs the version's artifact through a project Runner.
+
+Shipped into every ``backend: "python"`` version folder. The stub runs it in the Python
+environment found through PATH (the project's virtualenv), so numpy and ``algorithm.serving``
+import from there. ``parameters`` in config.pbtxt name the Runner (``runtime``), the artifact
+file, the device, thread count, the codebook sizes and the longest history accepted.
+
+A dynamic batch holds requests of different lengths (the inputs allow ragged batches): every
+request is validated on its own, a bad one is answered with INVALID_ARG naming the input and
+the problem, and the good ones are right-padded to the longest (mask 0; positions of real
+items do not move), run once, and split back.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+INPUT_NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
+ID_NAMES = INPUT_NAMES[:3]
+# The stub's numpy bridge is built against numpy 1; with numpy 2 tensors cross through DLPack.
+_DLPACK = int(np.__version__.split(".")[0]) >= 2
+
+
+class BadRequest(ValueError):
+    """A request the model cannot answer; the message goes back to the client."""
+
+
+def _log(level: str, message: str) -> None:
+    logger = getattr(pb_utils, "Logger", None)
+    if logger is not None:
+        getattr(logger, f"log_{level}")(message)
+
+
+def _error(message: str, invalid_argument: bool = True):
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid_argument else "INTERNAL", None)
+    err = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=err)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        self.name = args.get("model_name", config.get("name", "ugt"))
+        self.max_batch_size = int(config.get("max_batch_size", 0))
+        self.max_seq_length = int(params.get("max_seq_length", "1024"))
+        self.codebook_sizes = tuple(int(c) for c in params.get("codebook_sizes", "1024,4096,16384").split(","))
+        if len(self.codebook_sizes) != len(ID_NAMES):
+            raise ValueError(f"parameter codebook_sizes={self.codebook_sizes} needs {len(ID_NAMES)} sizes")
+        self.dlpack = _DLPACK or params.get("tensor_transport", "") == "dlpack"
+        version_dir = Path(args["model_repository"]) / str(args["model_version"])
+        artifact = version_dir / params.get("artifact", "model.onnx")
+        runtime = params.get("runtime", "onnxruntime")
+        gpu = args.get("model_instance_kind") == "GPU"
+        device = params.get("device", "auto")
+        if device == "auto":
+            device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
+        options = self._runner_options(runtime, device, int(params.get("threads", "0") or 0),
+                                       params.get("precision", "fp32"))
+        from algorithm.serving.runners import create_runner
+
+        self.runner = create_runner(runtime, artifact, **options)
+        _log("info", f"{self.name} v{args['model_version']}: {runtime} runner on {device} over {artifact.name}")
+
+    @staticmethod
+    def _runner_options(runtime: str, device: str, threads: int, precision: str) -> dict:
+        """Options for the runner's factory, passed only where its signature takes them."""
+        from algorithm.serving import backends, runners  # noqa: F401  (backends register runners)
+
+        cuda = device.startswith("cuda")
+        candidates = {
+            "device": device,
+            # A reduced-precision artifact already carries its precision; eager torch on CPU
+            # stays fp32 so CPU answers match the reference.
+            "dtype": precision if cuda and precision in ("fp16", "bf16") else "fp32",
+        }
+        if threads:
+            candidates.update(intra_op_threads=threads, threads=threads, num_threads=threads)
+        if runtime == "onnxruntime" and cuda:
+            candidates["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        try:
+            accepted = inspect.signature(runners._RUNNERS[runtime]).parameters
+        except (KeyError, TypeError, ValueError):
+            return {}
+        named = {n for n, p in accepted.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return {k: v for k, v in candidates.items() if k in named}
+
+    # -- requests -------------------------------------------------------------------------
+    def _numpy(self, tensor) -> np.ndarray:
+        return np.from_dlpack(tensor) if self.dlpack else tensor.as_numpy()
+
+    def _tensor(self, name: str, array: np.ndarray):
+        array = np.ascontiguousarray(array)
+        return pb_utils.Tensor.from_dlpack(name, array) if self.dlpack else pb_utils.Tensor(name, array)
+
+    def _read(self, request) -> dict[str, np.ndarray]:
+        arrays = {}
+        for name in INPUT_NAMES:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise BadRequest(f"{name}: missing; the model needs {', '.join(INPUT_NAMES)}")
+            arrays[name] = self._numpy(tensor)
+        first = arrays[INPUT_NAMES[0]]
+        for name, a in arrays.items():
+            if a.dtype != np.int64:
+                raise BadRequest(f"{name}: dtype {a.dtype}, expected int64")
+            if a.shape != first.shape:
+                raise BadRequest(f"{name}: shape {list(a.shape)} differs from {INPUT_NAMES[0]} {list(first.shape)}")
+        if first.ndim != 2 or first.shape[0] < 1:
+            raise BadRequest(f"{INPUT_NAMES[0]}: shape {list(first.shape)}, expected [batch, seq_len]")
+        seq = first.shape[1]
+        if not 1 <= seq <= self.max_seq_length:
+            raise BadRequest(f"{INPUT_NAMES[0]}: sequence length {seq} outside [1, {self.max_seq_length}]")
+        for name, size in zip(ID_NAMES, self.codebook_sizes, strict=True):
+            a = arrays[name]
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi >= size:
+                bad = lo if lo < 0 else hi
+                where = np.argwhere(a == bad)[0].tolist()
+                raise BadRequest(f"{name}: id {bad} at {where} is outside its codebook [0, {size})")
+        mask = arrays["attention_mask"]
+        lo, hi = int(mask.min()), int(mask.max())
+        if lo < 0 or hi > 1:
+            bad = lo if lo < 0 else hi
+            where = np.argwhere(mask == bad)[0].tolist()
+            raise BadRequest(f"attention_mask: value {bad} at {where}; only 0 (padding) and 1 (item) are allowed")
+        return arrays
+
+    @staticmethod
+    def _pad(batch: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        rows = sum(a[INPUT_NAMES[0]].shape[0] for a in batch)
+        longest = max(a[INPUT_NAMES[0]].shape[1] for a in batch)
+        if len(batch) == 1:
+            return batch[0]
+        out = {n: np.zeros((rows, longest), dtype=np.int64) for n in INPUT_NAMES}
+        row = 0
+        for arrays in batch:
+            b, s = arrays[INPUT_NAMES[0]].shape
+            for n in INPUT_NAMES:
+                out[n][row : row + b, :s] = arrays[n]
+            row += b
+        return out
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        good: list[tuple[int, dict]] = []
+        for i, request in enumerate(requests):
+            try:
+                good.append((i, self._read(request)))
+            except BadRequest as e:
+                responses[i] = _error(str(e))
+        if not good:
+            return responses
+        try:
+            result = self.runner.infer(self._pad([arrays for _, arrays in good]))
+        except Exception as e:  # the runtime failed: every request of this run gets the reason
+            _log("error", f"{self.name}: inference failed: {type(e).__name__}: {e}")
+            for i, _ in good:
+                responses[i] = _error(f"inference failed: {type(e).__name__}: {e}", invalid_argument=False)
+            return responses
+        recs = np.asarray(result["recommendations"], dtype=np.int64)
+        scores = np.asarray(result["scores"], dtype=np.float32)
+        row = 0
+        for i, arrays in good:
+            b = arrays[INPUT_NAMES[0]].shape[0]
+            responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                self._tensor("recommendations", recs[row : row + b]),
+                self._tensor("scores", scores[row : row + b]),
+            ])
+            row += b
+        return responses
+
+    def finalize(self):
+        self.runner = None
