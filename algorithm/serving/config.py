@@ -218,6 +218,8 @@ class BenchmarkConfig(_Config):
     timeout_s: float = 10.0  # per request
     slo_p99_ms: float = 30.0
     seed: int = 0
+    codebook_sizes: tuple[int, int, int] = (1024, 4096, 16384)  # ids of the generated histories
+    metrics_url: str | None = None  # e.g. http://localhost:8002/metrics: CPU/GPU use while measuring
 
     def validate(self) -> BenchmarkConfig:
         if not isinstance(self.triton_url, str) or not self.triton_url:
@@ -250,6 +252,14 @@ class BenchmarkConfig(_Config):
         _int("max_trials", self.max_trials, 1)
         _float("timeout_s", self.timeout_s, 0.001)
         _float("slo_p99_ms", self.slo_p99_ms, 0.001)
+        cb = self.codebook_sizes
+        if not isinstance(cb, (tuple, list)) or len(cb) != 3:
+            raise ConfigError("codebook_sizes", cb, "three integers >= 2")
+        self.codebook_sizes = _ints("codebook_sizes", cb, 2)
+        if self.metrics_url is not None and not (
+            isinstance(self.metrics_url, str) and self.metrics_url.startswith(("http://", "https://"))
+        ):
+            raise ConfigError("metrics_url", self.metrics_url, "None or http://host:port/metrics")
         return self
 
     @property

@@ -1,0 +1,683 @@
+"""Load a live Triton server and measure it: TritonBenchmark, BenchmarkResult, run_benchmark.
+
+The load generator is one asyncio loop over the asynchronous tritonclient (gRPC by default):
+``concurrency`` mode keeps exactly N requests in flight (closed loop), ``request_rate`` mode
+sends Poisson arrivals at a target rate (open loop), never a thread per request. Histories
+hold valid ids drawn from the codebooks, with lengths from the configured distribution.
+
+Warm-up is excluded and drained before measuring. Measurement runs in windows of
+``measurement_window_s`` until the last 3 windows agree on throughput and P99 within
+``stability_percent`` (as perf_analyzer) and at least ``num_requests`` were measured, or until
+``max_trials`` windows (then ``stable`` is False). Every measured request is counted as
+successful, failed (timed-out ones included) or rejected by the server's queue policy;
+percentiles are over every measured request. The server-side breakdown is the delta of Triton's
+statistics API over the measured window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import BenchmarkConfig
+from .errors import BenchmarkError, ConfigError, InputFileNotFoundError
+from .monitor import ResourceMonitor, server_breakdown, stats_snapshot
+from .runners import INPUT_NAMES
+
+logger = logging.getLogger(__name__)
+
+OK, FAILED, REJECTED, TIMED_OUT = 0, 1, 2, 3
+# Triton answers these when its queue policy turns a request away (max_queue_size, queue timeout).
+_REJECT_MARKERS = ("maximum queue size", "request timeout expired", "exceeds maximum queue")
+ProgressFn = Callable[[str, dict], None]
+
+
+@dataclass
+class BenchmarkResult:
+    """One load point. Latencies in ms; throughput in requests/s (x batch_size = samples/s).
+
+    total = successful + failed + rejected; timed-out requests are part of ``failed_requests``.
+    """
+
+    throughput: float
+    latency_p50: float
+    latency_p90: float
+    latency_p95: float
+    latency_p99: float
+    latency_avg: float
+    latency_min: float
+    latency_max: float
+    total_requests: int
+    successful_requests: int
+    failed_requests: int
+    rejected_requests: int = 0
+    timed_out_requests: int = 0
+    model_name: str = ""
+    url: str = ""
+    protocol: str = "grpc"
+    batch_size: int = 1
+    seq_length: int | None = None  # fixed length; None with another distribution
+    seq_len_distribution: str = "fixed"
+    seq_len_mean: float = 0.0
+    seq_len_max: int = 0
+    mode: str = "concurrency"
+    concurrency: int | None = None  # target in-flight requests (concurrency mode)
+    achieved_concurrency: float = 0.0  # sum of latencies / duration (Little's law)
+    request_rate: float | None = None  # target requests/s (request_rate mode)
+    achieved_rate: float = 0.0  # requests sent / sending time
+    duration_s: float = 0.0
+    trials: int = 0
+    stable: bool = False
+    window_throughputs: list[float] = field(default_factory=list)
+    window_p99s: list[float] = field(default_factory=list)
+    # client side: what the load generator itself costs, so it is not read as server latency
+    client_overhead_ms: float = 0.0  # build + serialize a request and deserialize its answer
+    rpc_floor_ms: float = 0.0  # median round trip of a health RPC (network + RPC stack)
+    client_cpu_percent: float = 0.0  # load generator process, % of one core
+    # server side (Triton statistics deltas over the measured window)
+    server: dict = field(default_factory=dict)  # queue/compute_input/compute_infer/compute_output/request _us
+    batch_sizes_formed: dict = field(default_factory=dict)  # batch size -> executions
+    host_cpu_utilization: float | None = None  # server metrics nv_cpu_utilization (0-1), mean
+    gpu_utilization: float | None = None  # mean over GPUs and samples (0-1); None without a GPU
+    gpu_memory_used_mb: float | None = None  # peak over samples, summed over GPUs
+    per_gpu: dict = field(default_factory=dict)  # {index: {"utilization", "memory_used_mb"}}
+    errors: dict = field(default_factory=dict)  # first distinct error messages -> count
+    latency_histogram: dict = field(default_factory=dict)  # {"edges_ms": [...], "counts": [...]}
+    latencies_ms: list[float] = field(default_factory=list, repr=False)  # every measured success
+
+    @property
+    def load(self) -> float:
+        """The load level: target concurrency, or target rate in request_rate mode."""
+        return float(self.request_rate if self.mode == "request_rate" else self.concurrency or 0)
+
+    @property
+    def key(self) -> str:
+        return result_key(self.batch_size, self.seq_length, self.seq_len_distribution, self.mode, self.load)
+
+    def summary(self) -> str:
+        load = (f"concurrency {self.concurrency} (achieved {self.achieved_concurrency:.1f})"
+                if self.mode == "concurrency" else
+                f"rate {self.request_rate:g}/s (achieved {self.achieved_rate:.1f}/s)")
+        seq = self.seq_length if self.seq_length is not None else (
+            f"{self.seq_len_distribution} (mean {self.seq_len_mean:.0f}, max {self.seq_len_max})")
+        lines = [
+            f"{self.model_name} @ {self.url} [{self.protocol}]: batch {self.batch_size}, seq_len {seq}, {load}",
+            f"  throughput  {self.throughput:.1f} req/s ({self.throughput * self.batch_size:.1f} samples/s)",
+            f"  latency ms  p50 {self.latency_p50:.2f}  p90 {self.latency_p90:.2f}  p95 {self.latency_p95:.2f}"
+            f"  p99 {self.latency_p99:.2f}  avg {self.latency_avg:.2f}  min {self.latency_min:.2f}"
+            f"  max {self.latency_max:.2f}",
+            f"  requests    {self.total_requests} total, {self.successful_requests} ok, {self.failed_requests}"
+            f" failed ({self.timed_out_requests} timed out), {self.rejected_requests} rejected",
+            f"  measured    {self.duration_s:.1f} s in {self.trials} windows, "
+            f"{'stable' if self.stable else 'NOT stable'}",
+            f"  client      overhead {self.client_overhead_ms:.3f} ms/request, RPC floor "
+            f"{self.rpc_floor_ms:.3f} ms, CPU {self.client_cpu_percent:.0f}% of a core",
+        ]
+        if self.server:
+            s = self.server
+            lines.append(
+                f"  server us   queue {s.get('queue_us', 0):.0f}  input {s.get('compute_input_us', 0):.0f}"
+                f"  infer {s.get('compute_infer_us', 0):.0f}  output {s.get('compute_output_us', 0):.0f}"
+                f"  (request {s.get('request_us', 0):.0f}, avg batch {s.get('avg_batch', 0):.2f})"
+            )
+        if self.host_cpu_utilization is not None:
+            lines.append(f"  host CPU    {self.host_cpu_utilization * 100:.0f}% busy (server metrics)")
+        if self.gpu_utilization is not None:
+            lines.append(f"  gpu         util {self.gpu_utilization * 100:.0f}%  memory {self.gpu_memory_used_mb:.0f} MB")
+        return "\n".join(lines)
+
+    def to_dict(self, latencies: bool = False) -> dict:
+        d = dataclasses.asdict(self)
+        if not latencies:
+            d.pop("latencies_ms")
+        d["key"] = self.key
+        d["batch_sizes_formed"] = {str(k): v for k, v in self.batch_sizes_formed.items()}
+        d["per_gpu"] = {str(k): v for k, v in self.per_gpu.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BenchmarkResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in data.items() if k in names}
+        d["batch_sizes_formed"] = {int(k): v for k, v in d.get("batch_sizes_formed", {}).items()}
+        d["per_gpu"] = {int(k): v for k, v in d.get("per_gpu", {}).items()}
+        return cls(**d)
+
+
+def result_key(batch_size: int, seq_length, distribution: str, mode: str, load: float) -> str:
+    seq = f"seq{seq_length}" if seq_length is not None else distribution
+    lvl = f"c{int(load)}" if mode == "concurrency" else f"r{load:g}"
+    return f"bs{batch_size}_{seq}_{lvl}"
+
+
+# ------------------------------------------------------------------------------- request data
+def sample_seq_lengths(config: BenchmarkConfig, count: int, rng: np.random.Generator,
+                       fixed: int | None = None) -> np.ndarray:
+    """``count`` history lengths from the configured distribution (fixed uses ``fixed``)."""
+    dist, lo, hi = config.seq_len_distribution, config.seq_len_min, config.seq_len_max
+    if dist == "fixed":
+        n = fixed if fixed is not None else config.seq_len_median
+        return np.full(count, int(n), dtype=np.int64)
+    if dist == "uniform":
+        return rng.integers(lo, hi + 1, count)
+    if dist == "lognormal":
+        x = np.exp(rng.normal(math.log(config.seq_len_median), config.seq_len_sigma, count))
+        return np.clip(np.rint(x), lo, hi).astype(np.int64)
+    lengths, counts = load_histogram(config.seq_len_histogram_file)
+    keep = (lengths >= lo) & (lengths <= hi)
+    if not keep.any():
+        raise ConfigError("seq_len_histogram_file", config.seq_len_histogram_file,
+                          f"lengths inside [seq_len_min={lo}, seq_len_max={hi}]")
+    p = counts[keep] / counts[keep].sum()
+    return rng.choice(lengths[keep], count, p=p)
+
+
+def load_histogram(path) -> tuple[np.ndarray, np.ndarray]:
+    """An empirical length histogram: JSON ``{"lengths": [...], "counts": [...]}``."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileNotFoundError(f"sequence-length histogram not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+        lengths = np.asarray(data["lengths"], dtype=np.int64)
+        counts = np.asarray(data["counts"], dtype=np.float64)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError("seq_len_histogram_file", str(p),
+                          'JSON {"lengths": [positive ints], "counts": [non-negative numbers]}') from e
+    if lengths.ndim != 1 or lengths.shape != counts.shape or not len(lengths) or (lengths < 1).any() \
+            or (counts < 0).any() or counts.sum() <= 0:
+        raise ConfigError("seq_len_histogram_file", str(p),
+                          "equal-length 'lengths' (>= 1) and 'counts' (>= 0, not all 0)")
+    return lengths, counts
+
+
+def make_requests(batch_size: int, lengths: np.ndarray, codebook_sizes, rng: np.random.Generator) -> list[dict]:
+    """Requests of ``batch_size`` histories each; rows of one request are padded to its longest."""
+    reqs = []
+    for start in range(0, len(lengths) - batch_size + 1, batch_size):
+        rows = lengths[start : start + batch_size]
+        width = int(rows.max())
+        mask = (np.arange(width)[None, :] < rows[:, None]).astype(np.int64)
+        req = {f"encoder_l{i + 1}_ids": rng.integers(0, c, (batch_size, width)) * mask
+               for i, c in enumerate(codebook_sizes)}
+        req["attention_mask"] = mask
+        reqs.append({k: np.ascontiguousarray(req[k], dtype=np.int64) for k in INPUT_NAMES})
+    return reqs
+
+
+# ------------------------------------------------------------------------------------- client
+def _strip_scheme(url: str) -> str:
+    for prefix in ("grpc://", "http://", "https://"):
+        if url.startswith(prefix):
+            return url[len(prefix):]
+    return url
+
+
+class _Client:
+    """The async tritonclient of one protocol behind the few calls the load generator makes."""
+
+    def __init__(self, url: str, protocol: str, concurrency: int, timeout_s: float):
+        self.url, self.protocol, self.timeout_s = _strip_scheme(url), protocol, timeout_s
+        try:
+            if protocol == "grpc":
+                import tritonclient.grpc.aio as mod
+
+                self.client = mod.InferenceServerClient(self.url)
+            else:
+                import tritonclient.http.aio as mod
+
+                self.client = mod.InferenceServerClient(self.url, conn_limit=max(100, 2 * concurrency))
+        except Exception as e:
+            raise BenchmarkError(f"cannot create a {protocol} client for {url}: {e}") from e
+        self.mod = mod
+
+    def inputs(self, arrays: dict[str, np.ndarray]) -> list:
+        out = []
+        for name in INPUT_NAMES:
+            x = arrays[name]
+            inp = self.mod.InferInput(name, list(x.shape), "INT64")
+            inp.set_data_from_numpy(x)
+            out.append(inp)
+        return out
+
+    async def infer(self, model: str, inputs: list):
+        if self.protocol == "grpc":
+            return await self.client.infer(model, inputs, client_timeout=self.timeout_s)
+        return await asyncio.wait_for(self.client.infer(model, inputs), self.timeout_s)
+
+    async def call(self, name: str, *args, timeout: float = 3.0):
+        return await asyncio.wait_for(getattr(self.client, name)(*args), timeout)
+
+    async def statistics(self, model: str) -> dict:
+        try:
+            if self.protocol == "grpc":
+                return await self.call("get_inference_statistics", model, "", None, True)
+            return await self.call("get_inference_statistics", model)
+        except Exception as e:  # statistics are an extra; the latency numbers stand without them
+            logger.warning("no inference statistics from %s: %s", self.url, e)
+            return {}
+
+    async def close(self):
+        try:
+            await self.client.close()
+        except Exception:  # closing a broken channel must not hide the real error
+            logger.debug("closing the client failed", exc_info=True)
+
+
+def classify_error(exc: BaseException) -> int:
+    """FAILED, REJECTED (queue policy) or TIMED_OUT for an exception raised by infer()."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return TIMED_OUT
+    status = exc.status() if callable(getattr(exc, "status", None)) else ""
+    text = f"{status} {exc}".lower()
+    if "deadline" in text:
+        return TIMED_OUT
+    if any(m in text for m in _REJECT_MARKERS):
+        return REJECTED
+    return FAILED
+
+
+# --------------------------------------------------------------------------------- statistics
+def percentiles(lat_ms: np.ndarray) -> dict[str, float]:
+    if not len(lat_ms):
+        return {k: float("nan") for k in ("p50", "p90", "p95", "p99", "avg", "min", "max")}
+    p50, p90, p95, p99 = np.percentile(lat_ms, [50, 90, 95, 99])
+    return {"p50": float(p50), "p90": float(p90), "p95": float(p95), "p99": float(p99),
+            "avg": float(lat_ms.mean()), "min": float(lat_ms.min()), "max": float(lat_ms.max())}
+
+
+def is_stable(throughputs: list[float], p99s: list[float], percent: float, count: int = 3) -> bool:
+    """perf_analyzer's rule: the last ``count`` windows each within ``percent`` of their mean."""
+    if len(throughputs) < count:
+        return False
+    for values in (throughputs[-count:], p99s[-count:]):
+        arr = np.asarray(values, dtype=float)
+        mean = arr.mean()
+        if not np.isfinite(arr).all() or mean <= 0 or np.abs(arr - mean).max() > mean * percent / 100:
+            return False
+    return True
+
+
+def histogram(lat_ms: np.ndarray, bins: int = 40) -> dict:
+    if not len(lat_ms):
+        return {"edges_ms": [], "counts": []}
+    lo, hi = max(float(lat_ms.min()), 1e-3), max(float(lat_ms.max()), 1e-3)
+    edges = np.geomspace(lo, hi * 1.0001, bins + 1) if hi > lo * 1.01 else np.linspace(lo * 0.99, hi * 1.01, bins + 1)
+    counts, edges = np.histogram(lat_ms, edges)
+    return {"edges_ms": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+class _Records:
+    """Per-request send/done times and outcomes, appended by the workers."""
+
+    def __init__(self):
+        self.sent: list[float] = []
+        self.done: list[float] = []
+        self.outcome: list[int] = []
+        self.errors: dict[str, int] = {}
+
+    def add(self, t_sent: float, t_done: float, outcome: int, error: BaseException | None = None):
+        self.sent.append(t_sent)
+        self.done.append(t_done)
+        self.outcome.append(outcome)
+        if error is not None:
+            msg = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            if msg in self.errors or len(self.errors) < 8:
+                self.errors[msg] = self.errors.get(msg, 0) + 1
+
+    def arrays(self):
+        return np.asarray(self.sent), np.asarray(self.done), np.asarray(self.outcome, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------- benchmark
+class TritonBenchmark:
+    """Measures one model on a live Triton server (guide 3.5).
+
+    ``progress(event, info)`` receives "window" events (each measurement window) and "point"
+    events (each finished load point of a sweep); the library itself never prints.
+    """
+
+    def __init__(self, config: BenchmarkConfig | None = None, progress: ProgressFn | None = None):
+        self.config = (config or BenchmarkConfig()).validate()
+        self.progress = progress
+
+    def _emit(self, event: str, **info):
+        if self.progress is not None:
+            self.progress(event, info)
+
+    # -- guide API ---------------------------------------------------------------------------
+    def run(self, triton_url: str | None = None, model_name: str = "ugt_recommend", batch_size: int = 1,
+            seq_length: int | None = 100, *, concurrency: int | None = None,
+            request_rate: float | None = None) -> BenchmarkResult:
+        """Warm up, then measure one load point. ``seq_length`` is used by the fixed distribution."""
+        cfg = self.config
+        url = triton_url or cfg.triton_url
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError("batch_size", batch_size, "an integer >= 1")
+        if cfg.seq_len_distribution == "fixed" and (not isinstance(seq_length, int) or seq_length < 1):
+            raise ConfigError("seq_length", seq_length, "an integer >= 1 with the fixed distribution")
+        mode = cfg.mode
+        if mode == "request_rate":
+            rate = float(request_rate if request_rate is not None else cfg.request_rates[0])
+            if rate <= 0:
+                raise ConfigError("request_rate", rate, "a positive number of requests/s")
+            level = None
+        else:
+            level = int(concurrency if concurrency is not None else cfg.levels[0])
+            if level < 1:
+                raise ConfigError("concurrency", level, "an integer >= 1")
+            rate = None
+        seq_fixed = seq_length if cfg.seq_len_distribution == "fixed" else None
+        try:
+            return asyncio.run(self._run(url, model_name, batch_size, seq_fixed, level, rate))
+        except BenchmarkError:
+            raise
+        except Exception as e:  # an unexpected client failure still names the server
+            raise BenchmarkError(f"benchmark of {model_name!r} at {url} failed: {type(e).__name__}: {e}") from e
+
+    def run_sweep(self, triton_url: str | None = None, model_name: str = "ugt_recommend", *,
+                  batch_sizes=None, seq_lengths=None, levels=None) -> dict[str, BenchmarkResult]:
+        """Every batch size x seq_len x load level (concurrency or rate); keys from result_key()."""
+        cfg = self.config
+        batch_sizes = tuple(batch_sizes or cfg.test_batch_sizes)
+        seq_lengths = tuple(seq_lengths or cfg.test_seq_lengths) if cfg.seq_len_distribution == "fixed" else (None,)
+        levels = tuple(levels or cfg.levels)
+        points = [(b, s, lv) for b in batch_sizes for s in seq_lengths for lv in levels]
+        results: dict[str, BenchmarkResult] = {}
+        for i, (b, s, lv) in enumerate(points):
+            kw = {"request_rate": lv} if cfg.mode == "request_rate" else {"concurrency": int(lv)}
+            r = self.run(triton_url, model_name, b, s, **kw)
+            results[r.key] = r
+            self._emit("point", model=model_name, key=r.key, done=i + 1, total=len(points), result=r)
+        return results
+
+    def generate_report(self, results: dict[str, BenchmarkResult], path, baseline=None, **kw) -> str:
+        """Markdown report at ``path`` plus .json, .csv and PNG plots beside it; returns the text."""
+        from .report import write_report
+
+        return write_report(results, path, baseline=baseline, config=self.config, **kw)
+
+    # -- the measurement -----------------------------------------------------------------------
+    async def _run(self, url, model, batch_size, seq_fixed, level, rate) -> BenchmarkResult:
+        cfg = self.config
+        rng = np.random.default_rng(cfg.seed)
+        pool_rows = batch_size * (16 if cfg.seq_len_distribution == "fixed" else 256)
+        lengths = sample_seq_lengths(cfg, pool_rows, rng, fixed=seq_fixed)
+        pool_arrays = make_requests(batch_size, lengths, cfg.codebook_sizes, rng)
+        client = _Client(url, cfg.protocol, level or 64, cfg.timeout_s)
+        try:
+            await self._check_server(client, model, url)
+            pool = [client.inputs(a) for a in pool_arrays]
+            rpc_floor = await self._rpc_floor(client)
+            first = await self._warmup(client, model, pool, level or 2, batch_size, url)
+            overhead = self._client_overhead(client, model, pool_arrays[0], first)
+            before = stats_snapshot(await client.statistics(model), model)
+            monitor = ResourceMonitor(cfg.metrics_url)
+            monitor.start()
+            cpu0, wall0 = _process_cpu(), time.monotonic()
+            try:
+                rec, t0, t_stop, windows = await self._measure(client, model, pool, level, rate, url)
+            finally:
+                samples = await monitor.stop()
+            cpu_pct = 100 * (_process_cpu() - cpu0) / max(time.monotonic() - wall0, 1e-9)
+            after = stats_snapshot(await client.statistics(model), model)
+        finally:
+            await client.close()
+        result = self._result(rec, t0, t_stop, windows, model, url, batch_size, seq_fixed, lengths,
+                              level, rate)
+        result.client_overhead_ms, result.rpc_floor_ms, result.client_cpu_percent = overhead, rpc_floor, cpu_pct
+        result.server, result.batch_sizes_formed = server_breakdown(before, after)
+        for k, v in samples.items():
+            setattr(result, k, v)
+        if result.successful_requests == 0:
+            err = BenchmarkError(
+                f"no request to {model!r} at {url} succeeded ({result.total_requests} sent): "
+                f"{next(iter(result.errors), 'no answer')}")
+            err.result = result
+            raise err
+        return result
+
+    async def _check_server(self, client: _Client, model: str, url: str):
+        try:
+            live = await client.call("is_server_live")
+        except Exception as e:
+            raise BenchmarkError(
+                f"Triton server at {url} ({client.protocol}) is not reachable: {type(e).__name__}: {e}",
+                hint="Start the server or pass the right --url/--protocol; "
+                     "the gRPC port is usually 8001, HTTP 8000.") from e
+        if not live:
+            raise BenchmarkError(f"Triton server at {url} is not live")
+        try:
+            ready = await client.call("is_model_ready", model)
+        except Exception as e:
+            raise BenchmarkError(f"cannot ask {url} whether model {model!r} is ready: {e}") from e
+        if not ready:
+            raise BenchmarkError(
+                f"model {model!r} is not ready on the Triton server at {url}",
+                hint="Check the model name (`curl <http-url>/v2/models/<name>/ready`) and the server log.")
+
+    async def _rpc_floor(self, client: _Client, n: int = 20) -> float:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await client.call("is_server_live")
+            times.append(time.perf_counter() - t)
+        return float(np.median(times) * 1e3)
+
+    async def _warmup(self, client, model, pool, concurrency, batch_size, url):
+        """num_warmup_requests (at least one, to check the answer's shape), then drain."""
+        n = max(1, self.config.num_warmup_requests)
+        counter = iter(range(n))
+        first: list = []
+        errors: list[BaseException] = []
+
+        async def worker():
+            for i in counter:
+                try:
+                    res = await client.infer(model, pool[i % len(pool)])
+                    if not first:
+                        first.append(res)
+                except Exception as e:  # counted below; warm-up results are not measured
+                    errors.append(e)
+
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, n))))
+        if not first:
+            raise BenchmarkError(f"every warm-up request to {model!r} at {url} failed: {errors[0]}")
+        try:
+            recs = first[0].as_numpy("recommendations")
+            scores = first[0].as_numpy("scores")
+        except Exception as e:
+            raise BenchmarkError(f"model {model!r} at {url} answered without readable outputs: {e}") from e
+        if recs is None or scores is None or recs.ndim != 3 or recs.shape[0] != batch_size \
+                or recs.shape[2] != 3 or scores.shape != recs.shape[:2]:
+            raise BenchmarkError(
+                f"model {model!r} at {url} answered shapes recommendations "
+                f"{None if recs is None else recs.shape}, scores {None if scores is None else scores.shape}; "
+                f"expected [{batch_size}, K, 3] and [{batch_size}, K]")
+        if errors:
+            logger.warning("%d of %d warm-up requests failed: %s", len(errors), n, errors[0])
+        return first[0]
+
+    def _client_overhead(self, client: _Client, model: str, arrays: dict, response, n: int = 30) -> float:
+        """Median cost of building + serializing one request and reading its answer (ms)."""
+        build = None
+        if client.protocol == "grpc":
+            try:
+                from tritonclient.grpc._utils import _get_inference_request
+
+                def build(inputs):
+                    return _get_inference_request(
+                        model_name=model, inputs=inputs, model_version="", request_id="", outputs=None,
+                        sequence_id=0, sequence_start=False, sequence_end=False, priority=0, timeout=None,
+                        parameters=None).SerializeToString()
+            except (ImportError, TypeError):  # private helper moved: time InferInput only
+                build = None
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            inputs = client.inputs(arrays)
+            if build is not None:
+                build(inputs)
+            response.as_numpy("recommendations")
+            response.as_numpy("scores")
+            times.append(time.perf_counter() - t)
+        return float(np.median(times) * 1e3)
+
+    async def _measure(self, client, model, pool, level, rate, url):
+        cfg = self.config
+        rec = _Records()
+        stop = asyncio.Event()
+        clock = time.perf_counter
+        t0 = clock()
+        pending: set[asyncio.Task] = set()
+        counter = [0]
+
+        async def one(inputs):
+            t = clock()
+            try:
+                await client.infer(model, inputs)
+                rec.add(t, clock(), OK)
+            except Exception as e:  # every failure is counted, by kind
+                rec.add(t, clock(), classify_error(e), e)
+
+        async def closed_loop():
+            while not stop.is_set():
+                i = counter[0]
+                counter[0] += 1
+                await one(pool[i % len(pool)])
+
+        async def open_loop():
+            gen = np.random.default_rng(cfg.seed + 1)
+            next_t = t0
+            i = 0
+            while not stop.is_set():
+                next_t += gen.exponential(1.0 / rate)
+                delay = next_t - clock()
+                if delay > 0:
+                    try:
+                        await asyncio.wait_for(stop.wait(), delay)
+                        break
+                    except asyncio.TimeoutError:
+                        pass
+                task = asyncio.ensure_future(one(pool[i % len(pool)]))
+                i += 1
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+        workers = [asyncio.ensure_future(closed_loop()) for _ in range(level)] if rate is None \
+            else [asyncio.ensure_future(open_loop())]
+        windows: list[dict] = []
+        try:
+            w_start = t0
+            while True:
+                await asyncio.sleep(max(0.0, w_start + cfg.measurement_window_s - clock()))
+                w_end = clock()
+                win = self._window(rec, w_start, w_end)
+                windows.append(win)
+                measured = len(rec.outcome)
+                stable = is_stable([w["throughput"] for w in windows], [w["p99"] for w in windows],
+                                   cfg.stability_percent)
+                self._emit("window", model=model, trial=len(windows), max_trials=cfg.max_trials,
+                           stable=stable, measured=measured, **win)
+                if win["completed"] and win["ok"] == 0 and win["rejected"] < win["completed"]:
+                    stop.set()
+                    break
+                if measured >= cfg.num_requests and (stable or len(windows) >= cfg.max_trials):
+                    break
+                w_start = w_end
+        finally:
+            stop.set()
+            t_stop = clock()
+            # in-flight requests finish or time out (bounded by timeout_s); none is dropped
+            await asyncio.gather(*workers, *list(pending), return_exceptions=True)
+        last = windows[-1] if windows else {}
+        if last.get("completed") and last.get("ok") == 0 and last.get("rejected", 0) < last["completed"]:
+            result = self._result(rec, t0, t_stop, windows, model, url, 1, None, np.zeros(1, int), level, rate)
+            err = BenchmarkError(
+                f"every request to {model!r} at {url} in the last {cfg.measurement_window_s:g}s window failed "
+                f"({last['completed']} requests): {next(iter(rec.errors), 'no answer')}",
+                hint="The server stopped or the model failed; read its log. Nothing was dropped: "
+                     "the partial result is on this error (.result).")
+            err.result = result
+            raise err
+        return rec, t0, t_stop, windows
+
+    def _window(self, rec: _Records, start: float, end: float) -> dict:
+        n = len(rec.outcome)  # workers append concurrently: read a consistent prefix
+        sent, done, outcome = (np.asarray(rec.sent[:n]), np.asarray(rec.done[:n]),
+                               np.asarray(rec.outcome[:n], dtype=np.int64))
+        sel = (done >= start) & (done < end)
+        ok = sel & (outcome == OK)
+        lat = (done[ok] - sent[ok]) * 1e3
+        dur = max(end - start, 1e-9)
+        return {"start": start, "end": end, "completed": int(sel.sum()), "ok": int(ok.sum()),
+                "rejected": int((sel & (outcome == REJECTED)).sum()),
+                "throughput": float(ok.sum() / dur),
+                "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
+
+    def _result(self, rec, t0, t_stop, windows, model, url, batch_size, seq_fixed, lengths, level, rate):
+        cfg = self.config
+        sent, done, outcome = rec.arrays()
+        if len(sent):
+            ok = outcome == OK
+            lat = (done[ok] - sent[ok]) * 1e3
+            t_end = float(done.max())
+        else:
+            ok, lat, t_end = np.zeros(0, bool), np.zeros(0), t_stop
+        duration = max(t_end - t0, 1e-9)
+        pct = percentiles(lat)
+        all_lat = (done - sent).sum() if len(sent) else 0.0
+        throughputs = [w["throughput"] for w in windows]
+        p99s = [w["p99"] for w in windows]
+        return BenchmarkResult(
+            throughput=float(ok.sum() / duration) if len(sent) else 0.0,
+            latency_p50=pct["p50"], latency_p90=pct["p90"], latency_p95=pct["p95"], latency_p99=pct["p99"],
+            latency_avg=pct["avg"], latency_min=pct["min"], latency_max=pct["max"],
+            total_requests=int(len(outcome)),
+            successful_requests=int(ok.sum()),
+            failed_requests=int(((outcome == FAILED) | (outcome == TIMED_OUT)).sum()),
+            rejected_requests=int((outcome == REJECTED).sum()),
+            timed_out_requests=int((outcome == TIMED_OUT).sum()),
+            model_name=model, url=url, protocol=cfg.protocol, batch_size=batch_size,
+            seq_length=seq_fixed, seq_len_distribution=cfg.seq_len_distribution,
+            seq_len_mean=float(np.mean(lengths)), seq_len_max=int(np.max(lengths)),
+            mode=cfg.mode, concurrency=level, achieved_concurrency=float(all_lat / duration),
+            request_rate=rate, achieved_rate=float(len(sent) / max(t_stop - t0, 1e-9)),
+            duration_s=duration, trials=len(windows),
+            stable=is_stable(throughputs, p99s, cfg.stability_percent),
+            window_throughputs=throughputs, window_p99s=p99s, errors=dict(rec.errors),
+            latency_histogram=histogram(lat), latencies_ms=[float(x) for x in lat],
+        )
+
+
+def _process_cpu() -> float:
+    try:
+        import psutil
+
+        t = psutil.Process().cpu_times()
+        return t.user + t.system
+    except ImportError:  # psutil is a dependency; without it the client CPU reads as 0
+        t = os.times()
+        return t.user + t.system
+
+
+def run_benchmark(triton_url: str, model_name: str, num_requests: int = 10000, **config_fields) -> dict:
+    """Guide 4.3: one load point (batch 1, first test seq_len, first level); the result as a dict.
+
+    ``config_fields`` are BenchmarkConfig fields plus optional ``batch_size`` and ``seq_length``.
+    """
+    batch_size = config_fields.pop("batch_size", 1)
+    seq_length = config_fields.pop("seq_length", None)
+    cfg = BenchmarkConfig(triton_url=triton_url, num_requests=num_requests, **config_fields)
+    seq = seq_length if seq_length is not None else cfg.test_seq_lengths[0]
+    return TritonBenchmark(cfg).run(triton_url, model_name, batch_size=batch_size, seq_length=seq).to_dict()

@@ -1,0 +1,192 @@
+"""What the server did while it was measured: statistics deltas and CPU/GPU samples.
+
+``stats_snapshot`` / ``server_breakdown`` turn two reads of Triton's statistics API into the
+per-request queue / compute_input / compute_infer / compute_output times and the batch sizes
+the dynamic batcher formed. ``ResourceMonitor`` samples the server's metrics endpoint
+(nv_cpu_utilization, nv_gpu_utilization, nv_gpu_memory_used_bytes) or, without one, NVML
+through pynvml when it is importable; on a machine without a GPU the GPU fields stay None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import re
+import urllib.request
+
+logger = logging.getLogger(__name__)
+
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+_METRIC_RE = re.compile(r'^([A-Za-z_:][\w:]*)(?:\{([^}]*)\})?\s+(\S+)')
+_LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _pair(d: dict | None) -> tuple[int, int]:
+    d = d or {}
+    return int(d.get("count", 0) or 0), int(d.get("ns", 0) or 0)
+
+
+def stats_snapshot(stats: dict, model: str) -> dict:
+    """Counters of ``model`` (all versions summed) from a statistics answer (JSON form)."""
+    snap = {"inference_count": 0, "execution_count": 0, "batch": {}}
+    snap.update({k: (0, 0) for k in DURATIONS})
+    for ms in (stats or {}).get("model_stats", []):
+        if ms.get("name") != model:
+            continue
+        snap["inference_count"] += int(ms.get("inference_count", 0) or 0)
+        snap["execution_count"] += int(ms.get("execution_count", 0) or 0)
+        inf = ms.get("inference_stats", {})
+        for k in DURATIONS:
+            c, ns = _pair(inf.get(k))
+            snap[k] = (snap[k][0] + c, snap[k][1] + ns)
+        for b in ms.get("batch_stats", []) or []:
+            size = int(b.get("batch_size", 0) or 0)
+            snap["batch"][size] = snap["batch"].get(size, 0) + _pair(b.get("compute_infer"))[0]
+    return snap
+
+
+def server_breakdown(before: dict, after: dict) -> tuple[dict, dict]:
+    """(average server-side times in us per request, {batch size formed: executions}) in the window."""
+
+    def avg_us(k):
+        c = after[k][0] - before[k][0]
+        return (after[k][1] - before[k][1]) / c / 1e3 if c > 0 else 0.0
+
+    inferences = after["inference_count"] - before["inference_count"]
+    executions = after["execution_count"] - before["execution_count"]
+    server = {
+        "request_us": avg_us("success"),
+        "queue_us": avg_us("queue"),
+        "compute_input_us": avg_us("compute_input"),
+        "compute_infer_us": avg_us("compute_infer"),
+        "compute_output_us": avg_us("compute_output"),
+        "success_count": after["success"][0] - before["success"][0],
+        "fail_count": after["fail"][0] - before["fail"][0],
+        "inference_count": inferences,
+        "execution_count": executions,
+        "avg_batch": inferences / executions if executions > 0 else 0.0,
+    }
+    batches = {}
+    for size, count in sorted(after["batch"].items()):
+        delta = count - before["batch"].get(size, 0)
+        if delta > 0:
+            batches[size] = delta
+    return server, batches
+
+
+def parse_metrics(text: str) -> dict[str, list[tuple[dict, float]]]:
+    """Prometheus text -> {metric: [(labels, value), ...]} in the order they appear."""
+    out: dict[str, list[tuple[dict, float]]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _METRIC_RE.match(line)
+        if not m:
+            continue
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue
+        labels = dict(_LABEL_RE.findall(m.group(2) or ""))
+        out.setdefault(m.group(1), []).append((labels, value))
+    return out
+
+
+def _fetch(url: str, timeout: float = 1.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (the user's own server)
+        return r.read().decode("utf-8", "replace")
+
+
+def sample_metrics(text: str) -> dict:
+    """One sample: {"cpu": fraction or None, "gpus": {index: (utilization, memory bytes)}}."""
+    m = parse_metrics(text)
+    cpu = m.get("nv_cpu_utilization")
+    gpus: dict[int, list] = {}
+    order: dict[str, int] = {}
+    for name, slot in (("nv_gpu_utilization", 0), ("nv_gpu_memory_used_bytes", 1)):
+        for labels, value in m.get(name, []):
+            uuid = labels.get("gpu_uuid", str(len(order)))
+            idx = order.setdefault(uuid, len(order))
+            gpus.setdefault(idx, [None, None])[slot] = value
+    return {"cpu": cpu[0][1] if cpu else None, "gpus": {i: tuple(v) for i, v in gpus.items()}}
+
+
+def _nvml_sample(nvml) -> dict:
+    gpus = {}
+    for i in range(nvml.nvmlDeviceGetCount()):
+        h = nvml.nvmlDeviceGetHandleByIndex(i)
+        util = nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100.0
+        gpus[i] = (util, float(nvml.nvmlDeviceGetMemoryInfo(h).used))
+    return {"cpu": None, "gpus": gpus}
+
+
+class ResourceMonitor:
+    """Samples CPU/GPU use every ``interval`` seconds while a measurement runs (asyncio task)."""
+
+    def __init__(self, metrics_url: str | None = None, interval: float = 0.5):
+        self.metrics_url, self.interval = metrics_url, interval
+        self.samples: list[dict] = []
+        self._task: asyncio.Task | None = None
+        self._nvml = None
+
+    def _source(self):
+        if self.metrics_url:
+            return lambda: sample_metrics(_fetch(self.metrics_url))
+        if importlib.util.find_spec("pynvml") is not None:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._nvml = pynvml
+                return lambda: _nvml_sample(pynvml)
+            except Exception as e:  # no driver / no GPU: GPU fields stay None
+                logger.debug("NVML unavailable: %s", e)
+        return None
+
+    def start(self) -> None:
+        source = self._source()
+        if source is not None:
+            self._task = asyncio.ensure_future(self._loop(source))
+
+    async def _loop(self, source):
+        while True:
+            try:
+                self.samples.append(await asyncio.to_thread(source))
+            except Exception as e:  # a metrics hiccup must not end the benchmark
+                logger.debug("resource sample failed: %s", e)
+            await asyncio.sleep(self.interval)
+
+    async def stop(self) -> dict:
+        """BenchmarkResult fields: host_cpu_utilization, gpu_utilization, gpu_memory_used_mb, per_gpu."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:  # shutdown failure changes nothing measured
+                logger.debug("nvmlShutdown failed", exc_info=True)
+        return summarize_samples(self.samples)
+
+
+def summarize_samples(samples: list[dict]) -> dict:
+    out: dict = {}
+    cpus = [s["cpu"] for s in samples if s.get("cpu") is not None]
+    if cpus:
+        out["host_cpu_utilization"] = sum(cpus) / len(cpus)
+    per_gpu: dict[int, dict] = {}
+    for idx in sorted({i for s in samples for i in s.get("gpus", {})}):
+        utils = [s["gpus"][idx][0] for s in samples if idx in s["gpus"] and s["gpus"][idx][0] is not None]
+        mems = [s["gpus"][idx][1] for s in samples if idx in s["gpus"] and s["gpus"][idx][1] is not None]
+        per_gpu[idx] = {
+            "utilization": sum(utils) / len(utils) if utils else None,
+            "memory_used_mb": max(mems) / 2**20 if mems else None,
+        }
+    if per_gpu:
+        utils = [g["utilization"] for g in per_gpu.values() if g["utilization"] is not None]
+        mems = [g["memory_used_mb"] for g in per_gpu.values() if g["memory_used_mb"] is not None]
+        out["per_gpu"] = per_gpu
+        out["gpu_utilization"] = sum(utils) / len(utils) if utils else None
+        out["gpu_memory_used_mb"] = sum(mems) if mems else None
+    return out
