@@ -1,0 +1,183 @@
+"""config.pbtxt generation: every platform and instance kind parses strictly against Triton's
+ModelConfig schema and says what the exported model is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+
+from algorithm.serving import (
+    ExportConfig,
+    TritonConfig,
+    TritonConfigGenerator,
+    generate_triton_config,
+)
+from algorithm.serving.errors import ConfigError, InputFileNotFoundError
+from algorithm.serving.runners import INPUT_NAMES
+from algorithm.serving.triton_config import model_config_pb2, parse_config
+
+pb = model_config_pb2()
+
+COMBINATIONS = [
+    ("tensorrt_plan", "KIND_GPU"),
+    ("onnxruntime_onnx", "KIND_GPU"),
+    ("onnxruntime_onnx", "KIND_CPU"),
+    ("openvino", "KIND_CPU"),
+    ("python", "KIND_GPU"),
+    ("python", "KIND_CPU"),
+]
+EC = ExportConfig(model_name="ugt_test", max_batch_size=32, num_recommendations=20, opt_seq_length=128)
+
+
+def _strict(text: str):
+    """Parse with the protobuf schema; unknown fields or bad enums raise."""
+    return text_format.Parse(text, pb.ModelConfig())
+
+
+@pytest.mark.parametrize(("platform", "kind"), COMBINATIONS)
+def test_every_platform_and_kind_parses_strictly_and_matches_the_model(platform, kind):
+    tc = TritonConfig(platform=platform, instance_kind=kind, gpus=(0, 1) if kind == "KIND_GPU" else (),
+                      instance_count=3, preferred_batch_sizes=(4, 8, 16, 64), max_queue_delay_us=500,
+                      max_queue_size=128, default_queue_timeout_us=20_000,
+                      trt_accelerator_precision="fp16" if platform == "onnxruntime_onnx" and kind == "KIND_GPU" else None)
+    cfg = _strict(TritonConfigGenerator(EC, tc).config_text())
+
+    assert cfg.name == "ugt_test" and cfg.max_batch_size == 32
+    assert [i.name for i in cfg.input] == list(INPUT_NAMES)
+    assert all(i.data_type == pb.TYPE_INT64 and list(i.dims) == [-1] for i in cfg.input)
+    outputs = {o.name: o for o in cfg.output}
+    assert outputs["recommendations"].data_type == pb.TYPE_INT64 and list(outputs["recommendations"].dims) == [20, 3]
+    assert outputs["scores"].data_type == pb.TYPE_FP32 and list(outputs["scores"].dims) == [20]
+    # Preferred sizes above max_batch_size are left out; queue policy rejects on timeout.
+    db = cfg.dynamic_batching
+    assert list(db.preferred_batch_size) == [4, 8, 16] and db.max_queue_delay_microseconds == 500
+    assert db.default_queue_policy.timeout_action == pb.ModelQueuePolicy.REJECT
+    assert db.default_queue_policy.max_queue_size == 128
+    assert db.default_queue_policy.default_timeout_microseconds == 20_000
+    (group,) = cfg.instance_group
+    assert group.kind == getattr(pb.ModelInstanceGroup, kind) and group.count == 3
+    assert list(group.gpus) == ([0, 1] if kind == "KIND_GPU" else [])
+    assert cfg.version_policy.latest.num_versions == 1
+    assert [w.batch_size for w in cfg.model_warmup] == [1]
+    assert all(list(w.inputs[n].dims) == [128] and w.inputs[n].zero_data for w in cfg.model_warmup for n in INPUT_NAMES)
+
+    if platform == "tensorrt_plan":
+        assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
+        assert cfg.optimization.cuda.graphs
+        assert {s.batch_size for s in cfg.optimization.cuda.graph_spec} == {4, 8, 16}
+    elif platform == "onnxruntime_onnx":
+        assert cfg.platform == "onnxruntime_onnx" and cfg.default_model_filename == "model.onnx"
+        accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+        if kind == "KIND_GPU":
+            assert accel[0].name == "tensorrt" and accel[0].parameters["precision_mode"] == "FP16"
+        else:
+            assert len(accel) == 0
+    elif platform == "openvino":
+        assert cfg.backend == "openvino" and cfg.default_model_filename == "model.xml"
+    else:
+        assert cfg.backend == "python" and not cfg.platform
+        params = {k: v.string_value for k, v in cfg.parameters.items()}
+        assert params["runtime"] == "onnxruntime" and params["artifact"] == "model.onnx"
+        assert params["codebook_sizes"] == "1024,4096,16384" and params["max_seq_length"] == "1024"
+        # Only the python model pads ragged batches itself.
+        assert all(i.allow_ragged_batch for i in cfg.input)
+    if platform != "python":
+        assert not any(i.allow_ragged_batch for i in cfg.input)
+
+
+def test_strict_parse_rejects_unknown_fields_and_bad_enums():
+    text = TritonConfigGenerator(EC, TritonConfig(platform="python", instance_kind="KIND_CPU")).config_text()
+    with pytest.raises(text_format.ParseError):
+        parse_config(text + '\nnot_a_field: 1\n')
+    with pytest.raises(text_format.ParseError):
+        parse_config(text.replace("KIND_CPU", "KIND_TPU"))
+
+
+def test_options_switch_sections_on_and_off():
+    tc = TritonConfig(platform="tensorrt_plan", enable_dynamic_batching=False, model_warmup=False,
+                      cuda_graphs=False, version_policy="all", response_cache=True)
+    cfg = _strict(TritonConfigGenerator(EC, tc).config_text())
+    assert not cfg.HasField("dynamic_batching") and len(cfg.model_warmup) == 0
+    assert not cfg.optimization.cuda.graphs
+    assert cfg.version_policy.WhichOneof("policy_choice") == "all"
+    assert cfg.response_cache.enable
+    # No queue limits configured: no queue policy written.
+    cfg = _strict(TritonConfigGenerator(EC, TritonConfig(platform="onnxruntime_onnx")).config_text())
+    assert not cfg.dynamic_batching.HasField("default_queue_policy")
+
+
+def test_buckets_give_one_warmup_and_graph_per_length():
+    ec = EC.replace(seq_length_buckets=(64, 256))
+    cfg = _strict(TritonConfigGenerator(ec, TritonConfig(preferred_batch_sizes=(8,))).config_text())
+    assert [list(w.inputs["attention_mask"].dims) for w in cfg.model_warmup] == [[64], [256]]
+    assert [list(s.input["encoder_l1_ids"].dim) for s in cfg.optimization.cuda.graph_spec] == [[64], [256]]
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"platform": "openvino", "instance_kind": "KIND_GPU"}, "instance_kind"),
+        ({"platform": "python", "trt_accelerator_precision": "fp16"}, "trt_accelerator_precision"),
+        ({"platform": "onnxruntime_onnx", "instance_kind": "KIND_CPU", "trt_accelerator_precision": "fp16"},
+         "trt_accelerator_precision"),
+    ],
+)
+def test_impossible_combinations_name_the_field(changes, field):
+    with pytest.raises(ConfigError) as e:
+        TritonConfigGenerator(EC, TritonConfig(**changes))
+    assert e.value.field == field
+
+
+def test_guide_convenience_function_returns_text_for_a_name(tmp_path):
+    text = generate_triton_config("my_model", EC)
+    assert _strict(text).name == "my_model"
+    assert not (tmp_path / "my_model").exists()
+
+
+def test_generate_writes_the_repository_entry_for_each_platform(tmp_path):
+    onnx = tmp_path / "src" / "exported.onnx"
+    onnx.parent.mkdir()
+    onnx.write_bytes(b"\x08\x09fake-onnx")
+    (tmp_path / "src" / "exported.onnx.json").write_text(json.dumps({"inputs": [{"name": "x"}]}))
+    plan = tmp_path / "src" / "engine.plan"
+    plan.write_bytes(b"ftrt-engine")
+    xml = tmp_path / "src" / "model_ov.xml"
+    xml.write_text("<?xml version='1.0'?><net/>")
+    xml.with_suffix(".bin").write_bytes(b"\0" * 16)
+    repo = tmp_path / "repo"
+    cases = {
+        "python": (onnx, ["model.py", "model.onnx", "ugt_model.json"]),
+        "onnxruntime_onnx": (onnx, ["model.onnx", "ugt_model.json"]),
+        "tensorrt_plan": (plan, ["model.plan"]),
+        "openvino": (xml, ["model.bin", "model.xml"]),
+    }
+    for platform, (artifact, files) in cases.items():
+        kind = "KIND_CPU" if platform in ("python", "openvino") else "KIND_GPU"
+        ec = EC.replace(model_name=f"m_{platform}")
+        path = generate_triton_config(repo, ec, TritonConfig(platform=platform, instance_kind=kind), model_file=artifact, version=2)
+        assert path == str(repo / f"m_{platform}" / "config.pbtxt")
+        assert _strict(Path(path).read_text()).name == f"m_{platform}"
+        assert sorted(p.name for p in (repo / f"m_{platform}" / "2").iterdir()) == sorted(files)
+    shipped = (repo / "m_python" / "2" / "model.py").read_text()
+    assert "class TritonPythonModel" in shipped
+    # No staging folders left behind.
+    assert not [p for p in repo.rglob(".staging-*")]
+
+
+def test_generate_without_artifact_writes_only_the_config(tmp_path):
+    path = TritonConfigGenerator(EC, TritonConfig()).generate(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "ugt_test").iterdir()) == ["config.pbtxt"]
+    assert _strict(Path(path).read_text()).platform == "tensorrt_plan"
+    with pytest.raises(InputFileNotFoundError):
+        TritonConfigGenerator(EC, TritonConfig()).generate(tmp_path, model_file=tmp_path / "missing.plan")
+
+
+def test_exporter_facade_generates_the_same_config(tmp_path):
+    from algorithm.serving import ServingExporter
+
+    tc = TritonConfig(platform="python", instance_kind="KIND_CPU")
+    path = ServingExporter(EC, tc).generate_triton_config(tmp_path)
+    assert Path(path).read_text() == TritonConfigGenerator(EC, tc).config_text()
