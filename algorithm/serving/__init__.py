@@ -35,6 +35,9 @@ _EXPORTS = {
     "create_exporter": "exporter",
     "validate_deployment": "repository",
     "create_runner": "runners",
+    "ManifestConfig": "manifests",
+    "render_manifests": "manifests",
+    "write_manifests": "manifests",
     # errors
     "ServingError": "errors",
     "ConfigError": "errors",
@@ -81,6 +84,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     )
     from .export_onnx import ModelInputSpec, ModelWrapper, ONNXExporter, export_to_onnx
     from .exporter import ServingExporter, create_exporter
+    from .manifests import ManifestConfig, render_manifests, write_manifests
     from .optimize_trt import TensorRTOptimizer, build_trt_engine, create_calibration_data_generator
     from .repository import ModelVersionManager, validate_deployment
     from .runners import create_runner
