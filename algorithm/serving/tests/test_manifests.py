@@ -1,21 +1,14 @@
 """Production deployment files: Kubernetes schema, security properties, configs flowing into
-names/ports/GPUs, refusal of unsafe names, atomic 0644 writes, the committed deploy/ folder, and
-the generated tritonserver command run for real (the Dockerfile cannot be built here: no Docker
-engine, so its content is checked structurally and its ENTRYPOINT/HEALTHCHECK are executed)."""
+names/ports/GPUs, refusal of unsafe names, atomic 0644 writes, the committed deploy/ folder, the
+CLI, and the Dockerfile's structure (it cannot be built here: no Docker engine; its ENTRYPOINT and
+HEALTHCHECK are executed against the real server in test_manifests_server.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
 import shlex
-import signal
 import stat
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -38,7 +31,11 @@ def docs(files: dict[str, str]) -> dict[str, dict]:
 
 
 def by_kind(files: dict[str, str], kind: str, name_suffix: str = "") -> dict:
-    found = [d for d in docs(files).values() if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
+    found = [
+        d
+        for d in docs(files).values()
+        if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)
+    ]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
 
@@ -72,17 +69,31 @@ def default_files():
     "configs",
     [
         {},
-        {"triton": TritonConfig(platform="onnxruntime_onnx", instance_kind="KIND_CPU", gpus=()),
-         "manifest": ManifestConfig(autoscale=False, cpu_limit=None, service_type="LoadBalancer")},
-        {"triton": TritonConfig(gpus=(0, 1)),
-         "manifest": ManifestConfig(model_pvc="", image="registry.example.com:5000/team/ugt-triton:1.2.0", storage_class="fast-rwx")},
+        {
+            "triton": TritonConfig(platform="onnxruntime_onnx", instance_kind="KIND_CPU", gpus=()),
+            "manifest": ManifestConfig(
+                autoscale=False, cpu_limit=None, service_type="LoadBalancer"
+            ),
+        },
+        {
+            "triton": TritonConfig(gpus=(0, 1)),
+            "manifest": ManifestConfig(
+                model_pvc="",
+                image="registry.example.com:5000/team/ugt-triton:1.2.0",
+                storage_class="fast-rwx",
+            ),
+        },
     ],
     ids=["defaults", "cpu-fixed-replicas", "baked-image-2gpu"],
-)  # fmt: skip
+)
 def test_every_manifest_validates_against_the_kubernetes_schema(configs, version):
     import kubernetes_validate
 
-    files = render_manifests(ExportConfig(), configs.get("triton", TritonConfig()), configs.get("manifest", ManifestConfig()))
+    files = render_manifests(
+        ExportConfig(),
+        configs.get("triton", TritonConfig()),
+        configs.get("manifest", ManifestConfig()),
+    )
     kinds = set()
     for rel, doc in docs(files).items():
         if doc["kind"] == "Kustomization":  # a kustomize file, not an API object: no schema
@@ -90,7 +101,9 @@ def test_every_manifest_validates_against_the_kubernetes_schema(configs, version
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{rel} is not a valid {doc['kind']} for Kubernetes {version}: {'.'.join(map(str, e.path))}: {e.message}")
+            pytest.fail(
+                f"{rel} is not a valid {doc['kind']} for Kubernetes {version}: {'.'.join(map(str, e.path))}: {e.message}"
+            )
         kinds.add(doc["kind"])
     assert {"Namespace", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
 
@@ -100,24 +113,43 @@ def test_strict_schema_catches_a_misspelt_field(default_files):
     import kubernetes_validate
 
     deployment = by_kind(default_files, "Deployment")
-    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {"path": "/x"}
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {
+        "path": "/x"
+    }
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
 
 
 def test_kustomization_lists_exactly_the_generated_resources(default_files):
     kust = yaml.safe_load(default_files["k8s/kustomization.yaml"])
-    generated = sorted(rel.removeprefix("k8s/") for rel in default_files if rel.startswith("k8s/") and rel != "k8s/kustomization.yaml")
+    generated = sorted(
+        rel.removeprefix("k8s/")
+        for rel in default_files
+        if rel.startswith("k8s/") and rel != "k8s/kustomization.yaml"
+    )
     assert sorted(kust["resources"]) == generated
     assert kust["namespace"] == "ugt-serving"
-    assert all(d["metadata"].get("namespace", "ugt-serving") == "ugt-serving" for d in docs(default_files).values() if "metadata" in d)
+    assert all(
+        d["metadata"].get("namespace", "ugt-serving") == "ugt-serving"
+        for d in docs(default_files).values()
+        if "metadata" in d
+    )
 
 
 # ---------------------------------------------------------------------------------- security
 def restricted_pod_security_violations(pod: dict) -> list[str]:
     """The checks of the Kubernetes "restricted" Pod Security Standard (the namespace enforces it)."""
     spec, bad = pod["spec"], []
-    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+    allowed_volumes = {
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    }
     for v in spec.get("volumes", []):
         kinds = set(v) - {"name"}
         if not kinds <= allowed_volumes:
@@ -132,13 +164,18 @@ def restricted_pod_security_violations(pod: dict) -> list[str]:
             bad.append("privileged")
         if sc.get("allowPrivilegeEscalation") is not False:
             bad.append("allowPrivilegeEscalation not false")
-        if sc.get("capabilities", {}).get("drop") != ["ALL"] or set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+        if sc.get("capabilities", {}).get("drop") != ["ALL"] or set(
+            sc.get("capabilities", {}).get("add", [])
+        ) - {"NET_BIND_SERVICE"}:
             bad.append("capabilities not drop ALL")
         if not (sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))):
             bad.append("runAsNonRoot not set")
         if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
             bad.append("runAsUser 0")
-        if sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type") not in ("RuntimeDefault", "Localhost"):
+        if sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type") not in (
+            "RuntimeDefault",
+            "Localhost",
+        ):
             bad.append("seccompProfile")
         if any("hostPort" in p for p in c.get("ports", [])):
             bad.append("hostPort")
@@ -174,16 +211,34 @@ def test_probes_gpu_shared_memory_and_writable_tmp(default_files):
     assert c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     startup = c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"]
     assert startup >= ManifestConfig().startup_timeout_s  # engine loading is not killed by liveness
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 == c["resources"]["requests"]["nvidia.com/gpu"]
-    volumes = {v["name"]: v for v in by_kind(default_files, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert (
+        c["resources"]["limits"]["nvidia.com/gpu"]
+        == 1
+        == c["resources"]["requests"]["nvidia.com/gpu"]
+    )
+    volumes = {
+        v["name"]: v
+        for v in by_kind(default_files, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    }
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+    assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"] == {
+        "medium": "Memory",
+        "sizeLimit": "2Gi",
+    }
     assert "medium" not in volumes[mounts["/tmp"]["name"]]["emptyDir"]
     repo = mounts["/models"]
     assert repo["readOnly"] is True
-    assert volumes[repo["name"]]["persistentVolumeClaim"] == {"claimName": "ugt-model-repository", "readOnly": True}
-    annotations = by_kind(default_files, "Deployment")["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8002"
+    assert volumes[repo["name"]]["persistentVolumeClaim"] == {
+        "claimName": "ugt-model-repository",
+        "readOnly": True,
+    }
+    annotations = by_kind(default_files, "Deployment")["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    assert (
+        annotations["prometheus.io/scrape"] == "true"
+        and annotations["prometheus.io/port"] == "8002"
+    )
 
 
 def test_admin_endpoints_are_restricted_and_model_control_is_off(default_files):
@@ -196,8 +251,15 @@ def test_admin_endpoints_are_restricted_and_model_control_is_off(default_files):
         assert set(apis.split(",")) == ADMIN_APIS  # health, metadata and inference stay open
         assert key == "admin-key=$(TRITON_ADMIN_KEY)"
     (env,) = [e for e in c["env"] if e["name"] == "TRITON_ADMIN_KEY"]
-    assert env["valueFrom"]["secretKeyRef"] == {"name": "ugt-triton-admin", "key": "admin-key", "optional": False}
-    assert "TRITON_ADMIN_KEY" not in default_files["docker/Dockerfile"].split("ENV ", 1)[1].split("\n", 1)[0]
+    assert env["valueFrom"]["secretKeyRef"] == {
+        "name": "ugt-triton-admin",
+        "key": "admin-key",
+        "optional": False,
+    }
+    assert (
+        "TRITON_ADMIN_KEY"
+        not in default_files["docker/Dockerfile"].split("ENV ", 1)[1].split("\n", 1)[0]
+    )
 
 
 def test_network_policy_keeps_metrics_off_the_client_path(default_files):
@@ -205,9 +267,15 @@ def test_network_policy_keeps_metrics_off_the_client_path(default_files):
     open_rule, metrics_rule = policy["spec"]["ingress"]
     assert {p["port"] for p in open_rule["ports"]} == {"http", "grpc"} and "from" not in open_rule
     assert [p["port"] for p in metrics_rule["ports"]] == ["metrics"]
-    assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert metrics_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
     assert policy["spec"]["egress"] == []
-    client = next(d for d in docs(default_files).values() if d["kind"] == "Service" and d["metadata"]["name"] == "ugt-recommend")
+    client = next(
+        d
+        for d in docs(default_files).values()
+        if d["kind"] == "Service" and d["metadata"]["name"] == "ugt-recommend"
+    )
     assert {p["name"] for p in client["spec"]["ports"]} == {"http", "grpc"}
 
 
@@ -221,7 +289,10 @@ def test_hpa_scales_on_queue_time_served_by_the_prometheus_adapter(default_files
     assert "replicas" not in by_kind(default_files, "Deployment")["spec"]  # the HPA owns the count
     (rule,) = yaml.safe_load(default_files["prometheus-adapter/values.yaml"])["rules"]["custom"]
     assert rule["name"]["as"] == "avg_time_queue_us"
-    assert "nv_inference_queue_duration_us" in rule["metricsQuery"] and "nv_inference_request_success" in rule["metricsQuery"]
+    assert (
+        "nv_inference_queue_duration_us" in rule["metricsQuery"]
+        and "nv_inference_request_success" in rule["metricsQuery"]
+    )
     assert by_kind(default_files, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
 
 
@@ -230,17 +301,30 @@ def test_model_name_ports_gpus_and_replicas_follow_the_configs():
     files = render_manifests(
         ExportConfig(model_name="news_Rank-v2"),
         TritonConfig(gpus=(0, 2)),
-        ManifestConfig(http_port=9000, grpc_port=9001, metrics_port=9002, replicas=3, max_replicas=5,
-                       namespace="recsys", image="nvcr.io/nvidia/tritonserver:24.12-py3"),
-    )  # fmt: skip
+        ManifestConfig(
+            http_port=9000,
+            grpc_port=9001,
+            metrics_port=9002,
+            replicas=3,
+            max_replicas=5,
+            namespace="recsys",
+            image="nvcr.io/nvidia/tritonserver:24.12-py3",
+        ),
+    )
     dep = by_kind(files, "Deployment")
     c = container(files)
     assert dep["metadata"]["name"] == "news-rank-v2" and dep["metadata"]["namespace"] == "recsys"
     assert dep["metadata"]["annotations"]["ugt-serving/model"] == "news_Rank-v2"
     assert c["image"] == "nvcr.io/nvidia/tritonserver:24.12-py3"
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 9000, "grpc": 9001, "metrics": 9002}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "http": 9000,
+        "grpc": 9001,
+        "metrics": 9002,
+    }
     assert {"--http-port=9000", "--grpc-port=9001", "--metrics-port=9002"} <= set(c["args"])
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 3  # instances on device 2 need devices 0..2
+    assert (
+        c["resources"]["limits"]["nvidia.com/gpu"] == 3
+    )  # instances on device 2 need devices 0..2
     svc = by_kind(files, "Service", "v2")
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"http": 9000, "grpc": 9001}
     assert by_kind(files, "Service", "-metrics")["spec"]["ports"][0]["port"] == 9002
@@ -254,11 +338,15 @@ def test_model_name_ports_gpus_and_replicas_follow_the_configs():
 
 def test_cpu_only_fixed_replicas_and_python_platform():
     files = render_manifests(
-        ExportConfig(), TritonConfig(platform="python", instance_kind="KIND_CPU", gpus=()),
+        ExportConfig(),
+        TritonConfig(platform="python", instance_kind="KIND_CPU", gpus=()),
         ManifestConfig(autoscale=False, replicas=4),
-    )  # fmt: skip
+    )
     c = container(files)
-    assert "nvidia.com/gpu" not in c["resources"]["limits"] and "--allow-gpu-metrics=false" in c["args"]
+    assert (
+        "nvidia.com/gpu" not in c["resources"]["limits"]
+        and "--allow-gpu-metrics=false" in c["args"]
+    )
     assert "tolerations" not in by_kind(files, "Deployment")["spec"]["template"]["spec"]
     assert by_kind(files, "Deployment")["spec"]["replicas"] == 4
     assert "k8s/hpa.yaml" not in files and "prometheus-adapter/values.yaml" not in files
@@ -269,7 +357,9 @@ def test_cpu_only_fixed_replicas_and_python_platform():
 
 
 def test_baked_image_has_no_repository_volume_and_needs_an_image():
-    files = render_manifests(manifest_config=ManifestConfig(model_pvc="", image="registry.example.com/ugt-triton:1"))
+    files = render_manifests(
+        manifest_config=ManifestConfig(model_pvc="", image="registry.example.com/ugt-triton:1")
+    )
     spec = by_kind(files, "Deployment")["spec"]["template"]["spec"]
     assert [v["name"] for v in spec["volumes"]] == ["dshm", "tmp"]
     assert spec["containers"][0]["image"] == "registry.example.com/ugt-triton:1"
@@ -281,7 +371,9 @@ def test_baked_image_has_no_repository_volume_and_needs_an_image():
 
 def test_too_few_gpus_for_the_model_config_is_refused():
     with pytest.raises(ConfigError) as e:
-        render_manifests(triton_config=TritonConfig(gpus=(0, 3)), manifest_config=ManifestConfig(gpus_per_pod=2))
+        render_manifests(
+            triton_config=TritonConfig(gpus=(0, 3)), manifest_config=ManifestConfig(gpus_per_pod=2)
+        )
     assert e.value.field == "gpus_per_pod" and "[0, 3]" in str(e.value)
 
 
@@ -339,7 +431,15 @@ def test_model_name_without_a_kubernetes_form_asks_for_a_name():
     with pytest.raises(ConfigError) as e:
         render_manifests(ExportConfig(model_name="___"))
     assert e.value.field == "name" and "ManifestConfig.name" in e.value.hint
-    assert by_kind(render_manifests(ExportConfig(model_name="___"), manifest_config=ManifestConfig(name="ugt")), "Deployment")["metadata"]["name"] == "ugt"
+    assert (
+        by_kind(
+            render_manifests(
+                ExportConfig(model_name="___"), manifest_config=ManifestConfig(name="ugt")
+            ),
+            "Deployment",
+        )["metadata"]["name"]
+        == "ugt"
+    )
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -388,7 +488,10 @@ def test_files_a_new_config_does_not_generate_are_removed(tmp_path):
     root = tmp_path / "deploy"
     write_manifests(root)
     (root / "k8s/notes.md").write_text("mine")
-    write_manifests(root, manifest_config=ManifestConfig(autoscale=False, model_pvc="", image="r.example.com/u:1"))
+    write_manifests(
+        root,
+        manifest_config=ManifestConfig(autoscale=False, model_pvc="", image="r.example.com/u:1"),
+    )
     assert not (root / "k8s/hpa.yaml").exists() and not (root / "k8s/pvc.yaml").exists()
     assert (root / "k8s/notes.md").read_text() == "mine"  # only files this module writes go
 
@@ -396,10 +499,14 @@ def test_files_a_new_config_does_not_generate_are_removed(tmp_path):
 def test_committed_deploy_folder_matches_the_default_configs(default_files):
     """deploy/ is `ugt-serving manifests --output deploy`; regenerate it when the defaults change."""
     deploy = REPO_ROOT / "deploy"
-    committed = {str(p.relative_to(deploy)): p.read_text() for p in deploy.rglob("*") if p.is_file()}
+    committed = {
+        str(p.relative_to(deploy)): p.read_text() for p in deploy.rglob("*") if p.is_file()
+    }
     assert sorted(committed) == sorted(default_files)
     for rel, text in default_files.items():
-        assert committed[rel] == text, f"deploy/{rel} drifted: run `ugt-serving manifests --output deploy`"
+        assert committed[rel] == text, (
+            f"deploy/{rel} drifted: run `ugt-serving manifests --output deploy`"
+        )
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -409,8 +516,23 @@ def test_cli_writes_manifests_from_flags(tmp_path):
     from algorithm.serving.cli import app
 
     out = tmp_path / "deploy"
-    result = CliRunner().invoke(app, ["--json", "manifests", "--output", str(out), "--model-name", "ctr_model",
-                                      "--gpus", "2", "--image", "nvcr.io/nvidia/tritonserver:24.12-py3", "--replicas", "3"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "--json",
+            "manifests",
+            "--output",
+            str(out),
+            "--model-name",
+            "ctr_model",
+            "--gpus",
+            "2",
+            "--image",
+            "nvcr.io/nvidia/tritonserver:24.12-py3",
+            "--replicas",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     files = {str(p.relative_to(out)): p.read_text() for p in out.rglob("*") if p.is_file()}
     c = container(files)
@@ -425,14 +547,25 @@ def test_cli_reads_a_json_config_and_refuses_bad_names(tmp_path):
     from algorithm.serving.cli import app
 
     cfg = tmp_path / "deploy.json"
-    cfg.write_text(json.dumps({"triton": {"platform": "onnxruntime_onnx", "instance_kind": "KIND_CPU", "gpus": []},
-                               "manifest": {"namespace": "recsys", "autoscale": False}}))  # fmt: skip
+    cfg.write_text(
+        json.dumps(
+            {
+                "triton": {"platform": "onnxruntime_onnx", "instance_kind": "KIND_CPU", "gpus": []},
+                "manifest": {"namespace": "recsys", "autoscale": False},
+            }
+        )
+    )
     out = tmp_path / "out"
     ok = CliRunner().invoke(app, ["manifests", "--output", str(out), "--config", str(cfg)])
     assert ok.exit_code == 0, ok.output
-    assert yaml.safe_load((out / "k8s/deployment.yaml").read_text())["metadata"]["namespace"] == "recsys"
+    assert (
+        yaml.safe_load((out / "k8s/deployment.yaml").read_text())["metadata"]["namespace"]
+        == "recsys"
+    )
     assert not (out / "k8s/hpa.yaml").exists()
-    bad = CliRunner().invoke(app, ["manifests", "--output", str(tmp_path / "x"), "--model-name", "../evil"])
+    bad = CliRunner().invoke(
+        app, ["manifests", "--output", str(tmp_path / "x"), "--model-name", "../evil"]
+    )
     assert bad.exit_code == 1
     assert "model_name='../evil' is not allowed" in bad.output and "hint:" in bad.output
     assert not (tmp_path / "x").exists()
@@ -442,7 +575,9 @@ def test_cli_reads_a_json_config_and_refuses_bad_names(tmp_path):
 def test_dockerfile_structure(default_files):
     words = [w for w, _ in dockerfile(default_files)]
     assert words[:2] == ["ARG", "FROM"] and words[-1] == "ENTRYPOINT"
-    assert instruction(default_files, "ARG") == ["TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3"]
+    assert instruction(default_files, "ARG") == [
+        "TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3"
+    ]
     assert instruction(default_files, "FROM") == ["${TRITON_IMAGE}"]
     assert "ADD" not in words  # COPY only: no remote URLs or auto-extraction
     assert instruction(default_files, "COPY") == ["model_repository /models"]
@@ -457,144 +592,11 @@ def test_dockerfile_structure(default_files):
     # the same server flags as the Deployment, the key referenced from the environment
     k8s_args = container(default_files)["args"]
     script_args = shlex.split(entry[2])[3:]  # after: exec tritonserver "$@"
-    assert entry[4:] + [a.replace("${TRITON_ADMIN_KEY:?set TRITON_ADMIN_KEY}", "$(TRITON_ADMIN_KEY)") for a in script_args] == k8s_args
-
-
-# ------------------------------------------------------------------ the generated command, run
-def _binary_env(tmp_path: Path) -> tuple[Path, dict]:
-    from algorithm.serving.server import find_tritonserver
-
-    binary = find_tritonserver()
-    env = dict(os.environ)
-    libs = binary.resolve().parents[3] / "nvidia_pytriton.libs"  # nvidia-pytriton's bundled libraries
-    if libs.is_dir():
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (env.get("LD_LIBRARY_PATH"), str(libs)) if p)
-    shim = tmp_path / "bin"
-    shim.mkdir(exist_ok=True)
-    if not (shim / "tritonserver").exists():
-        (shim / "tritonserver").symlink_to(binary)
-    env["PATH"] = f"{shim}{os.pathsep}{env['PATH']}"  # the image has tritonserver on PATH
-    return binary, env
-
-
-def _ports() -> dict:
-    from algorithm.serving.server import free_port
-
-    ports = set()
-    while len(ports) < 3:
-        ports.add(free_port())
-    return dict(zip(("http_port", "grpc_port", "metrics_port"), sorted(ports), strict=True))
-
-
-def _get(url: str, headers: dict | None = None, method: str = "GET") -> int:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}, method=method), timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
-def _wait_ready(proc, port: int, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"tritonserver exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if _get(f"http://127.0.0.1:{port}/v2/health/ready") == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"tritonserver not ready:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _check_restrictions(ports: dict, key: str) -> None:
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
-
-    http = f"http://127.0.0.1:{ports['http_port']}"
-    assert _get(f"{http}/v2/health/live") == 200
-    index = f"{http}/v2/repository/index"
-    assert _get(index, method="POST") == 403  # model control without the key
-    assert _get(f"{http}/v2/repository/models/x/load", method="POST") == 403
-    assert _get(f"{http}/v2/models/stats") == 403
-    assert _get(index, {"admin-key": "wrong"}, "POST") == 403
-    assert _get(index, {"admin-key": key}, "POST") == 200
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports['grpc_port']}")
-    try:
-        assert client.is_server_ready()
-        with pytest.raises(InferenceServerException, match="restricted"):
-            client.get_model_repository_index()
-        with pytest.raises(InferenceServerException, match="restricted"):
-            client.unload_model("anything")
-        # gRPC metadata for a restricted protocol is named triton-grpc-protocol-<header>
-        assert client.get_model_repository_index(headers={"triton-grpc-protocol-admin-key": key}) is not None
-        with pytest.raises(InferenceServerException, match="restricted"):
-            client.get_model_repository_index(headers={"admin-key": key})
-    finally:
-        client.close()
-    with urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics_port']}/metrics", timeout=5) as r:
-        assert b"nv_" in r.read()
-
-
-@pytest.mark.server
-def test_deployment_command_runs_the_real_server_with_admin_apis_locked(tmp_path):
-    """The Deployment's command and args, expanded as the kubelet does, start tritonserver; the
-    volume mount at /models is emulated by pointing the flag at a local (empty) repository."""
-    _, env = _binary_env(tmp_path)
-    ports = _ports()
-    c = container(render_manifests(manifest_config=ManifestConfig(**ports)))
-    key = secrets.token_hex(16)
-    env["TRITON_ADMIN_KEY"] = key
-    repo = tmp_path / "models"
-    repo.mkdir()
-    argv = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env[m.group(1)], a) for a in c["command"] + c["args"]]
-    argv = [f"--model-repository={repo}" if a.startswith("--model-repository=") else a for a in argv]
-    log = tmp_path / "server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT)
-    try:
-        _wait_ready(proc, ports["http_port"], log)
-        _check_restrictions(ports, key)
-    finally:
-        _stop(proc)
-
-
-@pytest.mark.server
-def test_dockerfile_entrypoint_and_healthcheck_run_for_real(tmp_path):
-    """The ENTRYPOINT array is executed as Docker would (sh -c, key from the environment), the
-    HEALTHCHECK command reports the server's readiness, and a missing key refuses to start."""
-    _, env = _binary_env(tmp_path)
-    ports = _ports()
-    files = render_manifests(manifest_config=ManifestConfig(**ports))
-    entry = json.loads(instruction(files, "ENTRYPOINT")[0])
-    repo = tmp_path / "models"
-    repo.mkdir()
-    entry = [f"--model-repository={repo}" if a.startswith("--model-repository=") else a for a in entry]
-    health = json.loads(instruction(files, "HEALTHCHECK")[0].split(" CMD ", 1)[1])
-
-    no_key = subprocess.run(entry, env=env, capture_output=True, text=True, timeout=30)
-    assert no_key.returncode != 0 and "set TRITON_ADMIN_KEY" in no_key.stderr
-
-    key = secrets.token_hex(16)
-    log = tmp_path / "server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(entry, env={**env, "TRITON_ADMIN_KEY": key}, stdout=f, stderr=subprocess.STDOUT)
-    try:
-        _wait_ready(proc, ports["http_port"], log)
-        assert subprocess.run(health, env=env, timeout=30).returncode == 0
-        _check_restrictions(ports, key)
-    finally:
-        _stop(proc)
-    assert proc.returncode == 0  # `exec`: the signal reached tritonserver itself, which exited cleanly
-    assert subprocess.run(health, env=env, capture_output=True, timeout=30).returncode != 0
+    assert (
+        entry[4:]
+        + [
+            a.replace("${TRITON_ADMIN_KEY:?set TRITON_ADMIN_KEY}", "$(TRITON_ADMIN_KEY)")
+            for a in script_args
+        ]
+        == k8s_args
+    )
