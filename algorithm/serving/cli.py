@@ -232,10 +232,17 @@ def manifests(
     flags = {"image": image, "triton_image": triton_image, "replicas": replicas,
              "max_replicas": max_replicas, "namespace": namespace, "model_pvc": model_pvc}  # fmt: skip
     sections["manifest"].update({k: v for k, v in flags.items() if v is not None})
+    try:
+        triton = TritonConfig.from_dict(sections["triton"])
+    except ConfigError as e:
+        if e.field != "instance_kind":
+            raise
+        hint = "CPU-only pods need a CPU platform: add --platform onnxruntime_onnx (or openvino, python)."
+        raise ConfigError(e.field, e.value, e.allowed, hint=hint) from e
     paths = write_manifests(
         output,
         ExportConfig.from_dict(sections["export"]),
-        TritonConfig.from_dict(sections["triton"]),
+        triton,
         ManifestConfig.from_dict(sections["manifest"]),
     )
     emit({"output": str(output), "files": [str(p) for p in paths]}, "Deployment files")

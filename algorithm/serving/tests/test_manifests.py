@@ -569,6 +569,8 @@ def test_cli_reads_a_json_config_and_refuses_bad_names(tmp_path):
     assert bad.exit_code == 1
     assert "model_name='../evil' is not allowed" in bad.output and "hint:" in bad.output
     assert not (tmp_path / "x").exists()
+    cpu = CliRunner().invoke(app, ["manifests", "--output", str(tmp_path / "y"), "--gpus", "0"])
+    assert cpu.exit_code == 1 and "--platform onnxruntime_onnx" in cpu.output
 
 
 # ------------------------------------------------------------------ Dockerfile (structure only)
