@@ -1,0 +1,317 @@
+"""Benchmark reports: markdown, JSON, CSV and matplotlib PNG plots, with an optional baseline.
+
+``write_report(results, "out/report.md", baseline=other)`` writes ``report.md`` and beside it
+``report.json`` (everything, loadable with ``load_report``), ``report.csv`` (one row per load
+point) and ``report_*.png``: latency percentiles against load, the throughput-latency curve
+with the SLO line and the highest load that meets it, a latency histogram, bars per batch size
+and per seq_len, and the server-side breakdown. A baseline (another model or an earlier run)
+is drawn beside the results and compared point by point (same batch, seq_len and load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+from collections import defaultdict
+from pathlib import Path
+
+from .benchmark import BenchmarkResult
+from .config import BenchmarkConfig
+from .errors import BenchmarkError, InputFileNotFoundError
+
+logger = logging.getLogger(__name__)
+
+CSV_FIELDS = (
+    "label", "key", "model_name", "mode", "batch_size", "seq_length", "seq_len_distribution",
+    "seq_len_mean", "concurrency", "request_rate", "achieved_concurrency", "achieved_rate",
+    "throughput", "samples_per_s", "latency_p50", "latency_p90", "latency_p95", "latency_p99",
+    "latency_avg", "latency_min", "latency_max", "total_requests", "successful_requests",
+    "failed_requests", "rejected_requests", "timed_out_requests", "duration_s", "trials", "stable",
+    "queue_us", "compute_input_us", "compute_infer_us", "compute_output_us", "request_us",
+    "avg_batch", "client_overhead_ms", "rpc_floor_ms", "client_cpu_percent",
+    "host_cpu_utilization", "gpu_utilization", "gpu_memory_used_mb",
+)
+BREAKDOWN = (("queue_us", "queue"), ("compute_input_us", "compute input"),
+             ("compute_infer_us", "compute infer"), ("compute_output_us", "compute output"))
+
+
+# ------------------------------------------------------------------------------- environment
+def environment() -> dict:
+    """Where and with what the numbers were measured (date, host, CPU, load, versions)."""
+    from importlib import metadata
+
+    versions = {}
+    for pkg in ("tritonclient", "nvidia-pytriton", "onnxruntime", "torch", "openvino", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "versions": versions,
+    }
+    with contextlib.suppress(OSError):  # not on every OS
+        env["load_average_1m"] = round(os.getloadavg()[0], 2)
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ---------------------------------------------------------------------------------- analysis
+def _group_key(r: BenchmarkResult) -> tuple:
+    return (r.batch_size, r.seq_length if r.seq_length is not None else r.seq_len_distribution, r.mode)
+
+
+def _group_label(g: tuple) -> str:
+    return f"batch {g[0]}, seq_len {g[1]}"
+
+
+def groups(results: dict[str, BenchmarkResult]) -> dict[tuple, list[BenchmarkResult]]:
+    """Results by (batch, seq_len, mode), each list sorted by load."""
+    out: dict[tuple, list[BenchmarkResult]] = defaultdict(list)
+    for r in results.values():
+        out[_group_key(r)].append(r)
+    return {g: sorted(rs, key=lambda r: r.load) for g, rs in sorted(out.items(), key=lambda x: str(x[0]))}
+
+
+def slo_max_load(results: dict[str, BenchmarkResult], slo_ms: float) -> dict[str, dict]:
+    """Per (batch, seq_len): the highest load whose P99 <= ``slo_ms`` with no failed request."""
+    out = {}
+    for g, rs in groups(results).items():
+        ok = [r for r in rs if r.successful_requests and r.latency_p99 <= slo_ms and not r.failed_requests]
+        best = max(ok, key=lambda r: r.load) if ok else None
+        out[_group_label(g)] = {
+            "slo_p99_ms": slo_ms,
+            "max_load": best.load if best else None,
+            "mode": g[2],
+            "throughput": best.throughput if best else None,
+            "latency_p99": best.latency_p99 if best else None,
+        }
+    return out
+
+
+def compare(results: dict[str, BenchmarkResult], baseline: dict[str, BenchmarkResult]) -> list[dict]:
+    """Point-by-point comparison where both have the same batch, seq_len and load."""
+    rows = []
+    for key, r in results.items():
+        b = baseline.get(key)
+        if b is None:
+            continue
+        rows.append({
+            "key": key,
+            "throughput": r.throughput, "baseline_throughput": b.throughput,
+            "speedup": r.throughput / b.throughput if b.throughput > 0 else None,
+            "latency_p50": r.latency_p50, "baseline_latency_p50": b.latency_p50,
+            "latency_p99": r.latency_p99, "baseline_latency_p99": b.latency_p99,
+            "p99_ratio": b.latency_p99 / r.latency_p99 if r.latency_p99 > 0 else None,
+        })
+    return rows
+
+
+# ------------------------------------------------------------------------------------- files
+def _csv_row(label: str, r: BenchmarkResult) -> dict:
+    d = r.to_dict()
+    d.update(r.server)
+    d["label"] = label
+    d["samples_per_s"] = r.throughput * r.batch_size
+    return {k: d.get(k, "") for k in CSV_FIELDS}
+
+
+def _label(results: dict[str, BenchmarkResult], fallback: str) -> str:
+    names = sorted({r.model_name for r in results.values() if r.model_name})
+    return ", ".join(names) or fallback
+
+
+def write_report(
+    results: dict[str, BenchmarkResult],
+    path,
+    baseline: dict[str, BenchmarkResult] | None = None,
+    config: BenchmarkConfig | None = None,
+    title: str | None = None,
+    label: str | None = None,
+    baseline_label: str | None = None,
+    meta: dict | None = None,
+    plots: bool = True,
+) -> str:
+    """Write the markdown report at ``path`` plus .json, .csv and PNGs beside it; return the text."""
+    if not results:
+        raise BenchmarkError("no benchmark results to report", hint="Run a benchmark first.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = config or BenchmarkConfig()
+    label = label or _label(results, "results")
+    baseline_label = baseline_label or (_label(baseline, "baseline") if baseline else None)
+    if baseline and baseline_label == label:
+        baseline_label = f"{baseline_label} (baseline)"
+    env = {**environment(), **(meta or {})}
+    slo = slo_max_load(results, config.slo_p99_ms)
+    slo_base = slo_max_load(baseline, config.slo_p99_ms) if baseline else None
+    comparison = compare(results, baseline) if baseline else []
+    stem = path.with_suffix("")
+    images = []
+    if plots:
+        from .report_plots import draw_all
+
+        images = draw_all(results, baseline, label, baseline_label, config.slo_p99_ms, slo, stem)
+    data = {
+        "meta": env,
+        "config": config.to_dict(),
+        "label": label,
+        "results": {k: r.to_dict() for k, r in results.items()},
+        "slo": slo,
+        "baseline": {"label": baseline_label, "results": {k: r.to_dict() for k, r in baseline.items()},
+                     "slo": slo_base} if baseline else None,
+        "comparison": comparison,
+        "plots": [p.name for p in images],
+    }
+    from .export_onnx import write_json
+
+    write_json(stem.with_suffix(".json"), data)
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in results.values():
+            w.writerow(_csv_row(label, r))
+        for r in (baseline or {}).values():
+            w.writerow(_csv_row(baseline_label, r))
+    text = render_markdown(results, baseline, label, baseline_label, config, env, slo, slo_base,
+                           comparison, images, title)
+    path.write_text(text)
+    logger.info("wrote %s (+ .json, .csv, %d plots)", path, len(images))
+    return text
+
+
+def load_report(path) -> tuple[dict[str, BenchmarkResult], dict[str, BenchmarkResult] | None, dict]:
+    """(results, baseline or None, whole JSON) from a report's .json (or the .md beside it)."""
+    p = Path(path)
+    if p.suffix != ".json":
+        p = p.with_suffix(".json")
+    if not p.is_file():
+        raise InputFileNotFoundError(f"benchmark JSON not found: {p}",
+                                     hint="Pass the .json written by `ugt-serving benchmark --output`.")
+    try:
+        data = json.loads(p.read_text())
+        results = {k: BenchmarkResult.from_dict(v) for k, v in data["results"].items()}
+        base = data.get("baseline") or None
+        baseline = {k: BenchmarkResult.from_dict(v) for k, v in base["results"].items()} if base else None
+    except (ValueError, KeyError, TypeError) as e:
+        raise BenchmarkError(f"{p} is not a benchmark report JSON: {e}",
+                             hint="Pass the .json written by `ugt-serving benchmark --output`.") from e
+    return results, baseline, data
+
+
+# ---------------------------------------------------------------------------------- markdown
+def _f(v, digits: int = 2) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if v == v else "nan"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _load_text(r: BenchmarkResult) -> str:
+    if r.mode == "request_rate":
+        return f"{r.request_rate:g}/s ({r.achieved_rate:.1f})"
+    return f"c{r.concurrency} ({r.achieved_concurrency:.1f})"
+
+
+def _result_rows(label: str, results: dict[str, BenchmarkResult]) -> list[list]:
+    rows = []
+    for r in sorted(results.values(), key=lambda r: (_group_key(r)[:2], r.load)):
+        seq = r.seq_length if r.seq_length is not None else f"{r.seq_len_distribution} ~{r.seq_len_mean:.0f}"
+        rows.append([label, r.batch_size, seq, _load_text(r), f"{r.throughput:.1f}",
+                     f"{r.throughput * r.batch_size:.1f}", r.latency_p50, r.latency_p90, r.latency_p95,
+                     r.latency_p99, r.latency_avg, r.latency_max,
+                     f"{r.successful_requests}/{r.total_requests}", r.failed_requests, r.rejected_requests,
+                     r.timed_out_requests, "yes" if r.stable else f"no ({r.trials} windows)"])
+    return rows
+
+
+def render_markdown(results, baseline, label, baseline_label, config, env, slo, slo_base, comparison,
+                    images, title=None) -> str:
+    first = next(iter(results.values()))
+    lines = [f"# {title or f'Benchmark: {label}'}", ""]
+    versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
+    lines += _table(["", ""], [
+        ["date", env.get("date")], ["host", f"{env.get('cpu')} x {env.get('cpu_count')} (load avg "
+                                           f"{env.get('load_average_1m', '-')} at start)"],
+        ["server", f"{first.url} ({first.protocol})"], ["mode", first.mode],
+        ["versions", versions],
+        ["measurement", f"warm-up {config.num_warmup_requests} requests excluded; windows of "
+                        f"{config.measurement_window_s:g} s until the last 3 agree within "
+                        f"{config.stability_percent:g}% (max {config.max_trials}) and >= "
+                        f"{config.num_requests} requests; timeout {config.timeout_s:g} s"],
+    ] + [[k, v] for k, v in env.items() if k in ("device", "note", "server_config")])
+    lines += ["", "## Results", "",
+              "Latency in ms over every measured request; throughput in requests/s. Load: target "
+              "(achieved). ok/total; failed includes timed out; rejected = turned away by the "
+              "queue policy.", ""]
+    header = ["model", "batch", "seq_len", "load", "req/s", "samples/s", "p50", "p90", "p95", "p99",
+              "avg", "max", "ok/total", "failed", "rejected", "timed out", "stable"]
+    rows = _result_rows(label, results) + (_result_rows(baseline_label, baseline) if baseline else [])
+    lines += _table(header, rows)
+    lines += ["", f"## SLO: P99 <= {config.slo_p99_ms:g} ms", ""]
+    srows = [[label, g, _f(v["max_load"]), v["throughput"], v["latency_p99"]] for g, v in slo.items()]
+    srows += [[baseline_label, g, _f(v["max_load"]), v["throughput"], v["latency_p99"]]
+              for g, v in (slo_base or {}).items()]
+    lines += _table(["model", "point", "highest load meeting the SLO", "req/s there", "p99 there"], srows)
+    if comparison:
+        lines += ["", f"## {label} vs {baseline_label}", ""]
+        lines += _table(["point", f"req/s {label}", f"req/s {baseline_label}", "throughput x",
+                         f"p99 {label}", f"p99 {baseline_label}", "p99 x lower"],
+                        [[c["key"], c["throughput"], c["baseline_throughput"], c["speedup"],
+                          c["latency_p99"], c["baseline_latency_p99"], c["p99_ratio"]] for c in comparison])
+    lines += ["", "## Where the time goes", "",
+              "Server-side averages per request from Triton's statistics API (deltas over the "
+              "measured window, us). `outside server` = client latency - server request time "
+              "(network, RPC stack, client). Client overhead = building/serializing a request and "
+              "reading its answer in this process; RPC floor = a health RPC round trip.", ""]
+    brows = []
+    for lab, rs in ((label, results), (baseline_label, baseline or {})):
+        for r in rs.values():
+            s = r.server or {}
+            outside = r.latency_avg - s.get("request_us", 0) / 1e3 if s.get("request_us") else None
+            formed = ", ".join(f"{b}x{n}" for b, n in sorted(r.batch_sizes_formed.items())) or "-"
+            brows.append([lab, r.key, s.get("queue_us"), s.get("compute_input_us"), s.get("compute_infer_us"),
+                          s.get("compute_output_us"), s.get("request_us"), outside, s.get("avg_batch"), formed,
+                          r.client_overhead_ms, r.rpc_floor_ms, f"{r.client_cpu_percent:.0f}",
+                          None if r.host_cpu_utilization is None else f"{r.host_cpu_utilization * 100:.0f}"])
+    lines += _table(["model", "point", "queue", "input", "infer", "output", "request", "outside server ms",
+                     "avg batch", "batches formed (size x n)", "client overhead ms", "RPC floor ms",
+                     "client CPU %", "host CPU %"], brows)
+    gpu_rows = [[lab, r.key, r.gpu_utilization, r.gpu_memory_used_mb,
+                 json.dumps({str(k): v for k, v in r.per_gpu.items()})]
+                for lab, rs in ((label, results), (baseline_label, baseline or {}))
+                for r in rs.values() if r.gpu_utilization is not None]
+    lines += ["", "## GPU", ""]
+    lines += _table(["model", "point", "utilization (0-1)", "memory used MB", "per GPU"], gpu_rows) \
+        if gpu_rows else ["No GPU on the server (or no metrics endpoint / NVML): GPU fields are empty."]
+    if images:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in images]
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""The report's PNG plots (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .benchmark import BenchmarkResult
+from .report import BREAKDOWN, _group_label, groups
+
+logger = logging.getLogger(__name__)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _xlabel(rs: list[BenchmarkResult]) -> str:
+    return "request rate (req/s)" if rs and rs[0].mode == "request_rate" else "concurrency (requests in flight)"
+
+
+def _series(results, baseline, label, baseline_label):
+    out = [(label, results, "-")]
+    if baseline:
+        out.append((baseline_label, baseline, "--"))
+    return out
+
+
+PCT_COLORS = (("p50", "tab:blue"), ("p90", "tab:green"), ("p95", "tab:orange"), ("p99", "tab:red"))
+
+
+def plot_latency_vs_load(series, path: Path, plt) -> Path:
+    """One panel per (batch, seq_len): p50/p90/p95/p99 against load; a baseline dashed."""
+    keys = list(groups(series[0][1]))[:6]
+    cols = 1 if len(keys) == 1 else 2
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    for ax, g in zip(axes.flat, keys, strict=False):
+        loads = []
+        for name, results, style in series:
+            rs = groups(results).get(g, [])
+            x = [r.load for r in rs]
+            loads += x
+            for pct, color in PCT_COLORS:
+                ax.plot(x, [getattr(r, f"latency_{pct}") for r in rs], style, marker="o", color=color,
+                        label=f"{name} {pct}")
+        if loads and max(loads) / max(min(loads), 1e-9) >= 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(set(loads)), [f"{v:g}" for v in sorted(set(loads))])
+        ax.set_xlabel(_xlabel(groups(series[0][1])[g]))
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"Latency percentiles vs load: {_group_label(g)}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput_latency(series, slo_ms: float, slo: dict, path: Path, plt) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, results, style in series:
+        for g, rs in groups(results).items():
+            x = [r.throughput * r.batch_size for r in rs]
+            y = [r.latency_p99 for r in rs]
+            line, = ax.plot(x, y, style, marker="o", label=f"{name} {_group_label(g)}")
+            for r, xi, yi in zip(rs, x, y, strict=True):
+                ax.annotate(f"{r.load:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if name == series[0][0]:
+                best = slo.get(_group_label(g), {})
+                if best.get("max_load") is not None:
+                    ax.scatter([best["throughput"] * g[0]], [best["latency_p99"]], s=160, facecolors="none",
+                               edgecolors=line.get_color(), linewidths=2,
+                               label=f"highest load meeting SLO: {best['max_load']:g}")
+    ax.axhline(slo_ms, color="red", linestyle=":", label=f"SLO P99 {slo_ms:g} ms")
+    ax.set_xlabel("throughput (samples/s)")
+    ax.set_ylabel("P99 latency (ms)")
+    ax.set_title("Throughput vs P99 latency (labels: load)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _hist_data(r: BenchmarkResult):
+    if r.latencies_ms:
+        return np.asarray(r.latencies_ms), None
+    h = r.latency_histogram or {}
+    if h.get("counts"):
+        return None, (np.asarray(h["edges_ms"]), np.asarray(h["counts"]))
+    return None, None
+
+
+def plot_histogram(series, path: Path, plt) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, results, _ in series:
+        for r in sorted(results.values(), key=lambda r: (r.batch_size, r.load))[:6]:
+            raw, binned = _hist_data(r)
+            lab = f"{name} {r.key}"
+            if raw is not None and len(raw):
+                lo, hi = max(raw.min(), 1e-3), max(raw.max(), 2e-3)
+                bins = np.geomspace(lo, hi * 1.001, 40) if hi > lo * 1.01 else 20
+                ax.hist(raw, bins=bins, histtype="step", label=lab)
+            elif binned is not None:
+                edges, counts = binned
+                ax.stairs(counts, edges, label=lab)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms, log scale)")
+    ax.set_ylabel("requests")
+    ax.set_title("Latency distribution")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _bars(ax, names: list[str], values: list[list[float]], labels: list[str], ylabel: str, title: str):
+    x = np.arange(len(labels))
+    width = 0.8 / max(1, len(names))
+    for i, (name, vals) in enumerate(zip(names, values, strict=True)):
+        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=name)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+
+
+def plot_batch_seq(series, path: Path, plt) -> Path:
+    """Throughput and P99 per batch size (at the first seq_len and lowest load) and per seq_len."""
+    results = series[0][1]
+    first = min(results.values(), key=lambda r: (r.load, r.batch_size, r.seq_length or 0))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for col, (attr, fixed_attr) in enumerate((("batch_size", "seq_length"), ("seq_length", "batch_size"))):
+        keys = sorted({getattr(r, attr) for r in results.values() if getattr(r, attr) is not None})
+        names, thr, p99 = [], [], []
+        for name, res, _ in series:
+            pick = {}
+            for r in res.values():
+                if getattr(r, fixed_attr) == getattr(first, fixed_attr) and r.load == first.load:
+                    pick[getattr(r, attr)] = r
+            names.append(name)
+            thr.append([pick[k].throughput * pick[k].batch_size if k in pick else 0 for k in keys])
+            p99.append([pick[k].latency_p99 if k in pick else 0 for k in keys])
+        what = "batch size" if attr == "batch_size" else "seq_len"
+        fixed = f"{fixed_attr.replace('_', ' ')} {getattr(first, fixed_attr)}, load {first.load:g}"
+        _bars(axes[0][col], names, thr, [str(k) for k in keys], "samples/s", f"Throughput per {what} ({fixed})")
+        _bars(axes[1][col], names, p99, [str(k) for k in keys], "P99 (ms)", f"P99 per {what} ({fixed})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_breakdown(series, path: Path, plt) -> Path:
+    """Stacked server-side time per request (queue, compute) plus what is spent outside the server."""
+    rows = [(f"{name}\n{r.key}", r) for name, results, _ in series
+            for r in sorted(results.values(), key=lambda r: (r.batch_size, r.seq_length or 0, r.load))]
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(rows)), 4.8))
+    x = np.arange(len(rows))
+    bottom = np.zeros(len(rows))
+    for key, name in BREAKDOWN:
+        vals = np.array([(r.server or {}).get(key, 0.0) / 1e3 for _, r in rows])
+        ax.bar(x, vals, bottom=bottom, label=name)
+        bottom += vals
+    outside = np.array([max(0.0, r.latency_avg - (r.server or {}).get("request_us", 0.0) / 1e3)
+                        if (r.server or {}).get("request_us") else 0.0 for _, r in rows])
+    ax.bar(x, outside, bottom=bottom, label="outside server (network, RPC, client)", color="lightgray")
+    ax.set_xticks(x, [lab for lab, _ in rows], fontsize=6, rotation=45, ha="right")
+    ax.set_ylabel("ms per request (average)")
+    ax.set_title("Where a request's time goes (Triton statistics, measured window)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_all(results, baseline, label, baseline_label, slo_ms, slo, stem: Path) -> list[Path]:
+    """Every plot as ``<stem>_<name>.png``; returns the paths written."""
+    plt = _plt()
+    series = _series(results, baseline, label, baseline_label)
+    stem = Path(stem)
+    jobs = [
+        ("latency_vs_load", lambda p: plot_latency_vs_load(series, p, plt)),
+        ("throughput_latency", lambda p: plot_throughput_latency(series, slo_ms, slo, p, plt)),
+        ("latency_histogram", lambda p: plot_histogram(series, p, plt)),
+        ("batch_seq", lambda p: plot_batch_seq(series, p, plt)),
+        ("server_breakdown", lambda p: plot_breakdown(series, p, plt)),
+    ]
+    out = []
+    for name, draw in jobs:
+        path = stem.parent / f"{stem.name}_{name}.png"
+        out.append(draw(path))
+    return out
