@@ -7,6 +7,7 @@ them.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from pathlib import Path
@@ -42,30 +43,156 @@ def _existing(path) -> Path:
 
 
 class TorchRunner:
-    """A UGTModel (eager, optionally cast to fp16/bf16 with fp32 scoring) on CPU or CUDA."""
+    """A UGTModel on CPU or CUDA: eager PyTorch (the reference), or the fast GpuEngine.
+
+    ``engine``: None = the engine on CUDA, eager elsewhere; True/False; or a
+    ``gpu.EngineConfig`` (or its dict). ``batching`` says how ``infer_requests`` combines
+    requests of different lengths: "length_aware" packs their valid tokens (no padding; sorted
+    and split by the engine's user/token limits), "pad" pads them all to the longest (the
+    baseline a static-shape engine has). ``warmup`` (batch, seq_len) pairs are run once at load
+    so their CUDA graphs are captured before the first request.
+    """
 
     name = "torch"
 
-    def __init__(self, model, device: str = "cpu", dtype: str = "fp32"):
+    def __init__(
+        self,
+        model,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        engine=None,
+        batching: str = "length_aware",
+        warmup=(),
+    ):
         import torch
+
+        from .errors import ConfigError
 
         self.torch = torch
         self.device = torch.device(device)
-        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        self.model = model.to(self.device, torch_dtype).eval()
+        if dtype not in ("fp32", "fp16", "bf16"):
+            raise ConfigError("dtype", dtype, "one of fp32, fp16, bf16")
+        if batching not in ("length_aware", "pad"):
+            raise ConfigError("batching", batching, "'length_aware' or 'pad'")
+        self.batching = batching
+        if engine is None:
+            engine = self.device.type == "cuda"
+        self.engine = None
+        if engine is not False:
+            from .gpu import EngineConfig, GpuEngine
+
+            if engine is True:
+                engine = EngineConfig(dtype=dtype)
+            elif isinstance(engine, dict):
+                engine = EngineConfig(**{"dtype": dtype, **engine})
+            if batching == "pad":
+                engine = dataclasses.replace(engine, layout="padded")
+            self.engine = GpuEngine(model, engine, self.device)
+        else:
+            torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+            self.model = model.to(self.device, torch_dtype).eval()
+        if warmup:
+            self.warmup(warmup)
 
     @classmethod
-    def from_checkpoint(cls, path, device: str = "cpu", dtype: str = "fp32") -> TorchRunner:
+    def from_checkpoint(
+        cls, path, device: str = "cpu", dtype: str = "fp32", engine=None, batching: str = "length_aware", warmup=()
+    ) -> TorchRunner:
         from algorithm.ugt import UGTModel
 
-        return cls(UGTModel.load(_existing(path)), device=device, dtype=dtype)
+        model = UGTModel.load(_existing(path))
+        return cls(model, device=device, dtype=dtype, engine=engine, batching=batching, warmup=warmup)
+
+    def warmup(self, spec) -> int:
+        """Serve synthetic requests so the shapes they need are captured before real traffic.
+
+        ``spec`` items: ``[batch, seq_len]`` (batch single-row full-length requests, as a dynamic
+        batch of them arrives) or ``{"lognormal": [median, sigma, max], "batches": [...],
+        "repeats": n}`` (mixed lengths). Returns the engine's captured graphs (0 when eager).
+        """
+        rng = np.random.default_rng(0)
+        sizes = (1024, 4096, 16384)
+        if self.engine is not None:
+            sizes = self.engine.sizes
+        for item in spec or ():
+            if isinstance(item, dict):
+                median, sigma, longest = item["lognormal"]
+                batches, repeats = item.get("batches", [1, 8, 16, 32, 64]), int(item.get("repeats", 2))
+                runs = [(b, np.clip(np.rint(np.exp(rng.normal(np.log(median), sigma, b))), 1, longest)) for b in batches for _ in range(repeats)]
+            else:
+                b, n = (int(v) for v in item)
+                runs = [(b, np.full(b, n))]
+            for _, lengths in runs:
+                reqs = []
+                for n in lengths.astype(int):
+                    req = {name: rng.integers(0, c, (1, n)) for name, c in zip(INPUT_NAMES[:3], sizes, strict=True)}
+                    req["attention_mask"] = np.ones((1, n), dtype=np.int64)
+                    reqs.append(req)
+                self.infer_requests(reqs)
+        return 0 if self.engine is None else self.engine.graph_count
+
+    def infer_torch(self, inputs: dict) -> dict:
+        """Tensors in (any device), tensors out on the runner's device: no host copies of data.
+
+        (The engine reads the B per-user lengths back to pick its layout; that is the only sync.)
+        """
+        torch = self.torch
+        args = [inputs[k] for k in INPUT_NAMES]
+        if self.engine is not None:
+            recs, scores = self.engine(*args)
+        else:
+            with torch.inference_mode():
+                recs, scores = self.model(*(a.to(self.device, torch.int64) for a in args))
+        return {"recommendations": recs, "scores": scores.float()}
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
-        with torch.inference_mode():
-            args = [torch.as_tensor(np.asarray(inputs[k], dtype=np.int64), device=self.device) for k in INPUT_NAMES]
-            recs, scores = self.model(*args)
-        return {"recommendations": recs.cpu().numpy(), "scores": scores.float().cpu().numpy()}
+        args = {k: torch.as_tensor(np.asarray(inputs[k], dtype=np.int64)) for k in INPUT_NAMES}
+        out = self.infer_torch(args)
+        return {k: v.cpu().numpy() for k, v in out.items()}
+
+    def infer_requests(self, requests: list[dict], output: str = "numpy") -> list[dict]:
+        """One output dict per request, in order, for requests of any lengths (Triton's batch).
+
+        ``output``: "numpy" (host arrays) or "torch" (tensors left on the runner's device).
+        """
+        if not requests:
+            return []
+        arrays = [{k: np.asarray(r[k]) for k in INPUT_NAMES} for r in requests]
+        rows = [a[INPUT_NAMES[0]].shape[0] for a in arrays]
+        if self.engine is None:
+            groups = [list(range(len(arrays)))]
+        else:
+            from .gpu import group_requests
+
+            cfg = self.engine.config
+            packed = self.batching == "length_aware"
+            if packed:
+                lengths = [int((a["attention_mask"] > 0).sum(1).max(initial=1)) for a in arrays]
+            else:
+                lengths = [a[INPUT_NAMES[0]].shape[1] for a in arrays]
+            groups = group_requests(lengths, cfg.max_users, cfg.max_tokens, padded=not packed, rows=rows, sort=packed)
+        results: list[dict | None] = [None] * len(arrays)
+        for group in groups:
+            recs, scores = self._run_group([arrays[i] for i in group])
+            start = 0
+            for i in group:
+                out = {"recommendations": recs[start : start + rows[i]], "scores": scores[start : start + rows[i]]}
+                start += rows[i]
+                results[i] = {k: v.cpu().numpy() for k, v in out.items()} if output == "numpy" else out
+        return results
+
+    def _run_group(self, arrays: list[dict]):
+        if self.engine is not None:
+            tokens, rows = self.engine.tokens_from_requests(arrays)
+            return self.engine.run(tokens, sum(rows))
+        longest = max(a[INPUT_NAMES[0]].shape[1] for a in arrays)
+        cat = {
+            k: np.concatenate([np.pad(a[k], ((0, 0), (0, longest - a[k].shape[1]))) for a in arrays])
+            for k in INPUT_NAMES
+        }
+        out = self.infer_torch({k: self.torch.from_numpy(v.astype(np.int64)) for k, v in cat.items()})
+        return out["recommendations"], out["scores"]
 
 
 class OnnxRuntimeRunner:

@@ -1,0 +1,617 @@
+"""GpuEngine: the fast inference path for a UGTModel on CUDA (the same function, less work).
+
+What it does differently from ``UGTModel.forward`` (which stays the reference; tests compare):
+- weights in bf16/fp16; the output heads, log-softmax and beam scores in fp32;
+- padding-free: the valid tokens of all users are packed into one ``[N, D]`` matrix and self-
+  and cross-attention run per user through flash attention's variable-length kernel, so there is
+  no float mask and no work on padding; a batch without padding may use dense SDPA instead;
+  ``layout="padded"`` keeps the pad-to-longest + additive-mask path as the measured baseline;
+- the decoder keeps its self-attention K/V across the 3 beam steps (the reference recomputes its
+  <= 3-token prefix), so each step computes only the newest token of each beam; the encoder
+  memory's cross-attention K/V are computed once per user and shared by all K beams;
+- two-stage top-k on raw logits: log-softmax is a per-row shift, so the top-k indices are the
+  same and only the K winners are shifted by the row's logsumexp;
+- CUDA graphs per (users, tokens) bucket: counts are rounded up to buckets and the spare slots
+  hold dummy users whose outputs are dropped, so a handful of graphs serve any request mix.
+
+Every input is treated exactly as the reference treats it: ids outside their codebook and
+masked positions are padding, positions keep their column index, and an all-padding history
+attends to the learned null memory slot only.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VARLEN_KERNELS = ("auto", "flash", "cudnn", "reference")
+SDPA_BACKENDS = (None, "flash", "cudnn", "efficient", "math")
+LAYOUTS = ("packed", "padded")
+GELUS = ("exact", "tanh_fused")
+HEAD_PRECISIONS = ("fp32", "tf32", "bf16_fp32_out")
+_MASKED = -30000.0  # the reference's additive mask value
+INPUT_NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
+
+
+@dataclass
+class EngineConfig:
+    """How GpuEngine computes; every choice keeps the reference's function."""
+
+    dtype: str = "bf16"
+    layout: str = "packed"  # "packed": no work on padding; "padded": pad-to-longest baseline
+    varlen_kernel: str = "auto"  # packed attention: flash (CUDA fp16/bf16), cudnn, reference
+    dense_when_full: bool = True  # batches without padding: dense SDPA instead of varlen
+    sdpa_backend: str | None = None  # dense/padded attention; None = torch's choice
+    gelu: str = "exact"  # "tanh_fused": cuBLASLt GELU epilogue (tanh approximation)
+    head_precision: str = "tf32"  # output heads: fp32 weights (tf32 or full fp32) or bf16 in / fp32 out
+    cuda_graphs: bool = True
+    max_graphs: int = 128  # LRU bound on captured graphs
+    max_users: int = 64  # one forward's users (infer_requests splits larger groups)
+    max_tokens: int = 65536  # one forward's packed tokens
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> EngineConfig:
+        for name, allowed in (
+            ("dtype", tuple(DTYPES)),
+            ("layout", LAYOUTS),
+            ("varlen_kernel", VARLEN_KERNELS),
+            ("sdpa_backend", SDPA_BACKENDS),
+            ("gelu", GELUS),
+            ("head_precision", HEAD_PRECISIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, getattr(self, name), f"one of {allowed}")
+        for name in ("max_graphs", "max_users", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(name, value, "an integer >= 1")
+        return self
+
+
+# -- FLOPs ------------------------------------------------------------------------------------
+def count_flops(config, lengths: Sequence[int], kv_cache: bool = False) -> dict:
+    """FLOPs (2 per multiply-add) of one forward over users with these history lengths.
+
+    Counts every matrix product (linear layers, attention scores and values, output heads);
+    embeddings, norms, softmax and top-k are not counted. ``kv_cache=False`` is the reference
+    algorithm (``UGTModel.forward``: dense causal prefixes recomputed at each beam step), the
+    number the floor is computed from; ``kv_cache=True`` is what GpuEngine executes.
+    """
+    d, f, k = config.d_model, config.d_ff, config.num_recommendations
+    c1, c2, c3 = config.codebook_sizes
+    lens = [int(n) for n in lengths]
+    users, tokens = len(lens), sum(lens)
+    sq = sum(n * n for n in lens)
+    mem = tokens + users  # one null slot per user
+    out = {
+        "encoder_linear": 2 * tokens * (4 * d * d + 2 * d * f) * config.n_encoder_layers,
+        "encoder_attention": 2 * 2 * d * sq * config.n_encoder_layers,
+        "memory_kv": 2 * mem * 2 * d * d * config.n_decoder_layers,
+    }
+    # (beams, prefix length t) per step; the reference runs all t tokens, the cache only the last
+    steps = [(1, 1), (k, 2), (k, 3)]
+    lin = attn_self = attn_cross = 0
+    for beams, t in steps:
+        queries = t if not kv_cache else 1
+        keys_self = t * t if not kv_cache else t  # dense t x t scores (what SDPA computes)
+        lin += beams * queries * (6 * d * d + 2 * d * f)
+        attn_self += beams * 2 * d * keys_self
+        attn_cross += beams * queries * 2 * d  # x (memory length) below
+    dec = config.n_decoder_layers
+    out["decoder_linear"] = 2 * users * lin * dec
+    out["decoder_self_attention"] = 2 * users * attn_self * dec
+    out["decoder_cross_attention"] = 2 * attn_cross * mem * dec
+    out["heads"] = 2 * users * d * (c1 + k * c2 + k * c3)
+    out["total"] = sum(out.values())
+    return out
+
+
+# -- buckets and request grouping -------------------------------------------------------------
+USER_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
+
+
+def bucket_users(n: int) -> int:
+    """Users per captured graph: small steps up to 64, then multiples of 32."""
+    for b in USER_BUCKETS:
+        if n <= b:
+            return b
+    return -(-n // 32) * 32
+
+
+def bucket_tokens(n: int, minimum: int = 64) -> int:
+    """Tokens per captured graph: 8 steps per power of two (at most 12.5% spare), >= minimum."""
+    if n <= minimum:
+        return minimum
+    step = 1 << max(0, n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+def previous_token_bucket(nb: int, minimum: int = 64) -> int:
+    """The largest bucket below the bucket ``nb`` (0 below the smallest)."""
+    if nb <= minimum:
+        return 0
+    return max(nb - (1 << max(0, (nb - 1).bit_length() - 4)), minimum)
+
+
+def group_requests(
+    lengths: Sequence[int],
+    max_users: int,
+    max_tokens: int,
+    padded: bool = False,
+    rows: Sequence[int] | None = None,
+    sort: bool = True,
+) -> list[list[int]]:
+    """Split request indices into forwards of at most ``max_users`` users and ``max_tokens`` tokens.
+
+    ``lengths``: each request's tokens per user (packed: valid tokens; padded: its seq_len);
+    ``rows``: its users (default 1). With ``sort`` requests go shortest first, so a padded group
+    pads to a length close to its members' own (bucketing); a packed group costs its sum, a
+    padded one users x longest. A request larger than the limits gets a group of its own.
+    """
+    rows = [1] * len(lengths) if rows is None else list(rows)
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i)) if sort else range(len(lengths))
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    users = cost = longest = 0
+    for i in order:
+        n, r = max(int(lengths[i]), 1), int(rows[i])
+        new_cost = (users + r) * max(longest, n) if padded else cost + r * n
+        if cur and (users + r > max_users or new_cost > max_tokens):
+            groups.append(cur)
+            cur, users, longest = [], 0, 0
+            new_cost = r * n
+        cur.append(i)
+        users, cost, longest = users + r, new_cost, max(longest, n)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+# -- token layouts ----------------------------------------------------------------------------
+@dataclass
+class Tokens:
+    """One forward's inputs, already on the device.
+
+    kind "dense": B x T, no padding; "padded": B x T with additive masks; "packed": the valid
+    tokens of S user slots back to back, ``cu``/``cu_mem`` their int32 offsets in the token and
+    memory (null slot + tokens) matrices, ``max_len`` a bound on any slot's length.
+    """
+
+    kind: str
+    users: int
+    max_len: int
+    ids: torch.Tensor  # [3, N] int64
+    pos: torch.Tensor  # [N] int64
+    cu: torch.Tensor | None = None
+    cu_mem: torch.Tensor | None = None
+    tok_to_mem: torch.Tensor | None = None
+    null_idx: torch.Tensor | None = None
+    cu_beams: dict | None = None  # beams -> [S+1] int32 query offsets for cross-attention
+    lengths: tuple[int, ...] | None = None  # host copy (reference kernel)
+    enc_mask: torch.Tensor | None = None
+    mem_mask: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.ids, self.pos]
+        for name in ("cu", "cu_mem", "tok_to_mem", "null_idx", "enc_mask", "mem_mask"):
+            if getattr(self, name) is not None:
+                out.append(getattr(self, name))
+        out.extend(self.cu_beams.values() if self.cu_beams else [])
+        return out
+
+
+def _valid(l1, l2, l3, mask, sizes):
+    valid = mask > 0
+    for ids, size in zip((l1, l2, l3), sizes, strict=True):
+        valid = valid & (ids >= 0) & (ids < size)
+    return valid
+
+
+def packed_index(lengths: Sequence[int], extra: Sequence[int] = ()) -> dict[str, np.ndarray]:
+    """Host-side offsets for user slots of ``lengths`` followed by ``extra`` (dummy) slots."""
+    lens = np.asarray(list(lengths) + list(extra), dtype=np.int64)
+    s = len(lens)
+    cu = np.zeros(s + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    cu_mem = cu + np.arange(s + 1)
+    seq_of_tok = np.repeat(np.arange(s), lens)
+    return {
+        "cu": cu.astype(np.int32),
+        "cu_mem": cu_mem.astype(np.int32),
+        "tok_to_mem": np.arange(int(cu[-1])) + seq_of_tok + 1,
+        "null_idx": cu_mem[:-1].copy(),
+    }
+
+
+class GpuEngine:
+    """``engine(l1, l2, l3, mask) -> (recs int64 [B, K, 3], scores fp32 [B, K])`` on any device.
+
+    On CPU (tests) it runs in fp32 with a reference attention loop; on CUDA it is the fast path.
+    """
+
+    def __init__(self, model, config: EngineConfig | None = None, device=None):
+        cfg = config or EngineConfig()
+        self.config = cfg
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cuda = self.device.type == "cuda"
+        self.dtype = DTYPES[cfg.dtype]
+        if not cuda and self.dtype != torch.float32:
+            logger.info("GpuEngine on %s: %s runs slowly there; tests use fp32", self.device, cfg.dtype)
+        kernel = cfg.varlen_kernel
+        if kernel == "auto":
+            kernel = "flash" if cuda and self.dtype != torch.float32 else "reference"
+        if kernel in ("flash", "cudnn") and (not cuda or self.dtype == torch.float32):
+            raise ConfigError("varlen_kernel", kernel, "'reference' on CPU or in fp32 (flash needs CUDA fp16/bf16)")
+        self.kernel = kernel
+        self.model_config = mc = model.config
+        self.k, self.h, self.d = mc.num_recommendations, mc.n_heads, mc.d_model
+        self.dh = self.d // self.h
+        self.sizes = tuple(mc.codebook_sizes)
+        m = copy.deepcopy(model).eval()
+        m.to(device=self.device, dtype=self.dtype)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        self.m = m
+        head_dtype = torch.float32 if cfg.head_precision != "bf16_fp32_out" else self.dtype
+        self.heads = [
+            (h.weight.detach().to(self.device, head_dtype), h.bias.detach().to(self.device, torch.float32))
+            for h in model.heads
+        ]
+        self.graphs_enabled = cfg.cuda_graphs and cuda
+        self._graphs: OrderedDict = OrderedDict()
+        self._pool = None
+        self.graph_captures = 0
+
+    # -- building blocks ------------------------------------------------------------------
+    def _sdpa(self, q, k, v, mask):
+        backend = self.config.sdpa_backend
+        if backend is None or self.device.type != "cuda":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+        with sdpa_kernel([getattr(SDPBackend, names[backend])]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def _varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, len_q, len_k):
+        """Per-segment attention over packed [total, H, Dh] q/k/v."""
+        if self.kernel == "flash":
+            return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False)[0]
+        if self.kernel == "cudnn":
+            return torch.ops.aten._cudnn_attention_forward(
+                q, k, v, None, cu_q, cu_k, max_q, max_k, False, 0.0, False, False
+            )[0]
+        out = torch.zeros_like(q)
+        sq = sk = 0
+        for lq, lk in zip(len_q, len_k, strict=True):
+            if lq and lk:
+                o = F.scaled_dot_product_attention(
+                    q[sq : sq + lq].transpose(0, 1), k[sk : sk + lk].transpose(0, 1), v[sk : sk + lk].transpose(0, 1)
+                )
+                out[sq : sq + lq] = o.transpose(0, 1)
+            sq, sk = sq + lq, sk + lk
+        return out
+
+    def _ffn(self, ffn, h):
+        lin1, lin2 = ffn[0], ffn[3]
+        if self.config.gelu == "tanh_fused":
+            a = torch._addmm_activation(lin1.bias, h, lin1.weight.t(), use_gelu=True)
+        else:
+            a = F.gelu(lin1(h))
+        return lin2(a)
+
+    def _self_attention(self, qkv, t: Tokens):
+        n = qkv.shape[0]
+        if t.kind == "packed":
+            q, k, v = qkv.view(n, 3, self.h, self.dh).unbind(1)
+            o = self._varlen(q, k, v, t.cu, t.cu, t.max_len, t.max_len, t.lengths, t.lengths)
+            return o.reshape(n, self.d)
+        b = t.users
+        q, k, v = qkv.view(b, -1, 3, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)
+        o = self._sdpa(q, k, v, t.enc_mask)
+        return o.transpose(1, 2).reshape(n, self.d)
+
+    def _encode(self, t: Tokens):
+        m = self.m
+        e = m.item_emb
+        x = e[0](t.ids[0]) + e[1](t.ids[1]) + e[2](t.ids[2]) + m.pos_emb(t.pos)
+        for layer in m.encoder:
+            o = self._self_attention(layer.attn.qkv(layer.norm1(x)), t)
+            x = x + layer.attn.out(o)
+            x = x + self._ffn(layer.ffn, layer.norm2(x))
+        return m.encoder_norm(x)
+
+    def _memory_kv(self, x, t: Tokens):
+        m, d = self.m, self.d
+        null = m.null_memory.view(1, d)
+        if t.kind == "packed":
+            mem = x.new_empty(x.shape[0] + t.users, d)
+            mem.index_copy_(0, t.null_idx, null.expand(t.users, d).contiguous())
+            mem.index_copy_(0, t.tok_to_mem, x)
+        else:
+            b = t.users
+            mem = torch.cat([null.expand(b, 1, d), x.view(b, -1, d)], 1).view(-1, d)
+        kvs = []
+        for layer in m.decoder:
+            kv = layer.cross_attn.kv(mem)
+            if t.kind == "packed":
+                kvs.append(kv.view(-1, 2, self.h, self.dh).unbind(1))
+            else:
+                kvs.append(kv.view(t.users, -1, 2, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0))
+        return kvs
+
+    def _cross(self, q, k, v, t: Tokens, beams: int):
+        """q: [S * beams, D] (user-major) against the user's memory K/V."""
+        if t.kind == "packed":
+            lens_mem = None if t.lengths is None else tuple(n + 1 for n in t.lengths)
+            lens_q = None if t.lengths is None else (beams,) * len(t.lengths)
+            o = self._varlen(
+                q.view(-1, self.h, self.dh), k, v, t.cu_beams[beams], t.cu_mem, beams, t.max_len + 1, lens_q, lens_mem
+            )
+            return o.reshape(-1, self.d)
+        qd = q.view(t.users, beams, self.h, self.dh).transpose(1, 2)
+        o = self._sdpa(qd, k, v, t.mem_mask)
+        return o.transpose(1, 2).reshape(-1, self.d)
+
+    def _decode(self, y, cache, kvs, t: Tokens, beams: int):
+        """One beam step for the newest token of each beam; cache: per layer (K, V) [R, t, H, Dh]."""
+        m, h, dh = self.m, self.h, self.dh
+        scale = 1.0 / math.sqrt(dh)
+        new_cache = []
+        for layer, (mk, mv), past in zip(m.decoder, kvs, cache, strict=True):
+            q, k, v = layer.self_attn.qkv(layer.norm1(y)).view(-1, 3, h, dh).unbind(1)
+            keys = k[:, None] if past is None else torch.cat([past[0], k[:, None]], 1)
+            vals = v[:, None] if past is None else torch.cat([past[1], v[:, None]], 1)
+            new_cache.append((keys, vals))
+            s = torch.einsum("rhd,rthd->rht", q.float(), keys.float()) * scale
+            o = torch.einsum("rht,rthd->rhd", s.softmax(-1), vals.float()).to(y.dtype)
+            y = y + layer.self_attn.out(o.reshape(-1, self.d))
+            cq = layer.cross_attn.q(layer.norm2(y))
+            y = y + layer.cross_attn.out(self._cross(cq, mk, mv, t, beams))
+            y = y + self._ffn(layer.ffn, layer.norm3(y))
+        return y, new_cache
+
+    def _logits(self, y, level: int):
+        w, b = self.heads[level]
+        h = self.m.decoder_norm(y)
+        p = self.config.head_precision
+        if p == "bf16_fp32_out" and h.is_cuda:
+            return torch.mm(h, w.t(), out_dtype=torch.float32) + b
+        h = h.float()
+        if p == "tf32" and h.is_cuda:
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                return F.linear(h, w.float(), b)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
+        return F.linear(h, w.float(), b)
+
+    def _beam_step(self, logits, scores):
+        """logits [S, K, C] fp32, scores [S, K] -> (scores, beam, code), each [S, K]."""
+        s, k = scores.shape
+        lse = torch.logsumexp(logits, -1, keepdim=True)
+        top, code = logits.topk(k, dim=-1)  # log-softmax is a per-row shift: same winners
+        cand = (scores.unsqueeze(-1) + (top - lse)).reshape(s, k * k)
+        scores, flat = cand.topk(k, dim=-1)
+        beam = torch.div(flat, k, rounding_mode="floor")
+        return scores, beam, code.reshape(s, k * k).gather(1, flat)
+
+    def _forward(self, t: Tokens):
+        m, k, d = self.m, self.k, self.d
+        s = t.users
+        kvs = self._memory_kv(self._encode(t), t)
+        none = [None] * len(m.decoder)
+        y = (m.bos.view(1, d) + m.level_emb.weight[0]).expand(s, d)
+        y, cache = self._decode(y, none, kvs, t, 1)
+        logits = self._logits(y, 0)
+        top, c1 = logits.topk(k, dim=-1)
+        scores = top - torch.logsumexp(logits, -1, keepdim=True)
+        cache = [tuple(c.unsqueeze(1).expand(s, k, *c.shape[1:]).reshape(s * k, *c.shape[1:]) for c in kv) for kv in cache]
+        y = m.code_emb[0](c1).view(s * k, d) + m.level_emb.weight[1]
+        y, cache = self._decode(y, cache, kvs, t, k)
+        scores, beam, c2 = self._beam_step(self._logits(y, 1).view(s, k, -1), scores)
+        c1 = c1.gather(1, beam)
+        flat = (torch.arange(s, device=beam.device).unsqueeze(1) * k + beam).view(-1)
+        cache = [(kk[flat], vv[flat]) for kk, vv in cache]
+        y = m.code_emb[1](c2).view(s * k, d) + m.level_emb.weight[2]
+        y, _ = self._decode(y, cache, kvs, t, k)
+        scores, beam, c3 = self._beam_step(self._logits(y, 2).view(s, k, -1), scores)
+        codes = [c1.gather(1, beam), c2.gather(1, beam), c3]
+        return torch.stack(codes, dim=-1), scores
+
+    # -- layouts -----------------------------------------------------------------------------
+    def _device_tokens(self, kind, users, max_len, ids, pos, index=None, lengths=None, valid=None) -> Tokens:
+        dev = self.device
+        t = Tokens(kind, users, max_len, ids.to(dev, non_blocking=True), pos.to(dev, non_blocking=True))
+        if kind == "packed":
+            for name, arr in index.items():
+                setattr(t, name, torch.from_numpy(arr).to(dev, non_blocking=True))
+            beams = np.arange(users + 1, dtype=np.int32)
+            t.cu_beams = {1: t.cu_mem.new_tensor(beams), self.k: t.cu_mem.new_tensor(beams * self.k)}
+            t.lengths = tuple(int(n) for n in lengths)
+        elif kind == "padded":
+            valid = valid.to(dev)
+            t.enc_mask = ((~valid).to(self.dtype) * _MASKED)[:, None, None, :]
+            mem_valid = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
+            t.mem_mask = ((~mem_valid).to(self.dtype) * _MASKED)[:, None, None, :]
+        return t
+
+    def tokens_from_arrays(self, l1, l2, l3, mask) -> tuple[Tokens, int]:
+        """Layout for [B, T] tensors or arrays (any device). Returns (tokens, real users)."""
+        args = [torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a) for a in (l1, l2, l3, mask)]
+        l1, l2, l3, mask = (a.to(torch.int64) for a in args)
+        self.m.check_inputs(l1, l2, l3, mask)
+        b, t = l1.shape
+        valid = _valid(l1, l2, l3, mask, self.sizes)
+        lengths = valid.sum(1).tolist()  # the one sync: bucketing needs the lengths on the host
+        if self.config.layout == "padded":
+            ids = torch.stack([torch.where(valid, x, torch.zeros_like(x)) for x in (l1, l2, l3)]).view(3, -1)
+            pos = torch.arange(t, device=l1.device).repeat(b)
+            return self._device_tokens("padded", b, t, ids, pos, valid=valid), b
+        if self.config.dense_when_full and all(n == t for n in lengths):
+            ids = torch.stack([l1, l2, l3]).view(3, -1)
+            pos = torch.arange(t, device=l1.device).repeat(b)
+            return self._device_tokens("dense", b, t, ids, pos), b
+        rows, cols = valid.nonzero(as_tuple=True)
+        ids = torch.stack([l1[rows, cols], l2[rows, cols], l3[rows, cols]])
+        return self._packed(ids, cols, lengths), b
+
+    def tokens_from_requests(self, requests: Sequence[dict]) -> tuple[Tokens, list[int]]:
+        """One layout for a list of per-request input dicts of [b_i, T_i] arrays.
+
+        Packed: the valid tokens of every request back to back (no padding at all). Padded
+        (the baseline): every request padded to the longest T_i, as a static-shape engine must.
+        Returns the tokens and each request's number of users (rows), in order.
+        """
+        reqs = [[np.asarray(r[k]) for k in INPUT_NAMES] for r in requests]
+        limit = self.model_config.max_seq_length
+        for r in reqs:
+            if len({a.shape for a in r}) != 1 or r[0].ndim != 2 or not 1 <= r[0].shape[1] <= limit:
+                raise ValueError(
+                    f"each request needs four [batch, seq_len] inputs of one shape with seq_len <= {limit}, "
+                    f"got {[a.shape for a in r]}"
+                )
+        rows = [r[0].shape[0] for r in reqs]
+        widths = [r[0].shape[1] for r in reqs]
+        longest = max(widths)
+        same = all(w == longest for w in widths)
+        if self.config.layout == "padded" or (same and self.config.dense_when_full):
+            if same:
+                cat = [np.concatenate([r[i] for r in reqs]) if len(reqs) > 1 else reqs[0][i] for i in range(4)]
+            else:
+                cat = [np.concatenate([np.pad(r[i], ((0, 0), (0, longest - r[i].shape[1]))) for r in reqs]) for i in range(4)]
+            return self.tokens_from_arrays(*cat)[0], rows
+        # packed: every row's tokens back to back, validity and positions computed at once
+        flat = [np.concatenate([r[i].reshape(-1) for r in reqs]).astype(np.int64, copy=False) for i in range(4)]
+        row_width = np.repeat(np.asarray(widths), rows)
+        starts = np.zeros(len(row_width), dtype=np.int64)
+        np.cumsum(row_width[:-1], out=starts[1:])
+        pos = np.arange(flat[0].size) - np.repeat(starts, row_width)
+        valid = flat[3] > 0
+        for ids, size in zip(flat[:3], self.sizes, strict=True):
+            valid &= (ids >= 0) & (ids < size)
+        lengths = np.add.reduceat(valid.astype(np.int64), starts).tolist()
+        ids = torch.from_numpy(np.stack([f[valid] for f in flat[:3]]))
+        return self._packed(ids, torch.from_numpy(pos[valid]), lengths), rows
+
+    def _packed(self, ids, pos, lengths) -> Tokens:
+        max_len = max(max(lengths), 1)
+        if ids.device.type == "cpu" and self.device.type == "cuda":
+            ids, pos = ids.pin_memory(), pos.pin_memory()
+        return self._device_tokens("packed", len(lengths), max_len, ids, pos, packed_index(lengths), lengths)
+
+    # -- CUDA graphs ---------------------------------------------------------------------------
+    def _graph_key_and_static(self, t: Tokens):
+        """Pad ``t`` to its bucket; returns (key, bucketed tokens)."""
+        if t.kind == "dense":
+            return ("dense", t.users, t.max_len), t
+        if t.kind == "padded":
+            # pad-to-longest, then to a (users, length) bucket: extra rows/columns are masked
+            b, n = t.users, t.max_len
+            bb, nb = bucket_users(b), bucket_tokens(n, minimum=16)
+            if (bb, nb) == (b, n):
+                return ("padded", b, n), t
+            ids = t.ids.new_zeros(3, bb, nb)
+            ids[:, :b, :n] = t.ids.view(3, b, n)
+            enc = t.enc_mask.new_full((bb, 1, 1, nb), _MASKED)
+            enc[:b, :, :, :n] = t.enc_mask
+            mem = t.mem_mask.new_full((bb, 1, 1, nb + 1), _MASKED)
+            mem[:b, :, :, : n + 1] = t.mem_mask
+            mem[:, :, :, 0] = 0.0  # dummy rows attend to the null slot only
+            pos = torch.arange(nb, device=t.pos.device).repeat(bb)
+            tb = Tokens("padded", bb, nb, ids.view(3, -1), pos, enc_mask=enc, mem_mask=mem)
+            return ("padded", bb, nb), tb
+        n, b = t.ids.shape[1], t.users
+        bb = bucket_users(b)
+        nb = bucket_tokens(n + (bb - b))
+        pad = nb - n - (bb - b)
+        extra = [1] * (bb - b) + ([pad] if pad else [])
+        max_len = max(self.model_config.max_seq_length, nb - previous_token_bucket(nb))
+        lengths = list(t.lengths) + extra
+        ids = torch.cat([t.ids, t.ids.new_zeros(3, nb - n)], 1)
+        pos = torch.cat([t.pos, t.pos.new_zeros(nb - n)])
+        padded = self._device_tokens("packed", len(lengths), max_len, ids, pos, packed_index(lengths), lengths)
+        return ("packed", bb, nb, bool(pad)), padded
+
+    def _replay(self, t: Tokens):
+        if t.kind == "packed" and self.kernel == "reference":
+            return self._forward(t)  # host loop over lengths: not capturable
+        key, tb = self._graph_key_and_static(t)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(tb)
+            self._graphs[key] = entry
+            while len(self._graphs) > self.config.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        graph, static, outs = entry
+        for dst, src in zip(static.tensors(), tb.tensors(), strict=True):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return outs
+
+    def _capture(self, t: Tokens):
+        static = Tokens(**{**t.__dict__, "lengths": None})
+        static.ids, static.pos = t.ids.clone(), t.pos.clone()
+        for name in ("cu", "cu_mem", "tok_to_mem", "null_idx", "enc_mask", "mem_mask"):
+            if getattr(t, name) is not None:
+                setattr(static, name, getattr(t, name).clone())
+        if t.cu_beams:
+            static.cu_beams = {k: v.clone() for k, v in t.cu_beams.items()}
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._forward(static)  # warm-up: cuBLAS handles, kernel selection
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outs = self._forward(static)
+        self.graph_captures += 1
+        logger.info("captured CUDA graph %d for %s users x %d tokens", self.graph_captures, t.users, t.ids.shape[1])
+        return graph, static, outs
+
+    # -- public ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, t: Tokens, users: int | None = None):
+        """(recs [users, K, 3], scores [users, K]) for a prepared layout; outputs stay on the device."""
+        users = t.users if users is None else users
+        if self.graphs_enabled:
+            recs, scores = self._replay(t)
+            return recs[:users].clone(), scores[:users].clone()
+        recs, scores = self._forward(t)
+        return recs[:users], scores[:users]
+
+    def __call__(self, l1, l2, l3, mask):
+        t, b = self.tokens_from_arrays(l1, l2, l3, mask)
+        return self.run(t, b)
+
+    @property
+    def graph_count(self) -> int:
+        """CUDA graphs held now (0 without graphs)."""
+        return len(self._graphs)
+
+    def warmup(self, shapes: Sequence[tuple[int, int]]) -> int:
+        """Run (and capture) full-length batches of these (batch, seq_len); returns graphs held."""
+        for b, n in shapes:
+            ids = torch.zeros(b, n, dtype=torch.int64, device=self.device)
+            self(ids, ids, ids, torch.ones_like(ids))
+        return len(self._graphs)

@@ -1,0 +1,260 @@
+"""GpuEngine and the torch runner's GPU paths: same function as UGTModel, less work.
+
+CPU tests run the engine's full logic (packing, bucketing, KV-cached beam steps, two-stage
+top-k on raw logits, request grouping) in fp32 with the reference attention loop and compare it
+with ``UGTModel.forward``; ``gpu`` tests run flash attention, bf16 and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from algorithm.serving.errors import ConfigError
+from algorithm.serving.gpu import (
+    EngineConfig,
+    GpuEngine,
+    bucket_tokens,
+    bucket_users,
+    count_flops,
+    group_requests,
+    packed_index,
+    previous_token_bucket,
+)
+from algorithm.serving.parity import compare_outputs
+from algorithm.serving.runners import INPUT_NAMES, TorchRunner
+from algorithm.ugt import SyntheticCatalog, UGTConfig, UGTModel, random_inputs
+
+SMALL = UGTConfig.tiny(codebook_sizes=(64, 128, 256), num_recommendations=10, max_seq_length=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A small model with sharpened heads, so its scores are far from ties (random init is flat)."""
+    torch.manual_seed(0)
+    m = UGTModel(SMALL).eval()
+    with torch.no_grad():
+        for h in m.heads:
+            h.weight.mul_(50)
+    return m
+
+
+def _ragged(rng, batch=6, seq=40):
+    inp = random_inputs(batch, seq, SMALL.codebook_sizes, rng, ragged=True)
+    inp["encoder_l2_ids"][0, 1] = 999  # outside its codebook: padding, as in the reference
+    inp["encoder_l1_ids"][1, 0] = -3
+    inp["attention_mask"][2, 1] = 0  # a hole inside a history
+    inp["attention_mask"][3, :] = 0  # all padding: only the null memory slot
+    return inp
+
+
+def _reference(model, inp):
+    with torch.inference_mode():
+        recs, scores = model(*(torch.as_tensor(inp[k]) for k in INPUT_NAMES))
+    return {"recommendations": recs.numpy(), "scores": scores.numpy()}
+
+
+def _as_np(recs, scores):
+    return {"recommendations": recs.cpu().numpy(), "scores": scores.float().cpu().numpy()}
+
+
+def _assert_same(ref, out, max_diff=1e-4):
+    report = compare_outputs(ref, out)
+    assert report["exact_match_rate"] == 1.0, report
+    assert report["max_score_diff"] < max_diff, report
+
+
+# -- the function --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"layout": "packed", "dense_when_full": False},
+        {"layout": "packed", "gelu": "tanh_fused"},
+        {"layout": "padded"},
+        {"layout": "packed", "head_precision": "fp32"},
+    ],
+    ids=["packed", "packed-fused-gelu", "padded", "fp32-heads"],
+)
+def test_engine_matches_reference_on_ragged_batches(model, rng, options):
+    inp = _ragged(rng)
+    engine = GpuEngine(model, EngineConfig(dtype="fp32", **options), device="cpu")
+    _assert_same(_reference(model, inp), _as_np(*engine(*(inp[k] for k in INPUT_NAMES))))
+
+
+def test_full_batches_take_the_dense_path_and_match(model, rng):
+    inp = random_inputs(3, 24, SMALL.codebook_sizes, rng)
+    engine = GpuEngine(model, EngineConfig(dtype="fp32"), device="cpu")
+    tokens, users = engine.tokens_from_arrays(*(inp[k] for k in INPUT_NAMES))
+    assert (tokens.kind, users, tokens.ids.shape) == ("dense", 3, (3, 72))
+    _assert_same(_reference(model, inp), _as_np(*engine.run(tokens, users)))
+
+
+def test_engine_does_not_modify_the_callers_model(model):
+    before = model.heads[0].weight.clone()
+    GpuEngine(model, EngineConfig(dtype="bf16"), device="cpu")
+    assert model.heads[0].weight.dtype == torch.float32 and torch.equal(model.heads[0].weight, before)
+
+
+def test_packed_layout_keeps_only_valid_tokens_at_their_positions(model, rng):
+    inp = _ragged(rng, batch=4, seq=12)
+    engine = GpuEngine(model, EngineConfig(dtype="fp32", dense_when_full=False), device="cpu")
+    tokens, _ = engine.tokens_from_arrays(*(inp[k] for k in INPUT_NAMES))
+    valid = inp["attention_mask"] > 0
+    for ids, size in zip(("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids"), SMALL.codebook_sizes, strict=True):
+        valid &= (inp[ids] >= 0) & (inp[ids] < size)
+    rows, cols = np.nonzero(valid)
+    assert tokens.kind == "packed" and tokens.lengths == tuple(valid.sum(1))
+    assert tokens.pos.tolist() == cols.tolist()
+    assert tokens.ids[0].tolist() == inp["encoder_l1_ids"][rows, cols].tolist()
+    cu = tokens.cu.tolist()
+    assert cu == [0, *np.cumsum(valid.sum(1)).tolist()]
+    # memory rows: each user's null slot, then its tokens
+    assert tokens.null_idx.tolist() == [c + i for i, c in enumerate(cu[:-1])]
+    assert sorted(tokens.null_idx.tolist() + tokens.tok_to_mem.tolist()) == list(range(len(rows) + 4))
+
+
+def test_requests_of_mixed_lengths_match_one_by_one(model, rng):
+    inp = _ragged(rng, batch=6, seq=30)
+    reqs = [{k: v[i : i + 1, : 4 + 5 * i] for k, v in inp.items()} for i in range(6)]
+    reqs.append({k: v[1:4, :9] for k, v in inp.items()})  # a request of 3 users
+    for batching in ("length_aware", "pad"):
+        runner = TorchRunner(model, engine=EngineConfig(dtype="fp32"), batching=batching)
+        outs = runner.infer_requests(reqs)
+        assert [o["recommendations"].shape[0] for o in outs] == [1] * 6 + [3]
+        for req, out in zip(reqs, outs, strict=True):
+            _assert_same(_reference(model, req), out)
+
+
+def test_eager_runner_keeps_its_contract(model, rng):
+    inp = _ragged(rng)
+    runner = TorchRunner(UGTModel(SMALL).eval())
+    assert runner.engine is None
+    out = runner.infer(inp)
+    assert out["recommendations"].dtype == np.int64 and out["scores"].dtype == np.float32
+    assert out["recommendations"].shape == (6, SMALL.num_recommendations, 3)
+    reqs = [{k: v[i : i + 1, : 3 + i] for k, v in inp.items()} for i in range(3)]
+    assert [o["scores"].shape for o in runner.infer_requests(reqs)] == [(1, 10)] * 3
+
+
+def test_infer_torch_returns_tensors_on_the_runner_device(model, rng):
+    inp = random_inputs(2, 16, SMALL.codebook_sizes, rng)
+    runner = TorchRunner(model, engine=EngineConfig(dtype="fp32"))
+    out = runner.infer_torch({k: torch.from_numpy(v) for k, v in inp.items()})
+    assert isinstance(out["scores"], torch.Tensor) and out["scores"].dtype == torch.float32
+    assert out["recommendations"].device == runner.device
+
+
+def test_warmup_serves_dense_and_mixed_requests(model):
+    runner = TorchRunner(model, engine=EngineConfig(dtype="fp32"), warmup=[[2, 8], {"lognormal": [6, 0.5, 20], "batches": [3], "repeats": 1}])
+    assert runner.engine.graph_count == 0  # no CUDA here: eager, but every path ran
+
+
+def test_bf16_engine_keeps_recall_of_a_trained_model(trained):
+    """bf16 weights + fp32 scoring vs the fp32 reference on in-distribution histories (CPU)."""
+    model, _, _ = trained
+    batch = SyntheticCatalog(codebook_sizes=tuple(model.config.codebook_sizes), seed=0).batch(
+        48, 4, 48, np.random.default_rng(5)
+    )
+    engine = GpuEngine(model, EngineConfig(dtype="bf16", head_precision="fp32"), device="cpu")
+    report = compare_outputs(_reference(model, batch), _as_np(*engine(*(batch[k] for k in INPUT_NAMES))))
+    assert report["recall_overlap"] >= 0.95, report
+    assert report["finite_scores"]
+
+
+# -- buckets, grouping, FLOPs --------------------------------------------------------------------
+def test_token_buckets_waste_at_most_an_eighth_and_are_monotone():
+    prev = 0
+    for n in range(1, 70000, 37):
+        b = bucket_tokens(n)
+        assert b >= n and b >= prev and (n <= 64 or b <= n * 1.125 + 1)
+        assert previous_token_bucket(b) < n or b == 64
+        prev = b
+    assert bucket_tokens(65536) == 65536 and bucket_tokens(65537) == 73728
+    assert previous_token_bucket(73728) == 65536
+    assert [bucket_users(n) for n in (1, 3, 9, 33, 64, 65)] == [1, 4, 16, 40, 64, 96]
+
+
+def test_group_requests_respects_limits_and_keeps_every_request():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, 200).tolist()
+    for padded in (False, True):
+        groups = group_requests(lengths, max_users=16, max_tokens=2048, padded=padded)
+        assert sorted(i for g in groups for i in g) == list(range(200))
+        for g in groups:
+            cost = len(g) * max(lengths[i] for i in g) if padded else sum(lengths[i] for i in g)
+            assert len(g) <= 16 and (cost <= 2048 or len(g) == 1)
+    # the pad-to-longest baseline keeps arrival order
+    assert group_requests([5, 1, 3], 2, 100, padded=True, sort=False) == [[0, 1], [2]]
+
+
+def test_packed_index_offsets():
+    idx = packed_index([2, 0, 3], extra=[1])
+    assert idx["cu"].tolist() == [0, 2, 2, 5, 6]
+    assert idx["cu_mem"].tolist() == [0, 3, 4, 8, 10]
+    assert idx["null_idx"].tolist() == [0, 3, 4, 8]
+    assert idx["tok_to_mem"].tolist() == [1, 2, 5, 6, 7, 9]
+
+
+def test_flop_count_matches_torch_flop_counter(model, rng):
+    """The analytic count equals what torch's FlopCounterMode sees for every linear layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inp = random_inputs(3, 16, SMALL.codebook_sizes, rng)
+    args = [torch.from_numpy(inp[k]) for k in INPUT_NAMES]
+    linear = ("encoder_linear", "memory_kv", "decoder_linear", "heads")
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        model(*args)
+    ref = count_flops(SMALL, [16] * 3)
+    assert fc.get_flop_counts()["Global"][torch.ops.aten.addmm] == sum(ref[k] for k in linear)
+    engine = GpuEngine(model, EngineConfig(dtype="fp32"), device="cpu")
+    with FlopCounterMode(display=False) as fc:
+        engine(*args)
+    cached = count_flops(SMALL, [16] * 3, kv_cache=True)
+    assert fc.get_flop_counts()["Global"][torch.ops.aten.addmm] == sum(cached[k] for k in linear)
+    base = count_flops(UGTConfig.base(), [1024] * 64)
+    assert 5.0e12 < base["total"] < 5.6e12  # the issue's "about 5 TFLOP"
+
+
+def test_engine_config_names_bad_fields():
+    with pytest.raises(ConfigError, match="layout"):
+        EngineConfig(layout="ragged")
+    with pytest.raises(ConfigError, match="varlen_kernel"):
+        GpuEngine(UGTModel(SMALL), EngineConfig(dtype="fp32", varlen_kernel="flash"), device="cpu")
+    with pytest.raises(ConfigError, match="batching"):
+        TorchRunner(UGTModel(SMALL), batching="sorted")
+
+
+# -- on a GPU ------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_gpu_engine_matches_reference(model, rng, graphs):
+    engine = GpuEngine(model, EngineConfig(dtype="bf16", cuda_graphs=graphs), device="cuda")
+    for inp in (_ragged(rng), random_inputs(4, 32, SMALL.codebook_sizes, rng)):
+        out = _as_np(*engine(*(inp[k] for k in INPUT_NAMES)))
+        report = compare_outputs(_reference(model, inp), out)
+        assert report["recall_overlap"] >= 0.9 and report["finite_scores"], report
+    assert engine.graph_count == (2 if graphs else 0)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_replay_equals_eager(model, rng):
+    eager = GpuEngine(model, EngineConfig(dtype="bf16", cuda_graphs=False), device="cuda")
+    graphed = GpuEngine(model, EngineConfig(dtype="bf16"), device="cuda")
+    for _ in range(3):  # the same bucket replayed with new data
+        inp = _ragged(rng, batch=5, seq=int(rng.integers(20, 60)))
+        a = eager(*(inp[k] for k in INPUT_NAMES))
+        b = graphed(*(inp[k] for k in INPUT_NAMES))
+        assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_runner_requests_and_device_outputs(model, rng):
+    runner = TorchRunner(model, device="cuda", dtype="bf16")
+    inp = _ragged(rng)
+    reqs = [{k: v[i : i + 1] for k, v in inp.items()} for i in range(6)]
+    outs = runner.infer_requests(reqs, output="torch")
+    assert all(o["scores"].is_cuda for o in outs)
+    ref = _reference(model, inp)
+    got = {k: np.concatenate([o[k].cpu().numpy() for o in outs]) for k in ("recommendations", "scores")}
+    assert compare_outputs(ref, got)["recall_overlap"] >= 0.9
