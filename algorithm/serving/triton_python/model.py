@@ -61,15 +61,19 @@ class TritonPythonModel:
         if device == "auto":
             device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
         options = self._runner_options(runtime, device, int(params.get("threads", "0") or 0),
-                                       params.get("precision", "fp32"))
+                                       params.get("precision", "fp32"), params)
         from algorithm.serving.runners import create_runner
 
         self.runner = create_runner(runtime, artifact, **options)
         _log("info", f"{self.name} v{args['model_version']}: {runtime} runner on {device} over {artifact.name}")
 
     @staticmethod
-    def _runner_options(runtime: str, device: str, threads: int, precision: str) -> dict:
-        """Options for the runner's factory, passed only where its signature takes them."""
+    def _runner_options(runtime: str, device: str, threads: int, precision: str, params=None) -> dict:
+        """Options for the runner's factory, passed only where its signature takes them.
+
+        The torch runner's GPU engine also reads ``batching`` ("length_aware" or "pad"),
+        ``engine`` (JSON of gpu.EngineConfig fields) and ``warmup`` (JSON list for
+        TorchRunner's ``warmup``) from the parameters, when set."""
         from algorithm.serving import backends, runners  # noqa: F401  (backends register runners)
 
         cuda = device.startswith("cuda")
@@ -81,6 +85,10 @@ class TritonPythonModel:
         }
         if threads:
             candidates.update(intra_op_threads=threads, threads=threads, num_threads=threads)
+        for key in ("batching", "engine", "warmup"):
+            value = (params or {}).get(key, "")
+            if value:
+                candidates[key] = value if key == "batching" else json.loads(value)
         if runtime == "onnxruntime" and cuda:
             candidates["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         try:
@@ -156,23 +164,30 @@ class TritonPythonModel:
                 responses[i] = _error(str(e))
         if not good:
             return responses
+        batch = [arrays for _, arrays in good]
         try:
-            result = self.runner.infer(self._pad([arrays for _, arrays in good]))
+            # A runner with infer_requests (torch GPU engine) combines the lengths itself:
+            # packed (no padding) or padded, per its ``batching``.
+            by_request = getattr(self.runner, "infer_requests", None)
+            if by_request is not None:
+                outputs = by_request(batch)
+            else:
+                result = self.runner.infer(self._pad(batch))
         except Exception as e:  # the runtime failed: every request of this run gets the reason
             _log("error", f"{self.name}: inference failed: {type(e).__name__}: {e}")
             for i, _ in good:
                 responses[i] = _error(f"inference failed: {type(e).__name__}: {e}", invalid_argument=False)
             return responses
-        recs = np.asarray(result["recommendations"], dtype=np.int64)
-        scores = np.asarray(result["scores"], dtype=np.float32)
-        row = 0
-        for i, arrays in good:
-            b = arrays[INPUT_NAMES[0]].shape[0]
+        if by_request is None:
+            recs = np.asarray(result["recommendations"], dtype=np.int64)
+            scores = np.asarray(result["scores"], dtype=np.float32)
+            starts = np.cumsum([0] + [a[INPUT_NAMES[0]].shape[0] for a in batch])
+            outputs = [{"recommendations": recs[s:e], "scores": scores[s:e]} for s, e in zip(starts[:-1], starts[1:], strict=True)]
+        for (i, _), out in zip(good, outputs, strict=True):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                self._tensor("recommendations", recs[row : row + b]),
-                self._tensor("scores", scores[row : row + b]),
+                self._tensor("recommendations", np.asarray(out["recommendations"], dtype=np.int64)),
+                self._tensor("scores", np.asarray(out["scores"], dtype=np.float32)),
             ])
-            row += b
         return responses
 
     def finalize(self):
