@@ -1,0 +1,276 @@
+"""The real tritonserver on generated repositories: answers, dynamic batching, bad requests,
+live version changes, start/stop behaviour. One server is shared by the module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from algorithm.serving import (
+    ExportConfig,
+    ModelVersionManager,
+    TritonConfig,
+    TritonConfigGenerator,
+    TritonServer,
+    validate_deployment,
+)
+from algorithm.serving.errors import DependencyError, InputFileNotFoundError, ServerError
+from algorithm.serving.parity import compare_outputs
+from algorithm.serving.runners import INPUT_NAMES, TorchRunner
+from algorithm.serving.server import find_tritonserver, model_statistics
+from algorithm.ugt.data import random_inputs
+
+CODEBOOKS = (1024, 4096, 16384)
+EC = ExportConfig(model_name="ugt", max_batch_size=16, opt_seq_length=32)
+# A long queue delay lets concurrent requests meet in one batch on a 2-core machine.
+TC = TritonConfig(platform="python", instance_kind="KIND_CPU", instance_count=1,
+                  preferred_batch_sizes=(16,), max_queue_delay_us=100_000)
+
+
+def _close(ref, got, what=""):
+    m = compare_outputs(ref, got)
+    assert m["recall_overlap"] >= 0.99 and m["max_score_diff"] < 1e-3, (what, m)
+
+
+@pytest.fixture(scope="module")
+def served(trained, onnx_model, tmp_path_factory):
+    """(server, repository, reference runner): "ugt" runs the ONNX export on ONNX Runtime;
+    "ugt_versions" runs checkpoints with the torch runner and takes new versions live."""
+    model, _, checkpoint = trained
+    repo = tmp_path_factory.mktemp("repo")
+    TritonConfigGenerator(EC, TC).generate(repo, model_file=onnx_model)
+    TritonConfigGenerator(EC.replace(model_name="ugt_versions"), TC.replace(python_runtime="torch", max_queue_delay_us=0)).generate(
+        repo, model_file=checkpoint
+    )
+    assert validate_deployment(repo)["valid"]
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, model_control="explicit") as server:
+        yield server, repo, TorchRunner(model)
+
+
+def _grpc_inputs(x):
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name in INPUT_NAMES:
+        i = grpcclient.InferInput(name, list(x[name].shape), "INT64")
+        i.set_data_from_numpy(x[name])
+        inputs.append(i)
+    return inputs
+
+
+def _grpc_infer(url, x, model="ugt"):
+    import tritonclient.grpc as grpcclient
+
+    r = grpcclient.InferenceServerClient(url).infer(model, _grpc_inputs(x))
+    return {"recommendations": r.as_numpy("recommendations"), "scores": r.as_numpy("scores")}
+
+
+@pytest.mark.server
+def test_grpc_and_http_answers_equal_pytorch(served):
+    import tritonclient.http as httpclient
+
+    server, _, ref = served
+    rng = np.random.default_rng(7)
+    cases = [random_inputs(1, 1, CODEBOOKS, rng), random_inputs(3, 40, CODEBOOKS, rng, ragged=True),
+             random_inputs(2, 300, CODEBOOKS, rng)]
+    http = httpclient.InferenceServerClient(server.http_url)
+    for x in cases:
+        expected = ref.infer(x)
+        got = _grpc_infer(server.grpc_url, x)
+        assert got["recommendations"].shape == expected["recommendations"].shape
+        assert got["recommendations"].dtype == np.int64 and got["scores"].dtype == np.float32
+        _close(expected, got, "grpc")
+        inputs = []
+        for name in INPUT_NAMES:
+            i = httpclient.InferInput(name, list(x[name].shape), "INT64")
+            i.set_data_from_numpy(x[name], binary_data=True)
+            inputs.append(i)
+        r = http.infer("ugt", inputs)
+        _close(expected, {"recommendations": r.as_numpy("recommendations"), "scores": r.as_numpy("scores")}, "http")
+
+
+def _fire(url, requests, model="ugt"):
+    """Send all requests at once (async gRPC); returns [(result dict | None, error | None)]."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    results: list = [None] * len(requests)
+    pending = []
+    for i, x in enumerate(requests):
+        def done(result, error, i=i):
+            results[i] = (None, error) if error else (
+                {"recommendations": result.as_numpy("recommendations"), "scores": result.as_numpy("scores")}, None
+            )
+        pending.append(client.async_infer(model, _grpc_inputs(x), done))
+    deadline = time.monotonic() + 60
+    while any(r is None for r in results) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.close()
+    assert all(r is not None for r in results), "requests timed out"
+    return results
+
+
+@pytest.mark.server
+def test_concurrent_requests_of_different_lengths_are_batched_and_each_answered(served):
+    server, _, ref = served
+    rng = np.random.default_rng(11)
+    lengths = [1, 5, 17, 64, 3, 40, 9, 128, 2, 33, 70, 12]
+    requests = [random_inputs(1, n, CODEBOOKS, rng) for n in lengths]
+    before = model_statistics(server.statistics("ugt"), "ugt")
+    results = _fire(server.grpc_url, requests)
+    after = model_statistics(server.statistics("ugt"), "ugt")
+    for x, (got, error) in zip(requests, results, strict=True):
+        assert error is None
+        _close(ref.infer(x), got, f"seq {x['attention_mask'].shape[1]}")
+    assert after["inference_count"] - before["inference_count"] == len(requests)
+    executions = after["execution_count"] - before["execution_count"]
+    assert 1 <= executions < len(requests), (executions, len(requests))
+
+
+@pytest.mark.server
+def test_a_bad_request_fails_alone_with_a_clear_message(served):
+    server, _, ref = served
+    rng = np.random.default_rng(3)
+    good = [random_inputs(1, n, CODEBOOKS, rng) for n in (8, 20, 50)]
+    bad_id = random_inputs(1, 10, CODEBOOKS, rng)
+    bad_id["encoder_l3_ids"][0, 4] = 16384
+    bad_mask = random_inputs(1, 6, CODEBOOKS, rng)
+    bad_mask["attention_mask"][0, 2] = 2
+    too_long = random_inputs(1, 1025, CODEBOOKS, rng)
+    requests = [good[0], bad_id, good[1], bad_mask, too_long, good[2]]
+    before = model_statistics(server.statistics("ugt"), "ugt")
+    results = _fire(server.grpc_url, requests)
+    after = model_statistics(server.statistics("ugt"), "ugt")
+    messages = {i: str(results[i][1]) for i in (1, 3, 4)}
+    assert "encoder_l3_ids: id 16384 at [0, 4] is outside its codebook [0, 16384)" in messages[1]
+    assert "attention_mask: value 2 at [0, 2]" in messages[3]
+    assert "sequence length 1025 outside [1, 1024]" in messages[4]
+    assert all("INVALID_ARG" in m for m in messages.values()), messages
+    for i, x in zip((0, 2, 5), good, strict=True):
+        assert results[i][1] is None
+        _close(ref.infer(x), results[i][0])
+    # All six reached the model and shared executions, yet only the three bad ones failed.
+    assert after["inference_count"] - before["inference_count"] == len(requests)
+    assert after["execution_count"] - before["execution_count"] < len(requests)
+
+
+@pytest.mark.server
+def test_a_version_deployed_while_serving_is_picked_up_and_rollback_restores(served, tmp_path):
+    from algorithm.ugt import UGTConfig, UGTModel
+
+    server, repo, ref = served
+    x = random_inputs(2, 24, CODEBOOKS, np.random.default_rng(5), ragged=True)
+    v1 = _grpc_infer(server.grpc_url, x, "ugt_versions")
+    _close(ref.infer(x), v1, "v1")
+
+    import torch
+
+    torch.manual_seed(123)
+    other = UGTModel(UGTConfig.tiny()).eval()
+    other_ckpt = other.save(tmp_path / "other.safetensors")
+    mgr = ModelVersionManager(repo)
+    assert mgr.deploy_version("ugt_versions", other_ckpt) == 2
+    server.load_model("ugt_versions")  # explicit control: Triton re-reads the versions
+    assert server.model_ready("ugt_versions", 2) and not server.model_ready("ugt_versions", 1)
+    v2 = _grpc_infer(server.grpc_url, x, "ugt_versions")
+    _close(TorchRunner(other).infer(x), v2, "v2")
+    assert compare_outputs(v1, v2)["recall_overlap"] < 0.5  # a different model really answers
+
+    assert mgr.rollback("ugt_versions", 1)["served"] == 1
+    server.load_model("ugt_versions")
+    assert server.model_ready("ugt_versions", 1) and not server.model_ready("ugt_versions", 2)
+    back = _grpc_infer(server.grpc_url, x, "ugt_versions")
+    np.testing.assert_array_equal(back["recommendations"], v1["recommendations"])
+    np.testing.assert_allclose(back["scores"], v1["scores"], atol=1e-5)
+
+
+@pytest.mark.server
+def test_a_model_that_fails_to_load_raises_with_the_reason(served):
+    server, repo, _ = served
+    TritonConfigGenerator(EC.replace(model_name="broken"), TC).generate(repo)
+    (repo / "broken" / "1").mkdir()
+    (repo / "broken" / "1" / "model.py").write_text("raise ImportError('no such runtime here')\n")
+    with pytest.raises(ServerError, match="broken") as e:
+        server.load_model("broken")
+    assert "no such runtime here" in str(e.value)
+    assert server.is_alive() and server.model_ready("ugt")  # the others keep serving
+    states = {m["name"]: m.get("state") for m in server.repository_index()}
+    assert states["ugt"] == "READY" and states["broken"] == "UNAVAILABLE"
+    assert "nv_inference_request_success" in server.metrics()
+
+
+@pytest.mark.server
+def test_start_up_failure_raises_server_error_with_the_log(tmp_path):
+    TritonConfigGenerator(EC.replace(model_name="bad"), TC).generate(tmp_path)
+    (tmp_path / "bad" / "1").mkdir()
+    (tmp_path / "bad" / "1" / "model.py").write_text("raise RuntimeError('boom at import')\n")
+    server = TritonServer(tmp_path, http_port=0, grpc_port=0, metrics_port=0)
+    with pytest.raises(ServerError, match="exited with code") as e:
+        server.start()
+    assert "boom at import" in e.value.log_tail and "validate" in e.value.hint
+    assert not server.is_alive()
+
+
+@pytest.mark.server
+def test_stop_and_dying_with_the_parent(tmp_path):
+    (tmp_path / "repo").mkdir()
+    with TritonServer(tmp_path / "repo", http_port=0, grpc_port=0, metrics_port=0) as server:
+        assert server.is_ready() and server.http_url.startswith("127.0.0.1:")
+        pid = server.process.pid
+        assert len({server.http_port, server.grpc_port, server.metrics_port}) == 3
+    assert not server.is_alive() and not _alive(pid)
+
+    # A parent killed with SIGKILL (no cleanup runs) still takes its server down.
+    script = textwrap.dedent(f"""
+        import time
+        from algorithm.serving.server import TritonServer
+        s = TritonServer({str(tmp_path / "repo")!r}, http_port=0, grpc_port=0, metrics_port=0).start()
+        print(s.process.pid, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(parent.stdout.readline())
+        assert _alive(child_pid)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 15
+    while _alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child_pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_find_tritonserver_honours_the_environment_and_says_how_to_install(monkeypatch, tmp_path):
+    from algorithm.serving import server as server_mod
+
+    fake = tmp_path / "tritonserver"
+    fake.write_text("#!/bin/sh\n")
+    monkeypatch.setenv("TRITONSERVER_BIN", str(fake))
+    with pytest.raises(InputFileNotFoundError, match="not executable"):
+        find_tritonserver()
+    os.chmod(fake, 0o755)
+    assert find_tritonserver() == fake
+    assert find_tritonserver(triton_bin=str(fake)) == fake
+    monkeypatch.delenv("TRITONSERVER_BIN")
+    # Nothing installed: neither the wheel nor a binary on PATH.
+    monkeypatch.setattr(server_mod, "_pytriton_dist", lambda: None)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(DependencyError) as e:
+        find_tritonserver()
+    assert "nvidia-pytriton" in e.value.hint
