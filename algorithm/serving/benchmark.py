@@ -426,19 +426,28 @@ class TritonBenchmark:
             monitor.start()
             cpu0, wall0 = _process_cpu(), time.monotonic()
             try:
-                rec, t0, t_stop, windows = await self._measure(client, model, pool, level, rate, url)
+                rec, t0, t_stop, windows, aborted = await self._measure(client, model, pool, level, rate, url)
             finally:
                 samples = await monitor.stop()
             cpu_pct = 100 * (_process_cpu() - cpu0) / max(time.monotonic() - wall0, 1e-9)
-            after = stats_snapshot(await client.statistics(model), model)
+            after = None if aborted else stats_snapshot(await client.statistics(model), model)
         finally:
             await client.close()
         result = self._result(rec, t0, t_stop, windows, model, url, batch_size, seq_fixed, lengths,
                               level, rate)
         result.client_overhead_ms, result.rpc_floor_ms, result.client_cpu_percent = overhead, rpc_floor, cpu_pct
-        result.server, result.batch_sizes_formed = server_breakdown(before, after)
+        if after is not None and after["success"][0] >= before["success"][0]:
+            result.server, result.batch_sizes_formed = server_breakdown(before, after)
         for k, v in samples.items():
             setattr(result, k, v)
+        if aborted:
+            err = BenchmarkError(
+                f"every request to {model!r} at {url} in the last {self.config.measurement_window_s:g} s "
+                f"window failed ({windows[-1]['completed']} requests): {next(iter(rec.errors), 'no answer')}",
+                hint="The server stopped or the model failed; read its log. Nothing was dropped: "
+                     "the partial result is on this error (.result).")
+            err.result = result
+            raise err
         if result.successful_requests == 0:
             err = BenchmarkError(
                 f"no request to {model!r} at {url} succeeded ({result.total_requests} sent): "
@@ -542,19 +551,23 @@ class TritonBenchmark:
         pending: set[asyncio.Task] = set()
         counter = [0]
 
-        async def one(inputs):
+        async def one(inputs) -> int:
             t = clock()
             try:
                 await client.infer(model, inputs)
                 rec.add(t, clock(), OK)
+                return OK
             except Exception as e:  # every failure is counted, by kind
-                rec.add(t, clock(), classify_error(e), e)
+                outcome = classify_error(e)
+                rec.add(t, clock(), outcome, e)
+                return outcome
 
         async def closed_loop():
             while not stop.is_set():
                 i = counter[0]
                 counter[0] += 1
-                await one(pool[i % len(pool)])
+                if await one(pool[i % len(pool)]) == FAILED:
+                    await asyncio.sleep(0.005)  # a dead server fails at once: don't spin
 
         async def open_loop():
             gen = np.random.default_rng(cfg.seed + 1)
@@ -601,16 +614,8 @@ class TritonBenchmark:
             # in-flight requests finish or time out (bounded by timeout_s); none is dropped
             await asyncio.gather(*workers, *list(pending), return_exceptions=True)
         last = windows[-1] if windows else {}
-        if last.get("completed") and last.get("ok") == 0 and last.get("rejected", 0) < last["completed"]:
-            result = self._result(rec, t0, t_stop, windows, model, url, 1, None, np.zeros(1, int), level, rate)
-            err = BenchmarkError(
-                f"every request to {model!r} at {url} in the last {cfg.measurement_window_s:g}s window failed "
-                f"({last['completed']} requests): {next(iter(rec.errors), 'no answer')}",
-                hint="The server stopped or the model failed; read its log. Nothing was dropped: "
-                     "the partial result is on this error (.result).")
-            err.result = result
-            raise err
-        return rec, t0, t_stop, windows
+        aborted = bool(last.get("completed")) and last["ok"] == 0 and last["rejected"] < last["completed"]
+        return rec, t0, t_stop, windows, aborted
 
     def _window(self, rec: _Records, start: float, end: float) -> dict:
         n = len(rec.outcome)  # workers append concurrently: read a consistent prefix
