@@ -16,6 +16,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -66,11 +67,11 @@ def handle_errors(fn: Callable) -> Callable:
             if STATE.verbose:
                 console.print_exception()
             first, *rest = str(e).splitlines() or [type(e).__name__]
-            console.print(f"[bold red]error:[/] {first}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(first)}", highlight=False)
             for line in rest:
                 console.print(line, highlight=False, markup=False)
             if e.hint:
-                console.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
+                console.print(f"[yellow]hint:[/] {escape(e.hint)}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -189,6 +190,72 @@ def export(
     emit(result, "Exported")
 
 
+# ------------------------------------------------------------------------------------ optimize
+@app.command()
+@handle_errors
+def optimize(
+    onnx: Path = typer.Option(Path("demo-output/model.onnx"), "--onnx", help="Exported ONNX model (from `export`)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Artifact file or folder (default: <onnx folder>/<backend>-<precision>/)."),
+    backend: str = typer.Option("onnxruntime", help="tensorrt, onnxruntime, openvino or torch."),
+    precision: str = typer.Option("fp32", help="fp32, fp16, bf16 (openvino, tensorrt, torch) or int8."),
+    calibration_data: Path | None = typer.Option(None, help="int8: .npz with the 4 inputs [N, seq_len] (default: synthetic histories)."),
+    calibration_method: str = typer.Option("entropy", help="int8 calibration: entropy, minmax or percentile (onnxruntime)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="PyTorch checkpoint: the gate's fp32 reference; required by --backend torch."),
+    opt_batch_size: int = typer.Option(32, min=1, help="TensorRT: batch size to tune for."),
+    opt_seq_length: int = typer.Option(512, min=1, help="TensorRT: history length to tune for."),
+    seq_length_buckets: str = typer.Option("", help="TensorRT: one profile per bucket, e.g. 128,512,1024."),
+    workspace_gb: int = typer.Option(4, min=1, help="TensorRT builder workspace (GiB)."),
+    emit_trtexec: bool = typer.Option(False, "--emit-trtexec", help="TensorRT: print the equivalent trtexec command and exit."),
+) -> None:
+    """Optimize the ONNX model for a runtime; the artifact is kept only if it passes the accuracy gate."""
+    from .accuracy import summarize
+    from .backends import get_backend
+    from .backends import optimize as optimize_artifact
+    from .config import ExportConfig
+    from .errors import ConfigError, ParityError
+    from .export_onnx import read_sidecar
+
+    b = get_backend(backend)
+    meta = read_sidecar(onnx)
+    try:
+        buckets = tuple(int(s) for s in seq_length_buckets.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError("seq_length_buckets", seq_length_buckets, "comma-separated integers, e.g. 128,512,1024") from None
+    contract = {k: meta[k] for k in ("max_batch_size", "max_seq_length", "num_recommendations") if k in meta}
+    if meta.get("codebook_sizes"):
+        contract["codebook_sizes"] = tuple(meta["codebook_sizes"])
+    if meta.get("model_name"):
+        contract["model_name"] = meta["model_name"]
+    cfg = ExportConfig(
+        precision=precision, calibration_method=calibration_method, opt_batch_size=opt_batch_size,
+        opt_seq_length=opt_seq_length, seq_length_buckets=buckets, workspace_size_gb=workspace_gb, **contract,
+    )
+    out = output or onnx.parent / f"{b.name}-{precision}" / b.artifact_name
+    if emit_trtexec:
+        if b.name != "tensorrt":
+            raise ConfigError("--emit-trtexec", backend, "--backend tensorrt")
+        from .optimize_trt import trtexec_command
+
+        command = trtexec_command(onnx, out, cfg)
+        if STATE.json:
+            emit({"trtexec": command}, "trtexec")
+        else:
+            out_console = Console(soft_wrap=True)
+            out_console.print(command, markup=False, highlight=False)
+        return
+    try:
+        with stage(f"Optimizing with {b.name} ({precision}) and checking accuracy"):
+            path = optimize_artifact(onnx, out, b.name, cfg, str(calibration_data) if calibration_data else None,
+                                     checkpoint=checkpoint)
+    except ParityError as e:
+        if e.report.get("worst"):
+            emit(summarize(e.report), f"Accuracy gate: {b.name} {precision} REFUSED (artifact not written)")
+        raise
+    report = json.loads(Path(f"{path}.accuracy.json").read_text())
+    emit({"artifact": path, "backend": b.name, "triton_platform": b.triton_platform,
+          "accuracy_report": f"{path}.accuracy.json", **summarize(report)}, "Optimized")
+
+
 # ----------------------------------------------------------------------------------- manifests
 @app.command()
 @handle_errors
@@ -247,6 +314,10 @@ def manifests(
     )
     emit({"output": str(output), "files": [str(p) for p in paths]}, "Deployment files")
 
+
+# config, deploy, validate, serve, versions (cli_deploy); benchmark, demo (cli_bench):
+# registered on `app` by importing the modules.
+from . import cli_bench, cli_deploy  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     app()

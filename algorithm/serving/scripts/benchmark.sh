@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Benchmark a live Triton server (guide 8.3): a thin wrapper over `ugt-serving benchmark`.
+#
+#   ./benchmark.sh [--url localhost:8001] [--model ugt_recommend] [--requests 10000]
+#                  [--concurrency 4] [-- extra `ugt-serving benchmark` options]
+#
+#   --url          server endpoint host:port (gRPC 8001; with `-- --protocol http`, HTTP 8000)
+#   --model        model name on the server
+#   --requests     minimum measured requests per load point
+#   --concurrency  requests in flight; a comma list sweeps (1,4,16)
+#
+# Variables with the same meaning: TRITON_URL, MODEL_NAME, NUM_REQUESTS, CONCURRENCY; OUTPUT
+# (report folder, default benchmark-report); UGT_SERVING (the CLI command; default
+# `ugt-serving`, else `$PYTHON -m algorithm.serving.cli`). Example of extra options:
+#   ./benchmark.sh --concurrency 1,4,16 -- --batch-sizes 1,8 --seq-lengths 128,512 --baseline old.json
+set -euo pipefail
+
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+
+URL="${TRITON_URL:-localhost:8001}"
+MODEL="${MODEL_NAME:-ugt_recommend}"
+REQUESTS="${NUM_REQUESTS:-10000}"
+CONCURRENCY="${CONCURRENCY:-1}"
+OUTPUT="${OUTPUT:-benchmark-report}"
+EXTRA=()
+need() { [[ $# -ge 2 && -n "$2" ]] || { echo "benchmark.sh: $1 needs a value" >&2; usage >&2; exit 2; }; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --url) need "$@"; URL="$2"; shift ;;
+    --model) need "$@"; MODEL="$2"; shift ;;
+    --requests) need "$@"; REQUESTS="$2"; shift ;;
+    --concurrency) need "$@"; CONCURRENCY="$2"; shift ;;
+    --output) need "$@"; OUTPUT="$2"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "benchmark.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [[ -n "${UGT_SERVING:-}" ]]; then
+  read -r -a CLI <<< "$UGT_SERVING"
+elif command -v ugt-serving >/dev/null 2>&1; then
+  CLI=(ugt-serving)
+else
+  CLI=("${PYTHON:-python3}" -m algorithm.serving.cli)
+fi
+
+echo "==> benchmarking $MODEL at $URL: $REQUESTS requests, concurrency $CONCURRENCY -> $OUTPUT/" >&2
+exec "${CLI[@]}" benchmark --url "$URL" --model "$MODEL" --requests "$REQUESTS" \
+  --concurrency "$CONCURRENCY" --output "$OUTPUT" ${EXTRA[@]+"${EXTRA[@]}"}
