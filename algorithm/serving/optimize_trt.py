@@ -1,0 +1,568 @@
+"""ONNX -> TensorRT engine (guide 3.3, 4.2, 5.4) with the real ``tensorrt`` >= 10 API.
+
+What the build does: parse the ONNX file (every parser error is reported), one optimization
+profile per sequence-length bucket from the ExportConfig's min/opt/max batch and seq_len,
+fp32/fp16/bf16/int8 (int8 calibrated by an entropy or min-max calibrator fed with histories of
+the demo distribution, with a calibration cache), the scoring layers (log-softmax, beam-score
+adds, TopK inputs) pinned to fp32, a timing cache reused across builds, the plan written
+atomically, and a sidecar ``<plan>.json`` (TensorRT version, GPU and compute capability,
+precision, profiles, build time) that ``check_plan_compatible`` reads before a plan is loaded.
+
+``tensorrt`` is imported only inside the functions that build or run an engine; the profile,
+calibration and trtexec logic here runs (and is tested) without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import math
+import os
+import shlex
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ExportConfig
+from .errors import ConfigError, DependencyError, InputFileNotFoundError, OptimizationError
+from .runners import INPUT_NAMES
+
+logger = logging.getLogger(__name__)
+
+TRT_INSTALL = "pip install 'ugt-serving[tensorrt]' (or tensorrt>=10 from NVIDIA; needs a CUDA GPU)"
+TRT_CALIBRATORS = {"entropy": "IInt8EntropyCalibrator2", "minmax": "IInt8MinMaxCalibrator"}
+
+
+def import_tensorrt():
+    """``tensorrt`` >= 10, or DependencyError naming the package and the extra."""
+    if importlib.util.find_spec("tensorrt") is None:
+        raise DependencyError(
+            "tensorrt", TRT_INSTALL, purpose="building and running TensorRT engines"
+        )
+    import tensorrt as trt
+
+    major = int(str(trt.__version__).split(".")[0])
+    if major < 10:
+        raise DependencyError(
+            f"tensorrt>=10 (found {trt.__version__})", TRT_INSTALL, purpose="the TensorRT 10 API"
+        )
+    return trt
+
+
+# ------------------------------------------------------------------------------ calibration
+class CalibrationDataGenerator:
+    """Batches of user histories from the demo distribution, for INT8 calibration (guide 5.4).
+
+    Calling it (or iterating it) yields ``ceil(num_samples / batch_size)`` dicts of the four
+    int64 inputs, each exactly ``[batch_size, seq_length]``: TensorRT calibrates with one fixed
+    shape (the calibration profile), so the last batch is filled with further histories rather
+    than cut short. Histories are random walks over SyntheticCatalog (lengths from 1 to
+    ``seq_length``, padded), not uniform noise, so activation ranges match real traffic.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 100,
+        batch_size: int = 32,
+        seq_length: int = 512,
+        codebook_sizes=(1024, 4096, 16384),
+        seed: int = 0,
+    ):
+        for name, value in (
+            ("num_samples", num_samples),
+            ("batch_size", batch_size),
+            ("seq_length", seq_length),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(name, value, "an integer >= 1")
+        if len(tuple(codebook_sizes)) != 3:
+            raise ConfigError("codebook_sizes", codebook_sizes, "three integers >= 2")
+        self.num_samples, self.batch_size, self.seq_length = num_samples, batch_size, seq_length
+        self.codebook_sizes = tuple(int(c) for c in codebook_sizes)
+        self.seed = seed
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.batch_size, self.seq_length)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        from .accuracy import demo_catalog
+
+        catalog = demo_catalog(self.codebook_sizes)
+        rng = np.random.default_rng(self.seed)
+        for _ in range(self.num_batches):
+            batch = catalog.batch(self.batch_size, 1, self.seq_length, rng)
+            yield {k: batch[k] for k in INPUT_NAMES}
+
+    def __call__(self):
+        return iter(self)
+
+
+def create_calibration_data_generator(
+    num_samples: int = 100,
+    batch_size: int = 32,
+    seq_length: int = 512,
+    codebook_sizes=(1024, 4096, 16384),
+    seed: int = 0,
+) -> CalibrationDataGenerator:
+    """The guide's calibration generator: pass it as ``calibration_data`` to any optimizer."""
+    return CalibrationDataGenerator(num_samples, batch_size, seq_length, codebook_sizes, seed)
+
+
+# ------------------------------------------------------------------------------ profiles
+def optimization_profiles(config: ExportConfig) -> list[dict[str, tuple[int, int]]]:
+    """min/opt/max ``(batch, seq_len)`` of each optimization profile, shared by the 4 inputs.
+
+    Without ``seq_length_buckets`` one profile spans [min, max]. With buckets, profile i covers
+    lengths (bucket[i-1], bucket[i]] and is tuned at the bucket's top (what a request padded to
+    its bucket has), plus one profile above the last bucket when it is below max_seq_length.
+    """
+    cfg = config
+    batch = (cfg.min_batch_size, cfg.opt_batch_size, cfg.max_batch_size)
+    if not cfg.seq_length_buckets:
+        ranges = [(cfg.min_seq_length, cfg.opt_seq_length, cfg.max_seq_length)]
+    else:
+        ranges, lo = [], cfg.min_seq_length
+        for top in cfg.seq_length_buckets:
+            if top < lo:
+                continue
+            ranges.append((lo, top, top))
+            lo = top + 1
+        if lo <= cfg.max_seq_length:
+            ranges.append((lo, cfg.max_seq_length, cfg.max_seq_length))
+    return [
+        {
+            "min": (batch[0], s[0]),
+            "opt": (batch[1], min(max(s[1], s[0]), s[2])),
+            "max": (batch[2], s[2]),
+        }
+        for s in ranges
+    ]
+
+
+def profile_for_shape(profiles: list[dict], batch: int, seq_len: int) -> int:
+    """Index of the first profile that accepts ``[batch, seq_len]``; ConfigError when none does."""
+    for i, p in enumerate(profiles):
+        if p["min"][0] <= batch <= p["max"][0] and p["min"][1] <= seq_len <= p["max"][1]:
+            return i
+    spans = ", ".join(f"{p['min']}..{p['max']}" for p in profiles)
+    raise ConfigError(
+        "input shape", (batch, seq_len), f"within one engine profile (batch, seq_len): {spans}"
+    )
+
+
+def _shape_spec(shape: tuple[int, int]) -> str:
+    return ",".join(f"{name}:{shape[0]}x{shape[1]}" for name in INPUT_NAMES)
+
+
+# ------------------------------------------------------------------------------ scoring path
+def scoring_layer_names(onnx_path) -> list[str]:
+    """ONNX node names of the scoring path; the parser names TensorRT layers after them."""
+    import onnx
+
+    from .backends.rewrite import scoring_path_nodes
+
+    return scoring_path_nodes(onnx.load(str(onnx_path), load_external_data=False))
+
+
+def _is_scoring_layer(layer, trt, names: set[str]) -> bool:
+    if layer.type == trt.LayerType.TOPK:
+        return True
+    name = layer.name or ""
+    return any(name == n or name.startswith((f"{n}_", f"{n}/", f"{n}:")) for n in names)
+
+
+def pin_scoring_layers(network, trt, names) -> list[str]:
+    """Force fp32 compute and outputs on the scoring layers; returns the pinned layer names."""
+    names = set(names)
+    pinned = []
+    floats = {trt.float32, trt.float16, getattr(trt, "bfloat16", trt.float16)}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if not _is_scoring_layer(layer, trt, names):
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            if layer.get_output(j).dtype in floats:
+                layer.set_output_type(j, trt.float32)
+        pinned.append(layer.name)
+    return pinned
+
+
+# ------------------------------------------------------------------------------ build
+class CapturingLogger:
+    """A trt.ILogger that keeps errors for the exception message and forwards to logging."""
+
+    def __new__(cls, trt):
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
+
+            def log(self, severity, msg):
+                if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                    self.errors.append(msg)
+                    logger.error("tensorrt: %s", msg)
+                elif severity == trt.ILogger.WARNING:
+                    logger.warning("tensorrt: %s", msg)
+                else:
+                    logger.debug("tensorrt: %s", msg)
+
+        return Logger()
+
+
+def _parser_errors(parser) -> list[str]:
+    errors = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        where = ""
+        try:
+            if err.node() >= 0:
+                where = f" (node {err.node()} {err.node_name()!r}, op {err.node_operator()})"
+        except AttributeError:  # older 10.x bindings lack the node accessors
+            pass
+        errors.append(f"{err.desc()}{where}")
+    return errors
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_digest(path, length: int = 12) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+def timing_cache_path(config: ExportConfig, engine_path) -> Path:
+    """``config.timing_cache_path``, else ``tensorrt.timing.cache`` beside the engine."""
+    return (
+        Path(config.timing_cache_path)
+        if config.timing_cache_path
+        else Path(engine_path).parent / "tensorrt.timing.cache"
+    )
+
+
+def calibration_cache_path(onnx_path, config: ExportConfig, engine_path, method: str) -> Path:
+    """Beside the timing cache, keyed by the ONNX file's content: a changed model never reuses stale scales."""
+    folder = timing_cache_path(config, engine_path).parent
+    return folder / f"{Path(engine_path).stem}.{method}-{file_digest(onnx_path)}.calib"
+
+
+def _make_calibrator(trt, batches: list[dict], cache_file: Path, method: str):
+    import torch
+
+    base = getattr(trt, TRT_CALIBRATORS[method])
+
+    class Calibrator(base):
+        def __init__(self):
+            base.__init__(self)
+            self.batches, self.index, self.device = batches, 0, {}
+
+        def get_batch_size(self):
+            return int(batches[0][INPUT_NAMES[0]].shape[0])
+
+        def get_batch(self, names):
+            if self.index >= len(self.batches):
+                return None
+            batch = self.batches[self.index]
+            self.index += 1
+            self.device = {
+                n: torch.from_numpy(batch[n]).cuda() for n in names
+            }  # kept alive until next call
+            return [int(self.device[n].data_ptr()) for n in names]
+
+        def read_calibration_cache(self):
+            return cache_file.read_bytes() if cache_file.is_file() else None
+
+        def write_calibration_cache(self, cache):
+            _write_atomic(cache_file, bytes(cache))
+
+    return Calibrator()
+
+
+def gpu_environment() -> dict[str, Any]:
+    """TensorRT version, GPU name and compute capability of this machine (what a plan is bound to)."""
+    env: dict[str, Any] = {"tensorrt_version": None, "gpu_name": None, "compute_capability": None}
+    if importlib.util.find_spec("tensorrt") is not None:
+        import tensorrt as trt
+
+        env["tensorrt_version"] = str(trt.__version__)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            env["gpu_name"] = torch.cuda.get_device_name(0)
+            env["compute_capability"] = f"{major}.{minor}"
+            return env
+    except ImportError:
+        pass
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.splitlines()
+        if out:
+            name, cc = (s.strip() for s in out[0].split(",", 1))
+            env["gpu_name"], env["compute_capability"] = name, cc
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return env
+
+
+class TensorRTOptimizer:
+    """ONNX -> serialized TensorRT engine (``.plan``) for ``config.precision``."""
+
+    def __init__(self, config: ExportConfig | None = None):
+        self.config = (config or ExportConfig()).validate()
+
+    def optimize(self, onnx_path, engine_path, calibration_data=None) -> str:
+        """Build and write the engine; returns its path.
+
+        Raises InputFileNotFoundError (a FileNotFoundError) for a missing ONNX file,
+        OptimizationError (a RuntimeError) when parsing or building fails, DependencyError
+        when tensorrt is not installed.
+        """
+        cfg = self.config
+        onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+        if not onnx_path.is_file():
+            raise InputFileNotFoundError(f"ONNX model not found: {onnx_path}")
+        if cfg.precision == "int8" and cfg.calibration_method not in TRT_CALIBRATORS:
+            raise ConfigError(
+                "calibration_method",
+                cfg.calibration_method,
+                f"one of {', '.join(TRT_CALIBRATORS)} for TensorRT",
+            )
+        trt = import_tensorrt()
+        trt_logger = CapturingLogger(trt)
+        builder = trt.Builder(trt_logger)
+        flags = 0
+        if hasattr(
+            trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"
+        ):  # default (and deprecated) in 10.x
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, trt_logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = _parser_errors(parser) or trt_logger.errors or ["(no parser message)"]
+            raise OptimizationError(
+                f"TensorRT could not parse {onnx_path} ({len(errors)} error(s)):\n"
+                + "\n".join(f"  - {e}" for e in errors),
+                hint="Re-export with `ugt-serving export` (opset 18); unsupported ops are named above.",
+            )
+        bconf = builder.create_builder_config()
+        bconf.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_size_gb << 30)
+        profiles = optimization_profiles(cfg)
+        inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+        for p in profiles:
+            profile = builder.create_optimization_profile()
+            for name in inputs:
+                profile.set_shape(name, p["min"], p["opt"], p["max"])
+            bconf.add_optimization_profile(profile)
+
+        pinned: list[str] = []
+        calib_cache = None
+        if cfg.precision == "fp32":
+            # fp32 means fp32: TF32 matmuls (on by default on Ampere+) move scores by ~1e-2.
+            bconf.clear_flag(trt.BuilderFlag.TF32)
+        if cfg.precision in ("fp16", "int8"):
+            bconf.set_flag(trt.BuilderFlag.FP16)
+        if cfg.precision == "bf16":
+            bconf.set_flag(trt.BuilderFlag.BF16)
+        if cfg.precision == "int8":
+            from .backends.base import calibration_batches
+
+            bconf.set_flag(trt.BuilderFlag.INT8)
+            batches = calibration_batches(calibration_data, cfg)
+            shape = batches[0][INPUT_NAMES[0]].shape
+            if any(b[INPUT_NAMES[0]].shape != shape for b in batches):
+                raise ConfigError(
+                    "calibration_data",
+                    "batches of several shapes",
+                    "one [batch, seq_len] shape for TensorRT calibration",
+                )
+            calib_profile = builder.create_optimization_profile()
+            for name in inputs:
+                calib_profile.set_shape(name, shape, shape, shape)
+            bconf.set_calibration_profile(calib_profile)
+            calib_cache = calibration_cache_path(
+                onnx_path, cfg, engine_path, cfg.calibration_method
+            )
+            bconf.int8_calibrator = _make_calibrator(
+                trt, batches, calib_cache, cfg.calibration_method
+            )
+        if cfg.precision != "fp32":
+            pinned = pin_scoring_layers(network, trt, scoring_layer_names(onnx_path))
+            bconf.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            logger.info("pinned %d scoring layers to fp32", len(pinned))
+
+        cache_path = timing_cache_path(cfg, engine_path)
+        timing_cache = bconf.create_timing_cache(
+            cache_path.read_bytes() if cache_path.is_file() else b""
+        )
+        bconf.set_timing_cache(timing_cache, ignore_mismatch=False)
+
+        logger.info("building TensorRT %s engine (%d profile(s))", cfg.precision, len(profiles))
+        t0 = time.monotonic()
+        serialized = builder.build_serialized_network(network, bconf)
+        build_s = time.monotonic() - t0
+        if serialized is None:
+            tail = "\n".join(trt_logger.errors[-20:]) or "(TensorRT logged no error)"
+            raise OptimizationError(f"TensorRT failed to build the engine for {onnx_path}:\n{tail}")
+        _write_atomic(cache_path, bytes(bconf.get_timing_cache().serialize()))
+        _write_atomic(engine_path, bytes(serialized))
+
+        from .backends.base import artifact_sidecar
+        from .backends.tensorrt import TENSORRT
+        from .export_onnx import sidecar_path, write_json
+
+        env = gpu_environment()
+        write_json(
+            sidecar_path(engine_path),
+            artifact_sidecar(
+                onnx_path,
+                TENSORRT,
+                cfg,
+                tensorrt_version=env["tensorrt_version"],
+                gpu_name=env["gpu_name"],
+                compute_capability=env["compute_capability"],
+                profiles=profiles,
+                build_seconds=round(build_s, 2),
+                pinned_fp32_layers=len(pinned),
+                calibration_cache=str(calib_cache) if calib_cache else None,
+                timing_cache=str(cache_path),
+                workspace_gb=cfg.workspace_size_gb,
+            ),
+        )
+        logger.info("wrote %s in %.1fs", engine_path, build_s)
+        return str(engine_path)
+
+
+def build_trt_engine(onnx_path, engine_path, config: ExportConfig | None = None) -> str:
+    """The guide's convenience function: ``TensorRTOptimizer(config).optimize(onnx_path, engine_path)``."""
+    return TensorRTOptimizer(config).optimize(onnx_path, engine_path)
+
+
+def check_plan_compatible(plan_path, environment: dict | None = None) -> dict:
+    """Refuse a plan built for another GPU or TensorRT version; returns its sidecar.
+
+    A serialized engine only loads on the TensorRT version that built it and runs on GPUs of
+    the same compute capability; the sidecar written at build time says which, so the
+    mismatch is reported here instead of as an opaque deserialization failure in Triton.
+    """
+    from .export_onnx import read_sidecar, sidecar_path
+
+    plan = Path(plan_path)
+    if not plan.is_file():
+        raise InputFileNotFoundError(f"TensorRT plan not found: {plan}")
+    meta = read_sidecar(plan)
+    rebuild = (
+        f"Rebuild it on the serving machine: ugt-serving optimize --backend tensorrt --output {plan}"
+        " (or run the command from --emit-trtexec inside the Triton container)."
+    )
+    if not meta.get("tensorrt_version"):
+        raise OptimizationError(
+            f"{sidecar_path(plan)} is missing or has no tensorrt_version: cannot tell which GPU and TensorRT built {plan}",
+            hint=rebuild,
+        )
+    env = environment or gpu_environment()
+    problems = []
+    if env.get("tensorrt_version") and env["tensorrt_version"] != meta["tensorrt_version"]:
+        problems.append(
+            f"TensorRT {meta['tensorrt_version']} built it, this machine has {env['tensorrt_version']}"
+        )
+    if (
+        env.get("compute_capability")
+        and meta.get("compute_capability")
+        and env["compute_capability"] != meta["compute_capability"]
+    ):
+        problems.append(
+            f"it was built for {meta.get('gpu_name')} (compute capability {meta['compute_capability']}), "
+            f"this GPU is {env.get('gpu_name')} (compute capability {env['compute_capability']})"
+        )
+    if problems:
+        raise OptimizationError(
+            f"TensorRT plan {plan} cannot run here: " + "; ".join(problems), hint=rebuild
+        )
+    if env.get("gpu_name") and meta.get("gpu_name") and env["gpu_name"] != meta["gpu_name"]:
+        logger.warning(
+            "plan %s was tuned on %s, running on %s (same compute capability)",
+            plan,
+            meta["gpu_name"],
+            env["gpu_name"],
+        )
+    return meta
+
+
+def trtexec_command(onnx_path, engine_path, config: ExportConfig | None = None) -> str:
+    """The ``trtexec`` command equivalent to ``TensorRTOptimizer(config).optimize`` (TensorRT 10).
+
+    For users building inside the Triton container. INT8 needs a calibration cache from a
+    Python build (``--calib``): trtexec cannot calibrate from our histories itself.
+    """
+    cfg = (config or ExportConfig()).validate()
+    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
+    profiles = optimization_profiles(cfg)
+    for i, p in enumerate(profiles):
+        if len(profiles) > 1:
+            args.append(f"--profile={i}")
+        args += [
+            f"--minShapes={_shape_spec(p['min'])}",
+            f"--optShapes={_shape_spec(p['opt'])}",
+            f"--maxShapes={_shape_spec(p['max'])}",
+        ]
+    args.append(f"--memPoolSize=workspace:{cfg.workspace_size_gb}G")
+    args.append(f"--timingCacheFile={timing_cache_path(cfg, engine_path)}")
+    if cfg.precision in ("fp16", "int8"):
+        args.append("--fp16")
+    if cfg.precision == "bf16":
+        args.append("--bf16")
+    if cfg.precision == "int8":
+        method = cfg.calibration_method if cfg.calibration_method in TRT_CALIBRATORS else "entropy"
+        cache = (
+            calibration_cache_path(onnx_path, cfg, engine_path, method)
+            if Path(onnx_path).is_file()
+            else timing_cache_path(cfg, engine_path).with_name(
+                f"{Path(engine_path).stem}.{method}.calib"
+            )
+        )
+        args += ["--int8", f"--calib={cache}"]
+    if cfg.precision != "fp32":
+        names = scoring_layer_names(onnx_path) if Path(onnx_path).is_file() else []
+        # TopK layers are pinned by type in Python; trtexec matches names, so list them too.
+        specs = [f"{n}:fp32" for n in names]
+        args += ["--precisionConstraints=obey"]
+        if specs:
+            args += [
+                f"--layerPrecisions={','.join(specs)}",
+                f"--layerOutputTypes={','.join(specs)}",
+            ]
+    return shlex.join(args)
