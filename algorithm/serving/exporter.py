@@ -100,24 +100,60 @@ class ServingExporter(ServingExporterInterface):
             return PYTHON_RUNTIME_BACKEND.get(tc.python_runtime, "onnxruntime")
         return PLATFORM_BACKEND[tc.platform]
 
-    def deploy_full_pipeline(self, model, model_repository, onnx_path=None, engine_path=None) -> dict[str, str]:
-        """Export -> optimize for the configured platform -> repository; returns the paths."""
-        from .backends import get_backend
+    def deploy_full_pipeline(
+        self,
+        model,
+        model_repository,
+        onnx_path=None,
+        engine_path=None,
+        version: int | None = None,
+        optimize: bool = True,
+    ) -> dict[str, str]:
+        """Export -> optimize for the configured platform -> repository -> validate.
 
-        cfg = self.export_config
+        Publishes the next version of the model (1 in a new repository) atomically, or
+        ``version`` (replacing it). ``optimize=False`` serves the exported ONNX as is where an
+        ONNX Runtime platform allows it. Python models with ``python_runtime="torch"`` serve
+        the checkpoint itself. Raises RepositoryError if the result does not validate.
+        """
+        from .backends import get_backend
+        from .backends import optimize as optimize_artifact
+        from .errors import ConfigError, RepositoryError
+        from .repository import ModelVersionManager, validate_deployment
+        from .triton_config import TritonConfigGenerator
+
+        cfg, tc = self.export_config, self.triton_config
         repo = Path(model_repository)
         work = repo.parent / f".{repo.name}-build"
-        onnx_path = Path(onnx_path or work / f"{cfg.model_name}.onnx")
-        self.export_onnx(model, onnx_path)
-        backend = get_backend(self.backend_for_platform())
-        engine_path = Path(engine_path or work / f"{cfg.model_name}{backend.artifact_suffix}")
-        artifact = self.optimize(onnx_path, engine_path, backend=backend.name)
-        config_path = self.generate_triton_config(repo, model_file=artifact)
+        onnx_out = None
+        if tc.platform == "python" and tc.python_runtime == "torch":
+            artifact = model.save(Path(engine_path or work / f"{cfg.model_name}.safetensors"))
+        else:
+            onnx_out = Path(onnx_path or work / f"{cfg.model_name}.onnx")
+            self.export_onnx(model, onnx_out)
+            backend_name = self.backend_for_platform()
+            if not optimize:
+                if backend_name != "onnxruntime":
+                    raise ConfigError("optimize", False, f"True for {tc.platform} ({backend_name} artifact)")
+                artifact = onnx_out
+            else:
+                backend = get_backend(backend_name)
+                # Its own folder: the onnxruntime artifact has the export's suffix.
+                engine_path = Path(engine_path or work / backend.name / backend.artifact_name)
+                artifact = optimize_artifact(onnx_out, engine_path, backend.name, cfg, reference_model=model)
+        config_path = TritonConfigGenerator(cfg, tc).generate(repo)
+        published = ModelVersionManager(repo).deploy_version(
+            cfg.model_name, artifact, version=version, replace=version is not None
+        )
+        check = validate_deployment(repo, cfg.model_name)
+        if not check["valid"]:
+            raise RepositoryError("the deployed model does not validate: " + "; ".join(check["errors"]))
         return {
-            "onnx_path": str(onnx_path),
+            "onnx_path": str(onnx_out) if onnx_out else "",
             "engine_path": str(artifact),
             "config_path": str(config_path),
             "model_repository": str(repo),
+            "version": str(published),
         }
 
     def validate_deployment(self, model_repository, model_name: str | None = None) -> dict:

@@ -476,6 +476,25 @@ class TritonServer:
         return f"TritonServer({str(self.model_repository)!r}, http={self.http_url}, grpc={self.grpc_url}, {state})"
 
 
+def request_model_load(http_url: str, model_name: str, timeout_s: float = 120.0) -> None:
+    """Ask a running server (explicit model control) to (re)load ``model_name``: it re-reads
+    the config and the version folders. ``http_url`` is ``host:port`` or ``http://host:port``."""
+    check_name("model_name", model_name)
+    base = http_url if "://" in http_url else f"http://{http_url}"
+    req = urllib.request.Request(f"{base}/v2/repository/models/{model_name}/load", data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            r.read()
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode("utf-8", errors="replace")
+        with contextlib.suppress(ValueError):
+            detail = json.loads(detail).get("error", detail)
+        raise ServerError(f"{base} refused to load {model_name!r}: {detail}",
+                          hint="The server must run with --model-control-mode=explicit.") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise ServerError(f"no Triton server answers at {base}: {e}") from e
+
+
 def model_statistics(stats: dict, model_name: str) -> dict[str, int]:
     """Sum of counts over the versions of ``model_name`` in a statistics() answer."""
     total = {"inference_count": 0, "execution_count": 0, "success": 0, "fail": 0}
@@ -490,4 +509,11 @@ def model_statistics(stats: dict, model_name: str) -> dict[str, int]:
     return total
 
 
-__all__ = ["TritonServer", "find_tritonserver", "free_port", "model_statistics", "prepare_backend_directory"]
+__all__ = [
+    "TritonServer",
+    "find_tritonserver",
+    "free_port",
+    "model_statistics",
+    "prepare_backend_directory",
+    "request_model_load",
+]

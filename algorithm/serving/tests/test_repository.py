@@ -248,3 +248,52 @@ def test_validation_of_missing_things(tmp_path, valid_repo):
         (valid_repo / "ugt" / v / "ugt_model.json").unlink()
     result = validate_deployment(valid_repo, "ugt")
     assert result["valid"] and len(result["info"]["warnings"]) == 2
+
+
+# ----------------------------------------------------------------------------------- the CLI
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from algorithm.serving.cli import app
+
+    return CliRunner().invoke(app, ["--json", *map(str, args)])
+
+
+def test_cli_config_prints_or_writes_a_schema_valid_config(tmp_path):
+    from algorithm.serving.triton_config import parse_config
+
+    printed = _cli("config", "--platform", "onnxruntime_onnx", "--instance-kind", "KIND_GPU", "--gpus", "0,1",
+                   "--trt-precision", "fp16", "--model-name", "rec")
+    assert printed.exit_code == 0, printed.output
+    cfg = parse_config(json.loads(printed.stdout)["config"])
+    assert cfg.name == "rec" and list(cfg.instance_group[0].gpus) == [0, 1]
+    written = _cli("config", "-r", tmp_path, "--platform", "python", "--instance-kind", "KIND_CPU",
+                   "--preferred-batch-sizes", "2,4", "--max-batch-size", "4")
+    assert written.exit_code == 0, written.output
+    cfg = parse_config((tmp_path / "ugt_recommend" / "config.pbtxt").read_text())
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 4] and cfg.backend == "python"
+    bad = _cli("config", "--platform", "openvino", "--instance-kind", "KIND_GPU")
+    assert bad.exit_code == 1 and "CPU instances only" in bad.output
+    bad = _cli("config", "--preferred-batch-sizes", "8,x")
+    assert bad.exit_code == 1 and "comma-separated integers" in bad.output
+
+
+def test_cli_validate_and_versions(valid_repo, tmp_path):
+    ok = _cli("validate", valid_repo, "--model", "ugt")
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["valid"]
+    listed = _cli("versions", "list", valid_repo, "-m", "ugt")
+    assert [(r["version"], r["status"]) for r in json.loads(listed.stdout)["versions"]] == [(1, "available"), (2, "served")]
+    published = _cli("versions", "deploy", _artifact(tmp_path, "c.onnx", b"3"), valid_repo, "-m", "ugt")
+    assert published.exit_code == 0 and json.loads(published.stdout)["version"] == 3
+    rolled = _cli("versions", "rollback", "1", valid_repo, "-m", "ugt")
+    assert rolled.exit_code == 0 and json.loads(rolled.stdout)["served"] == 1
+    cleaned = _cli("versions", "cleanup", valid_repo, "-m", "ugt", "--keep", "1")
+    assert json.loads(cleaned.stdout)["removed"] == [2, 3]
+    assert ModelVersionManager(valid_repo).list_versions("ugt") == [1]
+    missing = _cli("versions", "rollback", "7", valid_repo, "-m", "ugt")
+    assert missing.exit_code == 1 and "no version 7" in missing.output
+    unreachable = _cli("versions", "rollback", "1", valid_repo, "-m", "ugt", "--url", "127.0.0.1:9")
+    assert unreachable.exit_code == 1 and "no Triton server answers" in unreachable.output
+    (valid_repo / "ugt" / "1" / "model.onnx").write_bytes(b"")
+    bad = _cli("validate", valid_repo)
+    assert bad.exit_code == 1 and "is empty" in bad.output

@@ -274,3 +274,57 @@ def test_find_tritonserver_honours_the_environment_and_says_how_to_install(monke
     with pytest.raises(DependencyError) as e:
         find_tritonserver()
     assert "nvidia-pytriton" in e.value.hint
+
+
+@pytest.mark.server
+def test_export_script_deploys_validates_and_serves_until_interrupted(trained, tmp_path):
+    """scripts/export.sh --skip-trt --start-server: checkpoint -> optimized ONNX Runtime
+    artifact -> repository -> validated -> the real server answers like PyTorch; Ctrl-C stops it."""
+    from pathlib import Path
+
+    from algorithm.serving.server import free_port
+
+    model, _, checkpoint = trained
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export.sh"
+    ports = {"HTTP_PORT": free_port(), "GRPC_PORT": free_port(), "METRICS_PORT": free_port()}
+    env = {
+        **os.environ, **{k: str(v) for k, v in ports.items()},
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MODEL_NAME": "ugt_script", "PRECISION": "fp32", "MAX_BATCH_SIZE": "8",
+        "CHECKPOINT_PATH": str(checkpoint), "MODEL_REPOSITORY": str(tmp_path / "repo"),
+    }  # fmt: skip
+    log = open(tmp_path / "script.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(["bash", str(script), "--skip-trt", "--start-server", "--", "--instance-kind", "KIND_CPU"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"127.0.0.1:{ports['GRPC_PORT']}"
+        deadline = time.monotonic() + 400
+        import tritonclient.grpc as grpcclient
+
+        while True:
+            assert proc.poll() is None, (tmp_path / "script.log").read_text()[-3000:]
+            try:
+                if grpcclient.InferenceServerClient(url).is_model_ready("ugt_script"):
+                    break
+            except Exception:  # not listening yet
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "script.log").read_text()[-3000:]
+            time.sleep(0.5)
+        x = random_inputs(2, 30, CODEBOOKS, np.random.default_rng(2), ragged=True)
+        _close(TorchRunner(model).infer(x), _grpc_infer(url, x, "ugt_script"), "export.sh")
+        result = validate_deployment(tmp_path / "repo", "ugt_script")
+        assert result["valid"] and result["info"]["versions"] == [1]
+        assert json_of(tmp_path / "repo" / "ugt_script" / "1" / "ugt_model.json")["backend"] == "onnxruntime"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+        log.close()
+    assert code == 0, (tmp_path / "script.log").read_text()[-3000:]
+    with pytest.raises(Exception):  # noqa: B017 (the port is closed: any client error)
+        grpcclient.InferenceServerClient(url).is_server_live()
+
+
+def json_of(path):
+    import json
+
+    return json.loads(path.read_text())

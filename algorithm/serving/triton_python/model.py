@@ -13,6 +13,7 @@ items do not move), run once, and split back.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from pathlib import Path
@@ -60,8 +61,14 @@ class TritonPythonModel:
         device = params.get("device", "auto")
         if device == "auto":
             device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
+        # The precision the artifact was built (and accuracy-gated) at, from its sidecar.
+        precision = params.get("precision", "fp32")
+        sidecar = version_dir / "ugt_model.json"
+        if sidecar.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                precision = json.loads(sidecar.read_text()).get("precision") or precision
         options = self._runner_options(runtime, device, int(params.get("threads", "0") or 0),
-                                       params.get("precision", "fp32"), params)
+                                       precision, params)
         from algorithm.serving.runners import create_runner
 
         self.runner = create_runner(runtime, artifact, **options)
@@ -89,6 +96,9 @@ class TritonPythonModel:
             value = (params or {}).get(key, "")
             if value:
                 candidates[key] = value if key == "batching" else json.loads(value)
+        if runtime == "openvino":  # OpenVINO names devices CPU / GPU.<n>
+            candidates["device"] = f"GPU.{device.partition(':')[2] or 0}" if cuda else "CPU"
+            candidates["precision"] = precision
         if runtime == "onnxruntime" and cuda:
             candidates["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         try:
