@@ -10,7 +10,9 @@ Layout (Triton's)::
 Publishing writes a version into a hidden staging folder of the model folder, fsyncs it, and
 renames it into place, so a server (polling or told to reload) never sees half a version.
 Triton ignores folders whose names are not integers, so ``.staging-*`` and ``.retired`` are
-invisible to it.
+invisible to it. Writers of one model (deploy, rollback, cleanup) hold an flock on
+the model folder, so under it any staging folder is the debris of a killed publish: the
+next deploy removes it. Published files are 0644 and folders 0755 whatever the umask.
 
 Rollback (policy "latest", the default): the served version is the newest numeric folder, so
 ``rollback(name, v)`` moves every version newer than ``v`` into ``.retired/``. Rolling forward
@@ -21,6 +23,7 @@ mode picks the change up on ``load_model(name)``; in poll mode on its next poll.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -36,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 RETIRED = ".retired"
 SIDECAR_NAME = "ugt_model.json"
+# What a publish killed midway leaves behind (hidden from Triton; removed by the next deploy).
+_DEBRIS_DIRS = (".staging-", ".trash-")
+_DEBRIS_FILES = f".{SIDECAR_NAME}."
 _DTYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32"}
 
 
@@ -69,6 +75,45 @@ def write_text_atomic(path, text: str) -> Path:
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def _model_lock(model_dir: Path):
+    """One writer per model folder at a time, across processes (flock on the folder itself,
+    so no lock file is left behind)."""
+    fd = os.open(model_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock, also when the process is killed
+
+
+def _remove_debris(model_dir: Path) -> list[str]:
+    """Staging/trash folders and sidecar temp files of killed publishes (call under the lock:
+    then no live publisher owns them)."""
+    removed = []
+    for p in model_dir.iterdir():
+        if p.is_dir() and p.name.startswith(_DEBRIS_DIRS):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and p.name.startswith(_DEBRIS_FILES) and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(p.name)
+    if removed:
+        logger.warning("%s: removed what interrupted publishes left: %s", model_dir.name, removed)
+    return removed
+
+
+def _secure_tree(root: Path) -> None:
+    """0755 folders and 0644 files whatever the umask: nothing world-writable is served."""
+    os.chmod(root, 0o755)
+    for dirpath, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(dirpath, d), 0o755)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o644)
 
 
 def _remove_dir(path: Path) -> None:
@@ -214,7 +259,13 @@ class ModelVersionManager:
         if not model_file.exists():
             raise InputFileNotFoundError(f"model file not found: {model_file}")
         config = self._config(model_name)
-        version = self.next_version(model_name) if version is None else check_version(version)
+        version = None if version is None else check_version(version)
+        with _model_lock(model_dir):
+            _remove_debris(model_dir)
+            return self._publish(model_name, model_dir, model_file, config, version, replace, sidecar)
+
+    def _publish(self, model_name, model_dir: Path, model_file: Path, config, version, replace, sidecar) -> int:
+        version = self.next_version(model_name) if version is None else version
         target = model_dir / str(version)
         if target.exists() and not replace:
             raise RepositoryError(
@@ -229,6 +280,7 @@ class ModelVersionManager:
             sidecar = Path(sidecar) if sidecar else find_sidecar(model_file)
             if sidecar is not None:
                 shutil.copyfile(sidecar, staging / SIDECAR_NAME)
+            _secure_tree(staging)
             _fsync_tree(staging)
             if target.exists():
                 _remove_dir(target)
@@ -263,6 +315,10 @@ class ModelVersionManager:
         version = check_version(version)
         model_dir = self.model_dir(model_name)
         self._config(model_name)
+        with _model_lock(model_dir):
+            return self._rollback(model_name, model_dir, version)
+
+    def _rollback(self, model_name: str, model_dir: Path, version: int) -> dict:
         retired_dir = model_dir / RETIRED
         restored = False
         if version not in self.list_versions(model_name):
@@ -292,6 +348,11 @@ class ModelVersionManager:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ConfigError("keep", keep, "an integer >= 1")
         model_dir = self.model_dir(model_name)
+        self._config(model_name)  # RepositoryError for a model without config.pbtxt
+        with _model_lock(model_dir):
+            return self._cleanup(model_name, model_dir, keep, include_retired)
+
+    def _cleanup(self, model_name: str, model_dir: Path, keep: int, include_retired: bool) -> list[int]:
         versions = self.list_versions(model_name)
         protected = set(versions[-keep:]) | {self.default_version(model_name)}
         removed = []
