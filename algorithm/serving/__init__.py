@@ -32,6 +32,10 @@ _EXPORTS = {
     "create_calibration_data_generator": "optimize_trt",
     "generate_triton_config": "triton_config",
     "run_benchmark": "benchmark",
+    "write_report": "report",
+    "load_report": "report",
+    "DemoConfig": "demo",
+    "run_demo": "demo",
     "create_exporter": "exporter",
     "validate_deployment": "repository",
     "create_runner": "runners",
@@ -70,6 +74,7 @@ def __dir__():
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .benchmark import BenchmarkResult, TritonBenchmark, run_benchmark
     from .config import BenchmarkConfig, ExportConfig, TritonConfig
+    from .demo import DemoConfig, run_demo
     from .errors import (
         BenchmarkError,
         CheckpointError,
@@ -86,6 +91,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .exporter import ServingExporter, create_exporter
     from .manifests import ManifestConfig, render_manifests, write_manifests
     from .optimize_trt import TensorRTOptimizer, build_trt_engine, create_calibration_data_generator
+    from .report import load_report, write_report
     from .repository import ModelVersionManager, validate_deployment
     from .runners import create_runner
     from .server import TritonServer
