@@ -175,11 +175,12 @@ class TorchRunner:
         results: list[dict | None] = [None] * len(arrays)
         for group in groups:
             recs, scores = self._run_group([arrays[i] for i in group])
+            if output == "numpy":  # one device-to-host copy per group, then views
+                recs, scores = recs.cpu().numpy(), scores.float().cpu().numpy()
             start = 0
             for i in group:
-                out = {"recommendations": recs[start : start + rows[i]], "scores": scores[start : start + rows[i]]}
+                results[i] = {"recommendations": recs[start : start + rows[i]], "scores": scores[start : start + rows[i]]}
                 start += rows[i]
-                results[i] = {k: v.cpu().numpy() for k, v in out.items()} if output == "numpy" else out
         return results
 
     def _run_group(self, arrays: list[dict]):

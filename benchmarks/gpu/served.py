@@ -1,0 +1,300 @@
+"""The served part of the GPU benchmark: the real tritonserver, python backend, GPU instances.
+
+One repository holds two models over the same checkpoint: ``ugt_packed`` (the torch runner's
+GpuEngine, length-aware batching: a dynamic batch's requests are packed, no padding) and
+``ugt_pad`` (the same engine, pad-to-longest). Load comes from several client processes (one
+asyncio TritonBenchmark each, gRPC) so that the client is not the bottleneck; latencies are
+merged, throughputs added, and GPU utilization is read per GPU through NVML while measuring.
+
+- server: batch-1 requests at seq_len 1024 (concurrency 1, 16, 64) and the realistic length mix
+  (log-normal, median 200, max 1024) on both models.
+- scaling (issue 8): the same server on GPU 0 alone, then on GPUs 0 and 1 (instance groups from
+  TritonConfigGenerator with gpus [0, 1]); throughput at P99 <= the SLO, one GPU vs two.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ServeOptions:
+    instances: int = 2  # per GPU
+    max_queue_delay_us: int = 500
+    preferred: tuple = (16, 32, 48, 64)
+    max_batch: int = 64
+    window_s: float = 2.0
+    trials: int = 3
+    warmup_requests: int = 64  # per client process
+    per_client: int = 16  # concurrency per client process
+    fixed_levels: tuple = (1, 16, 64)
+    mix_levels: tuple = (16, 64, 128)
+    scaling_levels: tuple = (64, 128, 256)
+    scaling_instances: tuple = (2,)
+    slo_ms: float = 15.0
+    seq_len: int = 1024
+    median: int = 200
+    sigma: float = 0.8
+    gpus: tuple = (0,)
+    timeout_s: float = 30.0
+    engine_warmup: list = field(default_factory=list)  # empty: derived from the preset
+
+
+def server_env() -> dict:
+    """LD_LIBRARY_PATH for tritonserver and the stub: the wheel's libs and this Python's libpython."""
+    from algorithm.serving.server import find_tritonserver
+
+    libs = find_tritonserver().resolve().parents[3] / "nvidia_pytriton.libs"
+    paths = [str(libs)] if libs.is_dir() else []
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        paths.append(libdir)
+    paths.append(os.environ.get("LD_LIBRARY_PATH", ""))
+    return {"LD_LIBRARY_PATH": os.pathsep.join(p for p in paths if p),
+            "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def write_repository(repo: Path, ckpt: Path, engine: dict, so: ServeOptions, gpus, kind: str, cfg, dtype: str) -> list[str]:
+    """Two python-backend models over one checkpoint; config.pbtxt from TritonConfigGenerator."""
+    from algorithm.serving.config import ExportConfig, TritonConfig
+    from algorithm.serving.repository import write_text_atomic
+    from algorithm.serving.triton_config import (
+        TritonConfigGenerator,
+        artifact_filename,
+        config_to_text,
+        parse_config,
+    )
+
+    warm = so.engine_warmup or default_warmup(so, cfg)
+    names = []
+    for name, batching in (("ugt_packed", "length_aware"), ("ugt_pad", "pad")):
+        ec = ExportConfig(model_name=name, precision=dtype, max_batch_size=so.max_batch,
+                          max_seq_length=cfg.max_seq_length, codebook_sizes=tuple(cfg.codebook_sizes),
+                          num_recommendations=cfg.num_recommendations)
+        tc = TritonConfig(platform="python", python_runtime="torch", instance_count=so.instances,
+                          gpus=tuple(gpus) if kind == "KIND_GPU" else (), instance_kind=kind,
+                          preferred_batch_sizes=tuple(so.preferred), max_queue_delay_us=so.max_queue_delay_us,
+                          model_warmup=False)
+        gen = TritonConfigGenerator(ec, tc)
+        path = Path(gen.generate(repo, model_file=ckpt))
+        msg = gen.build_config(artifact_filename("python", "torch", ckpt))
+        msg.parameters["batching"].string_value = batching
+        msg.parameters["engine"].string_value = json.dumps(engine)
+        msg.parameters["warmup"].string_value = json.dumps(warm)
+        text = config_to_text(msg)
+        parse_config(text)
+        write_text_atomic(path, text)
+        names.append(name)
+    return names
+
+
+def default_warmup(so: ServeOptions, cfg) -> list:
+    """Dense batches 1..max_batch at the fixed length, then mixes for the packed/padded buckets."""
+    n = min(so.seq_len, cfg.max_seq_length)
+    dense = [[b, n] for b in range(1, so.max_batch + 1)]
+    mix = {"lognormal": [min(so.median, n), so.sigma, cfg.max_seq_length],
+           "batches": [b for b in (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64) if b <= so.max_batch],
+           "repeats": 3}
+    return [*dense, mix]
+
+
+# -- load ---------------------------------------------------------------------------------------
+def _client(job: dict) -> dict:
+    """One load-generator process: TritonBenchmark over gRPC, its result with every latency."""
+    sys.path.insert(0, str(ROOT))
+    from algorithm.serving.benchmark import TritonBenchmark
+    from algorithm.serving.config import BenchmarkConfig
+
+    cfg = BenchmarkConfig(**job["config"])
+    try:
+        r = TritonBenchmark(cfg).run(job["url"], job["model"], 1, job["seq_len"], concurrency=job["concurrency"])
+        out = r.to_dict(latencies=True)
+    except Exception as e:
+        res = getattr(e, "result", None)
+        out = res.to_dict(latencies=True) if res is not None else {}
+        out["error"] = f"{type(e).__name__}: {e}"[:500]
+    Path(job["result_path"]).write_text(json.dumps(out, default=str))
+    return out
+
+
+def load_point(url: str, model: str, concurrency: int, so: ServeOptions, codebook_sizes, mix: bool, seed: int) -> dict:
+    procs = max(1, math.ceil(concurrency / so.per_client))
+    share = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    jobs = []
+    for i, c in enumerate(share):
+        config = {"triton_url": url, "concurrency": c, "num_requests": 1, "num_warmup_requests": so.warmup_requests,
+                  "measurement_window_s": so.window_s, "max_trials": so.trials, "stability_percent": 0.0,
+                  "timeout_s": so.timeout_s, "slo_p99_ms": so.slo_ms, "codebook_sizes": tuple(codebook_sizes),
+                  "seed": seed + i, "seq_len_distribution": "lognormal" if mix else "fixed",
+                  "seq_len_median": so.median, "seq_len_sigma": so.sigma, "seq_len_max": so.seq_len}
+        jobs.append({"config": config, "url": url, "model": model, "concurrency": c,
+                     "seq_len": None if mix else so.seq_len})
+    # separate interpreters (not multiprocessing: that would re-import the torch-heavy main script)
+    with tempfile.TemporaryDirectory(prefix="ugt-load-") as tmp:
+        running = []
+        for i, job in enumerate(jobs):
+            job["result_path"] = str(Path(tmp) / f"client{i}.json")
+            running.append(subprocess.Popen([sys.executable, __file__, json.dumps(job)], stdout=subprocess.DEVNULL))
+        parts = []
+        for job, proc in zip(jobs, running, strict=True):
+            try:
+                rc = proc.wait(timeout=so.window_s * so.trials + 120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = "killed after a timeout"
+            path = Path(job["result_path"])
+            parts.append(json.loads(path.read_text()) if path.is_file() else {"error": f"client exited {rc}"})
+    return merge(parts, concurrency, procs)
+
+
+def merge(parts: list[dict], concurrency: int, procs: int) -> dict:
+    errors = [p["error"] for p in parts if p.get("error")]
+    lat = np.concatenate([np.asarray(p.get("latencies_ms", []), dtype=np.float64) for p in parts]) if parts else np.zeros(0)
+    out = {"concurrency": concurrency, "client_processes": procs}
+    if errors:
+        out["client_errors"] = errors[:3]
+    if lat.size == 0:
+        out["error"] = errors[0] if errors else "no successful request"
+        return out
+    gpus: dict[str, list] = {}
+    for p in parts:
+        for idx, g in (p.get("per_gpu") or {}).items():
+            if g.get("utilization") is not None:
+                gpus.setdefault(str(idx), []).append(g["utilization"])
+    out.update({
+        "throughput": float(sum(p.get("throughput", 0.0) for p in parts)),
+        "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)), "mean_ms": float(lat.mean()), "requests": int(lat.size),
+        "failed": int(sum(p.get("failed_requests", 0) for p in parts)),
+        "gpu_util_per_gpu": [float(np.mean(gpus[k])) for k in sorted(gpus, key=int)],
+        "gpu_memory_used_mb": max((p.get("gpu_memory_used_mb") or 0) for p in parts),
+        "client_cpu_percent": float(sum(p.get("client_cpu_percent", 0.0) for p in parts)),
+        "seq_len_mean": float(np.mean([p.get("seq_len_mean", 0.0) for p in parts])),
+        "server_breakdown_us": parts[0].get("server", {}),
+        "batch_sizes_formed": parts[0].get("batch_sizes_formed", {}),
+        "duration_s": float(np.mean([p.get("duration_s", 0.0) for p in parts])),
+    })
+    return out
+
+
+def best_under_slo(points: dict, prefix: str, slo: float) -> dict | None:
+    ok = [(k, p) for k, p in points.items() if k.startswith(prefix) and "error" not in p and p["p99_ms"] <= slo]
+    if not ok:
+        return None
+    k, p = max(ok, key=lambda kp: kp[1]["throughput"])
+    return {"point": k, "throughput": p["throughput"], "p99_ms": p["p99_ms"], "gpu_util_per_gpu": p["gpu_util_per_gpu"]}
+
+
+# -- runs ---------------------------------------------------------------------------------------
+def run_server(tag: str, repo: Path, points_spec, so: ServeOptions, cfg, log, elapsed, budget, out: dict, write):
+    """Start tritonserver on ``repo``, run ``points_spec`` [(name, model, concurrency, mix)]."""
+    from algorithm.serving.server import TritonServer
+
+    t = time.monotonic()
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, startup_timeout_s=300,
+                      env=server_env(), log_dir=Path(tempfile.gettempdir()) / f"triton-{tag}") as server:
+        out.setdefault("startup_s", {})[tag] = round(time.monotonic() - t, 1)
+        log(f"[{tag}] tritonserver ready in {out['startup_s'][tag]} s at {server.grpc_url}")
+        for i, (name, model, conc, mix) in enumerate(points_spec):
+            if elapsed() > budget:
+                out["points"][name] = {"error": f"skipped: {elapsed():.0f}s past the {budget:.0f}s budget"}
+                continue
+            try:
+                p = load_point(server.grpc_url, model, conc, so, cfg.codebook_sizes, mix, seed=100 + i)
+            except Exception as e:
+                p = {"error": f"{type(e).__name__}: {e}"[:500]}
+            out["points"][name] = p
+            write()
+            if "error" in p:
+                log(f"[{tag}] {name}: ERROR {p['error'][:200]}")
+            else:
+                log(f"[{tag}] {name}: {p['throughput']:.0f} req/s p99 {p['p99_ms']:.2f} ms gpu {p['gpu_util_per_gpu']}")
+        out.setdefault("server_log_tail", {})[tag] = server.log_tail(15)
+
+
+def serve_part(args, device, model, engine_opts: dict, result: dict, write, log, elapsed, parts) -> None:
+    so = ServeOptions(**json.loads(args.server_config)) if args.server_config else ServeOptions()
+    cfg = model.config
+    if args.preset == "tiny":  # CPU check of every path: small everything
+        so.seq_len, so.median = min(so.seq_len, 64), min(so.median, 16)
+    cuda = device.type == "cuda"
+    kind = "KIND_GPU" if cuda else "KIND_CPU"
+    dtype = engine_opts.get("dtype", "bf16") if cuda else "fp32"
+    engine = {k: v for k, v in engine_opts.items() if k != "layout"}
+    if not cuda:
+        engine.update(dtype="fp32", varlen_kernel="auto")
+    work = Path(tempfile.mkdtemp(prefix="ugt-gpu-serve-"))
+    ckpt = work / "ugt.safetensors"
+    model.save(ckpt)
+    if "server" in parts:
+        out = result["server"] = {"options": asdict(so), "engine": engine, "kind": kind, "points": {}}
+        try:
+            repo = work / "repo1"
+            write_repository(repo, ckpt, engine, so, so.gpus, kind, cfg, dtype)
+            spec = [(f"fixed{so.seq_len}_c{c}", "ugt_packed", c, False) for c in so.fixed_levels]
+            spec += [(f"mix_{m}_c{c}", f"ugt_{m}", c, True) for m in ("packed", "pad") for c in so.mix_levels]
+            run_server("server", repo, spec, so, cfg, log, elapsed, args.budget_s, out, write)
+            pts = out["points"]
+            packed, pad = best_under_slo(pts, "mix_packed", so.slo_ms), best_under_slo(pts, "mix_pad", so.slo_ms)
+            out["summary"] = {
+                f"fixed c64 p99 <= {so.slo_ms} ms": pts.get(f"fixed{so.seq_len}_c64", {}).get("p99_ms"),
+                "fixed c64 gpu util": pts.get(f"fixed{so.seq_len}_c64", {}).get("gpu_util_per_gpu"),
+                "mix packed best under slo": packed, "mix pad best under slo": pad,
+                "length_aware_over_pad_at_slo": (packed["throughput"] / pad["throughput"]) if packed and pad else None,
+            }
+        except Exception as e:
+            out["error"] = f"{type(e).__name__}: {e}"[:2000]
+            log(f"server part failed: {out['error']}")
+        write()
+    if "scaling" in parts:
+        out = result["scaling"] = {"options": asdict(so), "engine": engine, "kind": kind, "points": {}}
+        try:
+            import torch
+
+            ngpu = torch.cuda.device_count() if cuda else 1
+            configs = [((0,), i) for i in so.scaling_instances]
+            if ngpu >= 2:
+                configs += [((0, 1), i) for i in so.scaling_instances]
+            for gpus, inst in configs:
+                tag = f"gpus{''.join(map(str, gpus))}_i{inst}"
+                so_i = ServeOptions(**{**asdict(so), "instances": inst})
+                repo = work / f"repo_{tag}"
+                write_repository(repo, ckpt, engine, so_i, gpus, kind, cfg, dtype)
+                levels = [c * len(gpus) for c in so.scaling_levels] if len(gpus) > 1 else list(so.scaling_levels)
+                spec = [(f"{tag}_mix_c{c}", "ugt_packed", c, True) for c in levels]
+                spec += [(f"{tag}_fixed{so.seq_len}_c{c}", "ugt_packed", c, False) for c in levels[:2]]
+                run_server(tag, repo, spec, so_i, cfg, log, elapsed, args.budget_s, out, write)
+            pts = out["points"]
+            summ = {}
+            for gpus, inst in configs:
+                tag = f"gpus{''.join(map(str, gpus))}_i{inst}"
+                for load in ("mix", f"fixed{so.seq_len}"):
+                    summ[f"{tag}_{load}"] = best_under_slo(pts, f"{tag}_{load}_", so.slo_ms)
+            for load in ("mix", f"fixed{so.seq_len}"):
+                one = max((v for k, v in summ.items() if k.startswith("gpus0_") and k.endswith(load) and v),
+                          key=lambda v: v["throughput"], default=None)
+                two = max((v for k, v in summ.items() if k.startswith("gpus01_") and k.endswith(load) and v),
+                          key=lambda v: v["throughput"], default=None)
+                summ[f"{load}_two_over_one_at_slo"] = two["throughput"] / one["throughput"] if one and two else None
+            out["summary"] = summ
+        except Exception as e:
+            out["error"] = f"{type(e).__name__}: {e}"[:2000]
+            log(f"scaling part failed: {out['error']}")
+        write()
+
+
+if __name__ == "__main__":  # one load-generator process (see load_point)
+    _client(json.loads(sys.argv[1]))
