@@ -116,6 +116,35 @@ def _secure_tree(root: Path) -> None:
             os.chmod(os.path.join(dirpath, f), 0o644)
 
 
+def make_dirs(path) -> Path:
+    """Create ``path`` and its missing parents as 0755 whatever the umask (existing folders are
+    left as they are)."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o755)
+    return path
+
+
+def check_filename(what: str, name: str) -> str:
+    """A file name from a config (artifact, default_model_filename): one plain path component,
+    never a way out of the version folder."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise RepositoryError(
+            f"{what} {name!r} is not a plain file name",
+            hint="Name the file inside the version folder, e.g. model.onnx (no '/', no '..').",
+        )
+    return name
+
+
 def _remove_dir(path: Path) -> None:
     """Rename out of Triton's sight first (atomic), then delete."""
     trash = path.parent / f".trash-{path.name}-{uuid.uuid4().hex[:8]}"
@@ -236,11 +265,11 @@ class ModelVersionManager:
 
         if config.backend == "python":
             if "artifact" in config.parameters:
-                return config.parameters["artifact"].string_value
+                return check_filename("parameter artifact", config.parameters["artifact"].string_value)
             runtime = config.parameters["runtime"].string_value if "runtime" in config.parameters else "onnxruntime"
             return artifact_filename("python", runtime, model_file)
         if config.default_model_filename:
-            return config.default_model_filename
+            return check_filename("default_model_filename", config.default_model_filename)
         platform = config.platform or config.backend
         if platform not in DEFAULT_FILENAMES:
             raise RepositoryError(f"unknown platform/backend {platform!r} in config.pbtxt")
@@ -331,7 +360,7 @@ class ModelVersionManager:
             os.rename(src, model_dir / str(version))
             restored = True
         newer = [v for v in self.list_versions(model_name) if v > version]
-        retired_dir.mkdir(exist_ok=True)
+        make_dirs(retired_dir)
         for v in sorted(newer, reverse=True):
             dst = retired_dir / str(v)
             if dst.exists():  # an older retired copy of a number that was redeployed
@@ -389,6 +418,11 @@ def _artifact_problems(config, version_dir: Path) -> tuple[list[str], int]:
             files.append(artifact)
     size = 0
     for f in files:
+        try:
+            check_filename("artifact file", f)
+        except RepositoryError as e:
+            errors.append(str(e))
+            continue
         p = version_dir / f
         if not p.exists():
             present = sorted(x.name for x in version_dir.iterdir())
@@ -524,4 +558,12 @@ def validate_deployment(model_repository, model_name: str | None = None) -> dict
             "info": {"models": infos, "versions": {k: v["versions"] for k, v in infos.items()}}}
 
 
-__all__ = ["ModelVersionManager", "check_version", "find_sidecar", "validate_deployment", "write_text_atomic"]
+__all__ = [
+    "ModelVersionManager",
+    "check_filename",
+    "check_version",
+    "find_sidecar",
+    "make_dirs",
+    "validate_deployment",
+    "write_text_atomic",
+]

@@ -230,7 +230,7 @@ class TritonConfigGenerator:
     def generate(self, model_repository, model_file=None, version: int = 1) -> str:
         """Write ``<repo>/<name>/config.pbtxt`` and, with ``model_file``, publish it as
         ``version`` (atomically; replaces that version if present). Returns the config path."""
-        from .repository import ModelVersionManager, write_text_atomic
+        from .repository import ModelVersionManager, make_dirs, write_text_atomic
 
         check_name("model_name", self.model_name)
         tc = self.triton_config
@@ -241,7 +241,7 @@ class TritonConfigGenerator:
             if not model_file.exists():
                 raise InputFileNotFoundError(f"model file not found: {model_file}")
             artifact_name = artifact_filename(tc.platform, tc.python_runtime, model_file)
-        model_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(model_dir)  # 0755 whatever the umask: the server runs what is in here
         path = write_text_atomic(model_dir / "config.pbtxt", self.config_text(artifact_name))
         if model_file is not None:
             ModelVersionManager(model_repository).deploy_version(
