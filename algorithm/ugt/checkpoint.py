@@ -66,7 +66,10 @@ def _read_torch(path: Path):
     import pickle
 
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # A file object, not the path: torch >= 2.13 sends a "*.safetensors" path to safetensors
+        # whatever the bytes, and a pickle named so must still be refused as a pickle.
+        with open(path, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} holds pickled objects that weights-only loading refuses (it could run code); "
