@@ -213,31 +213,41 @@ def serve(
     log_verbose: int = typer.Option(0, min=0, help="tritonserver --log-verbose level."),
     startup_timeout: float = typer.Option(120.0, min=1.0, help="Seconds to wait for readiness."),
     response_cache_bytes: int = typer.Option(0, min=0, help="Size of Triton's response cache (0 = off)."),
+    restart: bool = typer.Option(True, help="Restart tritonserver when it dies, with exponential back-off (--no-restart: exit 1)."),
+    restart_backoff: float = typer.Option(1.0, min=0.0, help="Seconds before the first restart; doubles per failed restart, up to 60."),
+    max_restarts: int = typer.Option(0, min=0, help="Give up (exit 1) after this many failed restarts in a row (0 = never)."),
 ) -> None:
     """Run the real tritonserver on a repository in the foreground; Ctrl-C stops it."""
     from .errors import ServerError
-    from .server import TritonServer
+    from .supervisor import RestartPolicy, ServerSupervisor, describe_event
+
+    def say(event: str, info: dict) -> None:  # every restart is announced on stderr
+        console.print(f"serve: {describe_event(event, info)}", markup=False, highlight=False, soft_wrap=True)
 
     extra = [f"--repository-poll-secs={poll_secs}"] if model_control == "poll" else []
-    server = TritonServer(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          triton_bin=triton_bin, model_control=model_control, log_verbose=log_verbose,
-                          startup_timeout_s=startup_timeout, host=host, response_cache_bytes=response_cache_bytes,
-                          extra_args=extra)
+    policy = RestartPolicy(initial_backoff_s=restart_backoff, max_backoff_s=max(60.0, restart_backoff),
+                           max_restarts=max_restarts)
+    supervisor = ServerSupervisor(repository, policy, say, http_port=http_port, grpc_port=grpc_port,
+                                  metrics_port=metrics_port, triton_bin=triton_bin, model_control=model_control,
+                                  log_verbose=log_verbose, startup_timeout_s=startup_timeout, host=host,
+                                  response_cache_bytes=response_cache_bytes, extra_args=extra)
     # SIGTERM (docker stop, kubectl) stops it like Ctrl-C does; SIGINT is set explicitly
     # because a shell starts background jobs with it ignored.
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with stage(f"Starting tritonserver on {repository}"):
-            server.start()
+            server = supervisor.start()
         models = [m["name"] for m in server.repository_index() if m.get("state") == "READY"]
         emit({**server.urls(), "models": models, "log": str(server.log_path), "pid": server.process.pid}, "Serving (Ctrl-C stops)")
+        if restart:
+            supervisor.run()  # returns on stop(); ServerError once max_restarts in a row failed
         while server.is_alive():
             time.sleep(0.5)
         raise ServerError("tritonserver exited unexpectedly", server.error_tail())
     except KeyboardInterrupt:
         console.print("stopping tritonserver...", highlight=False)
     finally:
-        server.stop()
+        supervisor.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

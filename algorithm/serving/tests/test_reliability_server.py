@@ -18,6 +18,10 @@ from algorithm.serving.supervisor import RestartPolicy, ServerSupervisor, descri
 
 from .reliability_helpers import fire, python_model, server_processes, valid_request
 
+# The CLI as the ugt-serving script runs it (`python -m algorithm.serving.cli` runs cli.py as
+# __main__, without the commands of cli_deploy/cli_bench).
+CLI = "from algorithm.serving.cli import app; app()"
+
 MODEL = "ugt_fault"
 
 
@@ -221,3 +225,82 @@ def test_restart_policy_backs_off_exponentially_up_to_its_cap_and_validates():
     ):
         with pytest.raises(ConfigError, match=field):
             RestartPolicy(initial_backoff_s=0.5, **{field: value})
+
+
+@pytest.mark.server
+def test_ugt_serving_serve_restarts_a_killed_server_and_says_so(fault_repo):
+    """The real CLI in its own process: kill its tritonserver, see the message, the server
+    back on the same port, then SIGTERM stops everything (exit 0)."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    import psutil
+
+    cmd = [
+        sys.executable,
+        "-c",
+        CLI,
+        "--json",
+        "serve",
+        str(fault_repo),
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--restart-backoff",
+        "0.2",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr: list[str] = []
+    reader = threading.Thread(
+        target=lambda: stderr.extend(iter(proc.stderr.readline, "")), daemon=True
+    )
+    reader.start()
+
+    def wait_line(text: str, timeout: float = 90.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hits = [ln for ln in list(stderr) if text in ln]
+            if hits:
+                return hits[0]
+            assert proc.poll() is None, f"serve exited {proc.returncode}: {''.join(stderr)}"
+            time.sleep(0.05)
+        raise AssertionError(f"no {text!r} on stderr within {timeout} s: {''.join(stderr)}")
+
+    def ready(http: str) -> bool:
+        with urllib.request.urlopen(f"{http}/v2/health/ready", timeout=5) as r:
+            return r.status == 200
+
+    try:
+        text = ""
+        for line in proc.stdout:  # --json: one JSON object once the server is ready
+            text += line
+            try:
+                info = json.loads(text)
+                break
+            except ValueError:
+                continue
+        assert ready(info["http"]) and MODEL in info["models"]
+        os.kill(info["pid"], signal.SIGKILL)
+        wait_line("serve: tritonserver exited (code -9)")
+        assert "restarting tritonserver in 0.2 s (attempt 1)" in wait_line(
+            "restarting tritonserver"
+        )
+        restarted = wait_line("tritonserver restarted (pid")
+        new_pid = int(restarted.split("(pid ")[1].split(",")[0])
+        assert new_pid != info["pid"] and info["http"] in restarted
+        assert psutil.Process(new_pid).name() == "tritonserver" and ready(info["http"])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, "".join(stderr)
+        assert (
+            not psutil.pid_exists(new_pid)
+            or psutil.Process(new_pid).status() == psutil.STATUS_ZOMBIE
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)

@@ -27,6 +27,10 @@ from algorithm.serving import (
 from algorithm.serving.cli import app
 from algorithm.serving.errors import CheckpointError, ConfigError, RepositoryError
 
+# The CLI as the ugt-serving script runs it (`python -m algorithm.serving.cli` runs cli.py as
+# __main__, without the commands of cli_deploy/cli_bench).
+CLI = "from algorithm.serving.cli import app; app()"
+
 TRAVERSALS = ["../x", "a/b", "..", "/etc", "1/../../etc", "x\\..\\y", "", "ugt\0"]
 PY = TritonConfig(platform="python", instance_kind="KIND_CPU", instance_count=1)
 
@@ -92,8 +96,8 @@ def test_cli_export_and_deploy_of_an_evil_checkpoint_exit_1_without_running_it(t
     res = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "algorithm.serving.cli",
+            "-c",
+            CLI,
             "export",
             "-c",
             str(files["zip"]),
