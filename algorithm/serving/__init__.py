@@ -95,7 +95,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .optimize_trt import TensorRTOptimizer, build_trt_engine, create_calibration_data_generator
     from .report import load_report, write_report
     from .repository import ModelVersionManager, validate_deployment
-    from .supervisor import RestartPolicy, ServerSupervisor
     from .runners import create_runner
     from .server import TritonServer
+    from .supervisor import RestartPolicy, ServerSupervisor
     from .triton_config import TritonConfigGenerator, generate_triton_config
