@@ -25,6 +25,7 @@ from algorithm.serving.errors import DependencyError, InputFileNotFoundError, Se
 from algorithm.serving.parity import compare_outputs
 from algorithm.serving.runners import INPUT_NAMES, TorchRunner
 from algorithm.serving.server import find_tritonserver, model_statistics
+from algorithm.serving.triton_config import config_to_text
 from algorithm.ugt.data import random_inputs
 
 CODEBOOKS = (1024, 4096, 16384)
@@ -49,8 +50,15 @@ def served(trained, onnx_model, tmp_path_factory):
     TritonConfigGenerator(EC.replace(model_name="ugt_versions"), TC.replace(python_runtime="torch", max_queue_delay_us=0)).generate(
         repo, model_file=checkpoint
     )
+    # Tensors through DLPack (what numpy 2 environments use) and the response cache.
+    gen = TritonConfigGenerator(EC.replace(model_name="ugt_dlpack"), TC.replace(response_cache=True))
+    gen.generate(repo, model_file=onnx_model)
+    cfg = gen.build_config("model.onnx")
+    cfg.parameters["tensor_transport"].string_value = "dlpack"
+    (repo / "ugt_dlpack" / "config.pbtxt").write_text(config_to_text(cfg))
     assert validate_deployment(repo)["valid"]
-    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, model_control="explicit") as server:
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, model_control="explicit",
+                      response_cache_bytes=1 << 20) as server:
         yield server, repo, TorchRunner(model)
 
 
@@ -159,6 +167,18 @@ def test_a_bad_request_fails_alone_with_a_clear_message(served):
     # All six reached the model and shared executions, yet only the three bad ones failed.
     assert after["inference_count"] - before["inference_count"] == len(requests)
     assert after["execution_count"] - before["execution_count"] < len(requests)
+
+
+@pytest.mark.server
+def test_dlpack_transport_and_the_response_cache(served):
+    server, _, ref = served
+    x = random_inputs(2, 12, CODEBOOKS, np.random.default_rng(9), ragged=True)
+    first = _grpc_infer(server.grpc_url, x, "ugt_dlpack")
+    again = _grpc_infer(server.grpc_url, x, "ugt_dlpack")
+    _close(ref.infer(x), first, "dlpack")
+    np.testing.assert_array_equal(first["recommendations"], again["recommendations"])
+    stats = server.statistics("ugt_dlpack")["model_stats"][0]["inference_stats"]
+    assert stats["cache_hit"]["count"] == 1 and stats["cache_miss"]["count"] >= 1
 
 
 @pytest.mark.server

@@ -23,7 +23,8 @@ import triton_python_backend_utils as pb_utils
 
 INPUT_NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
 ID_NAMES = INPUT_NAMES[:3]
-# The stub's numpy bridge is built against numpy 1; with numpy 2 tensors cross through DLPack.
+# The stub's numpy bridge is built against numpy 1; with numpy 2 tensors cross through DLPack
+# as torch tensors (numpy's own DLPack capsules crash this stub: seen, segfault on CPU).
 _DLPACK = int(np.__version__.split(".")[0]) >= 2
 
 
@@ -110,11 +111,20 @@ class TritonPythonModel:
 
     # -- requests -------------------------------------------------------------------------
     def _numpy(self, tensor) -> np.ndarray:
-        return np.from_dlpack(tensor) if self.dlpack else tensor.as_numpy()
+        if not self.dlpack:
+            return tensor.as_numpy()
+        from torch.utils import dlpack
+
+        return dlpack.from_dlpack(tensor.to_dlpack()).cpu().numpy()
 
     def _tensor(self, name: str, array: np.ndarray):
         array = np.ascontiguousarray(array)
-        return pb_utils.Tensor.from_dlpack(name, array) if self.dlpack else pb_utils.Tensor(name, array)
+        if not self.dlpack:
+            return pb_utils.Tensor(name, array)
+        import torch
+        from torch.utils import dlpack
+
+        return pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(torch.from_numpy(array)))
 
     def _read(self, request) -> dict[str, np.ndarray]:
         arrays = {}
