@@ -9,8 +9,10 @@ the stub finds its Python environment through PATH, not PYTHONPATH.
     with TritonServer("model_repository", http_port=0, grpc_port=0, metrics_port=0) as server:
         client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
 
-The server dies with the thread that started it (``PR_SET_PDEATHSIG``), stops with SIGINT then
-SIGKILL, and every failure raises ServerError carrying the tail of the server log.
+The server dies with the thread that started it (``PR_SET_PDEATHSIG`` fires when that *thread*
+ends, so start it from a thread that lives as long as the server, e.g. the main thread), stops
+with SIGINT then SIGKILL, and every failure raises ServerError carrying the tail of the log.
+The project must be installed in the environment the stub finds (it ignores PYTHONPATH: seen).
 """
 
 from __future__ import annotations
@@ -309,7 +311,7 @@ class TritonServer:
             if code is not None:
                 raise ServerError(
                     f"tritonserver exited with code {code} during start-up "
-                    f"(repository {self.model_repository})",
+                    f"(repository {self.model_repository}; full log {self.log_path})",
                     self.error_tail(),
                     hint=self._failure_hint(),
                 )
@@ -318,7 +320,7 @@ class TritonServer:
                 return
             if time.monotonic() > deadline:
                 raise ServerError(
-                    f"tritonserver not ready after {self.startup_timeout_s:.0f} s",
+                    f"tritonserver not ready after {self.startup_timeout_s:.0f} s (full log {self.log_path})",
                     self.error_tail(),
                     hint="Raise startup_timeout_s for slow model loads, or read the log tail.",
                 )
@@ -357,7 +359,11 @@ class TritonServer:
             self._log_file = None
 
     def _cleanup(self, keep_log: bool) -> None:
-        if self.workdir is not None and not keep_log and self._given_log_dir is None:
+        if self.workdir is None:
+            return
+        if keep_log or self._given_log_dir is not None:  # keep the log, not the 3 MB backend copy
+            shutil.rmtree(self.workdir / "backends", ignore_errors=True)
+        else:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def stop(self) -> None:
