@@ -183,6 +183,11 @@ def demo(
     goals = summary["goals"]
     facts = {"served artifact": f"{chosen['backend']} {chosen['precision']} (recall@K overlap "
                                 f"{chosen['recall_overlap']})"}
+    training = summary.get("training", {})
+    if "steps" in training:
+        recall = next((v for k, v in training.items() if k.startswith("heldout_recall")), None)
+        chance = next((v for k, v in training.items() if k.startswith("chance_recall")), None)
+        facts["checkpoint trained"] = f"{training['steps']} steps, held-out recall@K {recall} (chance {chance})"
     if "p99_ms_at_lowest_concurrency" in goals:
         facts["goal: P99 < 15 ms at the lowest concurrency"] = (
             f"{goals['p99_ms_at_lowest_concurrency']:.2f} ms: {'met' if goals['p99_under_15ms'] else 'NOT met'}")

@@ -279,6 +279,12 @@ def test_run_benchmark_returns_the_guide_keys(server):
     for k in ("throughput", "latency_p50", "latency_p90", "latency_p95", "latency_p99", "total_requests"):
         assert k in d
     assert d["seq_length"] == 16 and d["successful_requests"] >= 20
+    from algorithm.serving import ServingExporter
+
+    cfg = BenchmarkConfig(test_seq_lengths=(16,), **{**FAST, "measurement_window_s": 0.3})
+    m = ServingExporter(benchmark_config=cfg).benchmark(server.grpc_url, "ugt_ort", num_requests=20)
+    assert set(m) >= {"throughput", "latency_p50", "latency_p90", "latency_p99"}
+    assert 0 < m["latency_p50"] <= m["latency_p90"] <= m["latency_p99"] and m["throughput"] > 0
 
 
 @pytest.mark.server
