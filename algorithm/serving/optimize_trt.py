@@ -398,17 +398,13 @@ class TensorRTOptimizer:
         if cfg.precision == "bf16":
             bconf.set_flag(trt.BuilderFlag.BF16)
         if cfg.precision == "int8":
-            from .backends.base import calibration_batches
+            from .backends.base import calibration_batches, uniform_batches
 
             bconf.set_flag(trt.BuilderFlag.INT8)
-            batches = calibration_batches(calibration_data, cfg)
+            given = calibration_batches(calibration_data, cfg)
+            # One calibration profile, so one shape: the first batch's size, the longest history.
+            batches = uniform_batches(given, len(given[0][INPUT_NAMES[0]]))
             shape = batches[0][INPUT_NAMES[0]].shape
-            if any(b[INPUT_NAMES[0]].shape != shape for b in batches):
-                raise ConfigError(
-                    "calibration_data",
-                    "batches of several shapes",
-                    "one [batch, seq_len] shape for TensorRT calibration",
-                )
             calib_profile = builder.create_optimization_profile()
             for name in inputs:
                 calib_profile.set_shape(name, shape, shape, shape)

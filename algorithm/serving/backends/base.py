@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.util
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -195,4 +195,22 @@ def calibration_batches(calibration_data, config: ExportConfig) -> list[dict[str
     return batches
 
 
-CalibrationSource = Callable[[], Iterable[dict]] | Iterable[dict] | str | Path | None
+def uniform_batches(
+    batches: list[dict[str, np.ndarray]], batch_size: int
+) -> list[dict[str, np.ndarray]]:
+    """The same histories as equal ``[batch_size, longest]`` batches.
+
+    Calibrators that stack activations across batches (ONNX Runtime's histogram methods,
+    TensorRT's calibration profile) need one shape. Shorter histories are padded (padding is
+    masked, so outputs do not change); the last batch is filled from the first users again.
+    """
+    longest = max(b[INPUT_NAMES[0]].shape[1] for b in batches)
+    rows = {
+        k: np.concatenate([np.pad(b[k], ((0, 0), (0, longest - b[k].shape[1]))) for b in batches])
+        for k in INPUT_NAMES
+    }
+    n = len(rows[INPUT_NAMES[0]])
+    size = min(batch_size, n)
+    count = -(-n // size)
+    order = np.arange(count * size) % n
+    return [{k: v[order[i * size : (i + 1) * size]] for k, v in rows.items()} for i in range(count)]

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError, OptimizationError
-from .base import Backend, artifact_sidecar, calibration_batches
+from .base import CALIBRATION_BATCH, Backend, artifact_sidecar, calibration_batches, uniform_batches
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,9 @@ class OnnxRuntimeBackend(Backend):
             stage = work / "stage.onnx"
             onnx.save(model, str(stage))
             if precision == "int8":
-                batches = calibration_batches(calibration_data, config)
+                batches = uniform_batches(
+                    calibration_batches(calibration_data, config), CALIBRATION_BATCH
+                )
                 quantized = work / "int8.onnx"
                 info.update(
                     quantize_int8(stage, quantized, batches, config.calibration_method, work)
