@@ -30,6 +30,10 @@ _EXPORTS = {
     "export_to_onnx": "export_onnx",
     "build_trt_engine": "optimize_trt",
     "create_calibration_data_generator": "optimize_trt",
+    "check_plan_compatible": "optimize_trt",
+    "trtexec_command": "optimize_trt",
+    "get_backend": "backends",
+    "available_backends": "backends",
     "generate_triton_config": "triton_config",
     "run_benchmark": "benchmark",
     "write_report": "report",
@@ -74,6 +78,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .backends import available_backends, get_backend
     from .benchmark import BenchmarkResult, TritonBenchmark, run_benchmark
     from .config import BenchmarkConfig, ExportConfig, TritonConfig
     from .demo import DemoConfig, run_demo
@@ -92,7 +97,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .export_onnx import ModelInputSpec, ModelWrapper, ONNXExporter, export_to_onnx
     from .exporter import ServingExporter, create_exporter
     from .manifests import ManifestConfig, render_manifests, write_manifests
-    from .optimize_trt import TensorRTOptimizer, build_trt_engine, create_calibration_data_generator
+    from .optimize_trt import (
+        TensorRTOptimizer,
+        build_trt_engine,
+        check_plan_compatible,
+        create_calibration_data_generator,
+        trtexec_command,
+    )
     from .report import load_report, write_report
     from .repository import ModelVersionManager, validate_deployment
     from .runners import create_runner
