@@ -42,6 +42,8 @@ SDPA_BACKENDS = (None, "flash", "cudnn", "efficient", "math")
 LAYOUTS = ("packed", "padded")
 GELUS = ("exact", "tanh_fused")
 HEAD_PRECISIONS = ("fp32", "tf32", "bf16_fp32_out")
+STEP_ATTENTION = ("elementwise", "einsum")
+TOPK = ("two_stage", "flat")
 _MASKED = -30000.0  # the reference's additive mask value
 INPUT_NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
 
@@ -57,8 +59,11 @@ class EngineConfig:
     sdpa_backend: str | None = None  # dense/padded attention; None = torch's choice
     gelu: str = "exact"  # "tanh_fused": cuBLASLt GELU epilogue (tanh approximation)
     head_precision: str = "tf32"  # output heads: fp32 weights (tf32 or full fp32) or bf16 in / fp32 out
+    step_attention: str = "elementwise"  # the decoder's <= 3-key self-attention over its cache
+    topk: str = "two_stage"  # beam step: per-beam top-K then top-K of K*K, or one top-K of K*C
     cuda_graphs: bool = True
-    max_graphs: int = 128  # LRU bound on captured graphs
+    max_graphs: int = 160  # LRU bound on captured graphs
+    capture_new_shapes: bool = True  # False: shapes first seen after freeze_graphs() run eagerly
     max_users: int = 64  # one forward's users (infer_requests splits larger groups)
     max_tokens: int = 65536  # one forward's packed tokens
 
@@ -73,6 +78,8 @@ class EngineConfig:
             ("sdpa_backend", SDPA_BACKENDS),
             ("gelu", GELUS),
             ("head_precision", HEAD_PRECISIONS),
+            ("step_attention", STEP_ATTENTION),
+            ("topk", TOPK),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, getattr(self, name), f"one of {allowed}")
@@ -273,6 +280,8 @@ class GpuEngine:
             for h in model.heads
         ]
         self.graphs_enabled = cfg.cuda_graphs and cuda
+        self.frozen = False  # set by freeze_graphs(): no new captures when capture_new_shapes is False
+        self.eager_runs = 0
         self._graphs: OrderedDict = OrderedDict()
         self._pool = None
         self.graph_captures = 0
@@ -378,8 +387,12 @@ class GpuEngine:
             keys = k[:, None] if past is None else torch.cat([past[0], k[:, None]], 1)
             vals = v[:, None] if past is None else torch.cat([past[1], v[:, None]], 1)
             new_cache.append((keys, vals))
-            s = torch.einsum("rhd,rthd->rht", q.float(), keys.float()) * scale
-            o = torch.einsum("rht,rthd->rhd", s.softmax(-1), vals.float()).to(y.dtype)
+            if self.config.step_attention == "einsum":
+                s = torch.einsum("rhd,rthd->rht", q.float(), keys.float()) * scale
+                o = torch.einsum("rht,rthd->rhd", s.softmax(-1), vals.float()).to(y.dtype)
+            else:  # t <= 3 keys: broadcast products beat thousands of tiny batched GEMMs
+                a = ((q.unsqueeze(1) * keys).float().sum(-1) * scale).softmax(1)  # [R, t, H]
+                o = (a.unsqueeze(-1) * vals.float()).sum(1).to(y.dtype)
             y = y + layer.self_attn.out(o.reshape(-1, self.d))
             cq = layer.cross_attn.q(layer.norm2(y))
             y = y + layer.cross_attn.out(self._cross(cq, mk, mv, t, beams))
@@ -406,6 +419,10 @@ class GpuEngine:
         """logits [S, K, C] fp32, scores [S, K] -> (scores, beam, code), each [S, K]."""
         s, k = scores.shape
         lse = torch.logsumexp(logits, -1, keepdim=True)
+        if self.config.topk == "flat":
+            c = logits.shape[-1]
+            scores, flat = (scores.unsqueeze(-1) + (logits - lse)).view(s, k * c).topk(k, dim=-1)
+            return scores, torch.div(flat, c, rounding_mode="floor"), flat % c
         top, code = logits.topk(k, dim=-1)  # log-softmax is a per-row shift: same winners
         cand = (scores.unsqueeze(-1) + (top - lse)).reshape(s, k * k)
         scores, flat = cand.topk(k, dim=-1)
@@ -554,6 +571,9 @@ class GpuEngine:
             return self._forward(t)  # host loop over lengths: not capturable
         key, tb = self._graph_key_and_static(t)
         entry = self._graphs.get(key)
+        if entry is None and self.frozen and not self.config.capture_new_shapes:
+            self.eager_runs += 1  # a capture would stall this batch for tens of ms
+            return self._forward(t)
         if entry is None:
             entry = self._capture(tb)
             self._graphs[key] = entry
@@ -603,6 +623,10 @@ class GpuEngine:
     def __call__(self, l1, l2, l3, mask):
         t, b = self.tokens_from_arrays(l1, l2, l3, mask)
         return self.run(t, b)
+
+    def freeze_graphs(self) -> None:
+        """After warm-up: shapes not captured yet run eagerly if ``capture_new_shapes`` is False."""
+        self.frozen = True
 
     @property
     def graph_count(self) -> int:

@@ -129,7 +129,10 @@ class TorchRunner:
                     req["attention_mask"] = np.ones((1, n), dtype=np.int64)
                     reqs.append(req)
                 self.infer_requests(reqs)
-        return 0 if self.engine is None else self.engine.graph_count
+        if self.engine is None:
+            return 0
+        self.engine.freeze_graphs()
+        return self.engine.graph_count
 
     def infer_torch(self, inputs: dict) -> dict:
         """Tensors in (any device), tensors out on the runner's device: no host copies of data.

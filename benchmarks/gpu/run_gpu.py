@@ -43,6 +43,7 @@ from algorithm.serving.parity import compare_outputs  # noqa: E402
 from algorithm.ugt import SyntheticCatalog, UGTConfig, UGTModel, random_inputs  # noqa: E402
 
 NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
+CATALOG_ITEMS = 2000
 T0 = time.monotonic()
 
 
@@ -149,17 +150,17 @@ def trained_model(preset: str, device, steps: int, budget_s: float) -> tuple[UGT
     cfg = UGTConfig.base() if preset == "base" else UGTConfig.tiny()
     torch.manual_seed(0)
     model = UGTModel(cfg).to(device)
-    catalog = SyntheticCatalog(codebook_sizes=tuple(cfg.codebook_sizes), num_items=4000, seed=0)
+    catalog = SyntheticCatalog(codebook_sizes=tuple(cfg.codebook_sizes), num_items=CATALOG_ITEMS, seed=0)
     rng = np.random.default_rng(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     t = time.monotonic()
     loss = float("nan")
     done = 0
     model.train()
     auto = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step in range(steps):
-        b = catalog.batch(128, 8, 256 if preset == "base" else 48, rng)
+        b = catalog.batch(128, 8, 64, rng)
         args = [torch.from_numpy(b[k]).to(device) for k in NAMES]
         with auto:
             out = model.loss(*args, torch.from_numpy(b["target"]).to(device))
@@ -173,7 +174,7 @@ def trained_model(preset: str, device, steps: int, budget_s: float) -> tuple[UGT
             break
     loss = float(out.detach())
     model.eval()
-    held = catalog.batch(256, 8, 256 if preset == "base" else 48, np.random.default_rng(99))
+    held = catalog.batch(256, 8, 64, np.random.default_rng(99))
     hits = 0
     with torch.inference_mode():
         for s in range(0, 256, 64):
@@ -182,7 +183,8 @@ def trained_model(preset: str, device, steps: int, budget_s: float) -> tuple[UGT
             hits += int((recs == tgt[:, None, :]).all(-1).any(-1).sum())
     report = {"steps": done, "seconds": round(time.monotonic() - t, 1), "final_loss": loss,
               "heldout_recall@50": hits / 256, "chance_recall@50": cfg.num_recommendations / catalog.num_items,
-              "how": "AdamW 1e-3, bf16 autocast, batches of 128 synthetic walks (8-256 items), 4000-item catalog"}
+              "how": f"AdamW 2e-3 one-cycle, bf16 autocast, batches of 128 synthetic walks (8-64 items), "
+                     f"{CATALOG_ITEMS}-item catalog; recall on held-out walks of the same kind"}
     return model, report
 
 
@@ -203,7 +205,7 @@ def mix_inputs(catalog_or_sizes, lengths, rng) -> dict:
 
 def catalog_histories(cfg, count: int, rng, longest: int) -> dict:
     """In-distribution histories (synthetic walks) with log-normal lengths, right-padded."""
-    cat = SyntheticCatalog(codebook_sizes=tuple(cfg.codebook_sizes), num_items=4000, seed=0)
+    cat = SyntheticCatalog(codebook_sizes=tuple(cfg.codebook_sizes), num_items=CATALOG_ITEMS, seed=0)
     lengths = lognormal_lengths(rng, count, longest=longest)
     hist, _, _ = cat.sessions(count, 1, int(lengths.max()), rng)
     mask = np.arange(hist.shape[1])[None, :] < lengths[:, None]
@@ -253,6 +255,8 @@ VARIANTS = {
     "heads_fp32": {"head_precision": "fp32"},
     "fp16": {"dtype": "fp16"},
     "no_cuda_graphs": {"cuda_graphs": False},
+    "step_attention_einsum": {"step_attention": "einsum"},
+    "topk_flat": {"topk": "flat"},
 }
 AXES = [("gelu",), ("sdpa_backend",), ("head_precision",), ("dtype",)]
 
@@ -313,7 +317,8 @@ def model_part(args, device, result: dict, write) -> tuple[UGTModel, dict, dict]
     combo = dict(base_opts)
     for name, opts in VARIANTS.items():
         r = variants.get(name)
-        if name == "base" or not r or "error" in r or "cuda_graphs" in opts or "dense_when_full" in opts:
+        if name == "base" or not r or "error" in r or "cuda_graphs" in opts or "dense_when_full" in opts \
+                or "sdpa_backend" in opts and "sdpa_backend" in combo:
             continue
         if r["full_64x1024"]["median_ms"] < 0.99 * base_ms and r["parity_catalog"]["recall_overlap"] >= args.min_recall:
             combo.update(opts)
@@ -326,6 +331,11 @@ def model_part(args, device, result: dict, write) -> tuple[UGTModel, dict, dict]
     result["model"]["picked"] = {"name": best, "engine": EngineConfig(**best_opts).__dict__}
     log(f"picked {best}: {best_opts}")
     write()
+    if device.type == "cuda":
+        result["model"]["profile"] = profile(model, best_opts, device)
+        write()
+    result["model"]["runner"] = runner_overhead(model, best_opts, device, args)
+    write()
     result["model"]["table"] = shape_table(model, best_opts, device, result, args)
     write()
     result["model"]["length_mix"] = length_mix(model, best_opts, device, args)
@@ -336,18 +346,34 @@ def model_part(args, device, result: dict, write) -> tuple[UGTModel, dict, dict]
 
 
 def extras_part(args, device, model, opts, data, result, write) -> None:
-    """Variants that may fault or take minutes, run last: cuDNN varlen attention, torch.compile."""
+    """torch.compile of the encoder, in a child process with a deadline (it can take minutes).
+
+    (cuDNN variable-length attention was tried in the first H100 run and did not finish within
+    7 minutes; it is not run again.)"""
     out = result.setdefault("extras", {})
-    if elapsed() < args.budget_s - 30:
-        out["varlen_cudnn"] = measure_variant(model, {**opts, "dense_when_full": False, "varlen_kernel": "cudnn"},
-                                              device, data["full"], data["mix"], data["refs"], args.iters)
-        log(f"varlen_cudnn: {out['varlen_cudnn'].get('error') or out['varlen_cudnn']['mix_64']}")
-        write()
-    if elapsed() < args.budget_s - 150:
-        out["torch_compile"] = compile_variant(model, opts, device, data["full"], data["refs"], args)
-        write()
-    else:
+    left = args.budget_s + 60 - elapsed()
+    if left < 90:
         out["torch_compile"] = {"skipped": f"{elapsed():.0f}s elapsed, budget {args.budget_s:.0f}s"}
+        return
+    cmd = [sys.executable, __file__, "--compile-child", json.dumps(opts), "--iters", str(args.iters)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        out["torch_compile"] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-1500:]}
+    except subprocess.TimeoutExpired:
+        out["torch_compile"] = {"error": f"not done within {left:.0f} s (compile + timing)"}
+    log(f"torch.compile: {out['torch_compile']}")
+    write()
+
+
+def compile_child(opts: dict, iters: int) -> None:
+    """--compile-child: random-weight base model (timing only), compiled vs plain engine, no graphs."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = UGTModel(UGTConfig.base()).to(device).eval()
+    full = random_inputs(64, 1024, model.config.codebook_sizes, np.random.default_rng(0))
+    refs = {"full": reference_outputs(model, full, device)}
+    print(json.dumps(compile_variant(model, opts, device, full, refs, argparse.Namespace(iters=iters))), flush=True)
 
 
 def compile_variant(model, opts, device, full, refs, args) -> dict:
@@ -370,6 +396,55 @@ def compile_variant(model, opts, device, full, refs, args) -> dict:
         row["error"] = f"{type(e).__name__}: {e}"[:600]
         log(f"torch.compile failed: {row['error']}")
     return row
+
+
+def profile(model, opts, device) -> dict:
+    """Where the time goes: CUDA kernels of one eager engine call (no graphs), top by total time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    out = {}
+    engine = GpuEngine(model, EngineConfig(**{**opts, "cuda_graphs": False}), device)
+    rng = np.random.default_rng(4)
+    for b, n in ((64, 1024), (64, 128)):
+        inp = [torch.from_numpy(random_inputs(b, n, model.config.codebook_sizes, rng)[k]).to(device) for k in NAMES]
+        engine(*inp)
+        sync(device)
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            engine(*inp)
+            sync(device)
+        rows = []
+        total = 0.0
+        for e in p.key_averages():
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+            if t and e.key and not e.key.startswith(("ProfilerStep", "cuda")):
+                rows.append((t, e.count, e.key))
+        rows.sort(reverse=True)
+        total = sum(t for t, _, _ in rows)
+        out[f"{b}x{n}"] = {"kernel_ms_total": total / 1e3, "kernels": sum(c for _, c, _ in rows),
+                           "top": [{"ms": t / 1e3, "count": c, "name": k[:120]} for t, c, k in rows[:18]]}
+        log(f"profile {b}x{n}: {total / 1e3:.2f} ms in {sum(c for _, c, _ in rows)} kernels; top: "
+            + "; ".join(f"{k[:40]} {t / 1e3:.2f}" for t, _, k in rows[:6]))
+    return out
+
+
+def runner_overhead(model, opts, device, args) -> dict:
+    """TorchRunner.infer_requests (host packing + copies + graph + D2H) vs the engine alone."""
+    from algorithm.serving.runners import TorchRunner
+
+    quick = args.preset == "tiny"
+    n = 1024 if not quick else 32
+    runner = TorchRunner(model, device=str(device), dtype=opts.get("dtype", "bf16"), engine=dict(opts))
+    rng = np.random.default_rng(5)
+    out = {}
+    for b in (1, 16, 64):
+        reqs = [{k: v for k, v in random_inputs(1, n, model.config.codebook_sizes, rng).items()} for _ in range(b)]
+        out[f"fixed{n}_b{b}"] = time_fn(lambda r=reqs: runner.infer_requests(r), device, iters=args.iters)
+    lengths = lognormal_lengths(rng, 64, longest=n)
+    reqs = [random_inputs(1, int(m), model.config.codebook_sizes, rng) for m in lengths]
+    out["mix_b64"] = time_fn(lambda: runner.infer_requests(reqs), device, iters=args.iters)
+    log("runner infer_requests: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in out.items()))
+    return out
 
 
 def weight_bytes(model, opts) -> int:
@@ -482,7 +557,11 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", default="", help="JSON EngineConfig for server/scaling without the model part")
     ap.add_argument("--budget-s", type=float, default=560.0, help="skip later load points past this")
     ap.add_argument("--server-config", default="", help="JSON overrides for served.ServeOptions")
+    ap.add_argument("--compile-child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.compile_child:
+        compile_child(json.loads(args.compile_child), args.iters)
+        return 0
     device = torch.device(args.device)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     out = Path(args.out)

@@ -73,8 +73,9 @@ def _assert_same(ref, out, max_diff=1e-4):
         {"layout": "packed", "gelu": "tanh_fused"},
         {"layout": "padded"},
         {"layout": "packed", "head_precision": "fp32"},
+        {"layout": "packed", "topk": "flat", "step_attention": "einsum"},
     ],
-    ids=["packed", "packed-fused-gelu", "padded", "fp32-heads"],
+    ids=["packed", "packed-fused-gelu", "padded", "fp32-heads", "flat-topk-einsum"],
 )
 def test_engine_matches_reference_on_ragged_batches(model, rng, options):
     inp = _ragged(rng)
@@ -145,9 +146,10 @@ def test_infer_torch_returns_tensors_on_the_runner_device(model, rng):
     assert out["recommendations"].device == runner.device
 
 
-def test_warmup_serves_dense_and_mixed_requests(model):
-    runner = TorchRunner(model, engine=EngineConfig(dtype="fp32"), warmup=[[2, 8], {"lognormal": [6, 0.5, 20], "batches": [3], "repeats": 1}])
-    assert runner.engine.graph_count == 0  # no CUDA here: eager, but every path ran
+def test_warmup_serves_dense_and_mixed_requests_then_freezes(model):
+    spec = [[2, 8], {"lognormal": [6, 0.5, 20], "batches": [3], "repeats": 1}]
+    runner = TorchRunner(model, engine=EngineConfig(dtype="fp32", capture_new_shapes=False), warmup=spec)
+    assert runner.engine.graph_count == 0 and runner.engine.frozen  # no CUDA here: eager, every path ran
 
 
 def test_bf16_engine_keeps_recall_of_a_trained_model(trained):
@@ -246,6 +248,16 @@ def test_gpu_graph_replay_equals_eager(model, rng):
         a = eager(*(inp[k] for k in INPUT_NAMES))
         b = graphed(*(inp[k] for k in INPUT_NAMES))
         assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_frozen_engine_runs_new_shapes_eagerly(model, rng):
+    engine = GpuEngine(model, EngineConfig(dtype="bf16", capture_new_shapes=False), device="cuda")
+    engine.warmup([(2, 16)])
+    engine.freeze_graphs()
+    inp = _ragged(rng)
+    engine(*(inp[k] for k in INPUT_NAMES))
+    assert (engine.graph_count, engine.eager_runs) == (1, 1)
 
 
 @pytest.mark.gpu
