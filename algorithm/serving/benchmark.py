@@ -18,27 +18,32 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from .config import BenchmarkConfig
-from .errors import BenchmarkError, ConfigError, InputFileNotFoundError
+from .errors import BenchmarkError, ConfigError
+from .loadgen import (  # noqa: F401  (re-exported: the load generator's public helpers)
+    FAILED,
+    OK,
+    REJECTED,
+    TIMED_OUT,
+    Client,
+    Records,
+    classify_error,
+    load_histogram,
+    make_requests,
+    sample_seq_lengths,
+)
 from .monitor import ResourceMonitor, server_breakdown, stats_snapshot
-from .runners import INPUT_NAMES
 
 logger = logging.getLogger(__name__)
 
-OK, FAILED, REJECTED, TIMED_OUT = 0, 1, 2, 3
-# Triton answers these when its queue policy turns a request away (max_queue_size, queue timeout).
-_REJECT_MARKERS = ("maximum queue size", "request timeout expired", "exceeds maximum queue")
 ProgressFn = Callable[[str, dict], None]
 
 
@@ -160,133 +165,6 @@ def result_key(batch_size: int, seq_length, distribution: str, mode: str, load: 
     return f"bs{batch_size}_{seq}_{lvl}"
 
 
-# ------------------------------------------------------------------------------- request data
-def sample_seq_lengths(config: BenchmarkConfig, count: int, rng: np.random.Generator,
-                       fixed: int | None = None) -> np.ndarray:
-    """``count`` history lengths from the configured distribution (fixed uses ``fixed``)."""
-    dist, lo, hi = config.seq_len_distribution, config.seq_len_min, config.seq_len_max
-    if dist == "fixed":
-        n = fixed if fixed is not None else config.seq_len_median
-        return np.full(count, int(n), dtype=np.int64)
-    if dist == "uniform":
-        return rng.integers(lo, hi + 1, count)
-    if dist == "lognormal":
-        x = np.exp(rng.normal(math.log(config.seq_len_median), config.seq_len_sigma, count))
-        return np.clip(np.rint(x), lo, hi).astype(np.int64)
-    lengths, counts = load_histogram(config.seq_len_histogram_file)
-    keep = (lengths >= lo) & (lengths <= hi)
-    if not keep.any():
-        raise ConfigError("seq_len_histogram_file", config.seq_len_histogram_file,
-                          f"lengths inside [seq_len_min={lo}, seq_len_max={hi}]")
-    p = counts[keep] / counts[keep].sum()
-    return rng.choice(lengths[keep], count, p=p)
-
-
-def load_histogram(path) -> tuple[np.ndarray, np.ndarray]:
-    """An empirical length histogram: JSON ``{"lengths": [...], "counts": [...]}``."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputFileNotFoundError(f"sequence-length histogram not found: {p}")
-    try:
-        data = json.loads(p.read_text())
-        lengths = np.asarray(data["lengths"], dtype=np.int64)
-        counts = np.asarray(data["counts"], dtype=np.float64)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError("seq_len_histogram_file", str(p),
-                          'JSON {"lengths": [positive ints], "counts": [non-negative numbers]}') from e
-    if lengths.ndim != 1 or lengths.shape != counts.shape or not len(lengths) or (lengths < 1).any() \
-            or (counts < 0).any() or counts.sum() <= 0:
-        raise ConfigError("seq_len_histogram_file", str(p),
-                          "equal-length 'lengths' (>= 1) and 'counts' (>= 0, not all 0)")
-    return lengths, counts
-
-
-def make_requests(batch_size: int, lengths: np.ndarray, codebook_sizes, rng: np.random.Generator) -> list[dict]:
-    """Requests of ``batch_size`` histories each; rows of one request are padded to its longest."""
-    reqs = []
-    for start in range(0, len(lengths) - batch_size + 1, batch_size):
-        rows = lengths[start : start + batch_size]
-        width = int(rows.max())
-        mask = (np.arange(width)[None, :] < rows[:, None]).astype(np.int64)
-        req = {f"encoder_l{i + 1}_ids": rng.integers(0, c, (batch_size, width)) * mask
-               for i, c in enumerate(codebook_sizes)}
-        req["attention_mask"] = mask
-        reqs.append({k: np.ascontiguousarray(req[k], dtype=np.int64) for k in INPUT_NAMES})
-    return reqs
-
-
-# ------------------------------------------------------------------------------------- client
-def _strip_scheme(url: str) -> str:
-    for prefix in ("grpc://", "http://", "https://"):
-        if url.startswith(prefix):
-            return url[len(prefix):]
-    return url
-
-
-class _Client:
-    """The async tritonclient of one protocol behind the few calls the load generator makes."""
-
-    def __init__(self, url: str, protocol: str, concurrency: int, timeout_s: float):
-        self.url, self.protocol, self.timeout_s = _strip_scheme(url), protocol, timeout_s
-        try:
-            if protocol == "grpc":
-                import tritonclient.grpc.aio as mod
-
-                self.client = mod.InferenceServerClient(self.url)
-            else:
-                import tritonclient.http.aio as mod
-
-                self.client = mod.InferenceServerClient(self.url, conn_limit=max(100, 2 * concurrency))
-        except Exception as e:
-            raise BenchmarkError(f"cannot create a {protocol} client for {url}: {e}") from e
-        self.mod = mod
-
-    def inputs(self, arrays: dict[str, np.ndarray]) -> list:
-        out = []
-        for name in INPUT_NAMES:
-            x = arrays[name]
-            inp = self.mod.InferInput(name, list(x.shape), "INT64")
-            inp.set_data_from_numpy(x)
-            out.append(inp)
-        return out
-
-    async def infer(self, model: str, inputs: list):
-        if self.protocol == "grpc":
-            return await self.client.infer(model, inputs, client_timeout=self.timeout_s)
-        return await asyncio.wait_for(self.client.infer(model, inputs), self.timeout_s)
-
-    async def call(self, name: str, *args, timeout: float = 3.0):
-        return await asyncio.wait_for(getattr(self.client, name)(*args), timeout)
-
-    async def statistics(self, model: str) -> dict:
-        try:
-            if self.protocol == "grpc":
-                return await self.call("get_inference_statistics", model, "", None, True)
-            return await self.call("get_inference_statistics", model)
-        except Exception as e:  # statistics are an extra; the latency numbers stand without them
-            logger.warning("no inference statistics from %s: %s", self.url, e)
-            return {}
-
-    async def close(self):
-        try:
-            await self.client.close()
-        except Exception:  # closing a broken channel must not hide the real error
-            logger.debug("closing the client failed", exc_info=True)
-
-
-def classify_error(exc: BaseException) -> int:
-    """FAILED, REJECTED (queue policy) or TIMED_OUT for an exception raised by infer()."""
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return TIMED_OUT
-    status = exc.status() if callable(getattr(exc, "status", None)) else ""
-    text = f"{status} {exc}".lower()
-    if "deadline" in text:
-        return TIMED_OUT
-    if any(m in text for m in _REJECT_MARKERS):
-        return REJECTED
-    return FAILED
-
-
 # --------------------------------------------------------------------------------- statistics
 def percentiles(lat_ms: np.ndarray) -> dict[str, float]:
     if not len(lat_ms):
@@ -315,28 +193,6 @@ def histogram(lat_ms: np.ndarray, bins: int = 40) -> dict:
     edges = np.geomspace(lo, hi * 1.0001, bins + 1) if hi > lo * 1.01 else np.linspace(lo * 0.99, hi * 1.01, bins + 1)
     counts, edges = np.histogram(lat_ms, edges)
     return {"edges_ms": [float(e) for e in edges], "counts": [int(c) for c in counts]}
-
-
-class _Records:
-    """Per-request send/done times and outcomes, appended by the workers."""
-
-    def __init__(self):
-        self.sent: list[float] = []
-        self.done: list[float] = []
-        self.outcome: list[int] = []
-        self.errors: dict[str, int] = {}
-
-    def add(self, t_sent: float, t_done: float, outcome: int, error: BaseException | None = None):
-        self.sent.append(t_sent)
-        self.done.append(t_done)
-        self.outcome.append(outcome)
-        if error is not None:
-            msg = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-            if msg in self.errors or len(self.errors) < 8:
-                self.errors[msg] = self.errors.get(msg, 0) + 1
-
-    def arrays(self):
-        return np.asarray(self.sent), np.asarray(self.done), np.asarray(self.outcome, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------- benchmark
@@ -379,7 +235,7 @@ class TritonBenchmark:
             rate = None
         seq_fixed = seq_length if cfg.seq_len_distribution == "fixed" else None
         try:
-            return asyncio.run(self._run(url, model_name, batch_size, seq_fixed, level, rate))
+            return _run_coroutine(self._run(url, model_name, batch_size, seq_fixed, level, rate))
         except BenchmarkError:
             raise
         except Exception as e:  # an unexpected client failure still names the server
@@ -414,7 +270,7 @@ class TritonBenchmark:
         pool_rows = batch_size * (16 if cfg.seq_len_distribution == "fixed" else 256)
         lengths = sample_seq_lengths(cfg, pool_rows, rng, fixed=seq_fixed)
         pool_arrays = make_requests(batch_size, lengths, cfg.codebook_sizes, rng)
-        client = _Client(url, cfg.protocol, level or 64, cfg.timeout_s)
+        client = Client(url, cfg.protocol, level or 64, cfg.timeout_s)
         try:
             await self._check_server(client, model, url)
             pool = [client.inputs(a) for a in pool_arrays]
@@ -456,7 +312,7 @@ class TritonBenchmark:
             raise err
         return result
 
-    async def _check_server(self, client: _Client, model: str, url: str):
+    async def _check_server(self, client: Client, model: str, url: str):
         try:
             live = await client.call("is_server_live")
         except Exception as e:
@@ -475,7 +331,7 @@ class TritonBenchmark:
                 f"model {model!r} is not ready on the Triton server at {url}",
                 hint="Check the model name (`curl <http-url>/v2/models/<name>/ready`) and the server log.")
 
-    async def _rpc_floor(self, client: _Client, n: int = 20) -> float:
+    async def _rpc_floor(self, client: Client, n: int = 20) -> float:
         times = []
         for _ in range(n):
             t = time.perf_counter()
@@ -517,7 +373,7 @@ class TritonBenchmark:
             logger.warning("%d of %d warm-up requests failed: %s", len(errors), n, errors[0])
         return first[0]
 
-    def _client_overhead(self, client: _Client, model: str, arrays: dict, response, n: int = 30) -> float:
+    def _client_overhead(self, client: Client, model: str, arrays: dict, response, n: int = 30) -> float:
         """Median cost of building + serializing one request and reading its answer (ms)."""
         build = None
         if client.protocol == "grpc":
@@ -544,7 +400,7 @@ class TritonBenchmark:
 
     async def _measure(self, client, model, pool, level, rate, url):
         cfg = self.config
-        rec = _Records()
+        rec = Records()
         stop = asyncio.Event()
         clock = time.perf_counter
         t0 = clock()
@@ -617,7 +473,7 @@ class TritonBenchmark:
         aborted = bool(last.get("completed")) and last["ok"] == 0 and last["rejected"] < last["completed"]
         return rec, t0, t_stop, windows, aborted
 
-    def _window(self, rec: _Records, start: float, end: float) -> dict:
+    def _window(self, rec: Records, start: float, end: float) -> dict:
         n = len(rec.outcome)  # workers append concurrently: read a consistent prefix
         sent, done, outcome = (np.asarray(rec.sent[:n]), np.asarray(rec.done[:n]),
                                np.asarray(rec.outcome[:n], dtype=np.int64))
@@ -663,6 +519,18 @@ class TritonBenchmark:
             window_throughputs=throughputs, window_p99s=p99s, errors=dict(rec.errors),
             latency_histogram=histogram(lat), latencies_ms=[float(x) for x in lat],
         )
+
+
+def _run_coroutine(coro):
+    """asyncio.run, also from inside a running event loop (a notebook): then in a new thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def _process_cpu() -> float:

@@ -1,0 +1,176 @@
+"""The load generator's plumbing: request data, the async Triton client, outcome records.
+
+Histories hold valid ids drawn from the codebooks with lengths from the configured
+distribution (fixed, uniform, log-normal clipped to [min, max], or an empirical histogram);
+``Client`` hides the gRPC/HTTP asyncio clients behind the few calls the benchmark makes;
+``classify_error`` tells a failure from a queue-policy rejection and a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .config import BenchmarkConfig
+from .errors import BenchmarkError, ConfigError, InputFileNotFoundError
+from .runners import INPUT_NAMES
+
+logger = logging.getLogger(__name__)
+
+OK, FAILED, REJECTED, TIMED_OUT = 0, 1, 2, 3
+# Triton answers these when its queue policy turns a request away (max_queue_size, queue timeout).
+_REJECT_MARKERS = ("maximum queue size", "request timeout expired", "exceeds maximum queue")
+
+
+# ------------------------------------------------------------------------------- request data
+def sample_seq_lengths(config: BenchmarkConfig, count: int, rng: np.random.Generator,
+                       fixed: int | None = None) -> np.ndarray:
+    """``count`` history lengths from the configured distribution (fixed uses ``fixed``)."""
+    dist, lo, hi = config.seq_len_distribution, config.seq_len_min, config.seq_len_max
+    if dist == "fixed":
+        n = fixed if fixed is not None else config.seq_len_median
+        return np.full(count, int(n), dtype=np.int64)
+    if dist == "uniform":
+        return rng.integers(lo, hi + 1, count)
+    if dist == "lognormal":
+        x = np.exp(rng.normal(math.log(config.seq_len_median), config.seq_len_sigma, count))
+        return np.clip(np.rint(x), lo, hi).astype(np.int64)
+    lengths, counts = load_histogram(config.seq_len_histogram_file)
+    keep = (lengths >= lo) & (lengths <= hi)
+    if not keep.any():
+        raise ConfigError("seq_len_histogram_file", config.seq_len_histogram_file,
+                          f"lengths inside [seq_len_min={lo}, seq_len_max={hi}]")
+    p = counts[keep] / counts[keep].sum()
+    return rng.choice(lengths[keep], count, p=p)
+
+
+def load_histogram(path) -> tuple[np.ndarray, np.ndarray]:
+    """An empirical length histogram: JSON ``{"lengths": [...], "counts": [...]}``."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileNotFoundError(f"sequence-length histogram not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+        lengths = np.asarray(data["lengths"], dtype=np.int64)
+        counts = np.asarray(data["counts"], dtype=np.float64)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError("seq_len_histogram_file", str(p),
+                          'JSON {"lengths": [positive ints], "counts": [non-negative numbers]}') from e
+    if lengths.ndim != 1 or lengths.shape != counts.shape or not len(lengths) or (lengths < 1).any() \
+            or (counts < 0).any() or counts.sum() <= 0:
+        raise ConfigError("seq_len_histogram_file", str(p),
+                          "equal-length 'lengths' (>= 1) and 'counts' (>= 0, not all 0)")
+    return lengths, counts
+
+
+def make_requests(batch_size: int, lengths: np.ndarray, codebook_sizes, rng: np.random.Generator) -> list[dict]:
+    """Requests of ``batch_size`` histories each; rows of one request are padded to its longest."""
+    reqs = []
+    for start in range(0, len(lengths) - batch_size + 1, batch_size):
+        rows = lengths[start : start + batch_size]
+        width = int(rows.max())
+        mask = (np.arange(width)[None, :] < rows[:, None]).astype(np.int64)
+        req = {f"encoder_l{i + 1}_ids": rng.integers(0, c, (batch_size, width)) * mask
+               for i, c in enumerate(codebook_sizes)}
+        req["attention_mask"] = mask
+        reqs.append({k: np.ascontiguousarray(req[k], dtype=np.int64) for k in INPUT_NAMES})
+    return reqs
+
+
+# ------------------------------------------------------------------------------------- client
+def _strip_scheme(url: str) -> str:
+    for prefix in ("grpc://", "http://", "https://"):
+        if url.startswith(prefix):
+            return url[len(prefix):]
+    return url
+
+
+class Client:
+    """The async tritonclient of one protocol behind the few calls the load generator makes."""
+
+    def __init__(self, url: str, protocol: str, concurrency: int, timeout_s: float):
+        self.url, self.protocol, self.timeout_s = _strip_scheme(url), protocol, timeout_s
+        try:
+            if protocol == "grpc":
+                import tritonclient.grpc.aio as mod
+
+                self.client = mod.InferenceServerClient(self.url)
+            else:
+                import tritonclient.http.aio as mod
+
+                self.client = mod.InferenceServerClient(self.url, conn_limit=max(100, 2 * concurrency))
+        except Exception as e:
+            raise BenchmarkError(f"cannot create a {protocol} client for {url}: {e}") from e
+        self.mod = mod
+
+    def inputs(self, arrays: dict[str, np.ndarray]) -> list:
+        out = []
+        for name in INPUT_NAMES:
+            x = arrays[name]
+            inp = self.mod.InferInput(name, list(x.shape), "INT64")
+            inp.set_data_from_numpy(x)
+            out.append(inp)
+        return out
+
+    async def infer(self, model: str, inputs: list):
+        if self.protocol == "grpc":
+            return await self.client.infer(model, inputs, client_timeout=self.timeout_s)
+        return await asyncio.wait_for(self.client.infer(model, inputs), self.timeout_s)
+
+    async def call(self, name: str, *args, timeout: float = 3.0):
+        return await asyncio.wait_for(getattr(self.client, name)(*args), timeout)
+
+    async def statistics(self, model: str) -> dict:
+        try:
+            if self.protocol == "grpc":
+                return await self.call("get_inference_statistics", model, "", None, True)
+            return await self.call("get_inference_statistics", model)
+        except Exception as e:  # statistics are an extra; the latency numbers stand without them
+            logger.warning("no inference statistics from %s: %s", self.url, e)
+            return {}
+
+    async def close(self):
+        try:
+            await self.client.close()
+        except Exception:  # closing a broken channel must not hide the real error
+            logger.debug("closing the client failed", exc_info=True)
+
+
+def classify_error(exc: BaseException) -> int:
+    """FAILED, REJECTED (queue policy) or TIMED_OUT for an exception raised by infer()."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return TIMED_OUT
+    status = exc.status() if callable(getattr(exc, "status", None)) else ""
+    text = f"{status} {exc}".lower()
+    if "deadline" in text:
+        return TIMED_OUT
+    if any(m in text for m in _REJECT_MARKERS):
+        return REJECTED
+    return FAILED
+
+
+class Records:
+    """Per-request send/done times and outcomes, appended by the workers."""
+
+    def __init__(self):
+        self.sent: list[float] = []
+        self.done: list[float] = []
+        self.outcome: list[int] = []
+        self.errors: dict[str, int] = {}
+
+    def add(self, t_sent: float, t_done: float, outcome: int, error: BaseException | None = None):
+        self.sent.append(t_sent)
+        self.done.append(t_done)
+        self.outcome.append(outcome)
+        if error is not None:
+            msg = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            if msg in self.errors or len(self.errors) < 8:
+                self.errors[msg] = self.errors.get(msg, 0) + 1
+
+    def arrays(self):
+        return np.asarray(self.sent), np.asarray(self.done), np.asarray(self.outcome, dtype=np.int64)
