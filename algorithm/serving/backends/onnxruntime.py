@@ -1,6 +1,7 @@
 """ONNX Runtime backend: an offline-optimized ONNX model in fp32, fp16 or int8 (QDQ).
 
-- fp32: the exact scoring rewrite (``rewrite.flatten_beam_topk``), then ONNX Runtime's graph
+- fp32: the scoring rewrites (``rewrite.flatten_beam_topk``: one TopK per beam step;
+  ``rewrite.fold_head_bias``: head biases inside the head MatMuls), then ONNX Runtime's graph
   optimizations applied offline and saved as a model (``optimized_model_filepath``) at the
   EXTENDED level: fusions that any ONNX Runtime build runs (CPU or CUDA), without the
   hardware-specific layout transforms of ALL, so the file stays portable between machines.
@@ -25,34 +26,12 @@ from pathlib import Path
 
 from ..errors import ConfigError, OptimizationError
 from .base import CALIBRATION_BATCH, Backend, artifact_sidecar, calibration_batches, uniform_batches
+from .rewrite import head_matmuls
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-
-
-def head_matmuls(model) -> list[str]:
-    """MatMul nodes that produce the logits of a LogSoftmax (the output heads)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    heads = []
-    for n in model.graph.node:
-        if n.op_type != "LogSoftmax":
-            continue
-        node = producer.get(n.input[0])
-        # logits = MatMul (+ bias Add): walk back through the bias add.
-        while node is not None and node.op_type in ("Add", "Cast"):
-            node = next(
-                (
-                    producer[i]
-                    for i in node.input
-                    if i in producer and producer[i].op_type in ("MatMul", "Gemm")
-                ),
-                None,
-            )
-        if node is not None and node.op_type in ("MatMul", "Gemm"):
-            heads.append(node.name)
-    return heads
 
 
 def optimize_offline(src: Path, dst: Path, level: str = "extended") -> None:
@@ -175,7 +154,7 @@ class OnnxRuntimeBackend(Backend):
         import onnx
 
         from ..export_onnx import sidecar_path, write_json
-        from .rewrite import flatten_beam_topk
+        from .rewrite import flatten_beam_topk, fold_head_bias
 
         if options:
             raise ConfigError(
@@ -191,6 +170,7 @@ class OnnxRuntimeBackend(Backend):
             work = Path(tmp)
             model = onnx.load(str(onnx_path))
             info["flattened_beam_topk"] = flatten_beam_topk(model) if rewrite else 0
+            info["folded_head_biases"] = fold_head_bias(model) if rewrite else 0
             if precision == "fp16":
                 model = convert_fp16(model)
             stage = work / "stage.onnx"

@@ -44,8 +44,7 @@ def _openvino():
 
 
 def _fp32_node_names(onnx_model) -> list[str]:
-    from .onnxruntime import head_matmuls
-    from .rewrite import scoring_path_nodes
+    from .rewrite import head_matmuls, scoring_path_nodes
 
     producer = {o: n for n in onnx_model.graph.node for o in n.output}
     names = set(scoring_path_nodes(onnx_model)) | set(head_matmuls(onnx_model))

