@@ -51,7 +51,16 @@ class TorchAOTRunner:
         from ..export_onnx import read_sidecar
 
         self.torch = torch
-        self.device = torch.device(_device(device or read_sidecar(pkg).get("device")))
+        built_for = read_sidecar(pkg).get("device")
+        self.device = torch.device(_device(device or built_for))
+        if built_for and torch.device(built_for).type != self.device.type:
+            raise ConfigError(
+                "device",
+                str(self.device),
+                f"{built_for}: {pkg} was compiled for it",
+                hint="AOTInductor packages are per device type; rebuild with "
+                "`ugt-serving optimize --backend torch` on the serving machine.",
+            )
         try:
             self.module = torch._inductor.aoti_load_package(str(pkg))
         except Exception as e:  # torch raises several types on a foreign or corrupt package

@@ -379,6 +379,8 @@ def test_torch_aot_package_loads_without_the_model_code(tmp_path):
     assert out == str(tmp_path / "model.pt2")
     assert json.loads(Path(f"{out}.accuracy.json").read_text())["worst"]["recall_overlap"] >= 0.99
     assert json.loads(Path(f"{out}.json").read_text())["device"] == "cpu"
+    with pytest.raises(ConfigError, match="device"):  # compiled for CPU: not a CUDA artifact
+        create_runner("torch_aot", out, device="cuda:0")
     assert (
         next(model.parameters()).dtype.is_floating_point
         and next(model.parameters()).device.type == "cpu"
