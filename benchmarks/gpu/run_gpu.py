@@ -152,11 +152,16 @@ def trained_model(preset: str, device, steps: int, budget_s: float) -> tuple[UGT
     model = UGTModel(cfg).to(device)
     catalog = SyntheticCatalog(codebook_sizes=tuple(cfg.codebook_sizes), num_items=CATALOG_ITEMS, seed=0)
     rng = np.random.default_rng(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    if steps <= 0:
+        return model.eval(), {"steps": 0, "how": "random init (timing only)"}
+    lr = 1e-3  # 2e-3 diverged to NaN in bf16 autocast (second H100 run)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     t = time.monotonic()
     loss = float("nan")
     done = 0
+    good = copy.deepcopy(model.state_dict())
+    diverged = None
     model.train()
     auto = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step in range(steps):
@@ -164,15 +169,21 @@ def trained_model(preset: str, device, steps: int, budget_s: float) -> tuple[UGT
         args = [torch.from_numpy(b[k]).to(device) for k in NAMES]
         with auto:
             out = model.loss(*args, torch.from_numpy(b["target"]).to(device))
+        if not torch.isfinite(out):  # keep the last finite weights; never benchmark NaN weights
+            diverged = step
+            model.load_state_dict(good)
+            break
+        loss = float(out.detach())
         opt.zero_grad(set_to_none=True)
         out.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         done = step + 1
+        if done % 50 == 0:
+            good = copy.deepcopy(model.state_dict())
         if time.monotonic() - t > budget_s:
             break
-    loss = float(out.detach())
     model.eval()
     held = catalog.batch(256, 8, 64, np.random.default_rng(99))
     hits = 0
@@ -181,9 +192,9 @@ def trained_model(preset: str, device, steps: int, budget_s: float) -> tuple[UGT
             recs, _ = model(*(torch.from_numpy(held[k][s : s + 64]).to(device) for k in NAMES))
             tgt = torch.from_numpy(held["target"][s : s + 64]).to(device)
             hits += int((recs == tgt[:, None, :]).all(-1).any(-1).sum())
-    report = {"steps": done, "seconds": round(time.monotonic() - t, 1), "final_loss": loss,
+    report = {"steps": done, "seconds": round(time.monotonic() - t, 1), "final_loss": loss, "diverged_at": diverged,
               "heldout_recall@50": hits / 256, "chance_recall@50": cfg.num_recommendations / catalog.num_items,
-              "how": f"AdamW 2e-3 one-cycle, bf16 autocast, batches of 128 synthetic walks (8-64 items), "
+              "how": f"AdamW {lr:g} one-cycle, bf16 autocast, batches of 128 synthetic walks (8-64 items), "
                      f"{CATALOG_ITEMS}-item catalog; recall on held-out walks of the same kind"}
     return model, report
 
@@ -447,6 +458,25 @@ def runner_overhead(model, opts, device, args) -> dict:
     return out
 
 
+def parity_part(args, device, result, write) -> UGTModel:
+    """The engine in ``--engine`` against the fp32 reference, with a briefly trained model."""
+    model, train = trained_model(args.preset, device, steps=args.train_steps, budget_s=args.train_seconds)
+    log(f"trained: {train}")
+    rng = np.random.default_rng(0)
+    quick = args.preset == "tiny"
+    b, n = (64, 1024) if not quick else (8, 64)
+    full = random_inputs(b, n, model.config.codebook_sizes, rng)
+    cat = catalog_histories(model.config, 256 if not quick else 16, rng, longest=n)
+    opts = json.loads(args.engine) if args.engine else {"dtype": "bf16"}
+    out = result["parity"] = {"engine": opts, "training": train, "catalog_users": len(cat[NAMES[0]])}
+    engine = GpuEngine(model, EngineConfig(**opts), device)
+    out["catalog_lognormal"] = parity(reference_outputs(model, cat, device), engine_outputs(engine, cat))
+    out[f"random_ids_{b}x{n}"] = parity(reference_outputs(model, full, device), engine_outputs(engine, full))
+    log(f"parity: {out}")
+    write()
+    return model
+
+
 def weight_bytes(model, opts) -> int:
     elt = 2 if opts.get("dtype", "bf16") != "fp32" else 4
     heads = sum(p.numel() for p in model.heads.parameters())
@@ -591,6 +621,10 @@ def main(argv=None) -> int:
             picked = result.get("model", {}).get("picked")
             opts = {k: v for k, v in picked["engine"].items()} if picked else opts
             write()
+    if "parity" in parts:
+        parity_part(args, device, result, write)
+        if "scaling" in parts or "server" in parts:  # timing needs no trained weights
+            args.train_steps = 0
     if "server" in parts or "scaling" in parts:
         from served import serve_part  # benchmarks/gpu/served.py
 
@@ -610,6 +644,10 @@ def summary(result: dict) -> None:
     c = result.get("ceilings")
     if c:
         print(f"ceilings: bf16 matmul {c['matmul_bf16']['tflops']:.0f} TFLOP/s, copy {c['copy']['tb_per_s_read_plus_write']:.2f} TB/s")
+    par = result.get("parity")
+    if par:
+        print(f"parity vs fp32 ({par['engine']}): " + ", ".join(
+            f"{k} recall {v['recall_overlap']:.3f}" for k, v in par.items() if isinstance(v, dict) and "recall_overlap" in v))
     m = result.get("model", {})
     if m.get("picked"):
         print(f"picked engine: {m['picked']['name']}")
