@@ -218,7 +218,9 @@ class Demo:
             # model.py passes `threads` to runners that take it (ONNX Runtime, OpenVINO); PyTorch
             # reads its intra-op thread count from here, so the baseline gets the same threads.
             env = {v: str(self.config.runtime_threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-        server = server_cls(repo, http_port=0, grpc_port=0, metrics_port=0, log_dir=self.out / "logs", env=env)
+        # absolute: the server runs in its work folder, so a relative log_dir would point elsewhere
+        logs = (self.out / "logs").resolve()
+        server = server_cls(repo, http_port=0, grpc_port=0, metrics_port=0, log_dir=logs, env=env)
         server.start()
         self._stage("server", 1, 1, f"ready: grpc {server.grpc_url}")
         return server
