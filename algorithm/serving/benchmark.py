@@ -93,6 +93,7 @@ class BenchmarkResult:
     server: dict = field(default_factory=dict)  # queue/compute_input/compute_infer/compute_output/request _us
     batch_sizes_formed: dict = field(default_factory=dict)  # batch size -> executions
     host_cpu_utilization: float | None = None  # server metrics nv_cpu_utilization (0-1), mean
+    host_load_average: float | None = None  # 1-minute load average when measuring began
     gpu_utilization: float | None = None  # mean over GPUs and samples (0-1); None without a GPU
     gpu_memory_used_mb: float | None = None  # peak over samples, summed over GPUs
     per_gpu: dict = field(default_factory=dict)  # {index: {"utilization", "memory_used_mb"}}
@@ -278,6 +279,7 @@ class TritonBenchmark:
             first = await self._warmup(client, model, pool, level or 2, batch_size, url)
             overhead = self._client_overhead(client, model, pool_arrays[0], first)
             before = stats_snapshot(await client.statistics(model), model)
+            load_avg = _load_average()
             monitor = ResourceMonitor(cfg.metrics_url)
             monitor.start()
             cpu0, wall0 = _process_cpu(), time.monotonic()
@@ -292,6 +294,7 @@ class TritonBenchmark:
         result = self._result(rec, t0, t_stop, windows, model, url, batch_size, seq_fixed, lengths,
                               level, rate)
         result.client_overhead_ms, result.rpc_floor_ms, result.client_cpu_percent = overhead, rpc_floor, cpu_pct
+        result.host_load_average = load_avg
         if after is not None and after["success"][0] >= before["success"][0]:
             result.server, result.batch_sizes_formed = server_breakdown(before, after)
         for k, v in samples.items():
@@ -531,6 +534,13 @@ def _run_coroutine(coro):
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not on every OS
+        return None
 
 
 def _process_cpu() -> float:

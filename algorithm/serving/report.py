@@ -34,7 +34,7 @@ CSV_FIELDS = (
     "failed_requests", "rejected_requests", "timed_out_requests", "duration_s", "trials", "stable",
     "queue_us", "compute_input_us", "compute_infer_us", "compute_output_us", "request_us",
     "avg_batch", "client_overhead_ms", "rpc_floor_ms", "client_cpu_percent",
-    "host_cpu_utilization", "gpu_utilization", "gpu_memory_used_mb",
+    "host_cpu_utilization", "host_load_average", "gpu_utilization", "gpu_memory_used_mb",
 )
 BREAKDOWN = (("queue_us", "queue"), ("compute_input_us", "compute input"),
              ("compute_infer_us", "compute infer"), ("compute_output_us", "compute output"))
@@ -257,8 +257,8 @@ def render_markdown(results, baseline, label, baseline_label, config, env, slo, 
     lines = [f"# {title or f'Benchmark: {label}'}", ""]
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
     lines += _table(["", ""], [
-        ["date", env.get("date")], ["host", f"{env.get('cpu')} x {env.get('cpu_count')} (load avg "
-                                           f"{env.get('load_average_1m', '-')} at start)"],
+        ["date", env.get("date")], ["host", f"{env.get('cpu')} x {env.get('cpu_count')} (1-min load average "
+                                           f"{env.get('load_average_1m', '-')} when the report was written)"],
         ["server", f"{first.url} ({first.protocol})"], ["mode", first.mode],
         ["versions", versions],
         ["measurement", f"warm-up {config.num_warmup_requests} requests excluded; windows of "
@@ -289,7 +289,9 @@ def render_markdown(results, baseline, label, baseline_label, config, env, slo, 
               "Server-side averages per request from Triton's statistics API (deltas over the "
               "measured window, us). `outside server` = client latency - server request time "
               "(network, RPC stack, client). Client overhead = building/serializing a request and "
-              "reading its answer in this process; RPC floor = a health RPC round trip.", ""]
+              "reading its answer in this process; RPC floor = a health RPC round trip. Load avg = "
+              "the host's 1-minute load average when the point began: above the core count, other "
+              "processes competed for the CPU and every number here is slower than on an idle host.", ""]
     brows = []
     for lab, rs in ((label, results), (baseline_label, baseline or {})):
         for r in rs.values():
@@ -299,10 +301,11 @@ def render_markdown(results, baseline, label, baseline_label, config, env, slo, 
             brows.append([lab, r.key, s.get("queue_us"), s.get("compute_input_us"), s.get("compute_infer_us"),
                           s.get("compute_output_us"), s.get("request_us"), outside, s.get("avg_batch"), formed,
                           r.client_overhead_ms, r.rpc_floor_ms, f"{r.client_cpu_percent:.0f}",
-                          None if r.host_cpu_utilization is None else f"{r.host_cpu_utilization * 100:.0f}"])
+                          None if r.host_cpu_utilization is None else f"{r.host_cpu_utilization * 100:.0f}",
+                          r.host_load_average])
     lines += _table(["model", "point", "queue", "input", "infer", "output", "request", "outside server ms",
                      "avg batch", "batches formed (size x n)", "client overhead ms", "RPC floor ms",
-                     "client CPU %", "host CPU %"], brows)
+                     "client CPU %", "host CPU %", "load avg"], brows)
     gpu_rows = [[lab, r.key, r.gpu_utilization, r.gpu_memory_used_mb,
                  json.dumps({str(k): v for k, v in r.per_gpu.items()})]
                 for lab, rs in ((label, results), (baseline_label, baseline or {}))
