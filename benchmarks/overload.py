@@ -6,7 +6,7 @@ One server (python backend, ONNX Runtime, batch 1 requests of 64 items, dynamic 
 8) serves the same model under three queue policies, each with 1 and 2 instances:
 ``none`` (unbounded queue), ``timeout`` (default_queue_timeout_us only) and ``queue+timeout``
 (max_queue_size = 2 batches per instance, plus the timeout). The capacity of each instance count
-is measured closed-loop (one full batch in flight per instance, no policy); then Poisson
+is measured closed-loop (a full batch running and one waiting per instance, no policy); then Poisson
 arrivals at ``factors`` x that capacity hit every policy. With ``--pin`` (default on >= 2 cores)
 the server runs on core 0 and the load generator on the others, so the client's CPU does not
 eat the server's. Writes benchmarks/results/overload-<stamp>.json and prints a markdown table.
@@ -138,7 +138,7 @@ def main() -> None:
             )
             rows, capacities = [], {}
             for n in instances:
-                cap = TritonBenchmark(BenchmarkConfig(**base, concurrency=MAX_BS * n)).run(
+                cap = TritonBenchmark(BenchmarkConfig(**base, concurrency=2 * MAX_BS * n)).run(
                     server.grpc_url, f"i{n}_none", 1, SEQ
                 )
                 capacities[n] = {
