@@ -198,8 +198,10 @@ def describe_event(event: str, info: dict) -> str:
     if event == "restarting":
         return f"restarting tritonserver in {info['backoff_s']:.1f} s (attempt {info['attempt']})"
     if event == "restarted":
-        return (f"tritonserver restarted (pid {info['pid']}, restart {info['restarts']}): {info['urls']}, "
-                f"log {info.get('log')}")
+        return (
+            f"tritonserver restarted (pid {info['pid']}, restart {info['restarts']}): {info['urls']}, "
+            f"log {info.get('log')}"
+        )
     if event == "restart_failed":
         return f"restart attempt {info['attempt']} failed: {info['error']}"
     if event == "gave_up":

@@ -60,9 +60,10 @@ def _config(server, **fields) -> BenchmarkConfig:
 
 @pytest.fixture(scope="module")
 def capacity(load_server):
-    """Closed loop with one full batch in flight per instance: the throughput, no queueing."""
+    """Saturated closed loop (a full batch running and one waiting per instance): the
+    throughput the model sustains, with no queue policy."""
     server, _ = load_server
-    result = TritonBenchmark(_config(server, concurrency=MAX_BS * INSTANCES)).run(
+    result = TritonBenchmark(_config(server, concurrency=2 * MAX_BS * INSTANCES)).run(
         server.grpc_url, UNBOUNDED, batch_size=1, seq_length=SEQ
     )
     assert result.rejected_requests == 0 and result.failed_requests == 0, result.errors
@@ -155,21 +156,21 @@ def test_rejections_and_failures_are_told_apart_from_the_servers_real_answers(
 def test_without_a_queue_policy_the_same_overload_waits_past_the_bound(
     load_server, capacity, queue_timeout_us
 ):
-    """The contrast: no max_queue_size/timeout, 3x capacity for ~2 s; requests queue up and
-    blow through the bound the policy keeps (counted as timed out by the client deadline)."""
+    """The contrast: no max_queue_size/timeout, the largest overload for ~2 s; requests queue
+    up and blow through the bound the policy keeps (counted as timed out by the client deadline)."""
     server, _ = load_server
     bound_ms = _bound_ms(capacity, queue_timeout_us)
     cfg = _config(
         server,
         mode="request_rate",
-        request_rates=(3 * capacity.throughput,),
+        request_rates=(max(OVERLOAD_FACTORS) * capacity.throughput,),
         timeout_s=bound_ms / 1e3,
         max_trials=2,
         num_warmup_requests=MAX_BS,
     )
     r = TritonBenchmark(cfg).run(server.grpc_url, UNBOUNDED, batch_size=1, seq_length=SEQ)
     print(
-        f"\nno queue policy x3: {r.total_requests} sent, {r.successful_requests} ok, "
+        f"\nno queue policy x{max(OVERLOAD_FACTORS)}: {r.total_requests} sent, {r.successful_requests} ok, "
         f"{r.rejected_requests} rejected, {r.timed_out_requests} past the {bound_ms:.0f} ms bound; "
         f"admitted P99 {r.latency_p99:.1f} ms"
     )
