@@ -6,6 +6,10 @@ and seq_len stay dynamic (``torch.export.Dim``, as in the ONNX export). The arti
 for one device type: CUDA when one is visible (or ``device="cuda"``), else CPU, and is served by
 Triton's python backend through the ``torch_aot`` runner.
 
+Seen: on this CPU (torch 2.13) compile, load and the gate pass. On an H200 with torch 2.11.0+cu130
+the CUDA package compiled (67 s) but ``aoti_load_package`` crashed (SIGSEGV in ``_load_aoti``),
+also in a fresh process; there, serve the eager model through the torch runner instead.
+
 This backend compiles the PyTorch model, not the ONNX graph: ``optimize`` needs the model
 (``reference_model=``) or its checkpoint (``checkpoint=``); the ONNX path, when given, only
 supplies the model contract for the sidecar.
