@@ -40,7 +40,7 @@ from .loadgen import (  # noqa: F401  (re-exported: the load generator's public 
     make_requests,
     sample_seq_lengths,
 )
-from .monitor import ResourceMonitor, server_breakdown, stats_snapshot
+from .monitor import HostCpu, ResourceMonitor, server_breakdown, stats_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,10 @@ class BenchmarkResult:
     client_overhead_ms: float = 0.0  # build + serialize a request and deserialize its answer
     rpc_floor_ms: float = 0.0  # median round trip of a health RPC (network + RPC stack)
     client_cpu_percent: float = 0.0  # load generator process, % of one core
+    # with a local server (server_pid): its process tree's CPU, and what everything else used
+    server_cpu_percent: float | None = None  # % of one core
+    server_cpu_ms_per_request: float | None = None  # CPU cost of a request, neighbours aside
+    other_cpu_percent: float | None = None  # other processes on the host, % of one core
     # server side (Triton statistics deltas over the measured window)
     server: dict = field(default_factory=dict)  # queue/compute_input/compute_infer/compute_output/request _us
     batch_sizes_formed: dict = field(default_factory=dict)  # batch size -> executions
@@ -204,9 +208,11 @@ class TritonBenchmark:
     events (each finished load point of a sweep); the library itself never prints.
     """
 
-    def __init__(self, config: BenchmarkConfig | None = None, progress: ProgressFn | None = None):
+    def __init__(self, config: BenchmarkConfig | None = None, progress: ProgressFn | None = None,
+                 server_pid: int | None = None):
         self.config = (config or BenchmarkConfig()).validate()
         self.progress = progress
+        self.server_pid = server_pid  # a local tritonserver: its CPU use is measured too
 
     def _emit(self, event: str, **info):
         if self.progress is not None:
@@ -282,19 +288,21 @@ class TritonBenchmark:
             load_avg = _load_average()
             monitor = ResourceMonitor(cfg.metrics_url)
             monitor.start()
-            cpu0, wall0 = _process_cpu(), time.monotonic()
+            host = HostCpu(self.server_pid)
+            cpu_before = host.snapshot()
             try:
                 rec, t0, t_stop, windows, aborted = await self._measure(client, model, pool, level, rate, url)
             finally:
                 samples = await monitor.stop()
-            cpu_pct = 100 * (_process_cpu() - cpu0) / max(time.monotonic() - wall0, 1e-9)
+            cpu_after = host.snapshot()
             after = None if aborted else stats_snapshot(await client.statistics(model), model)
         finally:
             await client.close()
         result = self._result(rec, t0, t_stop, windows, model, url, batch_size, seq_fixed, lengths,
                               level, rate)
-        result.client_overhead_ms, result.rpc_floor_ms, result.client_cpu_percent = overhead, rpc_floor, cpu_pct
-        result.host_load_average = load_avg
+        result.client_overhead_ms, result.rpc_floor_ms, result.host_load_average = overhead, rpc_floor, load_avg
+        for k, v in HostCpu.delta(cpu_before, cpu_after, result.successful_requests).items():
+            setattr(result, k, v)
         if after is not None and after["success"][0] >= before["success"][0]:
             result.server, result.batch_sizes_formed = server_breakdown(before, after)
         for k, v in samples.items():
@@ -541,17 +549,6 @@ def _load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:  # not on every OS
         return None
-
-
-def _process_cpu() -> float:
-    try:
-        import psutil
-
-        t = psutil.Process().cpu_times()
-        return t.user + t.system
-    except ImportError:  # psutil is a dependency; without it the client CPU reads as 0
-        t = os.times()
-        return t.user + t.system
 
 
 def run_benchmark(triton_url: str, model_name: str, num_requests: int = 10000, **config_fields) -> dict:

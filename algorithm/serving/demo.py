@@ -250,7 +250,8 @@ class Demo:
                 self._stage("benchmark", done[0], total,
                             f"{info['model']} window {info['trial']}: {info['throughput']:.0f} req/s")
 
-        bench = TritonBenchmark(self.benchmark_config(server.metrics_url), progress=on_event)
+        bench = TritonBenchmark(self.benchmark_config(server.metrics_url), progress=on_event,
+                                server_pid=server.process.pid)
         self._stage("benchmark", 0, total, f"{c.model_name} c={c.concurrency_levels[0]}")
         results = bench.run_sweep(server.grpc_url, c.model_name)
         baseline = bench.run_sweep(server.grpc_url, c.baseline_name) if c.baseline else None

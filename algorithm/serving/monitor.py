@@ -190,3 +190,60 @@ def summarize_samples(samples: list[dict]) -> dict:
         out["gpu_utilization"] = sum(utils) / len(utils) if utils else None
         out["gpu_memory_used_mb"] = sum(mems) if mems else None
     return out
+
+
+class HostCpu:
+    """CPU seconds used by the host, a local server's process tree and this process.
+
+    Between two snapshots: ``server`` (tritonserver and its python stubs), ``client`` (this load
+    generator) and ``other`` (everything else on the host). With a local server this makes a busy
+    host visible, and the server's CPU per request is a cost that does not depend on how much
+    CPU the neighbours left (throughput of a CPU-bound server ~ cores / CPU per request).
+    """
+
+    def __init__(self, server_pid: int | None = None):
+        self.server_pid = server_pid
+
+    def snapshot(self) -> dict | None:
+        try:
+            import psutil
+        except ImportError:  # psutil is a dependency; without it these fields stay None
+            return None
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+        me = psutil.Process()
+        own = me.cpu_times()
+        snap = {"time": _monotonic(), "busy": busy, "client": own.user + own.system, "server": None, "pids": {}}
+        if self.server_pid:
+            try:
+                root = psutil.Process(self.server_pid)
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        c = p.cpu_times()
+                        snap["pids"][p.pid] = c.user + c.system
+                    except psutil.Error:
+                        continue
+            except psutil.Error as e:
+                logger.debug("server process %s unavailable: %s", self.server_pid, e)
+        return snap
+
+    @staticmethod
+    def delta(before: dict | None, after: dict | None, requests: int) -> dict:
+        """BenchmarkResult fields: server/client/other CPU in % of one core, server CPU ms/request."""
+        if not before or not after:
+            return {}
+        wall = max(after["time"] - before["time"], 1e-9)
+        client = after["client"] - before["client"]
+        out = {"client_cpu_percent": 100 * client / wall}
+        if before["pids"] and after["pids"]:
+            server = sum(v - before["pids"].get(pid, 0.0) for pid, v in after["pids"].items())
+            other = max(0.0, (after["busy"] - before["busy"]) - server - client)
+            out.update(server_cpu_percent=100 * server / wall, other_cpu_percent=100 * other / wall,
+                       server_cpu_ms_per_request=1e3 * server / requests if requests else None)
+        return out
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()

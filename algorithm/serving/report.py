@@ -33,8 +33,9 @@ CSV_FIELDS = (
     "latency_avg", "latency_min", "latency_max", "total_requests", "successful_requests",
     "failed_requests", "rejected_requests", "timed_out_requests", "duration_s", "trials", "stable",
     "queue_us", "compute_input_us", "compute_infer_us", "compute_output_us", "request_us",
-    "avg_batch", "client_overhead_ms", "rpc_floor_ms", "client_cpu_percent",
-    "host_cpu_utilization", "host_load_average", "gpu_utilization", "gpu_memory_used_mb",
+    "avg_batch", "client_overhead_ms", "rpc_floor_ms", "client_cpu_percent", "server_cpu_percent",
+    "server_cpu_ms_per_request", "other_cpu_percent", "host_cpu_utilization", "host_load_average",
+    "gpu_utilization", "gpu_memory_used_mb",
 )
 BREAKDOWN = (("queue_us", "queue"), ("compute_input_us", "compute input"),
              ("compute_infer_us", "compute infer"), ("compute_output_us", "compute output"))
@@ -115,6 +116,7 @@ def compare(results: dict[str, BenchmarkResult], baseline: dict[str, BenchmarkRe
         b = baseline.get(key)
         if b is None:
             continue
+        cost, base_cost = r.server_cpu_ms_per_request, b.server_cpu_ms_per_request
         rows.append({
             "key": key,
             "throughput": r.throughput, "baseline_throughput": b.throughput,
@@ -122,6 +124,9 @@ def compare(results: dict[str, BenchmarkResult], baseline: dict[str, BenchmarkRe
             "latency_p50": r.latency_p50, "baseline_latency_p50": b.latency_p50,
             "latency_p99": r.latency_p99, "baseline_latency_p99": b.latency_p99,
             "p99_ratio": b.latency_p99 / r.latency_p99 if r.latency_p99 > 0 else None,
+            # server CPU per request: what a CPU-bound server's throughput ratio is on an idle host
+            "server_cpu_ms_per_request": cost, "baseline_server_cpu_ms_per_request": base_cost,
+            "cpu_cost_ratio": base_cost / cost if cost and base_cost else None,
         })
     return rows
 
@@ -233,6 +238,10 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines
 
 
+def _pct(v) -> str | None:
+    return None if v is None else f"{v:.0f}"
+
+
 def _load_text(r: BenchmarkResult) -> str:
     if r.mode == "request_rate":
         return f"{r.request_rate:g}/s ({r.achieved_rate:.1f})"
@@ -282,16 +291,23 @@ def render_markdown(results, baseline, label, baseline_label, config, env, slo, 
     if comparison:
         lines += ["", f"## {label} vs {baseline_label}", ""]
         lines += _table(["point", f"req/s {label}", f"req/s {baseline_label}", "throughput x",
-                         f"p99 {label}", f"p99 {baseline_label}", "p99 x lower"],
+                         f"p99 {label}", f"p99 {baseline_label}", "p99 x lower",
+                         "server CPU ms/request", "CPU-cost x"],
                         [[c["key"], c["throughput"], c["baseline_throughput"], c["speedup"],
-                          c["latency_p99"], c["baseline_latency_p99"], c["p99_ratio"]] for c in comparison])
+                          c["latency_p99"], c["baseline_latency_p99"], c["p99_ratio"],
+                          None if c["server_cpu_ms_per_request"] is None else
+                          f"{c['server_cpu_ms_per_request']:.2f} vs {c['baseline_server_cpu_ms_per_request']:.2f}",
+                          c["cpu_cost_ratio"]] for c in comparison])
+        lines += ["", "CPU-cost x = the baseline's server CPU per request / ours: the throughput ratio "
+                      "of CPU-bound servers on a host with nothing else running."]
     lines += ["", "## Where the time goes", "",
               "Server-side averages per request from Triton's statistics API (deltas over the "
               "measured window, us). `outside server` = client latency - server request time "
               "(network, RPC stack, client). Client overhead = building/serializing a request and "
-              "reading its answer in this process; RPC floor = a health RPC round trip. Load avg = "
-              "the host's 1-minute load average when the point began: above the core count, other "
-              "processes competed for the CPU and every number here is slower than on an idle host.", ""]
+              "reading its answer in this process; RPC floor = a health RPC round trip. CPU % is of "
+              "one core (a local server only): the server's process tree, and every other process "
+              "on the host; load avg = the 1-minute load average when the point began. Where other "
+              "processes used CPU, every number here is slower than on an idle host.", ""]
     brows = []
     for lab, rs in ((label, results), (baseline_label, baseline or {})):
         for r in rs.values():
@@ -301,11 +317,12 @@ def render_markdown(results, baseline, label, baseline_label, config, env, slo, 
             brows.append([lab, r.key, s.get("queue_us"), s.get("compute_input_us"), s.get("compute_infer_us"),
                           s.get("compute_output_us"), s.get("request_us"), outside, s.get("avg_batch"), formed,
                           r.client_overhead_ms, r.rpc_floor_ms, f"{r.client_cpu_percent:.0f}",
-                          None if r.host_cpu_utilization is None else f"{r.host_cpu_utilization * 100:.0f}",
+                          _pct(r.server_cpu_percent), r.server_cpu_ms_per_request, _pct(r.other_cpu_percent),
                           r.host_load_average])
     lines += _table(["model", "point", "queue", "input", "infer", "output", "request", "outside server ms",
                      "avg batch", "batches formed (size x n)", "client overhead ms", "RPC floor ms",
-                     "client CPU %", "host CPU %", "load avg"], brows)
+                     "client CPU %", "server CPU %", "server CPU ms/request", "other processes CPU %",
+                     "load avg"], brows)
     gpu_rows = [[lab, r.key, r.gpu_utilization, r.gpu_memory_used_mb,
                  json.dumps({str(k): v for k, v in r.per_gpu.items()})]
                 for lab, rs in ((label, results), (baseline_label, baseline or {}))

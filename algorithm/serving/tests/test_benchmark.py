@@ -148,6 +148,29 @@ nv_gpu_memory_used_bytes{gpu_uuid="GPU-b"} 3145728
     assert summarize_samples([sample_metrics("nv_cpu_utilization 0.1\n")]).get("gpu_utilization") is None
 
 
+def test_host_cpu_splits_server_client_and_others():
+    import subprocess
+    import sys
+
+    from algorithm.serving.monitor import HostCpu
+
+    busy = "import time\nwhile time.process_time() < 0.5: pass\nprint('done', flush=True)\ntime.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", busy], stdout=subprocess.PIPE, text=True)
+    try:
+        host = HostCpu(child.pid)
+        before = host.snapshot()
+        assert child.stdout.readline().strip() == "done"
+        after = host.snapshot()
+    finally:
+        child.kill()
+        child.wait()
+    d = HostCpu.delta(before, after, requests=10)
+    assert d["server_cpu_ms_per_request"] * 10 >= 300  # the child's CPU seconds, per request
+    assert d["other_cpu_percent"] >= 0 and d["client_cpu_percent"] >= 0
+    assert HostCpu.delta(None, after, 10) == {}
+    assert "server_cpu_percent" not in HostCpu.delta(HostCpu().snapshot(), HostCpu().snapshot(), 10)
+
+
 def test_result_round_trips_through_json():
     r = BenchmarkResult(50.0, 1, 2, 3, 4, 2, 0.5, 9, 100, 97, 2, rejected_requests=1, model_name="m",
                         concurrency=4, batch_sizes_formed={1: 3, 4: 5}, per_gpu={0: {"utilization": 0.5}},
@@ -219,7 +242,8 @@ def _consistent(r: BenchmarkResult):
 @pytest.mark.timeout(600)
 def test_concurrency_numbers_agree_with_each_other(server):
     cfg = BenchmarkConfig(metrics_url=server.metrics_url, **FAST)
-    r = TritonBenchmark(cfg).run(server.grpc_url, "ugt_ort", batch_size=1, seq_length=64, concurrency=4)
+    bench = TritonBenchmark(cfg, server_pid=server.process.pid)
+    r = bench.run(server.grpc_url, "ugt_ort", batch_size=1, seq_length=64, concurrency=4)
     _consistent(r)
     assert r.failed_requests == r.rejected_requests == 0 and r.successful_requests >= cfg.num_requests
     # Little's law: a closed loop of 4 keeps 4 in flight, so throughput x latency ~ 4.
@@ -231,6 +255,9 @@ def test_concurrency_numbers_agree_with_each_other(server):
     assert r.server["compute_infer_us"] > 0 and r.server["request_us"] / 1e3 <= r.latency_avg
     assert r.host_cpu_utilization is not None and r.gpu_utilization is None and r.per_gpu == {}
     assert 0 < r.client_overhead_ms < r.latency_avg and r.rpc_floor_ms > 0
+    # the server's process tree did the work: CPU seconds ~ requests x compute time
+    assert r.server_cpu_percent > 10 and r.other_cpu_percent >= 0 and r.client_cpu_percent > 0
+    assert r.server_cpu_ms_per_request >= 0.5 * r.server["compute_infer_us"] / 1e3 / r.server["avg_batch"]
 
 
 @pytest.mark.server
