@@ -615,8 +615,10 @@ class GpuEngine:
         """(recs [users, K, 3], scores [users, K]) for a prepared layout; outputs stay on the device."""
         users = t.users if users is None else users
         if self.graphs_enabled:
-            recs, scores = self._replay(t)
-            return recs[:users].clone(), scores[:users].clone()
+            # capture and replay follow the *current* device: make it this engine's (cuda:1 ...)
+            with torch.cuda.device(self.device):
+                recs, scores = self._replay(t)
+                return recs[:users].clone(), scores[:users].clone()
         recs, scores = self._forward(t)
         return recs[:users], scores[:users]
 

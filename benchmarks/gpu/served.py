@@ -203,6 +203,18 @@ def best_under_slo(points: dict, prefix: str, slo: float) -> dict | None:
     return {"point": k, "throughput": p["throughput"], "p99_ms": p["p99_ms"], "gpu_util_per_gpu": p["gpu_util_per_gpu"]}
 
 
+def error_lines(message: str, limit: int = 25) -> list[str]:
+    """The error lines of the server log a ServerError names ("full log <path>")."""
+    import re
+
+    m = re.search(r"full log (\S+?\.log)", message)
+    if not m or not Path(m.group(1)).is_file():
+        return []
+    lines = Path(m.group(1)).read_text(errors="replace").splitlines()
+    keep = [x for x in lines if x.startswith("E") or "Error" in x or "error" in x or "Traceback" in x]
+    return [x[:400] for x in keep[-limit:]]
+
+
 # -- runs ---------------------------------------------------------------------------------------
 def run_server(tag: str, repo: Path, points_spec, so: ServeOptions, cfg, log, elapsed, budget, out: dict, write):
     """Start tritonserver on ``repo``, run ``points_spec`` [(name, model, concurrency, mix)]."""
@@ -319,7 +331,8 @@ def serve_part(args, device, model, engine_opts: dict, result: dict, write, log,
             out["summary"] = summ
         except Exception as e:
             out["error"] = f"{type(e).__name__}: {e}"[:2000]
-            log(f"scaling part failed: {out['error']}")
+            out["server_error_lines"] = error_lines(str(e))
+            log(f"scaling part failed: {out['error']}\n" + "\n".join(out["server_error_lines"]))
         write()
 
 
