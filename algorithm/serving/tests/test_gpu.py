@@ -261,6 +261,17 @@ def test_gpu_frozen_engine_runs_new_shapes_eagerly(model, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_gpu_engine_on_a_second_device_captures_there(model, rng):
+    """Triton puts instances on cuda:1 while the process's current device stays cuda:0."""
+    engine = GpuEngine(model, EngineConfig(dtype="bf16"), device="cuda:1")
+    inp = _ragged(rng)
+    recs, scores = engine(*(inp[k] for k in INPUT_NAMES))
+    assert recs.device == torch.device("cuda:1") and engine.graph_count == 1
+    assert compare_outputs(_reference(model, inp), _as_np(recs, scores))["recall_overlap"] >= 0.9
+
+
+@pytest.mark.gpu
 def test_gpu_runner_requests_and_device_outputs(model, rng):
     runner = TorchRunner(model, device="cuda", dtype="bf16")
     inp = _ragged(rng)
