@@ -17,12 +17,10 @@ statistics API over the measured window.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,163 +39,17 @@ from .loadgen import (  # noqa: F401  (re-exported: the load generator's public 
     sample_seq_lengths,
 )
 from .monitor import HostCpu, ResourceMonitor, server_breakdown, stats_snapshot
+from .result import (  # noqa: F401  (BenchmarkResult is public here, as in the guide)
+    BenchmarkResult,
+    histogram,
+    is_stable,
+    percentiles,
+    result_key,
+)
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, dict], None]
-
-
-@dataclass
-class BenchmarkResult:
-    """One load point. Latencies in ms; throughput in requests/s (x batch_size = samples/s).
-
-    total = successful + failed + rejected; timed-out requests are part of ``failed_requests``.
-    """
-
-    throughput: float
-    latency_p50: float
-    latency_p90: float
-    latency_p95: float
-    latency_p99: float
-    latency_avg: float
-    latency_min: float
-    latency_max: float
-    total_requests: int
-    successful_requests: int
-    failed_requests: int
-    rejected_requests: int = 0
-    timed_out_requests: int = 0
-    model_name: str = ""
-    url: str = ""
-    protocol: str = "grpc"
-    batch_size: int = 1
-    seq_length: int | None = None  # fixed length; None with another distribution
-    seq_len_distribution: str = "fixed"
-    seq_len_mean: float = 0.0
-    seq_len_max: int = 0
-    mode: str = "concurrency"
-    concurrency: int | None = None  # target in-flight requests (concurrency mode)
-    achieved_concurrency: float = 0.0  # sum of latencies / duration (Little's law)
-    request_rate: float | None = None  # target requests/s (request_rate mode)
-    achieved_rate: float = 0.0  # requests sent / sending time
-    duration_s: float = 0.0
-    trials: int = 0
-    stable: bool = False
-    window_throughputs: list[float] = field(default_factory=list)
-    window_p99s: list[float] = field(default_factory=list)
-    # client side: what the load generator itself costs, so it is not read as server latency
-    client_overhead_ms: float = 0.0  # build + serialize a request and deserialize its answer
-    rpc_floor_ms: float = 0.0  # median round trip of a health RPC (network + RPC stack)
-    client_cpu_percent: float = 0.0  # load generator process, % of one core
-    # with a local server (server_pid): its process tree's CPU, and what everything else used
-    server_cpu_percent: float | None = None  # % of one core
-    server_cpu_ms_per_request: float | None = None  # CPU cost of a request, neighbours aside
-    other_cpu_percent: float | None = None  # other processes on the host, % of one core
-    # server side (Triton statistics deltas over the measured window)
-    server: dict = field(default_factory=dict)  # queue/compute_input/compute_infer/compute_output/request _us
-    batch_sizes_formed: dict = field(default_factory=dict)  # batch size -> executions
-    host_cpu_utilization: float | None = None  # server metrics nv_cpu_utilization (0-1), mean
-    host_load_average: float | None = None  # 1-minute load average when measuring began
-    gpu_utilization: float | None = None  # mean over GPUs and samples (0-1); None without a GPU
-    gpu_memory_used_mb: float | None = None  # peak over samples, summed over GPUs
-    per_gpu: dict = field(default_factory=dict)  # {index: {"utilization", "memory_used_mb"}}
-    errors: dict = field(default_factory=dict)  # first distinct error messages -> count
-    latency_histogram: dict = field(default_factory=dict)  # {"edges_ms": [...], "counts": [...]}
-    latencies_ms: list[float] = field(default_factory=list, repr=False)  # every measured success
-
-    @property
-    def load(self) -> float:
-        """The load level: target concurrency, or target rate in request_rate mode."""
-        return float(self.request_rate if self.mode == "request_rate" else self.concurrency or 0)
-
-    @property
-    def key(self) -> str:
-        return result_key(self.batch_size, self.seq_length, self.seq_len_distribution, self.mode, self.load)
-
-    def summary(self) -> str:
-        load = (f"concurrency {self.concurrency} (achieved {self.achieved_concurrency:.1f})"
-                if self.mode == "concurrency" else
-                f"rate {self.request_rate:g}/s (achieved {self.achieved_rate:.1f}/s)")
-        seq = self.seq_length if self.seq_length is not None else (
-            f"{self.seq_len_distribution} (mean {self.seq_len_mean:.0f}, max {self.seq_len_max})")
-        lines = [
-            f"{self.model_name} @ {self.url} [{self.protocol}]: batch {self.batch_size}, seq_len {seq}, {load}",
-            f"  throughput  {self.throughput:.1f} req/s ({self.throughput * self.batch_size:.1f} samples/s)",
-            f"  latency ms  p50 {self.latency_p50:.2f}  p90 {self.latency_p90:.2f}  p95 {self.latency_p95:.2f}"
-            f"  p99 {self.latency_p99:.2f}  avg {self.latency_avg:.2f}  min {self.latency_min:.2f}"
-            f"  max {self.latency_max:.2f}",
-            f"  requests    {self.total_requests} total, {self.successful_requests} ok, {self.failed_requests}"
-            f" failed ({self.timed_out_requests} timed out), {self.rejected_requests} rejected",
-            f"  measured    {self.duration_s:.1f} s in {self.trials} windows, "
-            f"{'stable' if self.stable else 'NOT stable'}",
-            f"  client      overhead {self.client_overhead_ms:.3f} ms/request, RPC floor "
-            f"{self.rpc_floor_ms:.3f} ms, CPU {self.client_cpu_percent:.0f}% of a core",
-        ]
-        if self.server:
-            s = self.server
-            lines.append(
-                f"  server us   queue {s.get('queue_us', 0):.0f}  input {s.get('compute_input_us', 0):.0f}"
-                f"  infer {s.get('compute_infer_us', 0):.0f}  output {s.get('compute_output_us', 0):.0f}"
-                f"  (request {s.get('request_us', 0):.0f}, avg batch {s.get('avg_batch', 0):.2f})"
-            )
-        if self.host_cpu_utilization is not None:
-            lines.append(f"  host CPU    {self.host_cpu_utilization * 100:.0f}% busy (server metrics)")
-        if self.gpu_utilization is not None:
-            lines.append(f"  gpu         util {self.gpu_utilization * 100:.0f}%  memory {self.gpu_memory_used_mb:.0f} MB")
-        return "\n".join(lines)
-
-    def to_dict(self, latencies: bool = False) -> dict:
-        d = dataclasses.asdict(self)
-        if not latencies:
-            d.pop("latencies_ms")
-        d["key"] = self.key
-        d["batch_sizes_formed"] = {str(k): v for k, v in self.batch_sizes_formed.items()}
-        d["per_gpu"] = {str(k): v for k, v in self.per_gpu.items()}
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict) -> BenchmarkResult:
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in data.items() if k in names}
-        d["batch_sizes_formed"] = {int(k): v for k, v in d.get("batch_sizes_formed", {}).items()}
-        d["per_gpu"] = {int(k): v for k, v in d.get("per_gpu", {}).items()}
-        return cls(**d)
-
-
-def result_key(batch_size: int, seq_length, distribution: str, mode: str, load: float) -> str:
-    seq = f"seq{seq_length}" if seq_length is not None else distribution
-    lvl = f"c{int(load)}" if mode == "concurrency" else f"r{load:g}"
-    return f"bs{batch_size}_{seq}_{lvl}"
-
-
-# --------------------------------------------------------------------------------- statistics
-def percentiles(lat_ms: np.ndarray) -> dict[str, float]:
-    if not len(lat_ms):
-        return {k: float("nan") for k in ("p50", "p90", "p95", "p99", "avg", "min", "max")}
-    p50, p90, p95, p99 = np.percentile(lat_ms, [50, 90, 95, 99])
-    return {"p50": float(p50), "p90": float(p90), "p95": float(p95), "p99": float(p99),
-            "avg": float(lat_ms.mean()), "min": float(lat_ms.min()), "max": float(lat_ms.max())}
-
-
-def is_stable(throughputs: list[float], p99s: list[float], percent: float, count: int = 3) -> bool:
-    """perf_analyzer's rule: the last ``count`` windows each within ``percent`` of their mean."""
-    if len(throughputs) < count:
-        return False
-    for values in (throughputs[-count:], p99s[-count:]):
-        arr = np.asarray(values, dtype=float)
-        mean = arr.mean()
-        if not np.isfinite(arr).all() or mean <= 0 or np.abs(arr - mean).max() > mean * percent / 100:
-            return False
-    return True
-
-
-def histogram(lat_ms: np.ndarray, bins: int = 40) -> dict:
-    if not len(lat_ms):
-        return {"edges_ms": [], "counts": []}
-    lo, hi = max(float(lat_ms.min()), 1e-3), max(float(lat_ms.max()), 1e-3)
-    edges = np.geomspace(lo, hi * 1.0001, bins + 1) if hi > lo * 1.01 else np.linspace(lo * 0.99, hi * 1.01, bins + 1)
-    counts, edges = np.histogram(lat_ms, edges)
-    return {"edges_ms": [float(e) for e in edges], "counts": [int(c) for c in counts]}
 
 
 # ---------------------------------------------------------------------------------- benchmark
@@ -208,8 +60,12 @@ class TritonBenchmark:
     events (each finished load point of a sweep); the library itself never prints.
     """
 
-    def __init__(self, config: BenchmarkConfig | None = None, progress: ProgressFn | None = None,
-                 server_pid: int | None = None):
+    def __init__(
+        self,
+        config: BenchmarkConfig | None = None,
+        progress: ProgressFn | None = None,
+        server_pid: int | None = None,
+    ):
         self.config = (config or BenchmarkConfig()).validate()
         self.progress = progress
         self.server_pid = server_pid  # a local tritonserver: its CPU use is measured too
@@ -219,16 +75,27 @@ class TritonBenchmark:
             self.progress(event, info)
 
     # -- guide API ---------------------------------------------------------------------------
-    def run(self, triton_url: str | None = None, model_name: str = "ugt_recommend", batch_size: int = 1,
-            seq_length: int | None = 100, *, concurrency: int | None = None,
-            request_rate: float | None = None) -> BenchmarkResult:
+    def run(
+        self,
+        triton_url: str | None = None,
+        model_name: str = "ugt_recommend",
+        batch_size: int = 1,
+        seq_length: int | None = 100,
+        *,
+        concurrency: int | None = None,
+        request_rate: float | None = None,
+    ) -> BenchmarkResult:
         """Warm up, then measure one load point. ``seq_length`` is used by the fixed distribution."""
         cfg = self.config
         url = triton_url or cfg.triton_url
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError("batch_size", batch_size, "an integer >= 1")
-        if cfg.seq_len_distribution == "fixed" and (not isinstance(seq_length, int) or seq_length < 1):
-            raise ConfigError("seq_length", seq_length, "an integer >= 1 with the fixed distribution")
+        if cfg.seq_len_distribution == "fixed" and (
+            not isinstance(seq_length, int) or seq_length < 1
+        ):
+            raise ConfigError(
+                "seq_length", seq_length, "an integer >= 1 with the fixed distribution"
+            )
         mode = cfg.mode
         if mode == "request_rate":
             rate = float(request_rate if request_rate is not None else cfg.request_rates[0])
@@ -246,14 +113,27 @@ class TritonBenchmark:
         except BenchmarkError:
             raise
         except Exception as e:  # an unexpected client failure still names the server
-            raise BenchmarkError(f"benchmark of {model_name!r} at {url} failed: {type(e).__name__}: {e}") from e
+            raise BenchmarkError(
+                f"benchmark of {model_name!r} at {url} failed: {type(e).__name__}: {e}"
+            ) from e
 
-    def run_sweep(self, triton_url: str | None = None, model_name: str = "ugt_recommend", *,
-                  batch_sizes=None, seq_lengths=None, levels=None) -> dict[str, BenchmarkResult]:
+    def run_sweep(
+        self,
+        triton_url: str | None = None,
+        model_name: str = "ugt_recommend",
+        *,
+        batch_sizes=None,
+        seq_lengths=None,
+        levels=None,
+    ) -> dict[str, BenchmarkResult]:
         """Every batch size x seq_len x load level (concurrency or rate); keys from result_key()."""
         cfg = self.config
         batch_sizes = tuple(batch_sizes or cfg.test_batch_sizes)
-        seq_lengths = tuple(seq_lengths or cfg.test_seq_lengths) if cfg.seq_len_distribution == "fixed" else (None,)
+        seq_lengths = (
+            tuple(seq_lengths or cfg.test_seq_lengths)
+            if cfg.seq_len_distribution == "fixed"
+            else (None,)
+        )
         levels = tuple(levels or cfg.levels)
         points = [(b, s, lv) for b in batch_sizes for s in seq_lengths for lv in levels]
         results: dict[str, BenchmarkResult] = {}
@@ -261,10 +141,14 @@ class TritonBenchmark:
             kw = {"request_rate": lv} if cfg.mode == "request_rate" else {"concurrency": int(lv)}
             r = self.run(triton_url, model_name, b, s, **kw)
             results[r.key] = r
-            self._emit("point", model=model_name, key=r.key, done=i + 1, total=len(points), result=r)
+            self._emit(
+                "point", model=model_name, key=r.key, done=i + 1, total=len(points), result=r
+            )
         return results
 
-    def generate_report(self, results: dict[str, BenchmarkResult], path, baseline=None, **kw) -> str:
+    def generate_report(
+        self, results: dict[str, BenchmarkResult], path, baseline=None, **kw
+    ) -> str:
         """Markdown report at ``path`` plus .json, .csv and PNG plots beside it; returns the text."""
         from .report import write_report
 
@@ -291,16 +175,23 @@ class TritonBenchmark:
             host = HostCpu(self.server_pid)
             cpu_before = host.snapshot()
             try:
-                rec, t0, t_stop, windows, aborted = await self._measure(client, model, pool, level, rate, url)
+                rec, t0, t_stop, windows, aborted = await self._measure(
+                    client, model, pool, level, rate, url
+                )
             finally:
                 samples = await monitor.stop()
             cpu_after = host.snapshot()
             after = None if aborted else stats_snapshot(await client.statistics(model), model)
         finally:
             await client.close()
-        result = self._result(rec, t0, t_stop, windows, model, url, batch_size, seq_fixed, lengths,
-                              level, rate)
-        result.client_overhead_ms, result.rpc_floor_ms, result.host_load_average = overhead, rpc_floor, load_avg
+        result = self._result(
+            rec, t0, t_stop, windows, model, url, batch_size, seq_fixed, lengths, level, rate
+        )
+        result.client_overhead_ms, result.rpc_floor_ms, result.host_load_average = (
+            overhead,
+            rpc_floor,
+            load_avg,
+        )
         for k, v in HostCpu.delta(cpu_before, cpu_after, result.successful_requests).items():
             setattr(result, k, v)
         if after is not None and after["success"][0] >= before["success"][0]:
@@ -312,13 +203,15 @@ class TritonBenchmark:
                 f"every request to {model!r} at {url} in the last {self.config.measurement_window_s:g} s "
                 f"window failed ({windows[-1]['completed']} requests): {next(iter(rec.errors), 'no answer')}",
                 hint="The server stopped or the model failed; read its log. Nothing was dropped: "
-                     "the partial result is on this error (.result).")
+                "the partial result is on this error (.result).",
+            )
             err.result = result
             raise err
         if result.successful_requests == 0:
             err = BenchmarkError(
                 f"no request to {model!r} at {url} succeeded ({result.total_requests} sent): "
-                f"{next(iter(result.errors), 'no answer')}")
+                f"{next(iter(result.errors), 'no answer')}"
+            )
             err.result = result
             raise err
         return result
@@ -330,7 +223,8 @@ class TritonBenchmark:
             raise BenchmarkError(
                 f"Triton server at {url} ({client.protocol}) is not reachable: {type(e).__name__}: {e}",
                 hint="Start the server or pass the right --url/--protocol; "
-                     "the gRPC port is usually 8001, HTTP 8000.") from e
+                "the gRPC port is usually 8001, HTTP 8000.",
+            ) from e
         if not live:
             raise BenchmarkError(f"Triton server at {url} is not live")
         try:
@@ -340,7 +234,8 @@ class TritonBenchmark:
         if not ready:
             raise BenchmarkError(
                 f"model {model!r} is not ready on the Triton server at {url}",
-                hint="Check the model name (`curl <http-url>/v2/models/<name>/ready`) and the server log.")
+                hint="Check the model name (`curl <http-url>/v2/models/<name>/ready`) and the server log.",
+            )
 
     async def _rpc_floor(self, client: Client, n: int = 20) -> float:
         times = []
@@ -373,18 +268,29 @@ class TritonBenchmark:
             recs = first[0].as_numpy("recommendations")
             scores = first[0].as_numpy("scores")
         except Exception as e:
-            raise BenchmarkError(f"model {model!r} at {url} answered without readable outputs: {e}") from e
-        if recs is None or scores is None or recs.ndim != 3 or recs.shape[0] != batch_size \
-                or recs.shape[2] != 3 or scores.shape != recs.shape[:2]:
+            raise BenchmarkError(
+                f"model {model!r} at {url} answered without readable outputs: {e}"
+            ) from e
+        if (
+            recs is None
+            or scores is None
+            or recs.ndim != 3
+            or recs.shape[0] != batch_size
+            or recs.shape[2] != 3
+            or scores.shape != recs.shape[:2]
+        ):
             raise BenchmarkError(
                 f"model {model!r} at {url} answered shapes recommendations "
                 f"{None if recs is None else recs.shape}, scores {None if scores is None else scores.shape}; "
-                f"expected [{batch_size}, K, 3] and [{batch_size}, K]")
+                f"expected [{batch_size}, K, 3] and [{batch_size}, K]"
+            )
         if errors:
             logger.warning("%d of %d warm-up requests failed: %s", len(errors), n, errors[0])
         return first[0]
 
-    def _client_overhead(self, client: Client, model: str, arrays: dict, response, n: int = 30) -> float:
+    def _client_overhead(
+        self, client: Client, model: str, arrays: dict, response, n: int = 30
+    ) -> float:
         """Median cost of building + serializing one request and reading its answer (ms)."""
         build = None
         if client.protocol == "grpc":
@@ -393,9 +299,18 @@ class TritonBenchmark:
 
                 def build(inputs):
                     return _get_inference_request(
-                        model_name=model, inputs=inputs, model_version="", request_id="", outputs=None,
-                        sequence_id=0, sequence_start=False, sequence_end=False, priority=0, timeout=None,
-                        parameters=None).SerializeToString()
+                        model_name=model,
+                        inputs=inputs,
+                        model_version="",
+                        request_id="",
+                        outputs=None,
+                        sequence_id=0,
+                        sequence_start=False,
+                        sequence_end=False,
+                        priority=0,
+                        timeout=None,
+                        parameters=None,
+                    ).SerializeToString()
             except (ImportError, TypeError):  # private helper moved: time InferInput only
                 build = None
         times = []
@@ -454,8 +369,11 @@ class TritonBenchmark:
                 pending.add(task)
                 task.add_done_callback(pending.discard)
 
-        workers = [asyncio.ensure_future(closed_loop()) for _ in range(level)] if rate is None \
+        workers = (
+            [asyncio.ensure_future(closed_loop()) for _ in range(level)]
+            if rate is None
             else [asyncio.ensure_future(open_loop())]
+        )
         windows: list[dict] = []
         try:
             w_start = t0
@@ -465,10 +383,20 @@ class TritonBenchmark:
                 win = self._window(rec, w_start, w_end)
                 windows.append(win)
                 measured = len(rec.outcome)
-                stable = is_stable([w["throughput"] for w in windows], [w["p99"] for w in windows],
-                                   cfg.stability_percent)
-                self._emit("window", model=model, trial=len(windows), max_trials=cfg.max_trials,
-                           stable=stable, measured=measured, **win)
+                stable = is_stable(
+                    [w["throughput"] for w in windows],
+                    [w["p99"] for w in windows],
+                    cfg.stability_percent,
+                )
+                self._emit(
+                    "window",
+                    model=model,
+                    trial=len(windows),
+                    max_trials=cfg.max_trials,
+                    stable=stable,
+                    measured=measured,
+                    **win,
+                )
                 if win["completed"] and win["ok"] == 0 and win["rejected"] < win["completed"]:
                     stop.set()
                     break
@@ -481,23 +409,35 @@ class TritonBenchmark:
             # in-flight requests finish or time out (bounded by timeout_s); none is dropped
             await asyncio.gather(*workers, *list(pending), return_exceptions=True)
         last = windows[-1] if windows else {}
-        aborted = bool(last.get("completed")) and last["ok"] == 0 and last["rejected"] < last["completed"]
+        aborted = (
+            bool(last.get("completed")) and last["ok"] == 0 and last["rejected"] < last["completed"]
+        )
         return rec, t0, t_stop, windows, aborted
 
     def _window(self, rec: Records, start: float, end: float) -> dict:
         n = len(rec.outcome)  # workers append concurrently: read a consistent prefix
-        sent, done, outcome = (np.asarray(rec.sent[:n]), np.asarray(rec.done[:n]),
-                               np.asarray(rec.outcome[:n], dtype=np.int64))
+        sent, done, outcome = (
+            np.asarray(rec.sent[:n]),
+            np.asarray(rec.done[:n]),
+            np.asarray(rec.outcome[:n], dtype=np.int64),
+        )
         sel = (done >= start) & (done < end)
         ok = sel & (outcome == OK)
         lat = (done[ok] - sent[ok]) * 1e3
         dur = max(end - start, 1e-9)
-        return {"start": start, "end": end, "completed": int(sel.sum()), "ok": int(ok.sum()),
-                "rejected": int((sel & (outcome == REJECTED)).sum()),
-                "throughput": float(ok.sum() / dur),
-                "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
+        return {
+            "start": start,
+            "end": end,
+            "completed": int(sel.sum()),
+            "ok": int(ok.sum()),
+            "rejected": int((sel & (outcome == REJECTED)).sum()),
+            "throughput": float(ok.sum() / dur),
+            "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+        }
 
-    def _result(self, rec, t0, t_stop, windows, model, url, batch_size, seq_fixed, lengths, level, rate):
+    def _result(
+        self, rec, t0, t_stop, windows, model, url, batch_size, seq_fixed, lengths, level, rate
+    ):
         cfg = self.config
         sent, done, outcome = rec.arrays()
         if len(sent):
@@ -513,22 +453,39 @@ class TritonBenchmark:
         p99s = [w["p99"] for w in windows]
         return BenchmarkResult(
             throughput=float(ok.sum() / duration) if len(sent) else 0.0,
-            latency_p50=pct["p50"], latency_p90=pct["p90"], latency_p95=pct["p95"], latency_p99=pct["p99"],
-            latency_avg=pct["avg"], latency_min=pct["min"], latency_max=pct["max"],
+            latency_p50=pct["p50"],
+            latency_p90=pct["p90"],
+            latency_p95=pct["p95"],
+            latency_p99=pct["p99"],
+            latency_avg=pct["avg"],
+            latency_min=pct["min"],
+            latency_max=pct["max"],
             total_requests=int(len(outcome)),
             successful_requests=int(ok.sum()),
             failed_requests=int(((outcome == FAILED) | (outcome == TIMED_OUT)).sum()),
             rejected_requests=int((outcome == REJECTED).sum()),
             timed_out_requests=int((outcome == TIMED_OUT).sum()),
-            model_name=model, url=url, protocol=cfg.protocol, batch_size=batch_size,
-            seq_length=seq_fixed, seq_len_distribution=cfg.seq_len_distribution,
-            seq_len_mean=float(np.mean(lengths)), seq_len_max=int(np.max(lengths)),
-            mode=cfg.mode, concurrency=level, achieved_concurrency=float(all_lat / duration),
-            request_rate=rate, achieved_rate=float(len(sent) / max(t_stop - t0, 1e-9)),
-            duration_s=duration, trials=len(windows),
+            model_name=model,
+            url=url,
+            protocol=cfg.protocol,
+            batch_size=batch_size,
+            seq_length=seq_fixed,
+            seq_len_distribution=cfg.seq_len_distribution,
+            seq_len_mean=float(np.mean(lengths)),
+            seq_len_max=int(np.max(lengths)),
+            mode=cfg.mode,
+            concurrency=level,
+            achieved_concurrency=float(all_lat / duration),
+            request_rate=rate,
+            achieved_rate=float(len(sent) / max(t_stop - t0, 1e-9)),
+            duration_s=duration,
+            trials=len(windows),
             stable=is_stable(throughputs, p99s, cfg.stability_percent),
-            window_throughputs=throughputs, window_p99s=p99s, errors=dict(rec.errors),
-            latency_histogram=histogram(lat), latencies_ms=[float(x) for x in lat],
+            window_throughputs=throughputs,
+            window_p99s=p99s,
+            errors=dict(rec.errors),
+            latency_histogram=histogram(lat),
+            latencies_ms=[float(x) for x in lat],
         )
 
 
@@ -551,7 +508,9 @@ def _load_average() -> float | None:
         return None
 
 
-def run_benchmark(triton_url: str, model_name: str, num_requests: int = 10000, **config_fields) -> dict:
+def run_benchmark(
+    triton_url: str, model_name: str, num_requests: int = 10000, **config_fields
+) -> dict:
     """Guide 4.3: one load point (batch 1, first test seq_len, first level); the result as a dict.
 
     ``config_fields`` are BenchmarkConfig fields plus optional ``batch_size`` and ``seq_length``.
@@ -560,4 +519,8 @@ def run_benchmark(triton_url: str, model_name: str, num_requests: int = 10000, *
     seq_length = config_fields.pop("seq_length", None)
     cfg = BenchmarkConfig(triton_url=triton_url, num_requests=num_requests, **config_fields)
     seq = seq_length if seq_length is not None else cfg.test_seq_lengths[0]
-    return TritonBenchmark(cfg).run(triton_url, model_name, batch_size=batch_size, seq_length=seq).to_dict()
+    return (
+        TritonBenchmark(cfg)
+        .run(triton_url, model_name, batch_size=batch_size, seq_length=seq)
+        .to_dict()
+    )

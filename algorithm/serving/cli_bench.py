@@ -18,19 +18,42 @@ def _numbers(field: str, values: list[str] | None, kind=int) -> tuple:
     try:
         return tuple(kind(t) for t in items)
     except ValueError:
-        raise ConfigError(field, ",".join(items), f"comma-separated {kind.__name__}s, e.g. 1,4,16") from None
+        raise ConfigError(
+            field, ",".join(items), f"comma-separated {kind.__name__}s, e.g. 1,4,16"
+        ) from None
 
 
 def _results_table(title: str, groups: list[tuple[str, dict]]) -> Table:
     t = Table(title=title, title_justify="left")
-    for col in ("model", "point", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "ok/total", "failed",
-                "rejected", "stable"):
+    for col in (
+        "model",
+        "point",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "ok/total",
+        "failed",
+        "rejected",
+        "stable",
+    ):
         t.add_column(col, justify="left" if col in ("model", "point") else "right")
     for label, results in groups:
         for r in sorted(results.values(), key=lambda r: (r.batch_size, r.seq_length or 0, r.load)):
-            t.add_row(label, r.key, f"{r.throughput:.1f}", f"{r.latency_p50:.2f}", f"{r.latency_p90:.2f}",
-                      f"{r.latency_p99:.2f}", f"{r.latency_max:.2f}", f"{r.successful_requests}/{r.total_requests}",
-                      str(r.failed_requests), str(r.rejected_requests), "yes" if r.stable else "no")
+            t.add_row(
+                label,
+                r.key,
+                f"{r.throughput:.1f}",
+                f"{r.latency_p50:.2f}",
+                f"{r.latency_p90:.2f}",
+                f"{r.latency_p99:.2f}",
+                f"{r.latency_max:.2f}",
+                f"{r.successful_requests}/{r.total_requests}",
+                str(r.failed_requests),
+                str(r.rejected_requests),
+                "yes" if r.stable else "no",
+            )
     return t
 
 
@@ -38,31 +61,64 @@ def _results_table(title: str, groups: list[tuple[str, dict]]) -> Table:
 @app.command()
 @handle_errors
 def benchmark(
-    url: str = typer.Option("localhost:8001", "--url", "-u", help="Server endpoint host:port (gRPC 8001, HTTP 8000)."),
+    url: str = typer.Option(
+        "localhost:8001", "--url", "-u", help="Server endpoint host:port (gRPC 8001, HTTP 8000)."
+    ),
     model: str = typer.Option("ugt_recommend", "--model", "-m", help="Model name on the server."),
-    requests: int = typer.Option(1000, "--requests", "-n", min=1, help="Minimum measured requests per load point."),
-    concurrency: list[str] = typer.Option(["1"], "--concurrency", "-c", help="Requests in flight; repeat or comma-list to sweep (1,4,16)."),
-    batch_sizes: str = typer.Option("1", "--batch-sizes", "-b", help="Histories per request, comma list."),
-    seq_lengths: str = typer.Option("128", "--seq-lengths", "-s", help="History lengths (fixed distribution), comma list."),
-    mode: str = typer.Option("concurrency", help="concurrency (closed loop) or request_rate (Poisson arrivals)."),
+    requests: int = typer.Option(
+        1000, "--requests", "-n", min=1, help="Minimum measured requests per load point."
+    ),
+    concurrency: list[str] = typer.Option(
+        ["1"],
+        "--concurrency",
+        "-c",
+        help="Requests in flight; repeat or comma-list to sweep (1,4,16).",
+    ),
+    batch_sizes: str = typer.Option(
+        "1", "--batch-sizes", "-b", help="Histories per request, comma list."
+    ),
+    seq_lengths: str = typer.Option(
+        "128", "--seq-lengths", "-s", help="History lengths (fixed distribution), comma list."
+    ),
+    mode: str = typer.Option(
+        "concurrency", help="concurrency (closed loop) or request_rate (Poisson arrivals)."
+    ),
     rates: str | None = typer.Option(None, help="Requests/s for --mode request_rate, comma list."),
-    seq_dist: str = typer.Option("fixed", help="fixed, uniform, lognormal, or histogram (--seq-hist)."),
+    seq_dist: str = typer.Option(
+        "fixed", help="fixed, uniform, lognormal, or histogram (--seq-hist)."
+    ),
     seq_median: int = typer.Option(200, min=1, help="lognormal median length."),
     seq_sigma: float = typer.Option(0.8, min=0.0, help="lognormal sigma."),
     seq_min: int = typer.Option(1, min=1, help="Shortest history (uniform/lognormal/histogram)."),
     seq_max: int = typer.Option(1024, min=1, help="Longest history (uniform/lognormal/histogram)."),
-    seq_hist: Path | None = typer.Option(None, help='JSON {"lengths": [...], "counts": [...]} for --seq-dist histogram.'),
+    seq_hist: Path | None = typer.Option(
+        None, help='JSON {"lengths": [...], "counts": [...]} for --seq-dist histogram.'
+    ),
     protocol: str = typer.Option("grpc", help="grpc or http (match the --url port)."),
     warmup: int = typer.Option(100, min=0, help="Warm-up requests (not measured)."),
     window: float = typer.Option(2.0, min=0.05, help="Measurement window in seconds."),
-    max_trials: int = typer.Option(5, min=1, help="Most windows per point when it does not stabilize."),
-    stability: float = typer.Option(10.0, min=0.0, help="Stable when the last 3 windows agree within this %."),
-    timeout: float = typer.Option(10.0, min=0.001, help="Per-request timeout in seconds (counted as failed)."),
-    slo: float = typer.Option(30.0, min=0.001, help="P99 latency SLO in ms (report: highest load meeting it)."),
-    metrics_url: str | None = typer.Option(None, help="Server metrics page, e.g. http://localhost:8002/metrics (CPU/GPU use)."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write report.md/.json/.csv and plots here."),
+    max_trials: int = typer.Option(
+        5, min=1, help="Most windows per point when it does not stabilize."
+    ),
+    stability: float = typer.Option(
+        10.0, min=0.0, help="Stable when the last 3 windows agree within this %."
+    ),
+    timeout: float = typer.Option(
+        10.0, min=0.001, help="Per-request timeout in seconds (counted as failed)."
+    ),
+    slo: float = typer.Option(
+        30.0, min=0.001, help="P99 latency SLO in ms (report: highest load meeting it)."
+    ),
+    metrics_url: str | None = typer.Option(
+        None, help="Server metrics page, e.g. http://localhost:8002/metrics (CPU/GPU use)."
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Write report.md/.json/.csv and plots here."
+    ),
     baseline: Path | None = typer.Option(None, help="Compare with an earlier run's report .json."),
-    baseline_model: str | None = typer.Option(None, help="Compare with another model on the same server (same points)."),
+    baseline_model: str | None = typer.Option(
+        None, help="Compare with another model on the same server (same points)."
+    ),
 ) -> None:
     """Measure a model on a live Triton server: latency percentiles, throughput, server breakdown."""
     from .benchmark import TritonBenchmark
@@ -70,16 +126,32 @@ def benchmark(
     from .errors import ConfigError
 
     if baseline is not None and baseline_model is not None:
-        raise ConfigError("baseline", str(baseline), "either --baseline or --baseline-model, not both")
+        raise ConfigError(
+            "baseline", str(baseline), "either --baseline or --baseline-model, not both"
+        )
     levels = _numbers("concurrency", concurrency)
     cfg = BenchmarkConfig(
-        triton_url=url, num_warmup_requests=warmup, num_requests=requests, concurrency=levels[0] if levels else 1,
-        concurrency_levels=levels, test_batch_sizes=_numbers("batch_sizes", [batch_sizes]),
-        test_seq_lengths=_numbers("seq_lengths", [seq_lengths]), protocol=protocol, mode=mode,
-        request_rates=_numbers("rates", [rates] if rates else [], float), seq_len_distribution=seq_dist,
-        seq_len_median=seq_median, seq_len_sigma=seq_sigma, seq_len_min=seq_min, seq_len_max=seq_max,
-        seq_len_histogram_file=str(seq_hist) if seq_hist else None, measurement_window_s=window,
-        max_trials=max_trials, stability_percent=stability, timeout_s=timeout, slo_p99_ms=slo,
+        triton_url=url,
+        num_warmup_requests=warmup,
+        num_requests=requests,
+        concurrency=levels[0] if levels else 1,
+        concurrency_levels=levels,
+        test_batch_sizes=_numbers("batch_sizes", [batch_sizes]),
+        test_seq_lengths=_numbers("seq_lengths", [seq_lengths]),
+        protocol=protocol,
+        mode=mode,
+        request_rates=_numbers("rates", [rates] if rates else [], float),
+        seq_len_distribution=seq_dist,
+        seq_len_median=seq_median,
+        seq_len_sigma=seq_sigma,
+        seq_len_min=seq_min,
+        seq_len_max=seq_max,
+        seq_len_histogram_file=str(seq_hist) if seq_hist else None,
+        measurement_window_s=window,
+        max_trials=max_trials,
+        stability_percent=stability,
+        timeout_s=timeout,
+        slo_p99_ms=slo,
         metrics_url=metrics_url,
     )
     seqs = len(cfg.test_seq_lengths) if seq_dist == "fixed" else 1
@@ -90,8 +162,11 @@ def benchmark(
 
         def on_event(event, info):
             if event == "window":
-                p.update(task, description=f"{info['model']}: window {info['trial']} "
-                                           f"{info['throughput']:.0f} req/s, p99 {info['p99']:.1f} ms")
+                p.update(
+                    task,
+                    description=f"{info['model']}: window {info['trial']} "
+                    f"{info['throughput']:.0f} req/s, p99 {info['p99']:.1f} ms",
+                )
             else:
                 p.advance(task)
 
@@ -107,18 +182,28 @@ def benchmark(
         report_path = output / "report.md"
         bench.generate_report(results, report_path, baseline=base)
     if STATE.json:
-        emit({"results": {k: r.to_dict() for k, r in results.items()},
-              "baseline": {k: r.to_dict() for k, r in (base or {}).items()} or None,
-              "report": str(report_path) if report_path else None}, "Benchmark")
+        emit(
+            {
+                "results": {k: r.to_dict() for k, r in results.items()},
+                "baseline": {k: r.to_dict() for k, r in (base or {}).items()} or None,
+                "report": str(report_path) if report_path else None,
+            },
+            "Benchmark",
+        )
         return
-    groups = [(model, results)] + ([(baseline_model or f"baseline ({baseline})", base)] if base else [])
+    groups = [(model, results)] + (
+        [(baseline_model or f"baseline ({baseline})", base)] if base else []
+    )
     out.print(_results_table(f"{model} @ {url} ({protocol})", groups))
     if base:
         from .report import compare
 
         for row in compare(results, base):
-            out.print(f"{row['key']}: throughput x{row['speedup']:.2f}, p99 {row['latency_p99']:.2f} vs "
-                      f"{row['baseline_latency_p99']:.2f} ms", highlight=False)
+            out.print(
+                f"{row['key']}: throughput x{row['speedup']:.2f}, p99 {row['latency_p99']:.2f} vs "
+                f"{row['baseline_latency_p99']:.2f} ms",
+                highlight=False,
+            )
     if report_path:
         out.print(f"report: {report_path} (+ .json, .csv, plots)", highlight=False)
 
@@ -127,30 +212,61 @@ def benchmark(
 @app.command()
 @handle_errors
 def demo(
-    output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for every artifact and the report."),
-    steps: int = typer.Option(1000, min=1, help="Training steps when no checkpoint is there to reuse."),
-    time_budget: float = typer.Option(180.0, min=0.0, help="Stop training after this many seconds."),
-    concurrency: list[str] = typer.Option(["1,4,16"], "--concurrency", "-c", help="Load points (comma list)."),
+    output: Path = typer.Option(
+        Path("demo-output"), "--output", "-o", help="Folder for every artifact and the report."
+    ),
+    steps: int = typer.Option(
+        1000, min=1, help="Training steps when no checkpoint is there to reuse."
+    ),
+    time_budget: float = typer.Option(
+        180.0, min=0.0, help="Stop training after this many seconds."
+    ),
+    concurrency: list[str] = typer.Option(
+        ["1,4,16"], "--concurrency", "-c", help="Load points (comma list)."
+    ),
     seq_length: int = typer.Option(128, min=1, help="History length of the sweep."),
     window: float = typer.Option(1.0, min=0.05, help="Measurement window in seconds."),
     max_trials: int = typer.Option(5, min=1, help="Most windows per load point."),
     instances: int = typer.Option(2, min=1, help="Model instances per model (2 cores: 2)."),
-    threads: int = typer.Option(1, min=0, help="Intra-op threads per instance (0 = runtime default)."),
-    baseline: bool = typer.Option(True, help="Also serve and measure PyTorch eager fp32 (the baseline)."),
-    fresh: bool = typer.Option(False, help="Rebuild the export and optimized artifacts even when up to date."),
-    record_dir: Path | None = typer.Option(None, help="Also write cpu_serving-<date>.json here (e.g. benchmarks/results)."),
+    threads: int = typer.Option(
+        1, min=0, help="Intra-op threads per instance (0 = runtime default)."
+    ),
+    baseline: bool = typer.Option(
+        True, help="Also serve and measure PyTorch eager fp32 (the baseline)."
+    ),
+    fresh: bool = typer.Option(
+        False, help="Rebuild the export and optimized artifacts even when up to date."
+    ),
+    record_dir: Path | None = typer.Option(
+        None, help="Also write cpu_serving-<date>.json here (e.g. benchmarks/results)."
+    ),
 ) -> None:
     """The main job: train/reuse -> export -> optimize -> repository -> Triton -> benchmark -> report."""
     from .demo import STAGES, DemoConfig, run_demo
 
-    cfg = DemoConfig(output=str(output), train_steps=steps, train_time_budget_s=time_budget or None,
-                     concurrency_levels=_numbers("concurrency", concurrency), seq_length=seq_length,
-                     measurement_window_s=window, max_trials=max_trials, instance_count=instances,
-                     runtime_threads=threads, baseline=baseline, fresh=fresh,
-                     record_dir=str(record_dir) if record_dir else None)
-    names = {"checkpoint": "Checkpoint", "export": "Export + parity", "optimize": "Optimize + accuracy gate",
-             "repository": "Model repository", "server": "Start tritonserver", "benchmark": "Benchmark",
-             "report": "Report"}
+    cfg = DemoConfig(
+        output=str(output),
+        train_steps=steps,
+        train_time_budget_s=time_budget or None,
+        concurrency_levels=_numbers("concurrency", concurrency),
+        seq_length=seq_length,
+        measurement_window_s=window,
+        max_trials=max_trials,
+        instance_count=instances,
+        runtime_threads=threads,
+        baseline=baseline,
+        fresh=fresh,
+        record_dir=str(record_dir) if record_dir else None,
+    )
+    names = {
+        "checkpoint": "Checkpoint",
+        "export": "Export + parity",
+        "optimize": "Optimize + accuracy gate",
+        "repository": "Model repository",
+        "server": "Start tritonserver",
+        "benchmark": "Benchmark",
+        "report": "Report",
+    }
     with progress() as p:
         tasks = {s: p.add_task(f"{names[s]}", total=None, start=False) for s in STAGES}
 
@@ -172,30 +288,47 @@ def demo(
     if STATE.json:
         emit(summary, "Demo")
         return
-    table = Table(title=f"UGT tiny on Triton (CPU), batch 1, seq_len {seq_length}", title_justify="left")
+    table = Table(
+        title=f"UGT tiny on Triton (CPU), batch 1, seq_len {seq_length}", title_justify="left"
+    )
     for col in ("model", "concurrency", "req/s", "p50 ms", "p99 ms", "ok/total", "stable"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in summary["rows"]:
-        table.add_row(r["model"], str(r["concurrency"]), f"{r['throughput']:.1f}", f"{r['p50_ms']:.2f}",
-                      f"{r['p99_ms']:.2f}", f"{r['ok']}/{r['total']}", "yes" if r["stable"] else "no")
+        table.add_row(
+            r["model"],
+            str(r["concurrency"]),
+            f"{r['throughput']:.1f}",
+            f"{r['p50_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            f"{r['ok']}/{r['total']}",
+            "yes" if r["stable"] else "no",
+        )
     out.print(table)
     chosen = summary["optimization"]["chosen"]
     goals = summary["goals"]
-    facts = {"served artifact": f"{chosen['backend']} {chosen['precision']} (recall@K overlap "
-                                f"{chosen['recall_overlap']})"}
+    facts = {
+        "served artifact": f"{chosen['backend']} {chosen['precision']} (recall@K overlap "
+        f"{chosen['recall_overlap']})"
+    }
     training = summary.get("training", {})
     if "steps" in training:
         recall = next((v for k, v in training.items() if k.startswith("heldout_recall")), None)
         chance = next((v for k, v in training.items() if k.startswith("chance_recall")), None)
-        facts["checkpoint trained"] = f"{training['steps']} steps, held-out recall@K {recall} (chance {chance})"
+        facts["checkpoint trained"] = (
+            f"{training['steps']} steps, held-out recall@K {recall} (chance {chance})"
+        )
     if "p99_ms_at_lowest_concurrency" in goals:
         facts["goal: P99 < 15 ms at the lowest concurrency"] = (
-            f"{goals['p99_ms_at_lowest_concurrency']:.2f} ms: {'met' if goals['p99_under_15ms'] else 'NOT met'}")
+            f"{goals['p99_ms_at_lowest_concurrency']:.2f} ms: {'met' if goals['p99_under_15ms'] else 'NOT met'}"
+        )
     if "speedup_at_highest_concurrency" in goals:
         facts["goal: >= 3x baseline throughput at the highest concurrency"] = (
-            f"x{goals['speedup_at_highest_concurrency']:.2f}: {'met' if goals['speedup_at_least_3x'] else 'NOT met'}")
+            f"x{goals['speedup_at_highest_concurrency']:.2f}: {'met' if goals['speedup_at_least_3x'] else 'NOT met'}"
+        )
     facts.update({k: v for k, v in summary["paths"].items() if k != "plots"})
     facts["plots"] = f"{len(summary['paths']['plots'])} PNG files in {output}"
-    facts["time"] = f"{summary['seconds']:.0f} s ({', '.join(f'{k} {v:.0f}s' for k, v in summary['stage_seconds'].items())})"
+    facts["time"] = (
+        f"{summary['seconds']:.0f} s ({', '.join(f'{k} {v:.0f}s' for k, v in summary['stage_seconds'].items())})"
+    )
     emit(facts, "Summary")
     console.print(f"open {summary['paths']['report']}", highlight=False)

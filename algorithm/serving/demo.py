@@ -104,8 +104,19 @@ class Demo:
             results, baseline = self._timed("benchmark", self.benchmark, server)
         finally:
             server.stop()
-        summary = self._timed("report", self.report, results, baseline, chosen, server_cfg, train_report,
-                               ckpt, onnx_path, artifact, repo)
+        summary = self._timed(
+            "report",
+            self.report,
+            results,
+            baseline,
+            chosen,
+            server_cfg,
+            train_report,
+            ckpt,
+            onnx_path,
+            artifact,
+            repo,
+        )
         summary["seconds"] = round(time.monotonic() - t0, 1)
         summary["stage_seconds"] = self.times
         _write_json(self.out / "summary.json", summary)
@@ -137,9 +148,14 @@ class Demo:
 
     def export_config(self, model, precision: str = "fp32") -> ExportConfig:
         mc = model.config
-        return ExportConfig(model_name=self.config.model_name, precision=precision,
-                            max_batch_size=self.config.max_batch_size, max_seq_length=mc.max_seq_length,
-                            codebook_sizes=tuple(mc.codebook_sizes), num_recommendations=mc.num_recommendations)
+        return ExportConfig(
+            model_name=self.config.model_name,
+            precision=precision,
+            max_batch_size=self.config.max_batch_size,
+            max_seq_length=mc.max_seq_length,
+            codebook_sizes=tuple(mc.codebook_sizes),
+            num_recommendations=mc.num_recommendations,
+        )
 
     def export(self, model, ckpt: Path) -> Path:
         from .export_onnx import ONNXExporter
@@ -152,7 +168,9 @@ class Demo:
         self._stage("export", 0, 1, "torch -> ONNX, parity vs PyTorch")
         ONNXExporter(self.export_config(model)).export(model, path)
         worst = json.loads(parity.read_text())["worst"] if parity.is_file() else {}
-        self._stage("export", 1, 1, f"parity recall {worst.get('recall_overlap', float('nan')):.3f}")
+        self._stage(
+            "export", 1, 1, f"parity recall {worst.get('recall_overlap', float('nan')):.3f}"
+        )
         return path
 
     def optimize(self, model, onnx_path: Path) -> tuple[Path, dict]:
@@ -169,29 +187,55 @@ class Demo:
             accuracy = Path(f"{artifact}.accuracy.json")
             try:
                 if self.config.fresh or not (_newer(artifact, onnx_path) and accuracy.is_file()):
-                    artifact = Path(build(onnx_path, artifact, backend, self.export_config(model, precision),
-                                          reference_model=model))
+                    artifact = Path(
+                        build(
+                            onnx_path,
+                            artifact,
+                            backend,
+                            self.export_config(model, precision),
+                            reference_model=model,
+                        )
+                    )
             except ParityError as e:
-                refused.append({"backend": backend, "precision": precision, "reason": str(e).splitlines()[0]})
+                refused.append(
+                    {"backend": backend, "precision": precision, "reason": str(e).splitlines()[0]}
+                )
                 continue
             worst = json.loads(accuracy.read_text()).get("worst", {}) if accuracy.is_file() else {}
             timing = _time_runner(get_backend(backend).runtime, artifact, self.config)
-            passed.append({"backend": backend, "precision": precision, "artifact": str(artifact),
-                           "recall_overlap": worst.get("recall_overlap"),
-                           "max_score_diff": worst.get("max_score_diff"), **timing})
+            passed.append(
+                {
+                    "backend": backend,
+                    "precision": precision,
+                    "artifact": str(artifact),
+                    "recall_overlap": worst.get("recall_overlap"),
+                    "max_score_diff": worst.get("max_score_diff"),
+                    **timing,
+                }
+            )
         if not passed:
-            raise ParityError("no optimized artifact passed the accuracy gate: "
-                              + "; ".join(r["reason"] for r in refused),
-                              {"refused": refused}, hint="Train longer or add fp32 to the candidates.")
+            raise ParityError(
+                "no optimized artifact passed the accuracy gate: "
+                + "; ".join(r["reason"] for r in refused),
+                {"refused": refused},
+                hint="Train longer or add fp32 to the candidates.",
+            )
         best = min(passed, key=lambda c: c["score_ms"])
         self._stage("optimize", n, n, f"serving {best['backend']} {best['precision']}")
         return Path(best["artifact"]), {"chosen": best, "candidates": passed, "refused": refused}
 
     def triton_config(self, runtime: str) -> TritonConfig:
         c = self.config
-        return TritonConfig(platform="python", python_runtime=runtime, instance_kind="KIND_CPU", gpus=(),
-                            instance_count=c.instance_count, runtime_threads=c.runtime_threads,
-                            max_queue_delay_us=c.max_queue_delay_us, preferred_batch_sizes=c.preferred_batch_sizes)
+        return TritonConfig(
+            platform="python",
+            python_runtime=runtime,
+            instance_kind="KIND_CPU",
+            gpus=(),
+            instance_count=c.instance_count,
+            runtime_threads=c.runtime_threads,
+            max_queue_delay_us=c.max_queue_delay_us,
+            preferred_batch_sizes=c.preferred_batch_sizes,
+        )
 
     def repository(self, model, artifact: Path, ckpt: Path):
         from .triton_config import TritonConfigGenerator
@@ -202,13 +246,23 @@ class Demo:
         ec = self.export_config(model)
         tc = self.triton_config("onnxruntime")
         TritonConfigGenerator(ec, tc).generate(repo, model_file=artifact, version=1)
-        served = {self.config.model_name: {"runtime": "onnxruntime", "artifact": str(artifact), **tc.to_dict()}}
+        served = {
+            self.config.model_name: {
+                "runtime": "onnxruntime",
+                "artifact": str(artifact),
+                **tc.to_dict(),
+            }
+        }
         if self.config.baseline:
             tb = self.triton_config("torch")
             TritonConfigGenerator(ec.replace(model_name=self.config.baseline_name), tb).generate(
-                repo, model_file=ckpt, version=1)
-            served[self.config.baseline_name] = {"runtime": "torch (PyTorch eager fp32)", "artifact": str(ckpt),
-                                                 **tb.to_dict()}
+                repo, model_file=ckpt, version=1
+            )
+            served[self.config.baseline_name] = {
+                "runtime": "torch (PyTorch eager fp32)",
+                "artifact": str(ckpt),
+                **tb.to_dict(),
+            }
         self._stage("repository", 1, 1, f"{repo} ({', '.join(served)})")
         return repo, served
 
@@ -217,7 +271,9 @@ class Demo:
         if self.config.runtime_threads:
             # model.py passes `threads` to runners that take it (ONNX Runtime, OpenVINO); PyTorch
             # reads its intra-op thread count from here, so the baseline gets the same threads.
-            env = {v: str(self.config.runtime_threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+            env = {
+                v: str(self.config.runtime_threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+            }
         # absolute: the server runs in its work folder, so a relative log_dir would point elsewhere
         logs = (self.out / "logs").resolve()
         server = server_cls(repo, http_port=0, grpc_port=0, metrics_port=0, log_dir=logs, env=env)
@@ -227,10 +283,17 @@ class Demo:
 
     def benchmark_config(self, metrics_url: str | None) -> BenchmarkConfig:
         c = self.config
-        return BenchmarkConfig(num_warmup_requests=c.num_warmup_requests, num_requests=c.num_requests,
-                               concurrency_levels=c.concurrency_levels, test_batch_sizes=(c.batch_size,),
-                               test_seq_lengths=(c.seq_length,), measurement_window_s=c.measurement_window_s,
-                               max_trials=c.max_trials, slo_p99_ms=c.slo_p99_ms, metrics_url=metrics_url)
+        return BenchmarkConfig(
+            num_warmup_requests=c.num_warmup_requests,
+            num_requests=c.num_requests,
+            concurrency_levels=c.concurrency_levels,
+            test_batch_sizes=(c.batch_size,),
+            test_seq_lengths=(c.seq_length,),
+            measurement_window_s=c.measurement_window_s,
+            max_trials=c.max_trials,
+            slo_p99_ms=c.slo_p99_ms,
+            metrics_url=metrics_url,
+        )
 
     def benchmark(self, server):
         from .benchmark import TritonBenchmark
@@ -244,45 +307,87 @@ class Demo:
             if event == "point":
                 done[0] += 1
                 r = info["result"]
-                self._stage("benchmark", done[0], total,
-                            f"{info['model']} c={r.concurrency}: {r.throughput:.0f} req/s, p99 {r.latency_p99:.1f} ms")
+                self._stage(
+                    "benchmark",
+                    done[0],
+                    total,
+                    f"{info['model']} c={r.concurrency}: {r.throughput:.0f} req/s, p99 {r.latency_p99:.1f} ms",
+                )
             elif event == "window":
-                self._stage("benchmark", done[0], total,
-                            f"{info['model']} window {info['trial']}: {info['throughput']:.0f} req/s")
+                self._stage(
+                    "benchmark",
+                    done[0],
+                    total,
+                    f"{info['model']} window {info['trial']}: {info['throughput']:.0f} req/s",
+                )
 
-        bench = TritonBenchmark(self.benchmark_config(server.metrics_url), progress=on_event,
-                                server_pid=server.process.pid)
+        bench = TritonBenchmark(
+            self.benchmark_config(server.metrics_url),
+            progress=on_event,
+            server_pid=server.process.pid,
+        )
         self._stage("benchmark", 0, total, f"{c.model_name} c={c.concurrency_levels[0]}")
         results = bench.run_sweep(server.grpc_url, c.model_name)
         baseline = bench.run_sweep(server.grpc_url, c.baseline_name) if c.baseline else None
         return results, baseline
 
-    def report(self, results, baseline, chosen, served, train_report, ckpt, onnx_path, artifact, repo) -> dict:
+    def report(
+        self, results, baseline, chosen, served, train_report, ckpt, onnx_path, artifact, repo
+    ) -> dict:
         from .report import write_report
 
         c = self.config
-        meta = {"device": "CPU (python backend, KIND_CPU)",
-                "server_config": "; ".join(
-                    f"{name}: {s['runtime']}, {s['instance_count']} instance(s) x {s['runtime_threads'] or 'default'} "
-                    f"thread(s), dynamic batching {list(s['preferred_batch_sizes'])} delay {s['max_queue_delay_us']} us"
-                    for name, s in served.items()),
-                "note": f"served artifact: {chosen['chosen']['backend']} {chosen['chosen']['precision']}; "
-                        f"baseline: the same checkpoint in PyTorch eager fp32 on the same server and load"}
+        meta = {
+            "device": "CPU (python backend, KIND_CPU)",
+            "server_config": "; ".join(
+                f"{name}: {s['runtime']}, {s['instance_count']} instance(s) x {s['runtime_threads'] or 'default'} "
+                f"thread(s), dynamic batching {list(s['preferred_batch_sizes'])} delay {s['max_queue_delay_us']} us"
+                for name, s in served.items()
+            ),
+            "note": f"served artifact: {chosen['chosen']['backend']} {chosen['chosen']['precision']}; "
+            f"baseline: the same checkpoint in PyTorch eager fp32 on the same server and load",
+        }
         path = self.out / "report.md"
-        write_report(results, path, baseline=baseline, config=self.benchmark_config(None),
-                     title="UGT tiny served by Triton on CPU: optimized vs PyTorch eager", meta=meta)
+        write_report(
+            results,
+            path,
+            baseline=baseline,
+            config=self.benchmark_config(None),
+            title="UGT tiny served by Triton on CPU: optimized vs PyTorch eager",
+            meta=meta,
+        )
         rows = []
         for label, rs in ((c.model_name, results), (c.baseline_name, baseline or {})):
             for r in sorted(rs.values(), key=lambda r: r.load):
-                rows.append({"model": label, "concurrency": r.concurrency, "throughput": r.throughput,
-                             "p50_ms": r.latency_p50, "p99_ms": r.latency_p99,
-                             "ok": r.successful_requests, "total": r.total_requests, "stable": r.stable})
-        summary = {"rows": rows, "goals": self._goals(results, baseline), "optimization": chosen,
-                   "served": served, "training": train_report,
-                   "paths": {"checkpoint": str(ckpt), "onnx": str(onnx_path), "artifact": str(artifact),
-                             "repository": str(repo), "report": str(path),
-                             "json": str(path.with_suffix(".json")), "csv": str(path.with_suffix(".csv")),
-                             "plots": sorted(str(p) for p in self.out.glob("report_*.png"))}}
+                rows.append(
+                    {
+                        "model": label,
+                        "concurrency": r.concurrency,
+                        "throughput": r.throughput,
+                        "p50_ms": r.latency_p50,
+                        "p99_ms": r.latency_p99,
+                        "ok": r.successful_requests,
+                        "total": r.total_requests,
+                        "stable": r.stable,
+                    }
+                )
+        summary = {
+            "rows": rows,
+            "goals": self._goals(results, baseline),
+            "optimization": chosen,
+            "served": served,
+            "training": train_report,
+            "paths": {
+                "checkpoint": str(ckpt),
+                "onnx": str(onnx_path),
+                "artifact": str(artifact),
+                "repository": str(repo),
+                "report": str(path),
+                "json": str(path.with_suffix(".json")),
+                "csv": str(path.with_suffix(".csv")),
+                "plots": sorted(str(p) for p in self.out.glob("report_*.png")),
+            },
+        }
         if c.record_dir:
             stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
             record = Path(c.record_dir) / f"cpu_serving-{stamp}.json"

@@ -28,8 +28,9 @@ _REJECT_MARKERS = ("maximum queue size", "request timeout expired", "exceeds max
 
 
 # ------------------------------------------------------------------------------- request data
-def sample_seq_lengths(config: BenchmarkConfig, count: int, rng: np.random.Generator,
-                       fixed: int | None = None) -> np.ndarray:
+def sample_seq_lengths(
+    config: BenchmarkConfig, count: int, rng: np.random.Generator, fixed: int | None = None
+) -> np.ndarray:
     """``count`` history lengths from the configured distribution (fixed uses ``fixed``)."""
     dist, lo, hi = config.seq_len_distribution, config.seq_len_min, config.seq_len_max
     if dist == "fixed":
@@ -43,8 +44,11 @@ def sample_seq_lengths(config: BenchmarkConfig, count: int, rng: np.random.Gener
     lengths, counts = load_histogram(config.seq_len_histogram_file)
     keep = (lengths >= lo) & (lengths <= hi)
     if not keep.any():
-        raise ConfigError("seq_len_histogram_file", config.seq_len_histogram_file,
-                          f"lengths inside [seq_len_min={lo}, seq_len_max={hi}]")
+        raise ConfigError(
+            "seq_len_histogram_file",
+            config.seq_len_histogram_file,
+            f"lengths inside [seq_len_min={lo}, seq_len_max={hi}]",
+        )
     p = counts[keep] / counts[keep].sum()
     return rng.choice(lengths[keep], count, p=p)
 
@@ -59,24 +63,40 @@ def load_histogram(path) -> tuple[np.ndarray, np.ndarray]:
         lengths = np.asarray(data["lengths"], dtype=np.int64)
         counts = np.asarray(data["counts"], dtype=np.float64)
     except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError("seq_len_histogram_file", str(p),
-                          'JSON {"lengths": [positive ints], "counts": [non-negative numbers]}') from e
-    if lengths.ndim != 1 or lengths.shape != counts.shape or not len(lengths) or (lengths < 1).any() \
-            or (counts < 0).any() or counts.sum() <= 0:
-        raise ConfigError("seq_len_histogram_file", str(p),
-                          "equal-length 'lengths' (>= 1) and 'counts' (>= 0, not all 0)")
+        raise ConfigError(
+            "seq_len_histogram_file",
+            str(p),
+            'JSON {"lengths": [positive ints], "counts": [non-negative numbers]}',
+        ) from e
+    if (
+        lengths.ndim != 1
+        or lengths.shape != counts.shape
+        or not len(lengths)
+        or (lengths < 1).any()
+        or (counts < 0).any()
+        or counts.sum() <= 0
+    ):
+        raise ConfigError(
+            "seq_len_histogram_file",
+            str(p),
+            "equal-length 'lengths' (>= 1) and 'counts' (>= 0, not all 0)",
+        )
     return lengths, counts
 
 
-def make_requests(batch_size: int, lengths: np.ndarray, codebook_sizes, rng: np.random.Generator) -> list[dict]:
+def make_requests(
+    batch_size: int, lengths: np.ndarray, codebook_sizes, rng: np.random.Generator
+) -> list[dict]:
     """Requests of ``batch_size`` histories each; rows of one request are padded to its longest."""
     reqs = []
     for start in range(0, len(lengths) - batch_size + 1, batch_size):
         rows = lengths[start : start + batch_size]
         width = int(rows.max())
         mask = (np.arange(width)[None, :] < rows[:, None]).astype(np.int64)
-        req = {f"encoder_l{i + 1}_ids": rng.integers(0, c, (batch_size, width)) * mask
-               for i, c in enumerate(codebook_sizes)}
+        req = {
+            f"encoder_l{i + 1}_ids": rng.integers(0, c, (batch_size, width)) * mask
+            for i, c in enumerate(codebook_sizes)
+        }
         req["attention_mask"] = mask
         reqs.append({k: np.ascontiguousarray(req[k], dtype=np.int64) for k in INPUT_NAMES})
     return reqs
@@ -86,7 +106,7 @@ def make_requests(batch_size: int, lengths: np.ndarray, codebook_sizes, rng: np.
 def _strip_scheme(url: str) -> str:
     for prefix in ("grpc://", "http://", "https://"):
         if url.startswith(prefix):
-            return url[len(prefix):]
+            return url[len(prefix) :]
     return url
 
 
@@ -103,7 +123,9 @@ class Client:
             else:
                 import tritonclient.http.aio as mod
 
-                self.client = mod.InferenceServerClient(self.url, conn_limit=max(100, 2 * concurrency))
+                self.client = mod.InferenceServerClient(
+                    self.url, conn_limit=max(100, 2 * concurrency)
+                )
         except Exception as e:
             raise BenchmarkError(f"cannot create a {protocol} client for {url}: {e}") from e
         self.mod = mod
@@ -168,9 +190,17 @@ class Records:
         self.done.append(t_done)
         self.outcome.append(outcome)
         if error is not None:
-            msg = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            msg = (
+                str(error).strip().splitlines()[0][:200]
+                if str(error).strip()
+                else type(error).__name__
+            )
             if msg in self.errors or len(self.errors) < 8:
                 self.errors[msg] = self.errors.get(msg, 0) + 1
 
     def arrays(self):
-        return np.asarray(self.sent), np.asarray(self.done), np.asarray(self.outcome, dtype=np.int64)
+        return (
+            np.asarray(self.sent),
+            np.asarray(self.done),
+            np.asarray(self.outcome, dtype=np.int64),
+        )

@@ -18,7 +18,7 @@ import urllib.request
 logger = logging.getLogger(__name__)
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
-_METRIC_RE = re.compile(r'^([A-Za-z_:][\w:]*)(?:\{([^}]*)\})?\s+(\S+)')
+_METRIC_RE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{([^}]*)\})?\s+(\S+)")
 _LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -177,8 +177,12 @@ def summarize_samples(samples: list[dict]) -> dict:
         out["host_cpu_utilization"] = sum(cpus) / len(cpus)
     per_gpu: dict[int, dict] = {}
     for idx in sorted({i for s in samples for i in s.get("gpus", {})}):
-        utils = [s["gpus"][idx][0] for s in samples if idx in s["gpus"] and s["gpus"][idx][0] is not None]
-        mems = [s["gpus"][idx][1] for s in samples if idx in s["gpus"] and s["gpus"][idx][1] is not None]
+        utils = [
+            s["gpus"][idx][0] for s in samples if idx in s["gpus"] and s["gpus"][idx][0] is not None
+        ]
+        mems = [
+            s["gpus"][idx][1] for s in samples if idx in s["gpus"] and s["gpus"][idx][1] is not None
+        ]
         per_gpu[idx] = {
             "utilization": sum(utils) / len(utils) if utils else None,
             "memory_used_mb": max(mems) / 2**20 if mems else None,
@@ -210,10 +214,23 @@ class HostCpu:
         except ImportError:  # psutil is a dependency; without it these fields stay None
             return None
         t = psutil.cpu_times()
-        busy = t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+        busy = (
+            t.user
+            + t.nice
+            + t.system
+            + getattr(t, "irq", 0)
+            + getattr(t, "softirq", 0)
+            + getattr(t, "steal", 0)
+        )
         me = psutil.Process()
         own = me.cpu_times()
-        snap = {"time": _monotonic(), "busy": busy, "client": own.user + own.system, "server": None, "pids": {}}
+        snap = {
+            "time": _monotonic(),
+            "busy": busy,
+            "client": own.user + own.system,
+            "server": None,
+            "pids": {},
+        }
         if self.server_pid:
             try:
                 root = psutil.Process(self.server_pid)
@@ -238,8 +255,11 @@ class HostCpu:
         if before["pids"] and after["pids"]:
             server = sum(v - before["pids"].get(pid, 0.0) for pid, v in after["pids"].items())
             other = max(0.0, (after["busy"] - before["busy"]) - server - client)
-            out.update(server_cpu_percent=100 * server / wall, other_cpu_percent=100 * other / wall,
-                       server_cpu_ms_per_request=1e3 * server / requests if requests else None)
+            out.update(
+                server_cpu_percent=100 * server / wall,
+                other_cpu_percent=100 * other / wall,
+                server_cpu_ms_per_request=1e3 * server / requests if requests else None,
+            )
         return out
 
 

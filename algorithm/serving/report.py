@@ -20,25 +20,65 @@ import platform
 from collections import defaultdict
 from pathlib import Path
 
-from .benchmark import BenchmarkResult
 from .config import BenchmarkConfig
 from .errors import BenchmarkError, InputFileNotFoundError
+from .result import BenchmarkResult
 
 logger = logging.getLogger(__name__)
 
 CSV_FIELDS = (
-    "label", "key", "model_name", "mode", "batch_size", "seq_length", "seq_len_distribution",
-    "seq_len_mean", "concurrency", "request_rate", "achieved_concurrency", "achieved_rate",
-    "throughput", "samples_per_s", "latency_p50", "latency_p90", "latency_p95", "latency_p99",
-    "latency_avg", "latency_min", "latency_max", "total_requests", "successful_requests",
-    "failed_requests", "rejected_requests", "timed_out_requests", "duration_s", "trials", "stable",
-    "queue_us", "compute_input_us", "compute_infer_us", "compute_output_us", "request_us",
-    "avg_batch", "client_overhead_ms", "rpc_floor_ms", "client_cpu_percent", "server_cpu_percent",
-    "server_cpu_ms_per_request", "other_cpu_percent", "host_cpu_utilization", "host_load_average",
-    "gpu_utilization", "gpu_memory_used_mb",
+    "label",
+    "key",
+    "model_name",
+    "mode",
+    "batch_size",
+    "seq_length",
+    "seq_len_distribution",
+    "seq_len_mean",
+    "concurrency",
+    "request_rate",
+    "achieved_concurrency",
+    "achieved_rate",
+    "throughput",
+    "samples_per_s",
+    "latency_p50",
+    "latency_p90",
+    "latency_p95",
+    "latency_p99",
+    "latency_avg",
+    "latency_min",
+    "latency_max",
+    "total_requests",
+    "successful_requests",
+    "failed_requests",
+    "rejected_requests",
+    "timed_out_requests",
+    "duration_s",
+    "trials",
+    "stable",
+    "queue_us",
+    "compute_input_us",
+    "compute_infer_us",
+    "compute_output_us",
+    "request_us",
+    "avg_batch",
+    "client_overhead_ms",
+    "rpc_floor_ms",
+    "client_cpu_percent",
+    "server_cpu_percent",
+    "server_cpu_ms_per_request",
+    "other_cpu_percent",
+    "host_cpu_utilization",
+    "host_load_average",
+    "gpu_utilization",
+    "gpu_memory_used_mb",
 )
-BREAKDOWN = (("queue_us", "queue"), ("compute_input_us", "compute input"),
-             ("compute_infer_us", "compute infer"), ("compute_output_us", "compute output"))
+BREAKDOWN = (
+    ("queue_us", "queue"),
+    ("compute_input_us", "compute input"),
+    ("compute_infer_us", "compute infer"),
+    ("compute_output_us", "compute output"),
+)
 
 
 # ------------------------------------------------------------------------------- environment
@@ -78,7 +118,11 @@ def _cpu_model() -> str:
 
 # ---------------------------------------------------------------------------------- analysis
 def _group_key(r: BenchmarkResult) -> tuple:
-    return (r.batch_size, r.seq_length if r.seq_length is not None else r.seq_len_distribution, r.mode)
+    return (
+        r.batch_size,
+        r.seq_length if r.seq_length is not None else r.seq_len_distribution,
+        r.mode,
+    )
 
 
 def _group_label(g: tuple) -> str:
@@ -90,14 +134,21 @@ def groups(results: dict[str, BenchmarkResult]) -> dict[tuple, list[BenchmarkRes
     out: dict[tuple, list[BenchmarkResult]] = defaultdict(list)
     for r in results.values():
         out[_group_key(r)].append(r)
-    return {g: sorted(rs, key=lambda r: r.load) for g, rs in sorted(out.items(), key=lambda x: str(x[0]))}
+    return {
+        g: sorted(rs, key=lambda r: r.load)
+        for g, rs in sorted(out.items(), key=lambda x: str(x[0]))
+    }
 
 
 def slo_max_load(results: dict[str, BenchmarkResult], slo_ms: float) -> dict[str, dict]:
     """Per (batch, seq_len): the highest load whose P99 <= ``slo_ms`` with no failed request."""
     out = {}
     for g, rs in groups(results).items():
-        ok = [r for r in rs if r.successful_requests and r.latency_p99 <= slo_ms and not r.failed_requests]
+        ok = [
+            r
+            for r in rs
+            if r.successful_requests and r.latency_p99 <= slo_ms and not r.failed_requests
+        ]
         best = max(ok, key=lambda r: r.load) if ok else None
         out[_group_label(g)] = {
             "slo_p99_ms": slo_ms,
@@ -109,7 +160,9 @@ def slo_max_load(results: dict[str, BenchmarkResult], slo_ms: float) -> dict[str
     return out
 
 
-def compare(results: dict[str, BenchmarkResult], baseline: dict[str, BenchmarkResult]) -> list[dict]:
+def compare(
+    results: dict[str, BenchmarkResult], baseline: dict[str, BenchmarkResult]
+) -> list[dict]:
     """Point-by-point comparison where both have the same batch, seq_len and load."""
     rows = []
     for key, r in results.items():
@@ -117,17 +170,23 @@ def compare(results: dict[str, BenchmarkResult], baseline: dict[str, BenchmarkRe
         if b is None:
             continue
         cost, base_cost = r.server_cpu_ms_per_request, b.server_cpu_ms_per_request
-        rows.append({
-            "key": key,
-            "throughput": r.throughput, "baseline_throughput": b.throughput,
-            "speedup": r.throughput / b.throughput if b.throughput > 0 else None,
-            "latency_p50": r.latency_p50, "baseline_latency_p50": b.latency_p50,
-            "latency_p99": r.latency_p99, "baseline_latency_p99": b.latency_p99,
-            "p99_ratio": b.latency_p99 / r.latency_p99 if r.latency_p99 > 0 else None,
-            # server CPU per request: what a CPU-bound server's throughput ratio is on an idle host
-            "server_cpu_ms_per_request": cost, "baseline_server_cpu_ms_per_request": base_cost,
-            "cpu_cost_ratio": base_cost / cost if cost and base_cost else None,
-        })
+        rows.append(
+            {
+                "key": key,
+                "throughput": r.throughput,
+                "baseline_throughput": b.throughput,
+                "speedup": r.throughput / b.throughput if b.throughput > 0 else None,
+                "latency_p50": r.latency_p50,
+                "baseline_latency_p50": b.latency_p50,
+                "latency_p99": r.latency_p99,
+                "baseline_latency_p99": b.latency_p99,
+                "p99_ratio": b.latency_p99 / r.latency_p99 if r.latency_p99 > 0 else None,
+                # server CPU per request: what a CPU-bound server's throughput ratio is on an idle host
+                "server_cpu_ms_per_request": cost,
+                "baseline_server_cpu_ms_per_request": base_cost,
+                "cpu_cost_ratio": base_cost / cost if cost and base_cost else None,
+            }
+        )
     return rows
 
 
@@ -182,8 +241,13 @@ def write_report(
         "label": label,
         "results": {k: r.to_dict() for k, r in results.items()},
         "slo": slo,
-        "baseline": {"label": baseline_label, "results": {k: r.to_dict() for k, r in baseline.items()},
-                     "slo": slo_base} if baseline else None,
+        "baseline": {
+            "label": baseline_label,
+            "results": {k: r.to_dict() for k, r in baseline.items()},
+            "slo": slo_base,
+        }
+        if baseline
+        else None,
         "comparison": comparison,
         "plots": [p.name for p in images],
     }
@@ -197,8 +261,19 @@ def write_report(
             w.writerow(_csv_row(label, r))
         for r in (baseline or {}).values():
             w.writerow(_csv_row(baseline_label, r))
-    text = render_markdown(results, baseline, label, baseline_label, config, env, slo, slo_base,
-                           comparison, images, title)
+    text = render_markdown(
+        results,
+        baseline,
+        label,
+        baseline_label,
+        config,
+        env,
+        slo,
+        slo_base,
+        comparison,
+        images,
+        title,
+    )
     path.write_text(text)
     logger.info("wrote %s (+ .json, .csv, %d plots)", path, len(images))
     return text
@@ -210,16 +285,22 @@ def load_report(path) -> tuple[dict[str, BenchmarkResult], dict[str, BenchmarkRe
     if p.suffix != ".json":
         p = p.with_suffix(".json")
     if not p.is_file():
-        raise InputFileNotFoundError(f"benchmark JSON not found: {p}",
-                                     hint="Pass the .json written by `ugt-serving benchmark --output`.")
+        raise InputFileNotFoundError(
+            f"benchmark JSON not found: {p}",
+            hint="Pass the .json written by `ugt-serving benchmark --output`.",
+        )
     try:
         data = json.loads(p.read_text())
         results = {k: BenchmarkResult.from_dict(v) for k, v in data["results"].items()}
         base = data.get("baseline") or None
-        baseline = {k: BenchmarkResult.from_dict(v) for k, v in base["results"].items()} if base else None
+        baseline = (
+            {k: BenchmarkResult.from_dict(v) for k, v in base["results"].items()} if base else None
+        )
     except (ValueError, KeyError, TypeError) as e:
-        raise BenchmarkError(f"{p} is not a benchmark report JSON: {e}",
-                             hint="Pass the .json written by `ugt-serving benchmark --output`.") from e
+        raise BenchmarkError(
+            f"{p} is not a benchmark report JSON: {e}",
+            hint="Pass the .json written by `ugt-serving benchmark --output`.",
+        ) from e
     return results, baseline, data
 
 
@@ -251,85 +332,232 @@ def _load_text(r: BenchmarkResult) -> str:
 def _result_rows(label: str, results: dict[str, BenchmarkResult]) -> list[list]:
     rows = []
     for r in sorted(results.values(), key=lambda r: (_group_key(r)[:2], r.load)):
-        seq = r.seq_length if r.seq_length is not None else f"{r.seq_len_distribution} ~{r.seq_len_mean:.0f}"
-        rows.append([label, r.batch_size, seq, _load_text(r), f"{r.throughput:.1f}",
-                     f"{r.throughput * r.batch_size:.1f}", r.latency_p50, r.latency_p90, r.latency_p95,
-                     r.latency_p99, r.latency_avg, r.latency_max,
-                     f"{r.successful_requests}/{r.total_requests}", r.failed_requests, r.rejected_requests,
-                     r.timed_out_requests, "yes" if r.stable else f"no ({r.trials} windows)"])
+        seq = (
+            r.seq_length
+            if r.seq_length is not None
+            else f"{r.seq_len_distribution} ~{r.seq_len_mean:.0f}"
+        )
+        rows.append(
+            [
+                label,
+                r.batch_size,
+                seq,
+                _load_text(r),
+                f"{r.throughput:.1f}",
+                f"{r.throughput * r.batch_size:.1f}",
+                r.latency_p50,
+                r.latency_p90,
+                r.latency_p95,
+                r.latency_p99,
+                r.latency_avg,
+                r.latency_max,
+                f"{r.successful_requests}/{r.total_requests}",
+                r.failed_requests,
+                r.rejected_requests,
+                r.timed_out_requests,
+                "yes" if r.stable else f"no ({r.trials} windows)",
+            ]
+        )
     return rows
 
 
-def render_markdown(results, baseline, label, baseline_label, config, env, slo, slo_base, comparison,
-                    images, title=None) -> str:
+def render_markdown(
+    results,
+    baseline,
+    label,
+    baseline_label,
+    config,
+    env,
+    slo,
+    slo_base,
+    comparison,
+    images,
+    title=None,
+) -> str:
     first = next(iter(results.values()))
     lines = [f"# {title or f'Benchmark: {label}'}", ""]
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
-    lines += _table(["", ""], [
-        ["date", env.get("date")], ["host", f"{env.get('cpu')} x {env.get('cpu_count')} (1-min load average "
-                                           f"{env.get('load_average_1m', '-')} when the report was written)"],
-        ["server", f"{first.url} ({first.protocol})"], ["mode", first.mode],
-        ["versions", versions],
-        ["measurement", f"warm-up {config.num_warmup_requests} requests excluded; windows of "
-                        f"{config.measurement_window_s:g} s until the last 3 agree within "
-                        f"{config.stability_percent:g}% (max {config.max_trials}) and >= "
-                        f"{config.num_requests} requests; timeout {config.timeout_s:g} s"],
-    ] + [[k, v] for k, v in env.items() if k in ("device", "note", "server_config")])
-    lines += ["", "## Results", "",
-              "Latency in ms over every measured request; throughput in requests/s. Load: target "
-              "(achieved). ok/total; failed includes timed out; rejected = turned away by the "
-              "queue policy.", ""]
-    header = ["model", "batch", "seq_len", "load", "req/s", "samples/s", "p50", "p90", "p95", "p99",
-              "avg", "max", "ok/total", "failed", "rejected", "timed out", "stable"]
-    rows = _result_rows(label, results) + (_result_rows(baseline_label, baseline) if baseline else [])
+    lines += _table(
+        ["", ""],
+        [
+            ["date", env.get("date")],
+            [
+                "host",
+                f"{env.get('cpu')} x {env.get('cpu_count')} (1-min load average "
+                f"{env.get('load_average_1m', '-')} when the report was written)",
+            ],
+            ["server", f"{first.url} ({first.protocol})"],
+            ["mode", first.mode],
+            ["versions", versions],
+            [
+                "measurement",
+                f"warm-up {config.num_warmup_requests} requests excluded; windows of "
+                f"{config.measurement_window_s:g} s until the last 3 agree within "
+                f"{config.stability_percent:g}% (max {config.max_trials}) and >= "
+                f"{config.num_requests} requests; timeout {config.timeout_s:g} s",
+            ],
+        ]
+        + [[k, v] for k, v in env.items() if k in ("device", "note", "server_config")],
+    )
+    lines += [
+        "",
+        "## Results",
+        "",
+        "Latency in ms over every measured request; throughput in requests/s. Load: target "
+        "(achieved). ok/total; failed includes timed out; rejected = turned away by the "
+        "queue policy.",
+        "",
+    ]
+    header = [
+        "model",
+        "batch",
+        "seq_len",
+        "load",
+        "req/s",
+        "samples/s",
+        "p50",
+        "p90",
+        "p95",
+        "p99",
+        "avg",
+        "max",
+        "ok/total",
+        "failed",
+        "rejected",
+        "timed out",
+        "stable",
+    ]
+    rows = _result_rows(label, results) + (
+        _result_rows(baseline_label, baseline) if baseline else []
+    )
     lines += _table(header, rows)
     lines += ["", f"## SLO: P99 <= {config.slo_p99_ms:g} ms", ""]
-    srows = [[label, g, _f(v["max_load"]), v["throughput"], v["latency_p99"]] for g, v in slo.items()]
-    srows += [[baseline_label, g, _f(v["max_load"]), v["throughput"], v["latency_p99"]]
-              for g, v in (slo_base or {}).items()]
-    lines += _table(["model", "point", "highest load meeting the SLO", "req/s there", "p99 there"], srows)
+    srows = [
+        [label, g, _f(v["max_load"]), v["throughput"], v["latency_p99"]] for g, v in slo.items()
+    ]
+    srows += [
+        [baseline_label, g, _f(v["max_load"]), v["throughput"], v["latency_p99"]]
+        for g, v in (slo_base or {}).items()
+    ]
+    lines += _table(
+        ["model", "point", "highest load meeting the SLO", "req/s there", "p99 there"], srows
+    )
     if comparison:
         lines += ["", f"## {label} vs {baseline_label}", ""]
-        lines += _table(["point", f"req/s {label}", f"req/s {baseline_label}", "throughput x",
-                         f"p99 {label}", f"p99 {baseline_label}", "p99 x lower",
-                         "server CPU ms/request", "CPU-cost x"],
-                        [[c["key"], c["throughput"], c["baseline_throughput"], c["speedup"],
-                          c["latency_p99"], c["baseline_latency_p99"], c["p99_ratio"],
-                          None if c["server_cpu_ms_per_request"] is None else
-                          f"{c['server_cpu_ms_per_request']:.2f} vs {c['baseline_server_cpu_ms_per_request']:.2f}",
-                          c["cpu_cost_ratio"]] for c in comparison])
-        lines += ["", "CPU-cost x = the baseline's server CPU per request / ours: the throughput ratio "
-                      "of CPU-bound servers on a host with nothing else running."]
-    lines += ["", "## Where the time goes", "",
-              "Server-side averages per request from Triton's statistics API (deltas over the "
-              "measured window, us). `outside server` = client latency - server request time "
-              "(network, RPC stack, client). Client overhead = building/serializing a request and "
-              "reading its answer in this process; RPC floor = a health RPC round trip. CPU % is of "
-              "one core (a local server only): the server's process tree, and every other process "
-              "on the host; load avg = the 1-minute load average when the point began. Where other "
-              "processes used CPU, every number here is slower than on an idle host.", ""]
+        lines += _table(
+            [
+                "point",
+                f"req/s {label}",
+                f"req/s {baseline_label}",
+                "throughput x",
+                f"p99 {label}",
+                f"p99 {baseline_label}",
+                "p99 x lower",
+                "server CPU ms/request",
+                "CPU-cost x",
+            ],
+            [
+                [
+                    c["key"],
+                    c["throughput"],
+                    c["baseline_throughput"],
+                    c["speedup"],
+                    c["latency_p99"],
+                    c["baseline_latency_p99"],
+                    c["p99_ratio"],
+                    None
+                    if c["server_cpu_ms_per_request"] is None
+                    else f"{c['server_cpu_ms_per_request']:.2f} vs {c['baseline_server_cpu_ms_per_request']:.2f}",
+                    c["cpu_cost_ratio"],
+                ]
+                for c in comparison
+            ],
+        )
+        lines += [
+            "",
+            "CPU-cost x = the baseline's server CPU per request / ours: the throughput ratio "
+            "of CPU-bound servers on a host with nothing else running.",
+        ]
+    lines += [
+        "",
+        "## Where the time goes",
+        "",
+        "Server-side averages per request from Triton's statistics API (deltas over the "
+        "measured window, us). `outside server` = client latency - server request time "
+        "(network, RPC stack, client). Client overhead = building/serializing a request and "
+        "reading its answer in this process; RPC floor = a health RPC round trip. CPU % is of "
+        "one core (a local server only): the server's process tree, and every other process "
+        "on the host; load avg = the 1-minute load average when the point began. Where other "
+        "processes used CPU, every number here is slower than on an idle host.",
+        "",
+    ]
     brows = []
     for lab, rs in ((label, results), (baseline_label, baseline or {})):
         for r in rs.values():
             s = r.server or {}
             outside = r.latency_avg - s.get("request_us", 0) / 1e3 if s.get("request_us") else None
             formed = ", ".join(f"{b}x{n}" for b, n in sorted(r.batch_sizes_formed.items())) or "-"
-            brows.append([lab, r.key, s.get("queue_us"), s.get("compute_input_us"), s.get("compute_infer_us"),
-                          s.get("compute_output_us"), s.get("request_us"), outside, s.get("avg_batch"), formed,
-                          r.client_overhead_ms, r.rpc_floor_ms, f"{r.client_cpu_percent:.0f}",
-                          _pct(r.server_cpu_percent), r.server_cpu_ms_per_request, _pct(r.other_cpu_percent),
-                          r.host_load_average])
-    lines += _table(["model", "point", "queue", "input", "infer", "output", "request", "outside server ms",
-                     "avg batch", "batches formed (size x n)", "client overhead ms", "RPC floor ms",
-                     "client CPU %", "server CPU %", "server CPU ms/request", "other processes CPU %",
-                     "load avg"], brows)
-    gpu_rows = [[lab, r.key, r.gpu_utilization, r.gpu_memory_used_mb,
-                 json.dumps({str(k): v for k, v in r.per_gpu.items()})]
-                for lab, rs in ((label, results), (baseline_label, baseline or {}))
-                for r in rs.values() if r.gpu_utilization is not None]
+            brows.append(
+                [
+                    lab,
+                    r.key,
+                    s.get("queue_us"),
+                    s.get("compute_input_us"),
+                    s.get("compute_infer_us"),
+                    s.get("compute_output_us"),
+                    s.get("request_us"),
+                    outside,
+                    s.get("avg_batch"),
+                    formed,
+                    r.client_overhead_ms,
+                    r.rpc_floor_ms,
+                    f"{r.client_cpu_percent:.0f}",
+                    _pct(r.server_cpu_percent),
+                    r.server_cpu_ms_per_request,
+                    _pct(r.other_cpu_percent),
+                    r.host_load_average,
+                ]
+            )
+    lines += _table(
+        [
+            "model",
+            "point",
+            "queue",
+            "input",
+            "infer",
+            "output",
+            "request",
+            "outside server ms",
+            "avg batch",
+            "batches formed (size x n)",
+            "client overhead ms",
+            "RPC floor ms",
+            "client CPU %",
+            "server CPU %",
+            "server CPU ms/request",
+            "other processes CPU %",
+            "load avg",
+        ],
+        brows,
+    )
+    gpu_rows = [
+        [
+            lab,
+            r.key,
+            r.gpu_utilization,
+            r.gpu_memory_used_mb,
+            json.dumps({str(k): v for k, v in r.per_gpu.items()}),
+        ]
+        for lab, rs in ((label, results), (baseline_label, baseline or {}))
+        for r in rs.values()
+        if r.gpu_utilization is not None
+    ]
     lines += ["", "## GPU", ""]
-    lines += _table(["model", "point", "utilization (0-1)", "memory used MB", "per GPU"], gpu_rows) \
-        if gpu_rows else ["No GPU on the server (or no metrics endpoint / NVML): GPU fields are empty."]
+    lines += (
+        _table(["model", "point", "utilization (0-1)", "memory used MB", "per GPU"], gpu_rows)
+        if gpu_rows
+        else ["No GPU on the server (or no metrics endpoint / NVML): GPU fields are empty."]
+    )
     if images:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({p.name})" for p in images]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .benchmark import BenchmarkResult
 from .report import BREAKDOWN, _group_label, groups
+from .result import BenchmarkResult
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,11 @@ def _plt():
 
 
 def _xlabel(rs: list[BenchmarkResult]) -> str:
-    return "request rate (req/s)" if rs and rs[0].mode == "request_rate" else "concurrency (requests in flight)"
+    return (
+        "request rate (req/s)"
+        if rs and rs[0].mode == "request_rate"
+        else "concurrency (requests in flight)"
+    )
 
 
 def _series(results, baseline, label, baseline_label):
@@ -49,8 +53,14 @@ def plot_latency_vs_load(series, path: Path, plt) -> Path:
             x = [r.load for r in rs]
             loads += x
             for pct, color in PCT_COLORS:
-                ax.plot(x, [getattr(r, f"latency_{pct}") for r in rs], style, marker="o", color=color,
-                        label=f"{name} {pct}")
+                ax.plot(
+                    x,
+                    [getattr(r, f"latency_{pct}") for r in rs],
+                    style,
+                    marker="o",
+                    color=color,
+                    label=f"{name} {pct}",
+                )
         if loads and max(loads) / max(min(loads), 1e-9) >= 8:
             ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(set(loads)), [f"{v:g}" for v in sorted(set(loads))])
@@ -59,7 +69,7 @@ def plot_latency_vs_load(series, path: Path, plt) -> Path:
         ax.set_title(f"Latency percentiles vs load: {_group_label(g)}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -73,15 +83,23 @@ def plot_throughput_latency(series, slo_ms: float, slo: dict, path: Path, plt) -
         for g, rs in groups(results).items():
             x = [r.throughput * r.batch_size for r in rs]
             y = [r.latency_p99 for r in rs]
-            line, = ax.plot(x, y, style, marker="o", label=f"{name} {_group_label(g)}")
+            (line,) = ax.plot(x, y, style, marker="o", label=f"{name} {_group_label(g)}")
             for r, xi, yi in zip(rs, x, y, strict=True):
-                ax.annotate(f"{r.load:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(
+                    f"{r.load:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
             if name == series[0][0]:
                 best = slo.get(_group_label(g), {})
                 if best.get("max_load") is not None:
-                    ax.scatter([best["throughput"] * g[0]], [best["latency_p99"]], s=160, facecolors="none",
-                               edgecolors=line.get_color(), linewidths=2,
-                               label=f"highest load meeting SLO: {best['max_load']:g}")
+                    ax.scatter(
+                        [best["throughput"] * g[0]],
+                        [best["latency_p99"]],
+                        s=160,
+                        facecolors="none",
+                        edgecolors=line.get_color(),
+                        linewidths=2,
+                        label=f"highest load meeting SLO: {best['max_load']:g}",
+                    )
     ax.axhline(slo_ms, color="red", linestyle=":", label=f"SLO P99 {slo_ms:g} ms")
     ax.set_xlabel("throughput (samples/s)")
     ax.set_ylabel("P99 latency (ms)")
@@ -128,7 +146,9 @@ def plot_histogram(series, path: Path, plt) -> Path:
     return path
 
 
-def _bars(ax, names: list[str], values: list[list[float]], labels: list[str], ylabel: str, title: str):
+def _bars(
+    ax, names: list[str], values: list[list[float]], labels: list[str], ylabel: str, title: str
+):
     x = np.arange(len(labels))
     width = 0.8 / max(1, len(names))
     for i, (name, vals) in enumerate(zip(names, values, strict=True)):
@@ -145,7 +165,9 @@ def plot_batch_seq(series, path: Path, plt) -> Path:
     results = series[0][1]
     first = min(results.values(), key=lambda r: (r.load, r.batch_size, r.seq_length or 0))
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for col, (attr, fixed_attr) in enumerate((("batch_size", "seq_length"), ("seq_length", "batch_size"))):
+    for col, (attr, fixed_attr) in enumerate(
+        (("batch_size", "seq_length"), ("seq_length", "batch_size"))
+    ):
         keys = sorted({getattr(r, attr) for r in results.values() if getattr(r, attr) is not None})
         names, thr, p99 = [], [], []
         for name, res, _ in series:
@@ -158,8 +180,22 @@ def plot_batch_seq(series, path: Path, plt) -> Path:
             p99.append([pick[k].latency_p99 if k in pick else 0 for k in keys])
         what = "batch size" if attr == "batch_size" else "seq_len"
         fixed = f"{fixed_attr.replace('_', ' ')} {getattr(first, fixed_attr)}, load {first.load:g}"
-        _bars(axes[0][col], names, thr, [str(k) for k in keys], "samples/s", f"Throughput per {what} ({fixed})")
-        _bars(axes[1][col], names, p99, [str(k) for k in keys], "P99 (ms)", f"P99 per {what} ({fixed})")
+        _bars(
+            axes[0][col],
+            names,
+            thr,
+            [str(k) for k in keys],
+            "samples/s",
+            f"Throughput per {what} ({fixed})",
+        )
+        _bars(
+            axes[1][col],
+            names,
+            p99,
+            [str(k) for k in keys],
+            "P99 (ms)",
+            f"P99 per {what} ({fixed})",
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -168,8 +204,11 @@ def plot_batch_seq(series, path: Path, plt) -> Path:
 
 def plot_breakdown(series, path: Path, plt) -> Path:
     """Stacked server-side time per request (queue, compute) plus what is spent outside the server."""
-    rows = [(f"{name}\n{r.key}", r) for name, results, _ in series
-            for r in sorted(results.values(), key=lambda r: (r.batch_size, r.seq_length or 0, r.load))]
+    rows = [
+        (f"{name}\n{r.key}", r)
+        for name, results, _ in series
+        for r in sorted(results.values(), key=lambda r: (r.batch_size, r.seq_length or 0, r.load))
+    ]
     fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(rows)), 4.8))
     x = np.arange(len(rows))
     bottom = np.zeros(len(rows))
@@ -177,9 +216,17 @@ def plot_breakdown(series, path: Path, plt) -> Path:
         vals = np.array([(r.server or {}).get(key, 0.0) / 1e3 for _, r in rows])
         ax.bar(x, vals, bottom=bottom, label=name)
         bottom += vals
-    outside = np.array([max(0.0, r.latency_avg - (r.server or {}).get("request_us", 0.0) / 1e3)
-                        if (r.server or {}).get("request_us") else 0.0 for _, r in rows])
-    ax.bar(x, outside, bottom=bottom, label="outside server (network, RPC, client)", color="lightgray")
+    outside = np.array(
+        [
+            max(0.0, r.latency_avg - (r.server or {}).get("request_us", 0.0) / 1e3)
+            if (r.server or {}).get("request_us")
+            else 0.0
+            for _, r in rows
+        ]
+    )
+    ax.bar(
+        x, outside, bottom=bottom, label="outside server (network, RPC, client)", color="lightgray"
+    )
     ax.set_xticks(x, [lab for lab, _ in rows], fontsize=6, rotation=45, ha="right")
     ax.set_ylabel("ms per request (average)")
     ax.set_title("Where a request's time goes (Triton statistics, measured window)")

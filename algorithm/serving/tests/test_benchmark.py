@@ -38,7 +38,9 @@ CB = (1024, 4096, 16384)
 # ------------------------------------------------------------------------------ request data
 @pytest.mark.parametrize("dist", ["fixed", "uniform", "lognormal"])
 def test_seq_lengths_follow_the_distribution(dist, rng):
-    cfg = BenchmarkConfig(seq_len_distribution=dist, seq_len_min=8, seq_len_max=300, seq_len_median=64)
+    cfg = BenchmarkConfig(
+        seq_len_distribution=dist, seq_len_min=8, seq_len_max=300, seq_len_median=64
+    )
     n = sample_seq_lengths(cfg, 4000, rng, fixed=128)
     if dist == "fixed":
         assert set(n.tolist()) == {128}
@@ -61,7 +63,9 @@ def test_histogram_distribution_draws_only_listed_lengths(tmp_path, rng):
 
 
 def test_histogram_errors_name_the_file(tmp_path, rng):
-    cfg = BenchmarkConfig(seq_len_distribution="histogram", seq_len_histogram_file=str(tmp_path / "none.json"))
+    cfg = BenchmarkConfig(
+        seq_len_distribution="histogram", seq_len_histogram_file=str(tmp_path / "none.json")
+    )
     with pytest.raises(InputFileNotFoundError, match="none.json"):
         sample_seq_lengths(cfg, 4, rng)
     bad = tmp_path / "bad.json"
@@ -75,7 +79,11 @@ def test_requests_hold_valid_ids_and_a_matching_mask(rng):
     reqs = make_requests(3, lengths, CB, rng)
     assert len(reqs) == 2
     first = reqs[0]
-    assert first["encoder_l1_ids"].shape == (3, 9) and first["attention_mask"].sum(1).tolist() == [5, 9, 3]
+    assert first["encoder_l1_ids"].shape == (3, 9) and first["attention_mask"].sum(1).tolist() == [
+        5,
+        9,
+        3,
+    ]
     for r in reqs:
         for i, c in enumerate(CB):
             ids = r[f"encoder_l{i + 1}_ids"]
@@ -103,19 +111,35 @@ def test_errors_are_classified_by_what_the_server_said():
     assert classify_error(exc("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED")) == TIMED_OUT
     assert classify_error(exc("Exceeds maximum queue size", "StatusCode.UNAVAILABLE")) == REJECTED
     assert classify_error(exc("Request timeout expired", "StatusCode.UNAVAILABLE")) == REJECTED
-    assert classify_error(exc("failed to connect to all addresses", "StatusCode.UNAVAILABLE")) == FAILED
+    assert (
+        classify_error(exc("failed to connect to all addresses", "StatusCode.UNAVAILABLE"))
+        == FAILED
+    )
 
 
-STATS = {"model_stats": [{
-    "name": "m", "version": "1", "inference_count": "10", "execution_count": "4",
-    "inference_stats": {"success": {"count": "10", "ns": "50000000"}, "fail": {},
-                        "queue": {"count": "10", "ns": "10000000"},
-                        "compute_input": {"count": "10", "ns": "1000000"},
-                        "compute_infer": {"count": "10", "ns": "30000000"},
-                        "compute_output": {"count": "10", "ns": "2000000"}},
-    "batch_stats": [{"batch_size": "1", "compute_infer": {"count": "2", "ns": "1"}},
-                    {"batch_size": "4", "compute_infer": {"count": "2", "ns": "1"}}]},
-    {"name": "other", "inference_count": "99"}]}
+STATS = {
+    "model_stats": [
+        {
+            "name": "m",
+            "version": "1",
+            "inference_count": "10",
+            "execution_count": "4",
+            "inference_stats": {
+                "success": {"count": "10", "ns": "50000000"},
+                "fail": {},
+                "queue": {"count": "10", "ns": "10000000"},
+                "compute_input": {"count": "10", "ns": "1000000"},
+                "compute_infer": {"count": "10", "ns": "30000000"},
+                "compute_output": {"count": "10", "ns": "2000000"},
+            },
+            "batch_stats": [
+                {"batch_size": "1", "compute_infer": {"count": "2", "ns": "1"}},
+                {"batch_size": "4", "compute_infer": {"count": "2", "ns": "1"}},
+            ],
+        },
+        {"name": "other", "inference_count": "99"},
+    ]
+}
 
 
 def test_server_breakdown_is_the_delta_over_the_window():
@@ -143,9 +167,15 @@ nv_gpu_memory_used_bytes{gpu_uuid="GPU-b"} 3145728
     assert s == {"cpu": 0.5, "gpus": {0: (0.25, 1048576.0), 1: (0.75, 3145728.0)}}
     out = summarize_samples([s, {"cpu": 0.7, "gpus": {0: (0.35, 2097152.0), 1: (0.75, 3145728.0)}}])
     assert out["host_cpu_utilization"] == pytest.approx(0.6)
-    assert out["per_gpu"][0] == {"utilization": pytest.approx(0.3), "memory_used_mb": pytest.approx(2.0)}
+    assert out["per_gpu"][0] == {
+        "utilization": pytest.approx(0.3),
+        "memory_used_mb": pytest.approx(2.0),
+    }
     assert out["gpu_memory_used_mb"] == pytest.approx(5.0)
-    assert summarize_samples([sample_metrics("nv_cpu_utilization 0.1\n")]).get("gpu_utilization") is None
+    assert (
+        summarize_samples([sample_metrics("nv_cpu_utilization 0.1\n")]).get("gpu_utilization")
+        is None
+    )
 
 
 def test_host_cpu_splits_server_client_and_others():
@@ -172,9 +202,25 @@ def test_host_cpu_splits_server_client_and_others():
 
 
 def test_result_round_trips_through_json():
-    r = BenchmarkResult(50.0, 1, 2, 3, 4, 2, 0.5, 9, 100, 97, 2, rejected_requests=1, model_name="m",
-                        concurrency=4, batch_sizes_formed={1: 3, 4: 5}, per_gpu={0: {"utilization": 0.5}},
-                        latencies_ms=[1.0, 2.0])
+    r = BenchmarkResult(
+        50.0,
+        1,
+        2,
+        3,
+        4,
+        2,
+        0.5,
+        9,
+        100,
+        97,
+        2,
+        rejected_requests=1,
+        model_name="m",
+        concurrency=4,
+        batch_sizes_formed={1: 3, 4: 5},
+        per_gpu={0: {"utilization": 0.5}},
+        latencies_ms=[1.0, 2.0],
+    )
     d = json.loads(json.dumps(r.to_dict()))
     assert "latencies_ms" not in d and d["key"] == "bs1_fixed_c4"
     back = BenchmarkResult.from_dict(d)
@@ -212,13 +258,24 @@ def repository(onnx_model, tmp_path_factory):
 
     repo = tmp_path_factory.mktemp("bench_repo")
     ec = ExportConfig(precision="fp32", max_batch_size=16, max_seq_length=256)
-    base = TritonConfig(platform="python", python_runtime="onnxruntime", instance_kind="KIND_CPU", gpus=(),
-                        instance_count=1, runtime_threads=1, preferred_batch_sizes=(4, 8),
-                        max_queue_delay_us=500, model_warmup=False)
-    TritonConfigGenerator(ec.replace(model_name="ugt_ort"), base).generate(repo, model_file=onnx_model)
-    TritonConfigGenerator(ec.replace(model_name="ugt_small_queue"),
-                          base.replace(max_queue_size=1, preferred_batch_sizes=(), max_queue_delay_us=0)
-                          ).generate(repo, model_file=onnx_model)
+    base = TritonConfig(
+        platform="python",
+        python_runtime="onnxruntime",
+        instance_kind="KIND_CPU",
+        gpus=(),
+        instance_count=1,
+        runtime_threads=1,
+        preferred_batch_sizes=(4, 8),
+        max_queue_delay_us=500,
+        model_warmup=False,
+    )
+    TritonConfigGenerator(ec.replace(model_name="ugt_ort"), base).generate(
+        repo, model_file=onnx_model
+    )
+    TritonConfigGenerator(
+        ec.replace(model_name="ugt_small_queue"),
+        base.replace(max_queue_size=1, preferred_batch_sizes=(), max_queue_delay_us=0),
+    ).generate(repo, model_file=onnx_model)
     return repo
 
 
@@ -231,7 +288,14 @@ def server(repository):
 
 
 def _consistent(r: BenchmarkResult):
-    assert r.latency_min <= r.latency_p50 <= r.latency_p90 <= r.latency_p95 <= r.latency_p99 <= r.latency_max
+    assert (
+        r.latency_min
+        <= r.latency_p50
+        <= r.latency_p90
+        <= r.latency_p95
+        <= r.latency_p99
+        <= r.latency_max
+    )
     assert r.successful_requests + r.failed_requests + r.rejected_requests == r.total_requests
     assert r.timed_out_requests <= r.failed_requests
     assert len(r.latencies_ms) == r.successful_requests
@@ -245,7 +309,9 @@ def test_concurrency_numbers_agree_with_each_other(server):
     bench = TritonBenchmark(cfg, server_pid=server.process.pid)
     r = bench.run(server.grpc_url, "ugt_ort", batch_size=1, seq_length=64, concurrency=4)
     _consistent(r)
-    assert r.failed_requests == r.rejected_requests == 0 and r.successful_requests >= cfg.num_requests
+    assert (
+        r.failed_requests == r.rejected_requests == 0 and r.successful_requests >= cfg.num_requests
+    )
     # Little's law: a closed loop of 4 keeps 4 in flight, so throughput x latency ~ 4.
     assert 0.6 < r.throughput * r.latency_avg / 1e3 / 4 < 1.4
     assert 3.0 < r.achieved_concurrency <= 4.05
@@ -257,15 +323,19 @@ def test_concurrency_numbers_agree_with_each_other(server):
     assert 0 < r.client_overhead_ms < r.latency_avg and r.rpc_floor_ms > 0
     # the server's process tree did the work: CPU seconds ~ requests x compute time
     assert r.server_cpu_percent > 10 and r.other_cpu_percent >= 0 and r.client_cpu_percent > 0
-    assert r.server_cpu_ms_per_request >= 0.5 * r.server["compute_infer_us"] / 1e3 / r.server["avg_batch"]
+    assert (
+        r.server_cpu_ms_per_request
+        >= 0.5 * r.server["compute_infer_us"] / 1e3 / r.server["avg_batch"]
+    )
 
 
 @pytest.mark.server
 @pytest.mark.timeout(600)
 def test_sweep_batches_and_http(server):
     cfg = BenchmarkConfig(protocol="http", **FAST)
-    results = TritonBenchmark(cfg).run_sweep(server.http_url, "ugt_ort", batch_sizes=(1, 4),
-                                             seq_lengths=(32,), levels=(2,))
+    results = TritonBenchmark(cfg).run_sweep(
+        server.http_url, "ugt_ort", batch_sizes=(1, 4), seq_lengths=(32,), levels=(2,)
+    )
     assert set(results) == {"bs1_seq32_c2", "bs4_seq32_c2"}
     for r in results.values():
         _consistent(r)
@@ -277,7 +347,9 @@ def test_sweep_batches_and_http(server):
 @pytest.mark.server
 @pytest.mark.timeout(600)
 def test_request_rate_mode_holds_its_rate(server):
-    cfg = BenchmarkConfig(mode="request_rate", request_rates=(40.0,), **{**FAST, "measurement_window_s": 1.0})
+    cfg = BenchmarkConfig(
+        mode="request_rate", request_rates=(40.0,), **{**FAST, "measurement_window_s": 1.0}
+    )
     r = TritonBenchmark(cfg).run(server.grpc_url, "ugt_ort", 1, 32)
     _consistent(r)
     assert r.request_rate == 40.0
@@ -288,9 +360,12 @@ def test_request_rate_mode_holds_its_rate(server):
 @pytest.mark.server
 @pytest.mark.timeout(600)
 def test_lognormal_lengths_and_queue_rejections_are_counted(server):
-    cfg = BenchmarkConfig(seq_len_distribution="lognormal", seq_len_median=32, seq_len_max=256, **FAST)
-    r = TritonBenchmark(cfg).run(server.grpc_url, "ugt_small_queue", batch_size=2, seq_length=None,
-                                 concurrency=12)
+    cfg = BenchmarkConfig(
+        seq_len_distribution="lognormal", seq_len_median=32, seq_len_max=256, **FAST
+    )
+    r = TritonBenchmark(cfg).run(
+        server.grpc_url, "ugt_small_queue", batch_size=2, seq_length=None, concurrency=12
+    )
     _consistent(r)
     assert r.seq_length is None and r.seq_len_max <= 256 and r.key == "bs2_lognormal_c12"
     assert r.rejected_requests > 0  # queue of 1 behind one instance turns requests away
@@ -301,9 +376,23 @@ def test_lognormal_lengths_and_queue_rejections_are_counted(server):
 @pytest.mark.server
 @pytest.mark.timeout(600)
 def test_run_benchmark_returns_the_guide_keys(server):
-    d = run_benchmark(server.grpc_url, "ugt_ort", num_requests=20, num_warmup_requests=5,
-                      measurement_window_s=0.3, max_trials=3, test_seq_lengths=(16,))
-    for k in ("throughput", "latency_p50", "latency_p90", "latency_p95", "latency_p99", "total_requests"):
+    d = run_benchmark(
+        server.grpc_url,
+        "ugt_ort",
+        num_requests=20,
+        num_warmup_requests=5,
+        measurement_window_s=0.3,
+        max_trials=3,
+        test_seq_lengths=(16,),
+    )
+    for k in (
+        "throughput",
+        "latency_p50",
+        "latency_p90",
+        "latency_p95",
+        "latency_p99",
+        "total_requests",
+    ):
         assert k in d
     assert d["seq_length"] == 16 and d["successful_requests"] >= 20
     from algorithm.serving import ServingExporter
@@ -328,8 +417,13 @@ def test_stopped_server_gives_failures_and_an_error_not_a_hang(repository):
 
     s = TritonServer(repository, 0, 0, 0, load_models=["ugt_ort"], model_control="explicit").start()
     try:
-        cfg = BenchmarkConfig(num_warmup_requests=5, num_requests=10**6, measurement_window_s=0.5,
-                              max_trials=1000, timeout_s=5.0)
+        cfg = BenchmarkConfig(
+            num_warmup_requests=5,
+            num_requests=10**6,
+            measurement_window_s=0.5,
+            max_trials=1000,
+            timeout_s=5.0,
+        )
         timer = threading.Timer(1.5, s.stop)
         timer.start()
         with pytest.raises(BenchmarkError, match=s.grpc_url.replace(".", r"\.")) as e:
@@ -339,4 +433,7 @@ def test_stopped_server_gives_failures_and_an_error_not_a_hang(repository):
         s.stop()
     partial = e.value.result
     assert partial.failed_requests > 0 and partial.successful_requests > 0
-    assert partial.successful_requests + partial.failed_requests + partial.rejected_requests == partial.total_requests
+    assert (
+        partial.successful_requests + partial.failed_requests + partial.rejected_requests
+        == partial.total_requests
+    )

@@ -32,21 +32,34 @@ def demo_dir(trained, onnx_model, tmp_path):
 @pytest.mark.timeout(600)
 def test_demo_runs_every_stage_and_writes_the_report(demo_dir, tmp_path):
     events = []
-    cfg = DemoConfig(output=str(demo_dir), candidates=(("onnxruntime", "fp32"),), concurrency_levels=(1, 3),
-                     measurement_window_s=0.3, max_trials=3, num_requests=10, num_warmup_requests=5,
-                     record_dir=str(tmp_path / "record"))
+    cfg = DemoConfig(
+        output=str(demo_dir),
+        candidates=(("onnxruntime", "fp32"),),
+        concurrency_levels=(1, 3),
+        measurement_window_s=0.3,
+        max_trials=3,
+        num_requests=10,
+        num_warmup_requests=5,
+        record_dir=str(tmp_path / "record"),
+    )
     summary = run_demo(cfg, lambda *e: events.append(e))
     assert [s for s in STAGES if any(e[0] == s for e in events)] == list(STAGES)
     messages = {e[0]: e[3] for e in events}
     assert "reused" in messages["checkpoint"] and "reused" in messages["export"]
     rows = summary["rows"]
     assert [(r["model"], r["concurrency"]) for r in rows] == [
-        ("ugt_tiny", 1), ("ugt_tiny", 3), ("ugt_tiny_torch_eager", 1), ("ugt_tiny_torch_eager", 3)]
+        ("ugt_tiny", 1),
+        ("ugt_tiny", 3),
+        ("ugt_tiny_torch_eager", 1),
+        ("ugt_tiny_torch_eager", 3),
+    ]
     for r in rows:
         assert r["ok"] == r["total"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
     goals = summary["goals"]
     assert goals["p99_ms_at_lowest_concurrency"] == rows[0]["p99_ms"]
-    assert goals["speedup_at_highest_concurrency"] == pytest.approx(rows[1]["throughput"] / rows[3]["throughput"])
+    assert goals["speedup_at_highest_concurrency"] == pytest.approx(
+        rows[1]["throughput"] / rows[3]["throughput"]
+    )
     chosen = summary["optimization"]["chosen"]
     assert chosen["backend"] == "onnxruntime" and chosen["recall_overlap"] >= 0.99
     served = summary["served"]
@@ -56,7 +69,10 @@ def test_demo_runs_every_stage_and_writes_the_report(demo_dir, tmp_path):
     text = (demo_dir / "report.md").read_text()
     assert "ugt_tiny vs ugt_tiny_torch_eager" in text and len(paths["plots"]) == 5
     record = json.loads(Path(paths["record"]).read_text())
-    assert set(record["results"]) == {"bs1_seq128_c1", "bs1_seq128_c3"} and record["demo"]["goals"] == goals
+    assert (
+        set(record["results"]) == {"bs1_seq128_c1", "bs1_seq128_c3"}
+        and record["demo"]["goals"] == goals
+    )
     assert json.loads((demo_dir / "summary.json").read_text())["rows"] == rows
     assert (demo_dir / "model_repository" / "ugt_tiny_torch_eager" / "config.pbtxt").is_file()
 

@@ -14,21 +14,54 @@ from algorithm.serving.errors import BenchmarkError, InputFileNotFoundError
 from algorithm.serving.report import compare, load_report, slo_max_load, write_report
 
 
-def _result(model: str, concurrency: int, batch: int = 1, seq: int = 128, scale: float = 1.0, seed: int = 0,
-            failed: int = 0) -> BenchmarkResult:
+def _result(
+    model: str,
+    concurrency: int,
+    batch: int = 1,
+    seq: int = 128,
+    scale: float = 1.0,
+    seed: int = 0,
+    failed: int = 0,
+) -> BenchmarkResult:
     rng = np.random.default_rng(seed + concurrency)
-    lat = rng.lognormal(np.log(4 * scale * concurrency ** 0.8), 0.3, 400)
+    lat = rng.lognormal(np.log(4 * scale * concurrency**0.8), 0.3, 400)
     p = percentiles(lat)
     return BenchmarkResult(
-        throughput=concurrency / (p["avg"] / 1e3), latency_p50=p["p50"], latency_p90=p["p90"],
-        latency_p95=p["p95"], latency_p99=p["p99"], latency_avg=p["avg"], latency_min=p["min"],
-        latency_max=p["max"], total_requests=400 + failed, successful_requests=400, failed_requests=failed,
-        model_name=model, url="127.0.0.1:8001", batch_size=batch, seq_length=seq, seq_len_mean=seq,
-        seq_len_max=seq, concurrency=concurrency, achieved_concurrency=concurrency, duration_s=2.0, trials=3,
-        stable=True, window_throughputs=[1.0, 1.0, 1.0], window_p99s=[1.0, 1.0, 1.0],
-        server={"queue_us": 100.0 * concurrency, "compute_input_us": 20.0, "compute_infer_us": 3000.0 * scale,
-                "compute_output_us": 50.0, "request_us": 3500.0 * scale, "avg_batch": 1.5},
-        batch_sizes_formed={1: 10, 2: 5}, host_cpu_utilization=0.9, latency_histogram=histogram(lat),
+        throughput=concurrency / (p["avg"] / 1e3),
+        latency_p50=p["p50"],
+        latency_p90=p["p90"],
+        latency_p95=p["p95"],
+        latency_p99=p["p99"],
+        latency_avg=p["avg"],
+        latency_min=p["min"],
+        latency_max=p["max"],
+        total_requests=400 + failed,
+        successful_requests=400,
+        failed_requests=failed,
+        model_name=model,
+        url="127.0.0.1:8001",
+        batch_size=batch,
+        seq_length=seq,
+        seq_len_mean=seq,
+        seq_len_max=seq,
+        concurrency=concurrency,
+        achieved_concurrency=concurrency,
+        duration_s=2.0,
+        trials=3,
+        stable=True,
+        window_throughputs=[1.0, 1.0, 1.0],
+        window_p99s=[1.0, 1.0, 1.0],
+        server={
+            "queue_us": 100.0 * concurrency,
+            "compute_input_us": 20.0,
+            "compute_infer_us": 3000.0 * scale,
+            "compute_output_us": 50.0,
+            "request_us": 3500.0 * scale,
+            "avg_batch": 1.5,
+        },
+        batch_sizes_formed={1: 10, 2: 5},
+        host_cpu_utilization=0.9,
+        latency_histogram=histogram(lat),
         latencies_ms=lat.tolist(),
     )
 
@@ -63,17 +96,29 @@ def test_compare_matches_points_and_gives_speedups(runs):
 def test_report_writes_markdown_json_csv_and_plots(runs, tmp_path):
     ours, base = runs
     cfg = BenchmarkConfig(slo_p99_ms=25.0)
-    text = write_report(ours, tmp_path / "out" / "report.md", baseline=base, config=cfg,
-                        meta={"note": "unit test"})
+    text = write_report(
+        ours, tmp_path / "out" / "report.md", baseline=base, config=cfg, meta={"note": "unit test"}
+    )
     out = tmp_path / "out"
     assert (out / "report.md").read_text() == text
-    for section in ("## Results", "## SLO: P99 <= 25 ms", "## fast vs slow", "## Where the time goes", "## GPU"):
+    for section in (
+        "## Results",
+        "## SLO: P99 <= 25 ms",
+        "## fast vs slow",
+        "## Where the time goes",
+        "## GPU",
+    ):
         assert section in text
     c16 = ours["bs1_seq128_c16"]
     assert f"{c16.latency_p99:.2f}" in text and "unit test" in text
     pngs = sorted(p.name for p in out.glob("report_*.png"))
-    assert pngs == ["report_batch_seq.png", "report_latency_histogram.png", "report_latency_vs_load.png",
-                    "report_server_breakdown.png", "report_throughput_latency.png"]
+    assert pngs == [
+        "report_batch_seq.png",
+        "report_latency_histogram.png",
+        "report_latency_vs_load.png",
+        "report_server_breakdown.png",
+        "report_throughput_latency.png",
+    ]
     for p in out.glob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     for p in pngs:
