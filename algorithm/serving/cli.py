@@ -320,4 +320,8 @@ def manifests(
 from . import cli_bench, cli_deploy  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    # `python -m algorithm.serving.cli`: run the package module's app, on which cli_bench and
+    # cli_deploy registered their commands (this __main__ copy is a different module object).
+    from algorithm.serving.cli import app as _app
+
+    _app()

@@ -56,7 +56,11 @@ class TritonPythonModel:
             raise ValueError(f"parameter codebook_sizes={self.codebook_sizes} needs {len(ID_NAMES)} sizes")
         self.dlpack = _DLPACK or params.get("tensor_transport", "") == "dlpack"
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
-        artifact = version_dir / params.get("artifact", "model.onnx")
+        artifact_name = params.get("artifact", "model.onnx")
+        # A hand-edited config must not point the loader outside its version folder.
+        if Path(artifact_name).name != artifact_name or artifact_name in ("", ".", ".."):
+            raise ValueError(f"parameter artifact={artifact_name!r} must be a plain file name in {version_dir}")
+        artifact = version_dir / artifact_name
         runtime = params.get("runtime", "onnxruntime")
         gpu = args.get("model_instance_kind") == "GPU"
         device = params.get("device", "auto")
