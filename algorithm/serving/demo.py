@@ -2,7 +2,7 @@
 
 Stages: train (or reuse) the tiny checkpoint; export it to ONNX with the parity check; optimize
 it for CPU behind the accuracy gate (every candidate backend/precision that passes is timed
-in-process and the fastest is served); write one model repository with the optimized model
+in-process and the fastest is served; near-ties go to the more exact one); write one model repository with the optimized model
 (python backend, ONNX Runtime, KIND_CPU) and the baseline (the same weights in PyTorch eager
 fp32, python backend); start the real tritonserver; sweep both models at the same load points;
 write the report (markdown, JSON, CSV, plots) and stop the server.
@@ -39,7 +39,8 @@ class DemoConfig:
     baseline_name: str = "ugt_tiny_torch_eager"
     train_steps: int = 1000
     train_time_budget_s: float = 180.0
-    # (backend, precision) candidates; each must pass the accuracy gate, the fastest is served
+    # (backend, precision) candidates, most exact first; each must pass the accuracy gate, and a
+    # later one replaces the current choice only when it is at least 5% faster
     candidates: tuple[tuple[str, str], ...] = (("onnxruntime", "fp32"), ("onnxruntime", "int8"))
     baseline: bool = True  # also serve and measure PyTorch eager fp32
     fresh: bool = False  # rebuild the export/artifacts even when up to date
@@ -220,7 +221,12 @@ class Demo:
                 {"refused": refused},
                 hint="Train longer or add fp32 to the candidates.",
             )
-        best = min(passed, key=lambda c: c["score_ms"])
+        # Candidates are listed most exact first: a later one must be clearly faster (5%) to be
+        # served, so timing noise never trades accuracy for nothing (int8 ties fp32 on this CPU).
+        best = passed[0]
+        for c in passed[1:]:
+            if c["score_ms"] < 0.95 * best["score_ms"]:
+                best = c
         self._stage("optimize", n, n, f"serving {best['backend']} {best['precision']}")
         return Path(best["artifact"]), {"chosen": best, "candidates": passed, "refused": refused}
 
