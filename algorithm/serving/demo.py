@@ -2,10 +2,11 @@
 
 Stages: train (or reuse) the tiny checkpoint; export it to ONNX with the parity check; optimize
 it for CPU behind the accuracy gate (every candidate backend/precision that passes is timed
-in-process and the fastest is served; near-ties go to the more exact one); write one model repository with the optimized model
-(python backend, ONNX Runtime, KIND_CPU) and the baseline (the same weights in PyTorch eager
-fp32, python backend); start the real tritonserver; sweep both models at the same load points;
-write the report (markdown, JSON, CSV, plots) and stop the server.
+in-process and the fastest is served; near-ties go to the more exact one); write one model
+repository with the optimized model (python backend, ONNX Runtime, KIND_CPU) and the baseline
+(the same weights in PyTorch eager fp32, python backend); start the real tritonserver; sweep
+both models at the same load points; write the report (markdown, JSON, CSV, plots) and stop
+the server.
 
 The library never prints: ``progress(stage, completed, total, message)`` reports every stage.
 """
@@ -175,7 +176,7 @@ class Demo:
         return path
 
     def optimize(self, model, onnx_path: Path) -> tuple[Path, dict]:
-        """Every candidate behind the accuracy gate, timed in-process; returns the fastest."""
+        """Every candidate behind the accuracy gate, timed in-process; returns the one to serve."""
         from .backends import get_backend
         from .backends import optimize as build
 
