@@ -6,9 +6,10 @@ sends Poisson arrivals at a target rate (open loop), never a thread per request.
 hold valid ids drawn from the codebooks, with lengths from the configured distribution.
 
 Warm-up is excluded and drained before measuring. Measurement runs in windows of
-``measurement_window_s`` until the last 3 windows agree on throughput and P99 within
-``stability_percent`` (as perf_analyzer) and at least ``num_requests`` were measured, or until
-``max_trials`` windows (then ``stable`` is False). Every measured request is counted as
+``measurement_window_s`` until at least ``num_requests`` were measured and either the last 3
+windows agree on throughput and P99 within ``stability_percent`` (as perf_analyzer) or
+``max_trials`` windows have run (then ``stable`` is False): ``num_requests`` is a floor, so a
+large one on a slow server runs for ``num_requests / throughput`` seconds. Every measured request is counted as
 successful, failed (timed-out ones included) or rejected by the server's queue policy;
 percentiles are over every measured request. The server-side breakdown is the delta of Triton's
 statistics API over the measured window.

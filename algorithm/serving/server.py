@@ -176,7 +176,8 @@ class TritonServer:
         self.response_cache_bytes = int(response_cache_bytes)
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
-        self._given_log_dir = Path(log_dir) if log_dir else None
+        # absolute: the server runs in its work folder, where a relative path breaks the backend
+        self._given_log_dir = Path(log_dir).resolve() if log_dir else None
         self.workdir: Path | None = None
         self.log_path: Path | None = None
         self.process: subprocess.Popen | None = None
