@@ -269,7 +269,6 @@ def test_without_tensorrt_the_error_names_the_package_and_extra(onnx_model, tmp_
 
 # ------------------------------------------------------------------------------ real engines
 @pytest.mark.tensorrt
-@pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_real_engine_passes_the_gate_and_records_its_gpu(onnx_model, tmp_path, precision):
     from algorithm.serving.backends import optimize
@@ -296,7 +295,6 @@ def test_real_engine_passes_the_gate_and_records_its_gpu(onnx_model, tmp_path, p
 
 
 @pytest.mark.tensorrt
-@pytest.mark.gpu
 def test_real_int8_engine_with_calibration_cache(onnx_model, tmp_path):
     from algorithm.serving.backends import optimize
 
