@@ -59,7 +59,7 @@ def main() -> None:
     data = {"benchmark": "model_cpu", "environment": environment(), "model": model.config.to_dict(),
             "checkpoint": source, "threads": args.threads or torch.get_num_threads(), "points": rows}
     path = write_result("model_cpu", data)
-    print(f"| batch | seq_len | PyTorch eager fp32 median ms | ONNX Runtime fp32 median ms | speed-up | recall@50 overlap |")
+    print("| batch | seq_len | PyTorch eager fp32 median ms | ONNX Runtime fp32 median ms | speed-up | recall@50 overlap |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['seq_len']} | {r['torch_eager_fp32']['median_ms']:.2f} | "

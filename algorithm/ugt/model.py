@@ -158,10 +158,10 @@ class UGTModel(nn.Module):
         """Returns the memory [B, 1 + L, D] (null slot first) and its additive mask."""
         sizes = self.config.codebook_sizes
         valid = attention_mask > 0
-        for ids, size in zip((l1, l2, l3), sizes):
+        for ids, size in zip((l1, l2, l3), sizes, strict=True):
             valid = valid & (ids >= 0) & (ids < size)
         zero = torch.zeros_like(l1)
-        x = sum(emb(torch.where(valid, ids, zero)) for emb, ids in zip(self.item_emb, (l1, l2, l3)))
+        x = sum(emb(torch.where(valid, ids, zero)) for emb, ids in zip(self.item_emb, (l1, l2, l3), strict=True))
         x = x + self.pos_emb.weight[: l1.shape[1]]
         dtype = x.dtype
         enc_mask = additive_mask(valid, dtype)
@@ -187,7 +187,7 @@ class UGTModel(nn.Module):
         return torch.cat(toks, dim=2)
 
     def decode_logits(self, y, kvs, mem_mask, level: int, last_only: bool = True):
-        for layer, (k, v) in zip(self.decoder, kvs):
+        for layer, (k, v) in zip(self.decoder, kvs, strict=True):
             y = layer(y, k, v, mem_mask)
         h = self.decoder_norm(y[:, :, -1] if last_only else y)
         return self.heads[level](h).float()
@@ -231,7 +231,7 @@ class UGTModel(nn.Module):
         memory, mem_mask = self.encode(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, attention_mask)
         kvs = self.memory_kv(memory)
         y = self.prefix([target[:, :1], target[:, 1:2]], b)  # [B, 1, 3, D]
-        for layer, (k, v) in zip(self.decoder, kvs):
+        for layer, (k, v) in zip(self.decoder, kvs, strict=True):
             y = layer(y, k, v, mem_mask)
         h = self.decoder_norm(y[:, 0])  # [B, 3, D]
         return sum(F.cross_entropy(self.heads[i](h[:, i]).float(), target[:, i]) for i in range(3))

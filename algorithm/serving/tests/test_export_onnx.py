@@ -63,7 +63,7 @@ def test_trained_model_parity_on_real_histories(trained, onnx_model, batch, seq)
     np.testing.assert_allclose(got["scores"], ref["scores"], atol=1e-3)
     overlap = np.mean([
         len({tuple(a) for a in r} & {tuple(b) for b in g}) / 50
-        for r, g in zip(ref["recommendations"], got["recommendations"])
+        for r, g in zip(ref["recommendations"], got["recommendations"], strict=True)
     ])
     assert overlap >= 0.99
 
