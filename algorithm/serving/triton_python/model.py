@@ -131,9 +131,12 @@ class TritonPythonModel:
         return pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(torch.from_numpy(array)))
 
     def _read(self, request) -> dict[str, np.ndarray]:
+        """The request's inputs, checked for presence, dtype and shape; ids and mask values are
+        checked by ``_check_values`` (once per batch on the hot path, see ``_valid_batch``)."""
         arrays = {}
+        get = pb_utils.get_input_tensor_by_name
         for name in INPUT_NAMES:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            tensor = get(request, name)
             if tensor is None:
                 raise BadRequest(f"{name}: missing; the model needs {', '.join(INPUT_NAMES)}")
             arrays[name] = self._numpy(tensor)
@@ -148,6 +151,18 @@ class TritonPythonModel:
         seq = first.shape[1]
         if not 1 <= seq <= self.max_seq_length:
             raise BadRequest(f"{INPUT_NAMES[0]}: sequence length {seq} outside [1, {self.max_seq_length}]")
+        return arrays
+
+    def _in_range(self, arrays: dict[str, np.ndarray]) -> bool:
+        """True when every id is inside its codebook and the mask is 0/1: one reduction per
+        input (as uint64 a negative value is huge, so ``max < size`` checks both ends)."""
+        for name, size in zip(ID_NAMES, self.codebook_sizes, strict=True):
+            if arrays[name].view(np.uint64).max() >= size:
+                return False
+        return bool(arrays["attention_mask"].view(np.uint64).max() <= 1)
+
+    def _check_values(self, arrays: dict[str, np.ndarray]) -> None:
+        """Raises BadRequest naming the first id outside its codebook or mask value not 0/1."""
         for name, size in zip(ID_NAMES, self.codebook_sizes, strict=True):
             a = arrays[name]
             lo, hi = int(a.min()), int(a.max())
@@ -161,14 +176,13 @@ class TritonPythonModel:
             bad = lo if lo < 0 else hi
             where = np.argwhere(mask == bad)[0].tolist()
             raise BadRequest(f"attention_mask: value {bad} at {where}; only 0 (padding) and 1 (item) are allowed")
-        return arrays
 
     @staticmethod
     def _pad(batch: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        rows = sum(a[INPUT_NAMES[0]].shape[0] for a in batch)
-        longest = max(a[INPUT_NAMES[0]].shape[1] for a in batch)
         if len(batch) == 1:
             return batch[0]
+        rows = sum(a[INPUT_NAMES[0]].shape[0] for a in batch)
+        longest = max(a[INPUT_NAMES[0]].shape[1] for a in batch)
         out = {n: np.zeros((rows, longest), dtype=np.int64) for n in INPUT_NAMES}
         row = 0
         for arrays in batch:
@@ -177,6 +191,24 @@ class TritonPythonModel:
                 out[n][row : row + b, :s] = arrays[n]
             row += b
         return out
+
+    def _valid_batch(self, good: list, responses: list) -> dict[str, np.ndarray] | None:
+        """The padded batch of the requests in ``good`` whose values are valid; the others are
+        answered (INVALID_ARG) and dropped from ``good``. The padding (0) is a valid id and mask
+        value, so one check of the padded batch clears every request; only when it fails is
+        each request checked on its own, to answer the bad ones alone."""
+        padded = self._pad([arrays for _, arrays in good])
+        if self._in_range(padded):
+            return padded
+        kept = []
+        for i, arrays in good:
+            try:
+                self._check_values(arrays)
+                kept.append((i, arrays))
+            except BadRequest as e:
+                responses[i] = _error(str(e))
+        good[:] = kept
+        return self._pad([arrays for _, arrays in kept]) if kept else None
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -188,25 +220,46 @@ class TritonPythonModel:
                 responses[i] = _error(str(e))
         if not good:
             return responses
-        batch = [arrays for _, arrays in good]
+        # A runner with infer_requests (torch GPU engine) combines the lengths itself:
+        # packed (no padding) or padded, per its ``batching``.
+        by_request = getattr(self.runner, "infer_requests", None)
+        if by_request is not None:
+            kept = []
+            for i, arrays in good:
+                try:
+                    self._check_values(arrays)
+                    kept.append((i, arrays))
+                except BadRequest as e:
+                    responses[i] = _error(str(e))
+            good, padded = kept, None
+        else:
+            padded = self._valid_batch(good, responses)
+        if not good:
+            return responses
         try:
-            # A runner with infer_requests (torch GPU engine) combines the lengths itself:
-            # packed (no padding) or padded, per its ``batching``.
-            by_request = getattr(self.runner, "infer_requests", None)
             if by_request is not None:
-                outputs = by_request(batch)
+                outputs = by_request([arrays for _, arrays in good])
             else:
-                result = self.runner.infer(self._pad(batch))
+                result = self.runner.infer(padded)
         except Exception as e:  # the runtime failed: every request of this run gets the reason
             _log("error", f"{self.name}: inference failed: {type(e).__name__}: {e}")
             for i, _ in good:
                 responses[i] = _error(f"inference failed: {type(e).__name__}: {e}", invalid_argument=False)
             return responses
         if by_request is None:
-            recs = np.asarray(result["recommendations"], dtype=np.int64)
-            scores = np.asarray(result["scores"], dtype=np.float32)
-            starts = np.cumsum([0] + [a[INPUT_NAMES[0]].shape[0] for a in batch])
-            outputs = [{"recommendations": recs[s:e], "scores": scores[s:e]} for s, e in zip(starts[:-1], starts[1:], strict=True)]
+            # one conversion for the batch (a no-op for ONNX Runtime's int64 / fp32 outputs); row
+            # slices of a C-contiguous array stay contiguous, so _tensor copies nothing
+            recs = np.ascontiguousarray(result["recommendations"], dtype=np.int64)
+            scores = np.ascontiguousarray(result["scores"], dtype=np.float32)
+            start = 0
+            for i, arrays in good:
+                end = start + arrays[INPUT_NAMES[0]].shape[0]
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                    self._tensor("recommendations", recs[start:end]),
+                    self._tensor("scores", scores[start:end]),
+                ])
+                start = end
+            return responses
         for (i, _), out in zip(good, outputs, strict=True):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[
                 self._tensor("recommendations", np.asarray(out["recommendations"], dtype=np.int64)),
