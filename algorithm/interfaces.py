@@ -22,5 +22,7 @@ class ServingExporterInterface(ABC):
         """Write the Triton model configuration; returns the config.pbtxt path."""
 
     @abstractmethod
-    def benchmark(self, triton_url: str, model_name: str, num_requests: int = 10000) -> dict[str, float]:
+    def benchmark(
+        self, triton_url: str, model_name: str, num_requests: int = 10000
+    ) -> dict[str, float]:
         """Measure a live model; returns throughput and latency percentiles (ms)."""

@@ -15,7 +15,9 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def environment(packages=("torch", "onnxruntime", "openvino", "numpy", "tritonclient", "nvidia-pytriton")) -> dict:
+def environment(
+    packages=("torch", "onnxruntime", "openvino", "numpy", "tritonclient", "nvidia-pytriton"),
+) -> dict:
     versions = {}
     for p in packages:
         try:
@@ -40,7 +42,9 @@ def environment(packages=("torch", "onnxruntime", "openvino", "numpy", "tritoncl
     }
 
 
-def time_call(fn: Callable[[], object], warmup: int = 3, min_runs: int = 10, min_seconds: float = 1.0) -> dict:
+def time_call(
+    fn: Callable[[], object], warmup: int = 3, min_runs: int = 10, min_seconds: float = 1.0
+) -> dict:
     """Median/p90/min latency in ms of ``fn`` after warm-up (at least min_runs and min_seconds)."""
     for _ in range(warmup):
         fn()

@@ -27,7 +27,9 @@ POINTS = [(1, 32), (1, 128), (8, 128), (32, 128), (8, 512)]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--checkpoint", type=Path, default=Path("demo-output/ugt_tiny.safetensors"))
-    ap.add_argument("--threads", type=int, default=0, help="torch/ORT intra-op threads (0 = default)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch/ORT intra-op threads (0 = default)"
+    )
     args = ap.parse_args()
     if args.checkpoint.is_file():
         model = UGTModel.load(args.checkpoint)
@@ -50,20 +52,35 @@ def main() -> None:
             t_torch = time_call(lambda x=x: ref.infer(x))
             t_ort = time_call(lambda x=x: ort.infer(x))
             acc = compare_outputs(ref.infer(x), ort.infer(x))
-            rows.append({
-                "batch": batch, "seq_len": seq,
-                "torch_eager_fp32": t_torch, "onnxruntime_fp32": t_ort,
-                "speedup": t_torch["median_ms"] / t_ort["median_ms"],
-                "recall_overlap": acc["recall_overlap"], "max_score_diff": acc["max_score_diff"],
-            })
-    data = {"benchmark": "model_cpu", "environment": environment(), "model": model.config.to_dict(),
-            "checkpoint": source, "threads": args.threads or torch.get_num_threads(), "points": rows}
+            rows.append(
+                {
+                    "batch": batch,
+                    "seq_len": seq,
+                    "torch_eager_fp32": t_torch,
+                    "onnxruntime_fp32": t_ort,
+                    "speedup": t_torch["median_ms"] / t_ort["median_ms"],
+                    "recall_overlap": acc["recall_overlap"],
+                    "max_score_diff": acc["max_score_diff"],
+                }
+            )
+    data = {
+        "benchmark": "model_cpu",
+        "environment": environment(),
+        "model": model.config.to_dict(),
+        "checkpoint": source,
+        "threads": args.threads or torch.get_num_threads(),
+        "points": rows,
+    }
     path = write_result("model_cpu", data)
-    print("| batch | seq_len | PyTorch eager fp32 median ms | ONNX Runtime fp32 median ms | speed-up | recall@50 overlap |")
+    print(
+        "| batch | seq_len | PyTorch eager fp32 median ms | ONNX Runtime fp32 median ms | speed-up | recall@50 overlap |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['seq_len']} | {r['torch_eager_fp32']['median_ms']:.2f} | "
-              f"{r['onnxruntime_fp32']['median_ms']:.2f} | {r['speedup']:.2f}x | {r['recall_overlap']:.3f} |")
+        print(
+            f"| {r['batch']} | {r['seq_len']} | {r['torch_eager_fp32']['median_ms']:.2f} | "
+            f"{r['onnxruntime_fp32']['median_ms']:.2f} | {r['speedup']:.2f}x | {r['recall_overlap']:.3f} |"
+        )
     print(f"\nwrote {path}")
 
 

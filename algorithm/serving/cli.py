@@ -45,8 +45,12 @@ STATE = State()
 
 @app.callback()
 def main(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (for scripts)."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Debug logging and full tracebacks."
+    ),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON object on stdout (for scripts)."
+    ),
 ) -> None:
     STATE.verbose, STATE.json = verbose, json_output
     logging.basicConfig(
@@ -131,12 +135,16 @@ def load_model(checkpoint: Path):
 @app.command()
 @handle_errors
 def train(
-    output: Path = typer.Option(DEFAULT_CHECKPOINT, "--output", "-o", help="Checkpoint to write (safetensors)."),
+    output: Path = typer.Option(
+        DEFAULT_CHECKPOINT, "--output", "-o", help="Checkpoint to write (safetensors)."
+    ),
     preset: str = typer.Option("tiny", help="Model size: tiny (CPU demo) or base (GPU size)."),
     steps: int = typer.Option(1000, min=1, help="Training steps."),
     batch_size: int = typer.Option(64, min=1, help="Users per step."),
     seed: int = typer.Option(0, help="Random seed (data and weights)."),
-    time_budget: float = typer.Option(0.0, min=0.0, help="Stop after this many seconds (0 = no limit)."),
+    time_budget: float = typer.Option(
+        0.0, min=0.0, help="Stop after this many seconds (0 = no limit)."
+    ),
 ) -> None:
     """Train a UGT model on synthetic interactions; report held-out recall@K next to chance."""
     from algorithm.ugt import TrainConfig, UGTConfig, train_tiny
@@ -146,10 +154,18 @@ def train(
         from .errors import ConfigError
 
         raise ConfigError("preset", preset, "tiny or base")
-    tc = TrainConfig(steps=steps, batch_size=batch_size, seed=seed, time_budget_s=time_budget or None)
+    tc = TrainConfig(
+        steps=steps, batch_size=batch_size, seed=seed, time_budget_s=time_budget or None
+    )
     with progress() as p:
         task = p.add_task("Training", total=steps)
-        model, report = train_tiny(presets[preset](), tc, lambda s, n, loss: p.update(task, completed=s, description=f"Training (loss {loss:.2f})"))
+        model, report = train_tiny(
+            presets[preset](),
+            tc,
+            lambda s, n, loss: p.update(
+                task, completed=s, description=f"Training (loss {loss:.2f})"
+            ),
+        )
     report["checkpoint"] = model.save(output)
     emit(report, "Trained")
 
@@ -158,8 +174,12 @@ def train(
 @app.command()
 @handle_errors
 def export(
-    checkpoint: Path = typer.Option(DEFAULT_CHECKPOINT, "--checkpoint", "-c", help="Model checkpoint to export."),
-    output: Path = typer.Option(Path("demo-output/model.onnx"), "--output", "-o", help="ONNX file to write."),
+    checkpoint: Path = typer.Option(
+        DEFAULT_CHECKPOINT, "--checkpoint", "-c", help="Model checkpoint to export."
+    ),
+    output: Path = typer.Option(
+        Path("demo-output/model.onnx"), "--output", "-o", help="ONNX file to write."
+    ),
     max_batch_size: int = typer.Option(64, min=1, help="Largest batch the graph accepts."),
     max_seq_length: int = typer.Option(1024, min=1, help="Longest history the graph accepts."),
     opset: int = typer.Option(18, help="ONNX opset (18-23)."),
@@ -185,7 +205,9 @@ def export(
     result: dict[str, Any] = {"onnx_path": path}
     parity = Path(path).with_suffix(".parity.json")
     if verify and parity.is_file():
-        result.update({f"parity_{k}": v for k, v in json.loads(parity.read_text())["worst"].items()})
+        result.update(
+            {f"parity_{k}": v for k, v in json.loads(parity.read_text())["worst"].items()}
+        )
         result["parity_report"] = str(parity)
     emit(result, "Exported")
 
@@ -194,18 +216,40 @@ def export(
 @app.command()
 @handle_errors
 def optimize(
-    onnx: Path = typer.Option(Path("demo-output/model.onnx"), "--onnx", help="Exported ONNX model (from `export`)."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Artifact file or folder (default: <onnx folder>/<backend>-<precision>/)."),
+    onnx: Path = typer.Option(
+        Path("demo-output/model.onnx"), "--onnx", help="Exported ONNX model (from `export`)."
+    ),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Artifact file or folder (default: <onnx folder>/<backend>-<precision>/).",
+    ),
     backend: str = typer.Option("onnxruntime", help="tensorrt, onnxruntime, openvino or torch."),
-    precision: str = typer.Option("fp32", help="fp32, fp16, bf16 (openvino, tensorrt, torch) or int8."),
-    calibration_data: Path | None = typer.Option(None, help="int8: .npz with the 4 inputs [N, seq_len] (default: synthetic histories)."),
-    calibration_method: str = typer.Option("entropy", help="int8 calibration: entropy, minmax or percentile (onnxruntime)."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="PyTorch checkpoint: the gate's fp32 reference; required by --backend torch."),
+    precision: str = typer.Option(
+        "fp32", help="fp32, fp16, bf16 (openvino, tensorrt, torch) or int8."
+    ),
+    calibration_data: Path | None = typer.Option(
+        None, help="int8: .npz with the 4 inputs [N, seq_len] (default: synthetic histories)."
+    ),
+    calibration_method: str = typer.Option(
+        "entropy", help="int8 calibration: entropy, minmax or percentile (onnxruntime)."
+    ),
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        help="PyTorch checkpoint: the gate's fp32 reference; required by --backend torch.",
+    ),
     opt_batch_size: int = typer.Option(32, min=1, help="TensorRT: batch size to tune for."),
     opt_seq_length: int = typer.Option(512, min=1, help="TensorRT: history length to tune for."),
-    seq_length_buckets: str = typer.Option("", help="TensorRT: one profile per bucket, e.g. 128,512,1024."),
+    seq_length_buckets: str = typer.Option(
+        "", help="TensorRT: one profile per bucket, e.g. 128,512,1024."
+    ),
     workspace_gb: int = typer.Option(4, min=1, help="TensorRT builder workspace (GiB)."),
-    emit_trtexec: bool = typer.Option(False, "--emit-trtexec", help="TensorRT: print the equivalent trtexec command and exit."),
+    emit_trtexec: bool = typer.Option(
+        False, "--emit-trtexec", help="TensorRT: print the equivalent trtexec command and exit."
+    ),
 ) -> None:
     """Optimize the ONNX model for a runtime; the artifact is kept only if it passes the accuracy gate."""
     from .accuracy import summarize
@@ -220,15 +264,24 @@ def optimize(
     try:
         buckets = tuple(int(s) for s in seq_length_buckets.split(",") if s.strip())
     except ValueError:
-        raise ConfigError("seq_length_buckets", seq_length_buckets, "comma-separated integers, e.g. 128,512,1024") from None
-    contract = {k: meta[k] for k in ("max_batch_size", "max_seq_length", "num_recommendations") if k in meta}
+        raise ConfigError(
+            "seq_length_buckets", seq_length_buckets, "comma-separated integers, e.g. 128,512,1024"
+        ) from None
+    contract = {
+        k: meta[k] for k in ("max_batch_size", "max_seq_length", "num_recommendations") if k in meta
+    }
     if meta.get("codebook_sizes"):
         contract["codebook_sizes"] = tuple(meta["codebook_sizes"])
     if meta.get("model_name"):
         contract["model_name"] = meta["model_name"]
     cfg = ExportConfig(
-        precision=precision, calibration_method=calibration_method, opt_batch_size=opt_batch_size,
-        opt_seq_length=opt_seq_length, seq_length_buckets=buckets, workspace_size_gb=workspace_gb, **contract,
+        precision=precision,
+        calibration_method=calibration_method,
+        opt_batch_size=opt_batch_size,
+        opt_seq_length=opt_seq_length,
+        seq_length_buckets=buckets,
+        workspace_size_gb=workspace_gb,
+        **contract,
     )
     out = output or onnx.parent / f"{b.name}-{precision}" / b.artifact_name
     if emit_trtexec:
@@ -245,32 +298,63 @@ def optimize(
         return
     try:
         with stage(f"Optimizing with {b.name} ({precision}) and checking accuracy"):
-            path = optimize_artifact(onnx, out, b.name, cfg, str(calibration_data) if calibration_data else None,
-                                     checkpoint=checkpoint)
+            path = optimize_artifact(
+                onnx,
+                out,
+                b.name,
+                cfg,
+                str(calibration_data) if calibration_data else None,
+                checkpoint=checkpoint,
+            )
     except ParityError as e:
         if e.report.get("worst"):
-            emit(summarize(e.report), f"Accuracy gate: {b.name} {precision} REFUSED (artifact not written)")
+            emit(
+                summarize(e.report),
+                f"Accuracy gate: {b.name} {precision} REFUSED (artifact not written)",
+            )
         raise
     report = json.loads(Path(f"{path}.accuracy.json").read_text())
-    emit({"artifact": path, "backend": b.name, "triton_platform": b.triton_platform,
-          "accuracy_report": f"{path}.accuracy.json", **summarize(report)}, "Optimized")
+    emit(
+        {
+            "artifact": path,
+            "backend": b.name,
+            "triton_platform": b.triton_platform,
+            "accuracy_report": f"{path}.accuracy.json",
+            **summarize(report),
+        },
+        "Optimized",
+    )
 
 
 # ----------------------------------------------------------------------------------- manifests
 @app.command()
 @handle_errors
 def manifests(
-    output: Path = typer.Option(Path("deploy"), "--output", "-o", help="Folder for docker/, k8s/, prometheus-adapter/."),
-    config: Path | None = typer.Option(None, help="JSON with optional 'export', 'triton', 'manifest' objects; flags override it."),
+    output: Path = typer.Option(
+        Path("deploy"), "--output", "-o", help="Folder for docker/, k8s/, prometheus-adapter/."
+    ),
+    config: Path | None = typer.Option(
+        None, help="JSON with optional 'export', 'triton', 'manifest' objects; flags override it."
+    ),
     model_name: str | None = typer.Option(None, help="Triton model name (default ugt_recommend)."),
-    gpus: int | None = typer.Option(None, min=0, help="GPUs per pod; Triton instances on devices 0..N-1 (0: KIND_CPU)."),
-    platform: str | None = typer.Option(None, help="tensorrt_plan, onnxruntime_onnx, openvino or python."),
-    image: str | None = typer.Option(None, help="Image the Deployment runs (default: the Triton image + the PVC)."),
-    triton_image: str | None = typer.Option(None, help="Official Triton image the Dockerfile builds FROM."),
+    gpus: int | None = typer.Option(
+        None, min=0, help="GPUs per pod; Triton instances on devices 0..N-1 (0: KIND_CPU)."
+    ),
+    platform: str | None = typer.Option(
+        None, help="tensorrt_plan, onnxruntime_onnx, openvino or python."
+    ),
+    image: str | None = typer.Option(
+        None, help="Image the Deployment runs (default: the Triton image + the PVC)."
+    ),
+    triton_image: str | None = typer.Option(
+        None, help="Official Triton image the Dockerfile builds FROM."
+    ),
     replicas: int | None = typer.Option(None, min=1, help="Replicas (the autoscaler's minimum)."),
     max_replicas: int | None = typer.Option(None, min=1, help="The autoscaler's maximum."),
     namespace: str | None = typer.Option(None, help="Kubernetes namespace."),
-    model_pvc: str | None = typer.Option(None, help="PVC holding the model repository; '' = baked into --image."),
+    model_pvc: str | None = typer.Option(
+        None, help="PVC holding the model repository; '' = baked into --image."
+    ),
 ) -> None:
     """Write the Dockerfile and Kubernetes manifests (Deployment, Service, HPA, PDB, NetworkPolicy)."""
     from .config import ExportConfig, TritonConfig
@@ -286,7 +370,9 @@ def manifests(
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError("config", str(config), f"a readable JSON object ({e})") from e
         if not isinstance(data, dict) or set(data) - {"export", "triton", "manifest"}:
-            raise ConfigError("config", str(config), "a JSON object with keys among export, triton, manifest")
+            raise ConfigError(
+                "config", str(config), "a JSON object with keys among export, triton, manifest"
+            )
     sections = {k: dict(data.get(k) or {}) for k in ("export", "triton", "manifest")}
     if model_name is not None:
         sections["export"]["model_name"] = model_name

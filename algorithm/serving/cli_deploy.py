@@ -24,7 +24,9 @@ from .cli import (
 
 DEFAULT_REPOSITORY = Path("demo-output/model_repository")
 
-versions_app = typer.Typer(help="List, publish, roll back and clean up model versions.", no_args_is_help=True)
+versions_app = typer.Typer(
+    help="List, publish, roll back and clean up model versions.", no_args_is_help=True
+)
 app.add_typer(versions_app, name="versions")
 
 
@@ -60,12 +62,18 @@ def _configs(model, opts: dict[str, Any]):
     """ExportConfig and TritonConfig from the shared options (and the model's shape)."""
     from .config import ExportConfig, TritonConfig
 
-    export_fields: dict[str, Any] = {"model_name": opts["model_name"], "precision": opts["precision"],
-                                     "max_batch_size": opts["max_batch_size"]}
+    export_fields: dict[str, Any] = {
+        "model_name": opts["model_name"],
+        "precision": opts["precision"],
+        "max_batch_size": opts["max_batch_size"],
+    }
     if model is not None:
         mc = model.config
-        export_fields.update(codebook_sizes=tuple(mc.codebook_sizes), num_recommendations=mc.num_recommendations,
-                             max_seq_length=min(opts["max_seq_length"], mc.max_seq_length))
+        export_fields.update(
+            codebook_sizes=tuple(mc.codebook_sizes),
+            num_recommendations=mc.num_recommendations,
+            max_seq_length=min(opts["max_seq_length"], mc.max_seq_length),
+        )
     else:
         export_fields["max_seq_length"] = opts["max_seq_length"]
     kind = _instance_kind(opts["instance_kind"], opts["platform"])
@@ -88,21 +96,41 @@ def _configs(model, opts: dict[str, Any]):
 # Shared options of `config` and `deploy` (typer has no option groups; one definition here).
 OPT = {
     "model_name": typer.Option("ugt_recommend", help="Triton model name."),
-    "platform": typer.Option("python", help="tensorrt_plan, onnxruntime_onnx, openvino, or python (the bundled server runs python)."),
-    "python_runtime": typer.Option("onnxruntime", help="Runner of a python model: onnxruntime, openvino, torch, torch_aot, tensorrt."),
-    "precision": typer.Option("fp32", help="fp32, fp16, bf16 or int8 (the optimized artifact's precision)."),
-    "instance_kind": typer.Option("auto", help="KIND_CPU, KIND_GPU, KIND_AUTO, or auto (GPU when CUDA is available)."),
+    "platform": typer.Option(
+        "python",
+        help="tensorrt_plan, onnxruntime_onnx, openvino, or python (the bundled server runs python).",
+    ),
+    "python_runtime": typer.Option(
+        "onnxruntime",
+        help="Runner of a python model: onnxruntime, openvino, torch, torch_aot, tensorrt.",
+    ),
+    "precision": typer.Option(
+        "fp32", help="fp32, fp16, bf16 or int8 (the optimized artifact's precision)."
+    ),
+    "instance_kind": typer.Option(
+        "auto", help="KIND_CPU, KIND_GPU, KIND_AUTO, or auto (GPU when CUDA is available)."
+    ),
     "gpus": typer.Option(None, help="GPU ids for KIND_GPU instances, e.g. 0,1."),
     "instance_count": typer.Option(1, min=1, help="Model instances (per GPU for KIND_GPU)."),
     "max_batch_size": typer.Option(64, min=1, help="Largest batch Triton forms."),
     "max_seq_length": typer.Option(1024, min=1, help="Longest history accepted."),
-    "preferred_batch_sizes": typer.Option(None, help="Dynamic batcher's preferred sizes, e.g. 8,16,32,64."),
-    "max_queue_delay_us": typer.Option(100, min=0, help="How long the batcher waits to fill a batch."),
-    "max_queue_size": typer.Option(0, min=0, help="Reject requests beyond this queue length (0 = unbounded)."),
+    "preferred_batch_sizes": typer.Option(
+        None, help="Dynamic batcher's preferred sizes, e.g. 8,16,32,64."
+    ),
+    "max_queue_delay_us": typer.Option(
+        100, min=0, help="How long the batcher waits to fill a batch."
+    ),
+    "max_queue_size": typer.Option(
+        0, min=0, help="Reject requests beyond this queue length (0 = unbounded)."
+    ),
     "queue_timeout_us": typer.Option(0, min=0, help="Reject requests queued longer (0 = never)."),
-    "trt_precision": typer.Option(None, help="onnxruntime_onnx on GPU: TensorRT accelerator precision fp32/fp16."),
+    "trt_precision": typer.Option(
+        None, help="onnxruntime_onnx on GPU: TensorRT accelerator precision fp32/fp16."
+    ),
     "version_policy": typer.Option("latest", help="latest (serve the newest version) or all."),
-    "threads": typer.Option(0, min=0, help="Intra-op threads of CPU runtimes (0 = runtime default)."),
+    "threads": typer.Option(
+        0, min=0, help="Intra-op threads of CPU runtimes (0 = runtime default)."
+    ),
     "warmup": typer.Option(True, help="Warm-up samples in config.pbtxt."),
     "response_cache": typer.Option(False, help="Enable Triton's response cache for the model."),
 }
@@ -112,17 +140,37 @@ OPT = {
 @app.command()
 @handle_errors
 def config(
-    repository: Path | None = typer.Option(None, "--repository", "-r", help="Write <repository>/<name>/config.pbtxt (default: print it)."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="Take codebooks, K and the longest history from this model."),
+    repository: Path | None = typer.Option(
+        None,
+        "--repository",
+        "-r",
+        help="Write <repository>/<name>/config.pbtxt (default: print it).",
+    ),
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        help="Take codebooks, K and the longest history from this model.",
+    ),
     model_file: Path | None = typer.Option(None, help="Also publish this artifact as --version."),
     version: int = typer.Option(1, min=1, help="Version for --model-file."),
-    model_name: str = OPT["model_name"], platform: str = OPT["platform"], python_runtime: str = OPT["python_runtime"],
-    precision: str = OPT["precision"], instance_kind: str = OPT["instance_kind"], gpus: str | None = OPT["gpus"],
-    instance_count: int = OPT["instance_count"], max_batch_size: int = OPT["max_batch_size"],
-    max_seq_length: int = OPT["max_seq_length"], preferred_batch_sizes: str | None = OPT["preferred_batch_sizes"],
-    max_queue_delay_us: int = OPT["max_queue_delay_us"], max_queue_size: int = OPT["max_queue_size"],
-    queue_timeout_us: int = OPT["queue_timeout_us"], trt_precision: str | None = OPT["trt_precision"],
-    version_policy: str = OPT["version_policy"], threads: int = OPT["threads"], warmup: bool = OPT["warmup"],
+    model_name: str = OPT["model_name"],
+    platform: str = OPT["platform"],
+    python_runtime: str = OPT["python_runtime"],
+    precision: str = OPT["precision"],
+    instance_kind: str = OPT["instance_kind"],
+    gpus: str | None = OPT["gpus"],
+    instance_count: int = OPT["instance_count"],
+    max_batch_size: int = OPT["max_batch_size"],
+    max_seq_length: int = OPT["max_seq_length"],
+    preferred_batch_sizes: str | None = OPT["preferred_batch_sizes"],
+    max_queue_delay_us: int = OPT["max_queue_delay_us"],
+    max_queue_size: int = OPT["max_queue_size"],
+    queue_timeout_us: int = OPT["queue_timeout_us"],
+    trt_precision: str | None = OPT["trt_precision"],
+    version_policy: str = OPT["version_policy"],
+    threads: int = OPT["threads"],
+    warmup: bool = OPT["warmup"],
     response_cache: bool = OPT["response_cache"],
 ) -> None:
     """Generate config.pbtxt (Triton's ModelConfig protobuf) for a platform; print or write it."""
@@ -141,25 +189,50 @@ def config(
             out.print(text, markup=False, highlight=False, end="")
         return
     path = gen.generate(repository, model_file=model_file, version=version)
-    emit({"config_path": path, "platform": tc.platform, "instance_kind": tc.instance_kind,
-          "version": version if model_file else None}, "Triton config")
+    emit(
+        {
+            "config_path": path,
+            "platform": tc.platform,
+            "instance_kind": tc.instance_kind,
+            "version": version if model_file else None,
+        },
+        "Triton config",
+    )
 
 
 # ----------------------------------------------------------------------------------------- deploy
 @app.command()
 @handle_errors
 def deploy(
-    checkpoint: Path = typer.Option(DEFAULT_CHECKPOINT, "--checkpoint", "-c", help="Model checkpoint to deploy."),
-    repository: Path = typer.Option(DEFAULT_REPOSITORY, "--repository", "-r", help="Model repository to write."),
-    optimize: bool = typer.Option(True, help="Optimize for the platform (--no-optimize: serve the ONNX export as is)."),
-    version: int | None = typer.Option(None, min=1, help="Version to publish (default: the next one)."),
-    model_name: str = OPT["model_name"], platform: str = OPT["platform"], python_runtime: str = OPT["python_runtime"],
-    precision: str = OPT["precision"], instance_kind: str = OPT["instance_kind"], gpus: str | None = OPT["gpus"],
-    instance_count: int = OPT["instance_count"], max_batch_size: int = OPT["max_batch_size"],
-    max_seq_length: int = OPT["max_seq_length"], preferred_batch_sizes: str | None = OPT["preferred_batch_sizes"],
-    max_queue_delay_us: int = OPT["max_queue_delay_us"], max_queue_size: int = OPT["max_queue_size"],
-    queue_timeout_us: int = OPT["queue_timeout_us"], trt_precision: str | None = OPT["trt_precision"],
-    version_policy: str = OPT["version_policy"], threads: int = OPT["threads"], warmup: bool = OPT["warmup"],
+    checkpoint: Path = typer.Option(
+        DEFAULT_CHECKPOINT, "--checkpoint", "-c", help="Model checkpoint to deploy."
+    ),
+    repository: Path = typer.Option(
+        DEFAULT_REPOSITORY, "--repository", "-r", help="Model repository to write."
+    ),
+    optimize: bool = typer.Option(
+        True, help="Optimize for the platform (--no-optimize: serve the ONNX export as is)."
+    ),
+    version: int | None = typer.Option(
+        None, min=1, help="Version to publish (default: the next one)."
+    ),
+    model_name: str = OPT["model_name"],
+    platform: str = OPT["platform"],
+    python_runtime: str = OPT["python_runtime"],
+    precision: str = OPT["precision"],
+    instance_kind: str = OPT["instance_kind"],
+    gpus: str | None = OPT["gpus"],
+    instance_count: int = OPT["instance_count"],
+    max_batch_size: int = OPT["max_batch_size"],
+    max_seq_length: int = OPT["max_seq_length"],
+    preferred_batch_sizes: str | None = OPT["preferred_batch_sizes"],
+    max_queue_delay_us: int = OPT["max_queue_delay_us"],
+    max_queue_size: int = OPT["max_queue_size"],
+    queue_timeout_us: int = OPT["queue_timeout_us"],
+    trt_precision: str | None = OPT["trt_precision"],
+    version_policy: str = OPT["version_policy"],
+    threads: int = OPT["threads"],
+    warmup: bool = OPT["warmup"],
     response_cache: bool = OPT["response_cache"],
 ) -> None:
     """Checkpoint -> ONNX -> optimized artifact -> model repository (a new version), validated."""
@@ -169,7 +242,9 @@ def deploy(
     model = load_model(checkpoint)
     ec, tc = _configs(model, opts)
     with stage(f"Deploying {ec.model_name} ({tc.platform}) to {repository}"):
-        paths = ServingExporter(ec, tc).deploy_full_pipeline(model, repository, version=version, optimize=optimize)
+        paths = ServingExporter(ec, tc).deploy_full_pipeline(
+            model, repository, version=version, optimize=optimize
+        )
     emit(paths, "Deployed")
 
 
@@ -187,7 +262,13 @@ def validate(
     if STATE.json:
         emit(result, "Validation")
     else:
-        emit({"valid": result["valid"], **{k: v for k, v in result["info"].items() if k != "models"}}, "Validation")
+        emit(
+            {
+                "valid": result["valid"],
+                **{k: v for k, v in result["info"].items() if k != "models"},
+            },
+            "Validation",
+        )
         for error in result["errors"]:
             console.print(f"[bold red]error:[/] {error}", highlight=False)
     if not result["valid"]:
@@ -207,30 +288,61 @@ def serve(
     grpc_port: int = typer.Option(8001, min=0, max=65535, help="gRPC port (0 = a free one)."),
     metrics_port: int = typer.Option(8002, min=0, max=65535, help="Metrics port (0 = a free one)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 for every interface)."),
-    model_control: str = typer.Option("none", help="none, explicit (load/unload via the API; `versions` --url), or poll."),
-    poll_secs: int = typer.Option(5, min=1, help="Repository poll interval for --model-control poll."),
-    triton_bin: Path | None = typer.Option(None, help="tritonserver binary (default: $TRITONSERVER_BIN, then nvidia-pytriton's)."),
+    model_control: str = typer.Option(
+        "none", help="none, explicit (load/unload via the API; `versions` --url), or poll."
+    ),
+    poll_secs: int = typer.Option(
+        5, min=1, help="Repository poll interval for --model-control poll."
+    ),
+    triton_bin: Path | None = typer.Option(
+        None, help="tritonserver binary (default: $TRITONSERVER_BIN, then nvidia-pytriton's)."
+    ),
     log_verbose: int = typer.Option(0, min=0, help="tritonserver --log-verbose level."),
     startup_timeout: float = typer.Option(120.0, min=1.0, help="Seconds to wait for readiness."),
-    response_cache_bytes: int = typer.Option(0, min=0, help="Size of Triton's response cache (0 = off)."),
-    restart: bool = typer.Option(True, help="Restart tritonserver when it dies, with exponential back-off (--no-restart: exit 1)."),
-    restart_backoff: float = typer.Option(1.0, min=0.0, help="Seconds before the first restart; doubles per failed restart, up to 60."),
-    max_restarts: int = typer.Option(0, min=0, help="Give up (exit 1) after this many failed restarts in a row (0 = never)."),
+    response_cache_bytes: int = typer.Option(
+        0, min=0, help="Size of Triton's response cache (0 = off)."
+    ),
+    restart: bool = typer.Option(
+        True,
+        help="Restart tritonserver when it dies, with exponential back-off (--no-restart: exit 1).",
+    ),
+    restart_backoff: float = typer.Option(
+        1.0, min=0.0, help="Seconds before the first restart; doubles per failed restart, up to 60."
+    ),
+    max_restarts: int = typer.Option(
+        0, min=0, help="Give up (exit 1) after this many failed restarts in a row (0 = never)."
+    ),
 ) -> None:
     """Run the real tritonserver on a repository in the foreground; Ctrl-C stops it."""
     from .errors import ServerError
     from .supervisor import RestartPolicy, ServerSupervisor, describe_event
 
     def say(event: str, info: dict) -> None:  # every restart is announced on stderr
-        console.print(f"serve: {describe_event(event, info)}", markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"serve: {describe_event(event, info)}", markup=False, highlight=False, soft_wrap=True
+        )
 
     extra = [f"--repository-poll-secs={poll_secs}"] if model_control == "poll" else []
-    policy = RestartPolicy(initial_backoff_s=restart_backoff, max_backoff_s=max(60.0, restart_backoff),
-                           max_restarts=max_restarts)
-    supervisor = ServerSupervisor(repository, policy, say, http_port=http_port, grpc_port=grpc_port,
-                                  metrics_port=metrics_port, triton_bin=triton_bin, model_control=model_control,
-                                  log_verbose=log_verbose, startup_timeout_s=startup_timeout, host=host,
-                                  response_cache_bytes=response_cache_bytes, extra_args=extra)
+    policy = RestartPolicy(
+        initial_backoff_s=restart_backoff,
+        max_backoff_s=max(60.0, restart_backoff),
+        max_restarts=max_restarts,
+    )
+    supervisor = ServerSupervisor(
+        repository,
+        policy,
+        say,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        triton_bin=triton_bin,
+        model_control=model_control,
+        log_verbose=log_verbose,
+        startup_timeout_s=startup_timeout,
+        host=host,
+        response_cache_bytes=response_cache_bytes,
+        extra_args=extra,
+    )
     # SIGTERM (docker stop, kubectl) stops it like Ctrl-C does; SIGINT is set explicitly
     # because a shell starts background jobs with it ignored.
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -238,7 +350,15 @@ def serve(
         with stage(f"Starting tritonserver on {repository}"):
             server = supervisor.start()
         models = [m["name"] for m in server.repository_index() if m.get("state") == "READY"]
-        emit({**server.urls(), "models": models, "log": str(server.log_path), "pid": server.process.pid}, "Serving (Ctrl-C stops)")
+        emit(
+            {
+                **server.urls(),
+                "models": models,
+                "log": str(server.log_path),
+                "pid": server.process.pid,
+            },
+            "Serving (Ctrl-C stops)",
+        )
         if restart:
             supervisor.run()  # returns on stop(); ServerError once max_restarts in a row failed
         while server.is_alive():
@@ -264,7 +384,9 @@ def _reload(url: str | None, model_name: str) -> str:
 
 REPO_ARG = typer.Argument(DEFAULT_REPOSITORY, help="Model repository.")
 MODEL_OPT = typer.Option("ugt_recommend", "--model", "-m", help="Model name.")
-URL_OPT = typer.Option(None, "--url", help="HTTP endpoint (host:port) of a server in explicit mode to reload.")
+URL_OPT = typer.Option(
+    None, "--url", help="HTTP endpoint (host:port) of a server in explicit mode to reload."
+)
 
 
 @versions_app.command("list")
@@ -290,8 +412,11 @@ def versions_list(repository: Path = REPO_ARG, model_name: str = MODEL_OPT) -> N
 @versions_app.command("deploy")
 @handle_errors
 def versions_deploy(
-    model_file: Path = typer.Argument(..., help="Artifact to publish (its sidecar <file>.json goes along)."),
-    repository: Path = REPO_ARG, model_name: str = MODEL_OPT,
+    model_file: Path = typer.Argument(
+        ..., help="Artifact to publish (its sidecar <file>.json goes along)."
+    ),
+    repository: Path = REPO_ARG,
+    model_name: str = MODEL_OPT,
     version: int | None = typer.Option(None, min=1, help="Version number (default: the next one)."),
     url: str | None = URL_OPT,
 ) -> None:
@@ -306,7 +431,9 @@ def versions_deploy(
 @handle_errors
 def versions_rollback(
     version: int = typer.Argument(..., min=1, help="The version to serve."),
-    repository: Path = REPO_ARG, model_name: str = MODEL_OPT, url: str | None = URL_OPT,
+    repository: Path = REPO_ARG,
+    model_name: str = MODEL_OPT,
+    url: str | None = URL_OPT,
 ) -> None:
     """Serve VERSION again: newer versions move to .retired/ (a later rollback brings them back)."""
     from .repository import ModelVersionManager
@@ -318,13 +445,25 @@ def versions_rollback(
 @versions_app.command("cleanup")
 @handle_errors
 def versions_cleanup(
-    repository: Path = REPO_ARG, model_name: str = MODEL_OPT,
-    keep: int = typer.Option(3, min=1, help="Newest versions to keep (the served one always stays)."),
+    repository: Path = REPO_ARG,
+    model_name: str = MODEL_OPT,
+    keep: int = typer.Option(
+        3, min=1, help="Newest versions to keep (the served one always stays)."
+    ),
     keep_retired: bool = typer.Option(False, help="Keep versions retired by rollbacks."),
     url: str | None = URL_OPT,
 ) -> None:
     """Remove old versions, keeping the newest --keep and the served one."""
     from .repository import ModelVersionManager
 
-    removed = ModelVersionManager(repository).cleanup_old_versions(model_name, keep=keep, include_retired=not keep_retired)
-    emit({"model": model_name, "removed": removed, "server": _reload(url, model_name) if removed else "unchanged"}, "Cleaned up")
+    removed = ModelVersionManager(repository).cleanup_old_versions(
+        model_name, keep=keep, include_retired=not keep_retired
+    )
+    emit(
+        {
+            "model": model_name,
+            "removed": removed,
+            "server": _reload(url, model_name) if removed else "unchanged",
+        },
+        "Cleaned up",
+    )

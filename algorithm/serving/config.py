@@ -30,13 +30,23 @@ def check_name(field: str, value: Any) -> str:
 
 
 def _int(field: str, value: Any, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < lo
+        or (hi is not None and value > hi)
+    ):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ConfigError(field, value, f"an integer {rng}")
 
 
 def _float(field: str, value: Any, lo: float, hi: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lo or (hi is not None and value > hi):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value < lo
+        or (hi is not None and value > hi)
+    ):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ConfigError(field, value, f"a number {rng}")
 
@@ -46,14 +56,18 @@ def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(field, value, f"one of {', '.join(allowed)}")
 
 
-def _ints(field: str, value: Any, lo: int, hi: int | None = None, allow_empty: bool = False) -> tuple:
+def _ints(
+    field: str, value: Any, lo: int, hi: int | None = None, allow_empty: bool = False
+) -> tuple:
     if not isinstance(value, (tuple, list)) or (not value and not allow_empty):
         raise ConfigError(field, value, "a non-empty tuple of integers")
     for v in value:
         try:
             _int(field, v, lo, hi)
         except ConfigError as e:
-            raise ConfigError(field, value, f"integers {e.allowed.removeprefix('an integer ')}") from None
+            raise ConfigError(
+                field, value, f"integers {e.allowed.removeprefix('an integer ')}"
+            ) from None
     return tuple(value)
 
 
@@ -91,7 +105,9 @@ class ExportConfig(_Config):
     opt_batch_size: int = 32
     min_seq_length: int = 1
     opt_seq_length: int = 512
-    opset_version: int = 18  # guide: 17; torch >= 2.9 exports opset >= 18 only (its Split has no 17 adapter)
+    opset_version: int = (
+        18  # guide: 17; torch >= 2.9 exports opset >= 18 only (its Split has no 17 adapter)
+    )
     do_constant_folding: bool = True
     workspace_size_gb: int = 4
     codebook_sizes: tuple[int, int, int] = (1024, 4096, 16384)
@@ -105,7 +121,9 @@ class ExportConfig(_Config):
     min_recall_int8: float = 0.90
     accuracy_samples: int = 64  # held-out histories for the accuracy gate
     # --- added: optimization -------------------------------------------------------------
-    seq_length_buckets: tuple[int, ...] = ()  # e.g. (128, 512, 1024): one TensorRT profile per bucket
+    seq_length_buckets: tuple[
+        int, ...
+    ] = ()  # e.g. (128, 512, 1024): one TensorRT profile per bucket
     calibration_method: str = "entropy"
     calibration_samples: int = 64
     timing_cache_path: str | None = None
@@ -117,11 +135,15 @@ class ExportConfig(_Config):
         _int("min_batch_size", self.min_batch_size, 1, self.max_batch_size)
         _int("opt_batch_size", self.opt_batch_size, 1)
         # opt_* are tuning hints: keep them inside [min, max] instead of failing a smaller max.
-        self.opt_batch_size = min(max(self.opt_batch_size, self.min_batch_size), self.max_batch_size)
+        self.opt_batch_size = min(
+            max(self.opt_batch_size, self.min_batch_size), self.max_batch_size
+        )
         _int("max_seq_length", self.max_seq_length, 1, 65536)
         _int("min_seq_length", self.min_seq_length, 1, self.max_seq_length)
         _int("opt_seq_length", self.opt_seq_length, 1)
-        self.opt_seq_length = min(max(self.opt_seq_length, self.min_seq_length), self.max_seq_length)
+        self.opt_seq_length = min(
+            max(self.opt_seq_length, self.min_seq_length), self.max_seq_length
+        )
         _int("opset_version", self.opset_version, 18, 23)
         if not isinstance(self.do_constant_folding, bool):
             raise ConfigError("do_constant_folding", self.do_constant_folding, "True or False")
@@ -135,7 +157,9 @@ class ExportConfig(_Config):
             _float(name, getattr(self, name), 0.0, 1.0)
         _float("parity_max_score_diff", self.parity_max_score_diff, 0.0)
         _int("accuracy_samples", self.accuracy_samples, 1)
-        buckets = _ints("seq_length_buckets", self.seq_length_buckets, 1, self.max_seq_length, allow_empty=True)
+        buckets = _ints(
+            "seq_length_buckets", self.seq_length_buckets, 1, self.max_seq_length, allow_empty=True
+        )
         if list(buckets) != sorted(set(buckets)):
             raise ConfigError("seq_length_buckets", buckets, "strictly increasing lengths")
         self.seq_length_buckets = buckets
@@ -146,7 +170,9 @@ class ExportConfig(_Config):
     def min_recall(self, precision: str | None = None) -> float:
         """The accuracy gate's recall@K threshold for a precision (bf16 shares fp16's)."""
         p = precision or self.precision
-        return {"fp32": self.min_recall_fp32, "int8": self.min_recall_int8}.get(p, self.min_recall_fp16)
+        return {"fp32": self.min_recall_fp32, "int8": self.min_recall_int8}.get(
+            p, self.min_recall_fp16
+        )
 
 
 @dataclass
@@ -176,7 +202,9 @@ class TritonConfig(_Config):
         _choice("platform", self.platform, PLATFORMS)
         _choice("python_runtime", self.python_runtime, PYTHON_RUNTIMES)
         _int("instance_count", self.instance_count, 1, 64)
-        self.preferred_batch_sizes = _ints("preferred_batch_sizes", self.preferred_batch_sizes, 1, allow_empty=True)
+        self.preferred_batch_sizes = _ints(
+            "preferred_batch_sizes", self.preferred_batch_sizes, 1, allow_empty=True
+        )
         _int("max_queue_delay_us", self.max_queue_delay_us, 0, 10_000_000)
         _choice("instance_kind", self.instance_kind, INSTANCE_KINDS)
         self.gpus = _ints("gpus", self.gpus, 0, 1023, allow_empty=self.instance_kind != "KIND_GPU")
@@ -184,10 +212,16 @@ class TritonConfig(_Config):
         _int("default_queue_timeout_us", self.default_queue_timeout_us, 0)
         _int("runtime_threads", self.runtime_threads, 0, 1024)
         if self.trt_accelerator_precision not in (None, "fp32", "fp16"):
-            raise ConfigError("trt_accelerator_precision", self.trt_accelerator_precision, "None, 'fp32' or 'fp16'")
+            raise ConfigError(
+                "trt_accelerator_precision",
+                self.trt_accelerator_precision,
+                "None, 'fp32' or 'fp16'",
+            )
         _choice("version_policy", self.version_policy, ("latest", "all"))
         if self.platform == "tensorrt_plan" and self.instance_kind == "KIND_CPU":
-            raise ConfigError("instance_kind", self.instance_kind, "KIND_GPU for platform tensorrt_plan")
+            raise ConfigError(
+                "instance_kind", self.instance_kind, "KIND_GPU for platform tensorrt_plan"
+            )
         return self
 
 
@@ -219,7 +253,9 @@ class BenchmarkConfig(_Config):
     slo_p99_ms: float = 30.0
     seed: int = 0
     codebook_sizes: tuple[int, int, int] = (1024, 4096, 16384)  # ids of the generated histories
-    metrics_url: str | None = None  # e.g. http://localhost:8002/metrics: CPU/GPU use while measuring
+    metrics_url: str | None = (
+        None  # e.g. http://localhost:8002/metrics: CPU/GPU use while measuring
+    )
 
     def validate(self) -> BenchmarkConfig:
         if not isinstance(self.triton_url, str) or not self.triton_url:
@@ -231,7 +267,9 @@ class BenchmarkConfig(_Config):
         self.test_seq_lengths = _ints("test_seq_lengths", self.test_seq_lengths, 1)
         _choice("protocol", self.protocol, ("grpc", "http"))
         _choice("mode", self.mode, ("concurrency", "request_rate"))
-        self.concurrency_levels = _ints("concurrency_levels", self.concurrency_levels, 1, 4096, allow_empty=True)
+        self.concurrency_levels = _ints(
+            "concurrency_levels", self.concurrency_levels, 1, 4096, allow_empty=True
+        )
         rates = self.request_rates
         if not isinstance(rates, (tuple, list)) or any(
             isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0 for r in rates
@@ -246,7 +284,9 @@ class BenchmarkConfig(_Config):
         _int("seq_len_median", self.seq_len_median, 1)
         _float("seq_len_sigma", self.seq_len_sigma, 0.0)
         if self.seq_len_distribution == "histogram" and not self.seq_len_histogram_file:
-            raise ConfigError("seq_len_histogram_file", None, "a JSON file when seq_len_distribution='histogram'")
+            raise ConfigError(
+                "seq_len_histogram_file", None, "a JSON file when seq_len_distribution='histogram'"
+            )
         _float("measurement_window_s", self.measurement_window_s, 0.05)
         _float("stability_percent", self.stability_percent, 0.0, 100.0)
         _int("max_trials", self.max_trials, 1)
@@ -257,7 +297,8 @@ class BenchmarkConfig(_Config):
             raise ConfigError("codebook_sizes", cb, "three integers >= 2")
         self.codebook_sizes = _ints("codebook_sizes", cb, 2)
         if self.metrics_url is not None and not (
-            isinstance(self.metrics_url, str) and self.metrics_url.startswith(("http://", "https://"))
+            isinstance(self.metrics_url, str)
+            and self.metrics_url.startswith(("http://", "https://"))
         ):
             raise ConfigError("metrics_url", self.metrics_url, "None or http://host:port/metrics")
         return self

@@ -34,7 +34,9 @@ class ConfigError(ServingError, ValueError):
 class InputFileNotFoundError(ServingError, FileNotFoundError):
     """A file the user named (checkpoint, ONNX model, engine, calibration data) does not exist."""
 
-    default_hint = "Check the path; earlier stages (`train`, `export`, `optimize`) write these files."
+    default_hint = (
+        "Check the path; earlier stages (`train`, `export`, `optimize`) write these files."
+    )
 
 
 class CheckpointError(ServingError, ValueError):
@@ -55,13 +57,17 @@ class DependencyError(ServingError, ImportError):
 class ExportError(ServingError, RuntimeError):
     """torch -> ONNX export failed or produced an invalid graph."""
 
-    default_hint = "Run with -v for the exporter's traceback; check the model's forward() signature."
+    default_hint = (
+        "Run with -v for the exporter's traceback; check the model's forward() signature."
+    )
 
 
 class OptimizationError(ServingError, RuntimeError):
     """An optimizer (TensorRT, ONNX Runtime, OpenVINO, AOTInductor) failed to build an artifact."""
 
-    default_hint = "Run with -v for the optimizer's log; try --precision fp32 to isolate precision issues."
+    default_hint = (
+        "Run with -v for the optimizer's log; try --precision fp32 to isolate precision issues."
+    )
 
 
 class ParityError(ServingError, RuntimeError):
@@ -88,7 +94,9 @@ class ServerError(ServingError, RuntimeError):
 class BenchmarkError(ServingError, RuntimeError):
     """A benchmark could not run or its measurements are unusable."""
 
-    default_hint = "Check that the server is up (`curl <http-url>/v2/health/ready`) and the model name."
+    default_hint = (
+        "Check that the server is up (`curl <http-url>/v2/health/ready`) and the model name."
+    )
 
 
 class RepositoryError(ServingError, ValueError):

@@ -45,10 +45,14 @@ class ModelInputSpec:
         }
     )
 
-    def example_inputs(self, batch: int, seq_len: int, codebook_sizes, seed: int = 0, ragged: bool = False):
+    def example_inputs(
+        self, batch: int, seq_len: int, codebook_sizes, seed: int = 0, ragged: bool = False
+    ):
         from algorithm.ugt.data import random_inputs
 
-        return random_inputs(batch, seq_len, codebook_sizes, np.random.default_rng(seed), ragged=ragged)
+        return random_inputs(
+            batch, seq_len, codebook_sizes, np.random.default_rng(seed), ragged=ragged
+        )
 
 
 def _torch():
@@ -124,17 +128,27 @@ def check_graph(model_proto) -> dict:
     ops = [n.op_type for n in model_proto.graph.node]
     bad = sorted({o for o in ops if o in FORBIDDEN_OPS})
     if bad:
-        raise ExportError(f"the exported graph has control-flow nodes {bad}; the beam search must be unrolled")
+        raise ExportError(
+            f"the exported graph has control-flow nodes {bad}; the beam search must be unrolled"
+        )
     constants = {i.name for i in model_proto.graph.initializer}
     constants |= {o for n in model_proto.graph.node if n.op_type == "Constant" for o in n.output}
     for n in model_proto.graph.node:
         if n.op_type == "TopK" and n.input[1] not in constants:
-            raise ExportError(f"TopK node {n.name!r} has a data-dependent K ({n.input[1]}); K must be constant")
+            raise ExportError(
+                f"TopK node {n.name!r} has a data-dependent K ({n.input[1]}); K must be constant"
+            )
     names_in = [i.name for i in model_proto.graph.input]
     names_out = [o.name for o in model_proto.graph.output]
     if tuple(names_in) != INPUT_NAMES or tuple(names_out) != OUTPUT_NAMES:
-        raise ExportError(f"graph io {names_in} -> {names_out} differs from {INPUT_NAMES} -> {OUTPUT_NAMES}")
-    return {"nodes": len(ops), "topk": ops.count("TopK"), "opset": model_proto.opset_import[0].version}
+        raise ExportError(
+            f"graph io {names_in} -> {names_out} differs from {INPUT_NAMES} -> {OUTPUT_NAMES}"
+        )
+    return {
+        "nodes": len(ops),
+        "topk": ops.count("TopK"),
+        "opset": model_proto.opset_import[0].version,
+    }
 
 
 class ONNXExporter:
@@ -151,17 +165,23 @@ class ONNXExporter:
         cfg = self.config
         if tuple(mc.codebook_sizes) != tuple(cfg.codebook_sizes):
             raise ConfigError(
-                "codebook_sizes", cfg.codebook_sizes, f"the model's {tuple(mc.codebook_sizes)}",
+                "codebook_sizes",
+                cfg.codebook_sizes,
+                f"the model's {tuple(mc.codebook_sizes)}",
                 hint="Set ExportConfig(codebook_sizes=...) to the model's codebooks.",
             )
         if mc.num_recommendations != cfg.num_recommendations:
             raise ConfigError(
-                "num_recommendations", cfg.num_recommendations, f"the model's K={mc.num_recommendations}",
+                "num_recommendations",
+                cfg.num_recommendations,
+                f"the model's K={mc.num_recommendations}",
                 hint="K is baked into the graph's beam search; set ExportConfig(num_recommendations=...) to it.",
             )
         if cfg.max_seq_length > mc.max_seq_length:
             raise ConfigError(
-                "max_seq_length", cfg.max_seq_length, f"<= the model's max_seq_length={mc.max_seq_length}",
+                "max_seq_length",
+                cfg.max_seq_length,
+                f"<= the model's max_seq_length={mc.max_seq_length}",
             )
 
     def export(self, model, save_path, verify: bool | None = None) -> str:
@@ -187,10 +207,16 @@ class ONNXExporter:
                 # The exporter prints progress on stdout; the library never prints.
                 with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
                     torch.onnx.export(
-                        wrapper, args, str(raw),
-                        input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                        dynamic_shapes=dynamic_shapes, opset_version=cfg.opset_version,
-                        dynamo=True, optimize=cfg.do_constant_folding, external_data=False,
+                        wrapper,
+                        args,
+                        str(raw),
+                        input_names=list(INPUT_NAMES),
+                        output_names=list(OUTPUT_NAMES),
+                        dynamic_shapes=dynamic_shapes,
+                        opset_version=cfg.opset_version,
+                        dynamo=True,
+                        optimize=cfg.do_constant_folding,
+                        external_data=False,
                     )
             except Exception as e:  # the exporter raises many unrelated types
                 raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
@@ -229,9 +255,15 @@ class ONNXExporter:
         return {
             "format": "ugt-serving/onnx-sidecar",
             "model_name": cfg.model_name,
-            "inputs": [{"name": n, "dtype": "int64", "shape": ["batch", "seq_len"]} for n in INPUT_NAMES],
+            "inputs": [
+                {"name": n, "dtype": "int64", "shape": ["batch", "seq_len"]} for n in INPUT_NAMES
+            ],
             "outputs": [
-                {"name": "recommendations", "dtype": "int64", "shape": ["batch", cfg.num_recommendations, 3]},
+                {
+                    "name": "recommendations",
+                    "dtype": "int64",
+                    "shape": ["batch", cfg.num_recommendations, 3],
+                },
                 {"name": "scores", "dtype": "float32", "shape": ["batch", cfg.num_recommendations]},
             ],
             "codebook_sizes": list(cfg.codebook_sizes),
@@ -251,26 +283,40 @@ class ONNXExporter:
         seed = int.from_bytes(os.urandom(4), "little")
         return {
             "batch1_seq1": spec.example_inputs(1, 1, cb, seed),
-            f"batch{cfg.max_batch_size}": spec.example_inputs(cfg.max_batch_size, min(32, cfg.max_seq_length), cb, seed + 1),
+            f"batch{cfg.max_batch_size}": spec.example_inputs(
+                cfg.max_batch_size, min(32, cfg.max_seq_length), cb, seed + 1
+            ),
             f"seq{cfg.max_seq_length}": spec.example_inputs(2, cfg.max_seq_length, cb, seed + 2),
-            "ragged": spec.example_inputs(min(8, cfg.max_batch_size), min(64, cfg.max_seq_length), cb, seed + 3, ragged=True),
+            "ragged": spec.example_inputs(
+                min(8, cfg.max_batch_size), min(64, cfg.max_seq_length), cb, seed + 3, ragged=True
+            ),
         }
 
     def verify(self, model, onnx_path) -> dict:
         """ONNX Runtime vs PyTorch on fresh inputs; writes ``<stem>.parity.json``; ParityError if outside."""
         ref, cand = TorchRunner(model), OnnxRuntimeRunner(onnx_path)
-        cases = {name: compare_outputs(ref.infer(x), cand.infer(x)) for name, x in self.parity_cases().items()}
+        cases = {
+            name: compare_outputs(ref.infer(x), cand.infer(x))
+            for name, x in self.parity_cases().items()
+        }
         report = merge_reports(cases)
         report["runtime"] = "onnxruntime"
         path = Path(onnx_path).with_suffix(".parity.json")
         try:
-            enforce(report, self.config.parity_min_recall, self.config.parity_max_score_diff, "the ONNX model")
+            enforce(
+                report,
+                self.config.parity_min_recall,
+                self.config.parity_max_score_diff,
+                "the ONNX model",
+            )
         finally:
             write_json(path, report)
         logger.info("parity ok: %s", report["worst"])
         return report
 
 
-def export_to_onnx(model, save_path, config: ExportConfig | None = None, verify: bool | None = None) -> str:
+def export_to_onnx(
+    model, save_path, config: ExportConfig | None = None, verify: bool | None = None
+) -> str:
     """Export ``model`` to ONNX at ``save_path`` with ``config``; returns the path."""
     return ONNXExporter(config).export(model, save_path, verify=verify)

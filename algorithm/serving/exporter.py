@@ -72,19 +72,31 @@ class ServingExporter(ServingExporterInterface):
         """Optimize with a registered backend (tensorrt, onnxruntime, openvino, torch) behind the accuracy gate."""
         from .backends import optimize
 
-        return optimize(onnx_path, output_path, backend, config or self.export_config, calibration_data)
+        return optimize(
+            onnx_path, output_path, backend, config or self.export_config, calibration_data
+        )
 
-    def generate_triton_config(self, model_repository, config: ExportConfig | None = None, model_file=None, version: int = 1) -> str:
+    def generate_triton_config(
+        self,
+        model_repository,
+        config: ExportConfig | None = None,
+        model_file=None,
+        version: int = 1,
+    ) -> str:
         from .triton_config import TritonConfigGenerator
 
-        gen = TritonConfigGenerator(export_config=config or self.export_config, triton_config=self.triton_config)
+        gen = TritonConfigGenerator(
+            export_config=config or self.export_config, triton_config=self.triton_config
+        )
         return gen.generate(model_repository, model_file=model_file, version=version)
 
     def benchmark(self, triton_url, model_name, num_requests: int = 10000) -> dict[str, float]:
         from .benchmark import TritonBenchmark
 
         cfg = self.benchmark_config.replace(triton_url=triton_url, num_requests=num_requests)
-        result = TritonBenchmark(cfg).run(triton_url, model_name, batch_size=1, seq_length=cfg.test_seq_lengths[0])
+        result = TritonBenchmark(cfg).run(
+            triton_url, model_name, batch_size=1, seq_length=cfg.test_seq_lengths[0]
+        )
         return {
             "throughput": result.throughput,
             "latency_p50": result.latency_p50,
@@ -134,20 +146,26 @@ class ServingExporter(ServingExporterInterface):
             backend_name = self.backend_for_platform()
             if not optimize:
                 if backend_name != "onnxruntime":
-                    raise ConfigError("optimize", False, f"True for {tc.platform} ({backend_name} artifact)")
+                    raise ConfigError(
+                        "optimize", False, f"True for {tc.platform} ({backend_name} artifact)"
+                    )
                 artifact = onnx_out
             else:
                 backend = get_backend(backend_name)
                 # Its own folder: the onnxruntime artifact has the export's suffix.
                 engine_path = Path(engine_path or work / backend.name / backend.artifact_name)
-                artifact = optimize_artifact(onnx_out, engine_path, backend.name, cfg, reference_model=model)
+                artifact = optimize_artifact(
+                    onnx_out, engine_path, backend.name, cfg, reference_model=model
+                )
         config_path = TritonConfigGenerator(cfg, tc).generate(repo)
         published = ModelVersionManager(repo).deploy_version(
             cfg.model_name, artifact, version=version, replace=version is not None
         )
         check = validate_deployment(repo, cfg.model_name)
         if not check["valid"]:
-            raise RepositoryError("the deployed model does not validate: " + "; ".join(check["errors"]))
+            raise RepositoryError(
+                "the deployed model does not validate: " + "; ".join(check["errors"])
+            )
         return {
             "onnx_path": str(onnx_out) if onnx_out else "",
             "engine_path": str(artifact),

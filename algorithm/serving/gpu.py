@@ -58,7 +58,9 @@ class EngineConfig:
     dense_when_full: bool = True  # batches without padding: dense SDPA instead of varlen
     sdpa_backend: str | None = None  # dense/padded attention; None = torch's choice
     gelu: str = "exact"  # "tanh_fused": cuBLASLt GELU epilogue (tanh approximation)
-    head_precision: str = "tf32"  # output heads: fp32 weights (tf32 or full fp32) or bf16 in / fp32 out
+    head_precision: str = (
+        "tf32"  # output heads: fp32 weights (tf32 or full fp32) or bf16 in / fp32 out
+    )
     step_attention: str = "elementwise"  # the decoder's <= 3-key self-attention over its cache
     topk: str = "two_stage"  # beam step: per-beam top-K then top-K of K*K, or one top-K of K*C
     cuda_graphs: bool = True
@@ -171,7 +173,9 @@ def group_requests(
     padded one users x longest. A request larger than the limits gets a group of its own.
     """
     rows = [1] * len(lengths) if rows is None else list(rows)
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i)) if sort else range(len(lengths))
+    order = (
+        sorted(range(len(lengths)), key=lambda i: (lengths[i], i)) if sort else range(len(lengths))
+    )
     groups: list[list[int]] = []
     cur: list[int] = []
     users = cost = longest = 0
@@ -258,12 +262,18 @@ class GpuEngine:
         cuda = self.device.type == "cuda"
         self.dtype = DTYPES[cfg.dtype]
         if not cuda and self.dtype != torch.float32:
-            logger.info("GpuEngine on %s: %s runs slowly there; tests use fp32", self.device, cfg.dtype)
+            logger.info(
+                "GpuEngine on %s: %s runs slowly there; tests use fp32", self.device, cfg.dtype
+            )
         kernel = cfg.varlen_kernel
         if kernel == "auto":
             kernel = "flash" if cuda and self.dtype != torch.float32 else "reference"
         if kernel in ("flash", "cudnn") and (not cuda or self.dtype == torch.float32):
-            raise ConfigError("varlen_kernel", kernel, "'reference' on CPU or in fp32 (flash needs CUDA fp16/bf16)")
+            raise ConfigError(
+                "varlen_kernel",
+                kernel,
+                "'reference' on CPU or in fp32 (flash needs CUDA fp16/bf16)",
+            )
         self.kernel = kernel
         self.model_config = mc = model.config
         self.k, self.h, self.d = mc.num_recommendations, mc.n_heads, mc.d_model
@@ -276,11 +286,16 @@ class GpuEngine:
         self.m = m
         head_dtype = torch.float32 if cfg.head_precision != "bf16_fp32_out" else self.dtype
         self.heads = [
-            (h.weight.detach().to(self.device, head_dtype), h.bias.detach().to(self.device, torch.float32))
+            (
+                h.weight.detach().to(self.device, head_dtype),
+                h.bias.detach().to(self.device, torch.float32),
+            )
             for h in model.heads
         ]
         self.graphs_enabled = cfg.cuda_graphs and cuda
-        self.frozen = False  # set by freeze_graphs(): no new captures when capture_new_shapes is False
+        self.frozen = (
+            False  # set by freeze_graphs(): no new captures when capture_new_shapes is False
+        )
         self.eager_runs = 0
         self._graphs: OrderedDict = OrderedDict()
         self._pool = None
@@ -293,14 +308,21 @@ class GpuEngine:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        names = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+        names = {
+            "flash": "FLASH_ATTENTION",
+            "cudnn": "CUDNN_ATTENTION",
+            "efficient": "EFFICIENT_ATTENTION",
+            "math": "MATH",
+        }
         with sdpa_kernel([getattr(SDPBackend, names[backend])]):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def _varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, len_q, len_k):
         """Per-segment attention over packed [total, H, Dh] q/k/v."""
         if self.kernel == "flash":
-            return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False)[0]
+            return torch.ops.aten._flash_attention_forward(
+                q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False
+            )[0]
         if self.kernel == "cudnn":
             return torch.ops.aten._cudnn_attention_forward(
                 q, k, v, None, cu_q, cu_k, max_q, max_k, False, 0.0, False, False
@@ -310,7 +332,9 @@ class GpuEngine:
         for lq, lk in zip(len_q, len_k, strict=True):
             if lq and lk:
                 o = F.scaled_dot_product_attention(
-                    q[sq : sq + lq].transpose(0, 1), k[sk : sk + lk].transpose(0, 1), v[sk : sk + lk].transpose(0, 1)
+                    q[sq : sq + lq].transpose(0, 1),
+                    k[sk : sk + lk].transpose(0, 1),
+                    v[sk : sk + lk].transpose(0, 1),
                 )
                 out[sq : sq + lq] = o.transpose(0, 1)
             sq, sk = sq + lq, sk + lk
@@ -361,7 +385,9 @@ class GpuEngine:
             if t.kind == "packed":
                 kvs.append(kv.view(-1, 2, self.h, self.dh).unbind(1))
             else:
-                kvs.append(kv.view(t.users, -1, 2, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0))
+                kvs.append(
+                    kv.view(t.users, -1, 2, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)
+                )
         return kvs
 
     def _cross(self, q, k, v, t: Tokens, beams: int):
@@ -370,7 +396,15 @@ class GpuEngine:
             lens_mem = None if t.lengths is None else tuple(n + 1 for n in t.lengths)
             lens_q = None if t.lengths is None else (beams,) * len(t.lengths)
             o = self._varlen(
-                q.view(-1, self.h, self.dh), k, v, t.cu_beams[beams], t.cu_mem, beams, t.max_len + 1, lens_q, lens_mem
+                q.view(-1, self.h, self.dh),
+                k,
+                v,
+                t.cu_beams[beams],
+                t.cu_mem,
+                beams,
+                t.max_len + 1,
+                lens_q,
+                lens_mem,
             )
             return o.reshape(-1, self.d)
         qd = q.view(t.users, beams, self.h, self.dh).transpose(1, 2)
@@ -439,7 +473,12 @@ class GpuEngine:
         logits = self._logits(y, 0)
         top, c1 = logits.topk(k, dim=-1)
         scores = top - torch.logsumexp(logits, -1, keepdim=True)
-        cache = [tuple(c.unsqueeze(1).expand(s, k, *c.shape[1:]).reshape(s * k, *c.shape[1:]) for c in kv) for kv in cache]
+        cache = [
+            tuple(
+                c.unsqueeze(1).expand(s, k, *c.shape[1:]).reshape(s * k, *c.shape[1:]) for c in kv
+            )
+            for kv in cache
+        ]
         y = m.code_emb[0](c1).view(s * k, d) + m.level_emb.weight[1]
         y, cache = self._decode(y, cache, kvs, t, k)
         scores, beam, c2 = self._beam_step(self._logits(y, 1).view(s, k, -1), scores)
@@ -453,14 +492,21 @@ class GpuEngine:
         return torch.stack(codes, dim=-1), scores
 
     # -- layouts -----------------------------------------------------------------------------
-    def _device_tokens(self, kind, users, max_len, ids, pos, index=None, lengths=None, valid=None) -> Tokens:
+    def _device_tokens(
+        self, kind, users, max_len, ids, pos, index=None, lengths=None, valid=None
+    ) -> Tokens:
         dev = self.device
-        t = Tokens(kind, users, max_len, ids.to(dev, non_blocking=True), pos.to(dev, non_blocking=True))
+        t = Tokens(
+            kind, users, max_len, ids.to(dev, non_blocking=True), pos.to(dev, non_blocking=True)
+        )
         if kind == "packed":
             for name, arr in index.items():
                 setattr(t, name, torch.from_numpy(arr).to(dev, non_blocking=True))
             beams = np.arange(users + 1, dtype=np.int32)
-            t.cu_beams = {1: t.cu_mem.new_tensor(beams), self.k: t.cu_mem.new_tensor(beams * self.k)}
+            t.cu_beams = {
+                1: t.cu_mem.new_tensor(beams),
+                self.k: t.cu_mem.new_tensor(beams * self.k),
+            }
             t.lengths = tuple(int(n) for n in lengths)
         elif kind == "padded":
             valid = valid.to(dev)
@@ -471,14 +517,19 @@ class GpuEngine:
 
     def tokens_from_arrays(self, l1, l2, l3, mask) -> tuple[Tokens, int]:
         """Layout for [B, T] tensors or arrays (any device). Returns (tokens, real users)."""
-        args = [torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a) for a in (l1, l2, l3, mask)]
+        args = [
+            torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a)
+            for a in (l1, l2, l3, mask)
+        ]
         l1, l2, l3, mask = (a.to(torch.int64) for a in args)
         self.m.check_inputs(l1, l2, l3, mask)
         b, t = l1.shape
         valid = _valid(l1, l2, l3, mask, self.sizes)
         lengths = valid.sum(1).tolist()  # the one sync: bucketing needs the lengths on the host
         if self.config.layout == "padded":
-            ids = torch.stack([torch.where(valid, x, torch.zeros_like(x)) for x in (l1, l2, l3)]).view(3, -1)
+            ids = torch.stack(
+                [torch.where(valid, x, torch.zeros_like(x)) for x in (l1, l2, l3)]
+            ).view(3, -1)
             pos = torch.arange(t, device=l1.device).repeat(b)
             return self._device_tokens("padded", b, t, ids, pos, valid=valid), b
         if self.config.dense_when_full and all(n == t for n in lengths):
@@ -510,12 +561,23 @@ class GpuEngine:
         same = all(w == longest for w in widths)
         if self.config.layout == "padded" or (same and self.config.dense_when_full):
             if same:
-                cat = [np.concatenate([r[i] for r in reqs]) if len(reqs) > 1 else reqs[0][i] for i in range(4)]
+                cat = [
+                    np.concatenate([r[i] for r in reqs]) if len(reqs) > 1 else reqs[0][i]
+                    for i in range(4)
+                ]
             else:
-                cat = [np.concatenate([np.pad(r[i], ((0, 0), (0, longest - r[i].shape[1]))) for r in reqs]) for i in range(4)]
+                cat = [
+                    np.concatenate(
+                        [np.pad(r[i], ((0, 0), (0, longest - r[i].shape[1]))) for r in reqs]
+                    )
+                    for i in range(4)
+                ]
             return self.tokens_from_arrays(*cat)[0], rows
         # packed: every row's tokens back to back, validity and positions computed at once
-        flat = [np.concatenate([r[i].reshape(-1) for r in reqs]).astype(np.int64, copy=False) for i in range(4)]
+        flat = [
+            np.concatenate([r[i].reshape(-1) for r in reqs]).astype(np.int64, copy=False)
+            for i in range(4)
+        ]
         row_width = np.repeat(np.asarray(widths), rows)
         starts = np.zeros(len(row_width), dtype=np.int64)
         np.cumsum(row_width[:-1], out=starts[1:])
@@ -531,7 +593,9 @@ class GpuEngine:
         max_len = max(max(lengths), 1)
         if ids.device.type == "cpu" and self.device.type == "cuda":
             ids, pos = ids.pin_memory(), pos.pin_memory()
-        return self._device_tokens("packed", len(lengths), max_len, ids, pos, packed_index(lengths), lengths)
+        return self._device_tokens(
+            "packed", len(lengths), max_len, ids, pos, packed_index(lengths), lengths
+        )
 
     # -- CUDA graphs ---------------------------------------------------------------------------
     def _graph_key_and_static(self, t: Tokens):
@@ -563,7 +627,9 @@ class GpuEngine:
         lengths = list(t.lengths) + extra
         ids = torch.cat([t.ids, t.ids.new_zeros(3, nb - n)], 1)
         pos = torch.cat([t.pos, t.pos.new_zeros(nb - n)])
-        padded = self._device_tokens("packed", len(lengths), max_len, ids, pos, packed_index(lengths), lengths)
+        padded = self._device_tokens(
+            "packed", len(lengths), max_len, ids, pos, packed_index(lengths), lengths
+        )
         return ("packed", bb, nb, bool(pad)), padded
 
     def _replay(self, t: Tokens):
@@ -606,7 +672,12 @@ class GpuEngine:
         with torch.cuda.graph(graph, pool=self._pool):
             outs = self._forward(static)
         self.graph_captures += 1
-        logger.info("captured CUDA graph %d for %s users x %d tokens", self.graph_captures, t.users, t.ids.shape[1])
+        logger.info(
+            "captured CUDA graph %d for %s users x %d tokens",
+            self.graph_captures,
+            t.users,
+            t.ids.shape[1],
+        )
         return graph, static, outs
 
     # -- public ------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ def compare_outputs(reference: dict, candidate: dict) -> dict:
     ref_s = reference["scores"].astype(np.float64)
     cand_s = candidate["scores"].astype(np.float64)
     if ref_k.shape != cand_k.shape:
-        raise ParityError(f"output shapes differ: reference {ref_k.shape} vs candidate {cand_k.shape}")
+        raise ParityError(
+            f"output shapes differ: reference {ref_k.shape} vs candidate {cand_k.shape}"
+        )
     b, k = ref_k.shape
     overlaps, rhos, common_err = [], [], []
     for i in range(b):
@@ -83,11 +85,17 @@ def enforce(report: dict, min_recall: float, max_score_diff: float | None, what:
     if not worst["finite_scores"]:
         problems.append("non-finite scores")
     if worst["recall_overlap"] < min_recall:
-        problems.append(f"recall@K overlap {worst['recall_overlap']:.4f} < allowed {min_recall:.4f}")
+        problems.append(
+            f"recall@K overlap {worst['recall_overlap']:.4f} < allowed {min_recall:.4f}"
+        )
     if max_score_diff is not None and worst["max_score_diff"] > max_score_diff:
-        problems.append(f"max |score diff| {worst['max_score_diff']:.3g} > allowed {max_score_diff:.3g}")
+        problems.append(
+            f"max |score diff| {worst['max_score_diff']:.3g} > allowed {max_score_diff:.3g}"
+        )
     report["passed"] = not problems
     report["thresholds"] = {"min_recall_overlap": min_recall, "max_score_diff": max_score_diff}
     if problems:
-        raise ParityError(f"{what} disagrees with the PyTorch fp32 reference: " + "; ".join(problems), report)
+        raise ParityError(
+            f"{what} disagrees with the PyTorch fp32 reference: " + "; ".join(problems), report
+        )
     return report

@@ -42,7 +42,12 @@ SIDECAR_NAME = "ugt_model.json"
 # What a publish killed midway leaves behind (hidden from Triton; removed by the next deploy).
 _DEBRIS_DIRS = (".staging-", ".trash-")
 _DEBRIS_FILES = f".{SIDECAR_NAME}."
-_DTYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32"}
+_DTYPES = {
+    "int64": "TYPE_INT64",
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "int32": "TYPE_INT32",
+}
 
 
 # ------------------------------------------------------------------------------- file helpers
@@ -137,7 +142,12 @@ def make_dirs(path) -> Path:
 def check_filename(what: str, name: str) -> str:
     """A file name from a config (artifact, default_model_filename): one plain path component,
     never a way out of the version folder."""
-    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or any(c in name for c in "/\\\0")
+    ):
         raise RepositoryError(
             f"{what} {name!r} is not a plain file name",
             hint="Name the file inside the version folder, e.g. model.onnx (no '/', no '..').",
@@ -214,7 +224,9 @@ class ModelVersionManager:
         d = self.model_dir(model_name)
         if not d.is_dir():
             return []
-        return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+        return sorted(
+            int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+        )
 
     def retired_versions(self, model_name: str) -> list[int]:
         d = self.model_dir(model_name) / RETIRED
@@ -253,8 +265,12 @@ class ModelVersionManager:
     @staticmethod
     def _row(path: Path, version: int, status: str) -> dict:
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        return {"version": version, "status": status, "bytes": size,
-                "modified": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime))}
+        return {
+            "version": version,
+            "status": status,
+            "bytes": size,
+            "modified": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime)),
+        }
 
     def next_version(self, model_name: str) -> int:
         """One more than any version present or retired (numbers are never reused)."""
@@ -265,8 +281,14 @@ class ModelVersionManager:
 
         if config.backend == "python":
             if "artifact" in config.parameters:
-                return check_filename("parameter artifact", config.parameters["artifact"].string_value)
-            runtime = config.parameters["runtime"].string_value if "runtime" in config.parameters else "onnxruntime"
+                return check_filename(
+                    "parameter artifact", config.parameters["artifact"].string_value
+                )
+            runtime = (
+                config.parameters["runtime"].string_value
+                if "runtime" in config.parameters
+                else "onnxruntime"
+            )
             return artifact_filename("python", runtime, model_file)
         if config.default_model_filename:
             return check_filename("default_model_filename", config.default_model_filename)
@@ -275,8 +297,14 @@ class ModelVersionManager:
             raise RepositoryError(f"unknown platform/backend {platform!r} in config.pbtxt")
         return DEFAULT_FILENAMES[platform]
 
-    def deploy_version(self, model_name: str, model_file, version: int | None = None,
-                       replace: bool = False, sidecar=None) -> int:
+    def deploy_version(
+        self,
+        model_name: str,
+        model_file,
+        version: int | None = None,
+        replace: bool = False,
+        sidecar=None,
+    ) -> int:
         """Publish ``model_file`` as a new version (next free number by default); returns it.
 
         The artifact goes under the platform's file name (python models also get model.py),
@@ -291,9 +319,13 @@ class ModelVersionManager:
         version = None if version is None else check_version(version)
         with _model_lock(model_dir):
             _remove_debris(model_dir)
-            return self._publish(model_name, model_dir, model_file, config, version, replace, sidecar)
+            return self._publish(
+                model_name, model_dir, model_file, config, version, replace, sidecar
+            )
 
-    def _publish(self, model_name, model_dir: Path, model_file: Path, config, version, replace, sidecar) -> int:
+    def _publish(
+        self, model_name, model_dir: Path, model_file: Path, config, version, replace, sidecar
+    ) -> int:
         version = self.next_version(model_name) if version is None else version
         target = model_dir / str(version)
         if target.exists() and not replace:
@@ -333,7 +365,9 @@ class ModelVersionManager:
             if dst.suffix == ".xml":  # OpenVINO IR: weights beside the graph
                 weights = model_file.with_suffix(".bin")
                 if not weights.is_file():
-                    raise InputFileNotFoundError(f"OpenVINO weights not found beside {model_file}: {weights}")
+                    raise InputFileNotFoundError(
+                        f"OpenVINO weights not found beside {model_file}: {weights}"
+                    )
                 shutil.copyfile(weights, dst.with_suffix(".bin"))
         if python:
             shutil.copyfile(_python_model_source(), staging / "model.py")
@@ -371,7 +405,9 @@ class ModelVersionManager:
         logger.info("%s: serving version %d, retired %s", model_name, version, newer)
         return {"served": self.default_version(model_name), "retired": newer, "restored": restored}
 
-    def cleanup_old_versions(self, model_name: str, keep: int = 3, include_retired: bool = True) -> list[int]:
+    def cleanup_old_versions(
+        self, model_name: str, keep: int = 3, include_retired: bool = True
+    ) -> list[int]:
         """Remove all but the ``keep`` newest versions (and retired ones); the version that
         answers requests naming none is never removed. Returns the removed versions."""
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -381,7 +417,9 @@ class ModelVersionManager:
         with _model_lock(model_dir):
             return self._cleanup(model_name, model_dir, keep, include_retired)
 
-    def _cleanup(self, model_name: str, model_dir: Path, keep: int, include_retired: bool) -> list[int]:
+    def _cleanup(
+        self, model_name: str, model_dir: Path, keep: int, include_retired: bool
+    ) -> list[int]:
         versions = self.list_versions(model_name)
         protected = set(versions[-keep:]) | {self.default_version(model_name)}
         removed = []
@@ -411,7 +449,9 @@ def _artifact_problems(config, version_dir: Path) -> tuple[list[str], int]:
     if platform == "openvino":
         files.append(str(Path(expected).with_suffix(".bin")))
     if platform == "python":
-        artifact = config.parameters["artifact"].string_value if "artifact" in config.parameters else ""
+        artifact = (
+            config.parameters["artifact"].string_value if "artifact" in config.parameters else ""
+        )
         if not artifact:
             errors.append("python model without an 'artifact' parameter")
         else:
@@ -428,7 +468,11 @@ def _artifact_problems(config, version_dir: Path) -> tuple[list[str], int]:
             present = sorted(x.name for x in version_dir.iterdir())
             errors.append(f"{p} missing (platform {platform} expects {f}; present: {present})")
             continue
-        n = sum(x.stat().st_size for x in p.rglob("*") if x.is_file()) if p.is_dir() else p.stat().st_size
+        n = (
+            sum(x.stat().st_size for x in p.rglob("*") if x.is_file())
+            if p.is_dir()
+            else p.stat().st_size
+        )
         if n == 0:
             errors.append(f"{p} is empty")
         size += n
@@ -457,12 +501,20 @@ def _io_problems(config, sidecar: dict) -> list[str]:
     pb = model_config_pb2()
     errors = []
     for kind, declared in (("input", config.input), ("output", config.output)):
-        want = [(x["name"], _DTYPES.get(x.get("dtype", ""), "?")) for x in sidecar.get(f"{kind}s", [])]
+        want = [
+            (x["name"], _DTYPES.get(x.get("dtype", ""), "?")) for x in sidecar.get(f"{kind}s", [])
+        ]
         have = [(x.name, pb.DataType.Name(x.data_type)) for x in declared]
         if [n for n, _ in want] != [n for n, _ in have]:
-            errors.append(f"{kind} names {[n for n, _ in have]} differ from the model's {[n for n, _ in want]}")
+            errors.append(
+                f"{kind} names {[n for n, _ in have]} differ from the model's {[n for n, _ in want]}"
+            )
         else:
-            errors += [f"{kind} {n}: data_type {h} but the model has {w}" for (n, w), (_, h) in zip(want, have, strict=True) if w != h]
+            errors += [
+                f"{kind} {n}: data_type {h} but the model has {w}"
+                for (n, w), (_, h) in zip(want, have, strict=True)
+                if w != h
+            ]
     k = sidecar.get("num_recommendations")
     for out in config.output:
         if k and list(out.dims)[:1] != [k]:
@@ -485,19 +537,36 @@ def _validate_model(model_dir: Path) -> tuple[list[str], dict]:
     try:
         config = parse_config(cfg_path.read_text())
     except Exception as e:  # text_format.ParseError (strict: unknown fields fail)
-        return [f"{name}: config.pbtxt does not parse against Triton's ModelConfig schema: {e}"], info
+        return [
+            f"{name}: config.pbtxt does not parse against Triton's ModelConfig schema: {e}"
+        ], info
     if config.name and config.name != name:
         errors.append(f"{name}: config name {config.name!r} differs from the folder name")
     platform = "python" if config.backend == "python" else (config.platform or config.backend)
-    info.update(platform=platform, max_batch_size=config.max_batch_size,
-                inputs=[i.name for i in config.input], outputs=[o.name for o in config.output],
-                dynamic_batching=config.HasField("dynamic_batching"),
-                instance_groups=[{"kind": model_config_pb2().ModelInstanceGroup.Kind.Name(g.kind), "count": g.count, "gpus": list(g.gpus)} for g in config.instance_group])
+    info.update(
+        platform=platform,
+        max_batch_size=config.max_batch_size,
+        inputs=[i.name for i in config.input],
+        outputs=[o.name for o in config.output],
+        dynamic_batching=config.HasField("dynamic_batching"),
+        instance_groups=[
+            {
+                "kind": model_config_pb2().ModelInstanceGroup.Kind.Name(g.kind),
+                "count": g.count,
+                "gpus": list(g.gpus),
+            }
+            for g in config.instance_group
+        ],
+    )
     if platform == "python":
-        runtime = config.parameters["runtime"].string_value if "runtime" in config.parameters else ""
+        runtime = (
+            config.parameters["runtime"].string_value if "runtime" in config.parameters else ""
+        )
         info["python_runtime"] = runtime
         if runtime not in PYTHON_RUNTIMES:
-            errors.append(f"{name}: python parameter runtime={runtime!r} is not one of {', '.join(PYTHON_RUNTIMES)}")
+            errors.append(
+                f"{name}: python parameter runtime={runtime!r} is not one of {', '.join(PYTHON_RUNTIMES)}"
+            )
     sizes = {}
     for p in sorted(model_dir.iterdir()):
         if not p.is_dir() or p.name.startswith("."):
@@ -507,7 +576,9 @@ def _validate_model(model_dir: Path) -> tuple[list[str], dict]:
             continue
         problems, sizes[int(p.name)] = _artifact_problems(config, p)
         errors += [f"{name} v{p.name}: {m}" for m in problems]
-        sidecar_file = p / SIDECAR_NAME if (p / SIDECAR_NAME).is_file() else model_dir / SIDECAR_NAME
+        sidecar_file = (
+            p / SIDECAR_NAME if (p / SIDECAR_NAME).is_file() else model_dir / SIDECAR_NAME
+        )
         if sidecar_file.is_file():
             try:
                 sidecar = json.loads(sidecar_file.read_text())
@@ -516,7 +587,9 @@ def _validate_model(model_dir: Path) -> tuple[list[str], dict]:
                 continue
             errors += [f"{name} v{p.name}: {m}" for m in _io_problems(config, sidecar)]
         else:
-            info["warnings"].append(f"{name} v{p.name}: no {SIDECAR_NAME}; input/output names not checked")
+            info["warnings"].append(
+                f"{name} v{p.name}: no {SIDECAR_NAME}; input/output names not checked"
+            )
     info["versions"] = sorted(sizes)
     info["artifact_bytes"] = sizes
     if not sizes:
@@ -543,19 +616,32 @@ def validate_deployment(model_repository, model_name: str | None = None) -> dict
         except RepositoryError as e:
             return {"valid": False, "errors": [str(e)], "info": {}}
         if not (repo / model_name).is_dir():
-            present = sorted(p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
-            return {"valid": False, "errors": [f"model {model_name!r} not in {repo} (present: {present})"], "info": {}}
+            present = sorted(
+                p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")
+            )
+            return {
+                "valid": False,
+                "errors": [f"model {model_name!r} not in {repo} (present: {present})"],
+                "info": {},
+            }
         errors, info = _validate_model(repo / model_name)
         return {"valid": not errors, "errors": errors, "info": info}
     models = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not models:
-        return {"valid": False, "errors": [f"{repo} holds no model folders"], "info": {"models": {}}}
+        return {
+            "valid": False,
+            "errors": [f"{repo} holds no model folders"],
+            "info": {"models": {}},
+        }
     errors, infos = [], {}
     for m in models:
         e, infos[m.name] = _validate_model(m)
         errors += e
-    return {"valid": not errors, "errors": errors,
-            "info": {"models": infos, "versions": {k: v["versions"] for k, v in infos.items()}}}
+    return {
+        "valid": not errors,
+        "errors": errors,
+        "info": {"models": infos, "versions": {k: v["versions"] for k, v in infos.items()}},
+    }
 
 
 __all__ = [

@@ -89,19 +89,29 @@ class TorchRunner:
                 engine = dataclasses.replace(engine, layout="padded")
             self.engine = GpuEngine(model, engine, self.device)
         else:
-            torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+            torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+                dtype
+            ]
             self.model = model.to(self.device, torch_dtype).eval()
         if warmup:
             self.warmup(warmup)
 
     @classmethod
     def from_checkpoint(
-        cls, path, device: str = "cpu", dtype: str = "fp32", engine=None, batching: str = "length_aware", warmup=()
+        cls,
+        path,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        engine=None,
+        batching: str = "length_aware",
+        warmup=(),
     ) -> TorchRunner:
         from algorithm.ugt import UGTModel
 
         model = UGTModel.load(_existing(path))
-        return cls(model, device=device, dtype=dtype, engine=engine, batching=batching, warmup=warmup)
+        return cls(
+            model, device=device, dtype=dtype, engine=engine, batching=batching, warmup=warmup
+        )
 
     def warmup(self, spec) -> int:
         """Serve synthetic requests so the shapes they need are captured before real traffic.
@@ -117,15 +127,25 @@ class TorchRunner:
         for item in spec or ():
             if isinstance(item, dict):
                 median, sigma, longest = item["lognormal"]
-                batches, repeats = item.get("batches", [1, 8, 16, 32, 64]), int(item.get("repeats", 2))
-                runs = [(b, np.clip(np.rint(np.exp(rng.normal(np.log(median), sigma, b))), 1, longest)) for b in batches for _ in range(repeats)]
+                batches, repeats = (
+                    item.get("batches", [1, 8, 16, 32, 64]),
+                    int(item.get("repeats", 2)),
+                )
+                runs = [
+                    (b, np.clip(np.rint(np.exp(rng.normal(np.log(median), sigma, b))), 1, longest))
+                    for b in batches
+                    for _ in range(repeats)
+                ]
             else:
                 b, n = (int(v) for v in item)
                 runs = [(b, np.full(b, n))]
             for _, lengths in runs:
                 reqs = []
                 for n in lengths.astype(int):
-                    req = {name: rng.integers(0, c, (1, n)) for name, c in zip(INPUT_NAMES[:3], sizes, strict=True)}
+                    req = {
+                        name: rng.integers(0, c, (1, n))
+                        for name, c in zip(INPUT_NAMES[:3], sizes, strict=True)
+                    }
                     req["attention_mask"] = np.ones((1, n), dtype=np.int64)
                     reqs.append(req)
                 self.infer_requests(reqs)
@@ -174,7 +194,9 @@ class TorchRunner:
                 lengths = [int((a["attention_mask"] > 0).sum(1).max(initial=1)) for a in arrays]
             else:
                 lengths = [a[INPUT_NAMES[0]].shape[1] for a in arrays]
-            groups = group_requests(lengths, cfg.max_users, cfg.max_tokens, padded=not packed, rows=rows, sort=packed)
+            groups = group_requests(
+                lengths, cfg.max_users, cfg.max_tokens, padded=not packed, rows=rows, sort=packed
+            )
         results: list[dict | None] = [None] * len(arrays)
         for group in groups:
             recs, scores = self._run_group([arrays[i] for i in group])
@@ -182,7 +204,10 @@ class TorchRunner:
                 recs, scores = recs.cpu().numpy(), scores.float().cpu().numpy()
             start = 0
             for i in group:
-                results[i] = {"recommendations": recs[start : start + rows[i]], "scores": scores[start : start + rows[i]]}
+                results[i] = {
+                    "recommendations": recs[start : start + rows[i]],
+                    "scores": scores[start : start + rows[i]],
+                }
                 start += rows[i]
         return results
 
@@ -192,10 +217,14 @@ class TorchRunner:
             return self.engine.run(tokens, sum(rows))
         longest = max(a[INPUT_NAMES[0]].shape[1] for a in arrays)
         cat = {
-            k: np.concatenate([np.pad(a[k], ((0, 0), (0, longest - a[k].shape[1]))) for a in arrays])
+            k: np.concatenate(
+                [np.pad(a[k], ((0, 0), (0, longest - a[k].shape[1]))) for a in arrays]
+            )
             for k in INPUT_NAMES
         }
-        out = self.infer_torch({k: self.torch.from_numpy(v.astype(np.int64)) for k, v in cat.items()})
+        out = self.infer_torch(
+            {k: self.torch.from_numpy(v.astype(np.int64)) for k, v in cat.items()}
+        )
         return out["recommendations"], out["scores"]
 
 

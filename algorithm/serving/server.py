@@ -76,7 +76,9 @@ def find_tritonserver(triton_bin=None) -> Path:
     on_path = shutil.which("tritonserver")
     if on_path:
         return Path(on_path)
-    raise DependencyError("tritonserver", INSTALL_HINT, purpose="running the Triton Inference Server")
+    raise DependencyError(
+        "tritonserver", INSTALL_HINT, purpose="running the Triton Inference Server"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -160,8 +162,14 @@ class TritonServer:
                 hint="Create one with `ugt-serving deploy` or `ugt-serving config`.",
             )
         if model_control not in MODEL_CONTROL_MODES:
-            raise ConfigError("model_control", model_control, f"one of {', '.join(MODEL_CONTROL_MODES)}")
-        for name, port in (("http_port", http_port), ("grpc_port", grpc_port), ("metrics_port", metrics_port)):
+            raise ConfigError(
+                "model_control", model_control, f"one of {', '.join(MODEL_CONTROL_MODES)}"
+            )
+        for name, port in (
+            ("http_port", http_port),
+            ("grpc_port", grpc_port),
+            ("metrics_port", metrics_port),
+        ):
             if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
                 raise ConfigError(name, port, "0 (pick a free port) or a port in [1, 65535]")
         self.binary = find_tritonserver(triton_bin)
@@ -252,7 +260,9 @@ class TritonServer:
     def start(self) -> TritonServer:
         """Start tritonserver and wait until it (and every model it loads) is ready."""
         if self.process is not None:
-            raise ServerError("this TritonServer is already started", hint="Use one instance per server.")
+            raise ServerError(
+                "this TritonServer is already started", hint="Use one instance per server."
+            )
         if self._given_log_dir is not None:
             self._given_log_dir.mkdir(parents=True, exist_ok=True)
             self.workdir = Path(tempfile.mkdtemp(prefix="tritonserver-", dir=self._given_log_dir))
@@ -348,7 +358,9 @@ class TritonServer:
             try:
                 self.process.wait(self.stop_timeout_s)
             except subprocess.TimeoutExpired:
-                logger.warning("tritonserver ignored SIGINT for %.0f s; killing it", self.stop_timeout_s)
+                logger.warning(
+                    "tritonserver ignored SIGINT for %.0f s; killing it", self.stop_timeout_s
+                )
                 self._signal_group(signal.SIGKILL)
                 self.process.wait(10)
         if self.process is not None:
@@ -397,7 +409,9 @@ class TritonServer:
     # -- HTTP API ----------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: dict | None = None, timeout: float = 5.0):
         url = f"http://{self.host}:{self.http_port}{path}"
-        data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+        data = (
+            json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+        )
         req = urllib.request.Request(url, data=data, method=method)
         with urllib.request.urlopen(req, timeout=timeout) as r:
             payload = r.read()
@@ -411,7 +425,9 @@ class TritonServer:
                 return None
             raise
 
-    def _api(self, method: str, path: str, what: str, body: dict | None = None, timeout: float = 10.0):
+    def _api(
+        self, method: str, path: str, what: str, body: dict | None = None, timeout: float = 10.0
+    ):
         if not self.is_alive():
             raise ServerError(f"tritonserver is not running ({what})", self.error_tail())
         try:
@@ -429,7 +445,9 @@ class TritonServer:
 
     def model_ready(self, model_name: str, version: int | None = None) -> bool:
         check_name("model_name", model_name)
-        path = f"/v2/models/{model_name}" + (f"/versions/{int(version)}" if version else "") + "/ready"
+        path = (
+            f"/v2/models/{model_name}" + (f"/versions/{int(version)}" if version else "") + "/ready"
+        )
         return self.is_alive() and self._get(path, quiet=True) is not None
 
     def repository_index(self) -> list[dict]:
@@ -440,12 +458,22 @@ class TritonServer:
         """(Re)load a model (explicit model control); raises ServerError with Triton's reason."""
         check_name("model_name", model_name)
         timeout = timeout_s or self.startup_timeout_s
-        self._api("POST", f"/v2/repository/models/{model_name}/load", f"loading model {model_name!r}", timeout=timeout)
+        self._api(
+            "POST",
+            f"/v2/repository/models/{model_name}/load",
+            f"loading model {model_name!r}",
+            timeout=timeout,
+        )
 
     def unload_model(self, model_name: str, timeout_s: float | None = None) -> None:
         check_name("model_name", model_name)
         timeout = timeout_s or self.startup_timeout_s
-        self._api("POST", f"/v2/repository/models/{model_name}/unload", f"unloading model {model_name!r}", timeout=timeout)
+        self._api(
+            "POST",
+            f"/v2/repository/models/{model_name}/unload",
+            f"unloading model {model_name!r}",
+            timeout=timeout,
+        )
 
     def model_config(self, model_name: str) -> dict:
         """The configuration Triton loaded (JSON form)."""
@@ -454,7 +482,11 @@ class TritonServer:
 
     def statistics(self, model_name: str | None = None) -> dict:
         """Triton's statistics API (``/v2/models[/name]/stats``): inference/execution counts, queue time."""
-        path = "/v2/models/stats" if model_name is None else f"/v2/models/{check_name('model_name', model_name)}/stats"
+        path = (
+            "/v2/models/stats"
+            if model_name is None
+            else f"/v2/models/{check_name('model_name', model_name)}/stats"
+        )
         return self._api("GET", path, "statistics")
 
     def metrics(self) -> str:
@@ -463,20 +495,33 @@ class TritonServer:
             with urllib.request.urlopen(self.metrics_url, timeout=5.0) as r:
                 return r.read().decode()
         except (urllib.error.URLError, OSError) as e:
-            raise ServerError(f"metrics unavailable at {self.metrics_url}: {e}", self.error_tail()) from e
+            raise ServerError(
+                f"metrics unavailable at {self.metrics_url}: {e}", self.error_tail()
+            ) from e
 
-    def wait_for_model(self, model_name: str, version: int | None = None, timeout_s: float = 60.0) -> None:
+    def wait_for_model(
+        self, model_name: str, version: int | None = None, timeout_s: float = 60.0
+    ) -> None:
         """Block until ``model_name`` (``version``) is ready; ServerError on timeout or exit."""
         deadline = time.monotonic() + timeout_s
         while not self.model_ready(model_name, version):
             if not self.is_alive():
-                raise ServerError(f"tritonserver died while waiting for {model_name!r}", self.error_tail())
+                raise ServerError(
+                    f"tritonserver died while waiting for {model_name!r}", self.error_tail()
+                )
             if time.monotonic() > deadline:
-                raise ServerError(f"model {model_name!r} version {version} not ready after {timeout_s:.0f} s", self.error_tail())
+                raise ServerError(
+                    f"model {model_name!r} version {version} not ready after {timeout_s:.0f} s",
+                    self.error_tail(),
+                )
             time.sleep(0.1)
 
     def urls(self) -> dict[str, str]:
-        return {"http": f"http://{self.http_url}", "grpc": self.grpc_url, "metrics": self.metrics_url}
+        return {
+            "http": f"http://{self.http_url}",
+            "grpc": self.grpc_url,
+            "metrics": self.metrics_url,
+        }
 
     def __repr__(self) -> str:
         state = "running" if self.is_alive() else "stopped"
@@ -488,7 +533,9 @@ def request_model_load(http_url: str, model_name: str, timeout_s: float = 120.0)
     the config and the version folders. ``http_url`` is ``host:port`` or ``http://host:port``."""
     check_name("model_name", model_name)
     base = http_url if "://" in http_url else f"http://{http_url}"
-    req = urllib.request.Request(f"{base}/v2/repository/models/{model_name}/load", data=b"", method="POST")
+    req = urllib.request.Request(
+        f"{base}/v2/repository/models/{model_name}/load", data=b"", method="POST"
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             r.read()
@@ -496,8 +543,10 @@ def request_model_load(http_url: str, model_name: str, timeout_s: float = 120.0)
         detail = e.read().decode("utf-8", errors="replace")
         with contextlib.suppress(ValueError):
             detail = json.loads(detail).get("error", detail)
-        raise ServerError(f"{base} refused to load {model_name!r}: {detail}",
-                          hint="The server must run with --model-control-mode=explicit.") from e
+        raise ServerError(
+            f"{base} refused to load {model_name!r}: {detail}",
+            hint="The server must run with --model-control-mode=explicit.",
+        ) from e
     except (urllib.error.URLError, OSError) as e:
         raise ServerError(f"no Triton server answers at {base}: {e}") from e
 

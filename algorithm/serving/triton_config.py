@@ -85,7 +85,9 @@ def artifact_filename(platform: str, python_runtime: str = "onnxruntime", model_
 class TritonConfigGenerator:
     """Builds the ModelConfig for an exported UGT model and writes a model repository entry."""
 
-    def __init__(self, export_config: ExportConfig | None = None, triton_config: TritonConfig | None = None):
+    def __init__(
+        self, export_config: ExportConfig | None = None, triton_config: TritonConfig | None = None
+    ):
         self.export_config = (export_config or ExportConfig()).validate()
         self.triton_config = (triton_config or TritonConfig()).validate()
         self._check_combination()
@@ -93,14 +95,24 @@ class TritonConfigGenerator:
     def _check_combination(self) -> None:
         tc = self.triton_config
         if tc.platform == "openvino" and tc.instance_kind == "KIND_GPU":
-            raise ConfigError("instance_kind", tc.instance_kind, "KIND_CPU or KIND_AUTO for platform openvino",
-                              hint="Triton's OpenVINO backend runs on CPU instances only.")
+            raise ConfigError(
+                "instance_kind",
+                tc.instance_kind,
+                "KIND_CPU or KIND_AUTO for platform openvino",
+                hint="Triton's OpenVINO backend runs on CPU instances only.",
+            )
         if tc.trt_accelerator_precision and tc.platform != "onnxruntime_onnx":
-            raise ConfigError("trt_accelerator_precision", tc.trt_accelerator_precision,
-                              "None unless platform is onnxruntime_onnx")
+            raise ConfigError(
+                "trt_accelerator_precision",
+                tc.trt_accelerator_precision,
+                "None unless platform is onnxruntime_onnx",
+            )
         if tc.trt_accelerator_precision and tc.instance_kind == "KIND_CPU":
-            raise ConfigError("trt_accelerator_precision", tc.trt_accelerator_precision,
-                              "None for KIND_CPU instances (the TensorRT accelerator needs a GPU)")
+            raise ConfigError(
+                "trt_accelerator_precision",
+                tc.trt_accelerator_precision,
+                "None for KIND_CPU instances (the TensorRT accelerator needs a GPU)",
+            )
 
     @property
     def model_name(self) -> str:
@@ -168,7 +180,9 @@ class TritonConfigGenerator:
 
     def _instances(self, cfg, pb) -> None:
         tc = self.triton_config
-        group = cfg.instance_group.add(count=tc.instance_count, kind=getattr(pb.ModelInstanceGroup, tc.instance_kind))
+        group = cfg.instance_group.add(
+            count=tc.instance_count, kind=getattr(pb.ModelInstanceGroup, tc.instance_kind)
+        )
         if tc.instance_kind == "KIND_GPU":
             group.gpus.extend(tc.gpus)
 
@@ -185,7 +199,9 @@ class TritonConfigGenerator:
                     for name in INPUT_NAMES:
                         spec.input[name].dim.append(seq)
         if tc.platform == "onnxruntime_onnx" and tc.trt_accelerator_precision:
-            acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+            acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(
+                name="tensorrt"
+            )
             acc.parameters["precision_mode"] = tc.trt_accelerator_precision.upper()
             acc.parameters["max_workspace_size_bytes"] = str(ec.workspace_size_gb << 30)
         if tc.platform == "onnxruntime_onnx" and tc.runtime_threads:

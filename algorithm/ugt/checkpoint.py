@@ -27,7 +27,11 @@ def save_checkpoint(model, path) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(model.config.to_dict())}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(model.config.to_dict()),
+    }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
@@ -57,7 +61,9 @@ def _read_safetensors(path: Path):
     try:
         config = json.loads(meta["config"])
     except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: the checkpoint's config metadata is missing or corrupt") from e
+        raise CheckpointError(
+            f"{path}: the checkpoint's config metadata is missing or corrupt"
+        ) from e
     return config, state
 
 
@@ -79,7 +85,9 @@ def _read_torch(path: Path):
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"{path} is neither a safetensors nor a torch checkpoint: {e}") from e
     if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
-        raise CheckpointError(f"{path} is a torch file but not a UGT checkpoint (no 'config'/'state_dict' keys)")
+        raise CheckpointError(
+            f"{path} is a torch file but not a UGT checkpoint (no 'config'/'state_dict' keys)"
+        )
     return obj["config"], obj["state_dict"]
 
 

@@ -48,7 +48,9 @@ class UGTConfig:
         k = self.num_recommendations
         if not isinstance(k, int) or not 1 <= k <= cb[0]:
             raise ConfigError(
-                "num_recommendations", k, f"an integer in [1, codebook_sizes[0]={cb[0]}] (beam width)"
+                "num_recommendations",
+                k,
+                f"an integer in [1, codebook_sizes[0]={cb[0]}] (beam width)",
             )
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout", self.dropout, "a float in [0, 1)")

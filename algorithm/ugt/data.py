@@ -31,7 +31,11 @@ class SyntheticCatalog:
         cluster_code = rng.choice(c1s, self.num_clusters, replace=False)
         # c2/c3 distinct per item so the 3-level id identifies it.
         self.ids = np.stack(
-            [cluster_code[cluster], rng.choice(c2s, n, replace=n > c2s), rng.choice(c3s, n, replace=n > c3s)],
+            [
+                cluster_code[cluster],
+                rng.choice(c2s, n, replace=n > c2s),
+                rng.choice(c3s, n, replace=n > c3s),
+            ],
             axis=1,
         ).astype(np.int64)
         members = [np.flatnonzero(cluster == c) for c in range(self.num_clusters)]
@@ -53,7 +57,9 @@ class SyntheticCatalog:
         for t in range(max_len + 1):
             jump = rng.random(count) < self.jump_probability
             pick = rng.choice(self.successors, count, p=self.successor_p)
-            step = np.where(jump, rng.integers(0, self.num_items, count), self.successor_table[cur, pick])
+            step = np.where(
+                jump, rng.integers(0, self.num_items, count), self.successor_table[cur, pick]
+            )
             done = t == lengths
             nxt[done] = cur[done]
             if t < max_len:
@@ -62,7 +68,9 @@ class SyntheticCatalog:
             cur = step
         return hist, lengths, nxt
 
-    def batch(self, count: int, min_len: int, max_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def batch(
+        self, count: int, min_len: int, max_len: int, rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
         """Model inputs for ``count`` users (padded to max_len) plus ``target`` [count, 3] codes."""
         hist, _, nxt = self.sessions(count, min_len, max_len, rng)
         mask = hist >= 0
@@ -78,7 +86,10 @@ def random_inputs(
 ) -> dict[str, np.ndarray]:
     """Uniform valid ids; with ``ragged`` every row gets its own length (>= 1), padded with zeros."""
     rng = rng or np.random.default_rng(0)
-    out = {f"encoder_l{i + 1}_ids": rng.integers(0, c, (batch, seq_len)) for i, c in enumerate(codebook_sizes)}
+    out = {
+        f"encoder_l{i + 1}_ids": rng.integers(0, c, (batch, seq_len))
+        for i, c in enumerate(codebook_sizes)
+    }
     if ragged:
         lengths = rng.integers(1, seq_len + 1, batch)
         mask = np.arange(seq_len)[None, :] < lengths[:, None]

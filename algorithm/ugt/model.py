@@ -53,7 +53,9 @@ class SelfAttention(nn.Module):
     def forward(self, x, attn_mask=None, is_causal: bool = False):
         q, k, v = (_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
         p = self.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal
+        )
         return self.out(_merge(o))
 
 
@@ -80,7 +82,9 @@ class CrossAttention(nn.Module):
 
 class FeedForward(nn.Sequential):
     def __init__(self, d_model: int, d_ff: int, dropout: float):
-        super().__init__(nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model))
+        super().__init__(
+            nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model)
+        )
 
 
 class EncoderLayer(nn.Module):
@@ -161,7 +165,10 @@ class UGTModel(nn.Module):
         for ids, size in zip((l1, l2, l3), sizes, strict=True):
             valid = valid & (ids >= 0) & (ids < size)
         zero = torch.zeros_like(l1)
-        x = sum(emb(torch.where(valid, ids, zero)) for emb, ids in zip(self.item_emb, (l1, l2, l3), strict=True))
+        x = sum(
+            emb(torch.where(valid, ids, zero))
+            for emb, ids in zip(self.item_emb, (l1, l2, l3), strict=True)
+        )
         x = x + self.pos_emb.weight[: l1.shape[1]]
         dtype = x.dtype
         enc_mask = additive_mask(valid, dtype)
@@ -182,7 +189,8 @@ class UGTModel(nn.Module):
         beams = codes[0].shape[1] if codes else 1
         bos = (self.bos + self.level_emb.weight[0]).expand(batch, beams, 1, -1)
         toks = [bos] + [
-            (self.code_emb[i](c) + self.level_emb.weight[i + 1]).unsqueeze(2) for i, c in enumerate(codes)
+            (self.code_emb[i](c) + self.level_emb.weight[i + 1]).unsqueeze(2)
+            for i, c in enumerate(codes)
         ]
         return torch.cat(toks, dim=2)
 
@@ -201,17 +209,23 @@ class UGTModel(nn.Module):
             )
         b, t = l1.shape
         if b < 1 or not 1 <= t <= self.config.max_seq_length:
-            raise ValueError(f"need batch >= 1 and 1 <= seq_len <= {self.config.max_seq_length}, got {b}x{t}")
+            raise ValueError(
+                f"need batch >= 1 and 1 <= seq_len <= {self.config.max_seq_length}, got {b}x{t}"
+            )
 
     def forward(self, encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, attention_mask):
         if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             self.check_inputs(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, attention_mask)
         k = self.config.num_recommendations
         b = encoder_l1_ids.shape[0]
-        memory, mem_mask = self.encode(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, attention_mask)
+        memory, mem_mask = self.encode(
+            encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, attention_mask
+        )
         kvs = self.memory_kv(memory)
 
-        logp = self.decode_logits(self.prefix([], b), kvs, mem_mask, 0).log_softmax(-1)  # [B, 1, C1]
+        logp = self.decode_logits(self.prefix([], b), kvs, mem_mask, 0).log_softmax(
+            -1
+        )  # [B, 1, C1]
         scores, c1 = logp[:, 0].topk(k, dim=-1)
         codes = [c1]
         for level in (1, 2):
@@ -228,7 +242,9 @@ class UGTModel(nn.Module):
     def loss(self, encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, attention_mask, target):
         """Teacher-forced cross-entropy of the next item's 3 codes; target: [B, 3]."""
         b = target.shape[0]
-        memory, mem_mask = self.encode(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, attention_mask)
+        memory, mem_mask = self.encode(
+            encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, attention_mask
+        )
         kvs = self.memory_kv(memory)
         y = self.prefix([target[:, :1], target[:, 1:2]], b)  # [B, 1, 3, D]
         for layer, (k, v) in zip(self.decoder, kvs, strict=True):

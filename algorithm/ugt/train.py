@@ -37,8 +37,10 @@ def recall_at_k(model: UGTModel, batch: dict[str, np.ndarray], chunk: int = 128)
     model.eval()
     with torch.inference_mode():
         for s in range(0, n, chunk):
-            inp = [torch.from_numpy(batch[k][s : s + chunk]) for k in
-                   ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")]
+            inp = [
+                torch.from_numpy(batch[k][s : s + chunk])
+                for k in ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
+            ]
             recs, _ = model(*inp)
             tgt = torch.from_numpy(batch["target"][s : s + chunk])
             hits += int((recs == tgt[:, None, :]).all(-1).any(-1).sum())
@@ -54,12 +56,16 @@ def train_tiny(
     config = config or UGTConfig.tiny()
     train = train or TrainConfig()
     if train.catalog.codebook_sizes != tuple(config.codebook_sizes):
-        train.catalog = SyntheticCatalog(codebook_sizes=tuple(config.codebook_sizes), seed=train.seed)
+        train.catalog = SyntheticCatalog(
+            codebook_sizes=tuple(config.codebook_sizes), seed=train.seed
+        )
     torch.manual_seed(train.seed)
     rng = np.random.default_rng(train.seed)
     model = UGTModel(config)
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=train.steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=train.lr, total_steps=train.steps, pct_start=0.1
+    )
     names = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
     t0 = time.monotonic()
     loss_value = float("nan")
@@ -80,7 +86,9 @@ def train_tiny(
             logger.info("time budget %.0fs spent after %d steps", train.time_budget_s, step)
             break
     train_s = time.monotonic() - t0
-    held_out = train.catalog.batch(train.eval_users, train.min_len, train.max_len, np.random.default_rng(10_000 + train.seed))
+    held_out = train.catalog.batch(
+        train.eval_users, train.min_len, train.max_len, np.random.default_rng(10_000 + train.seed)
+    )
     recall = recall_at_k(model, held_out)
     k = config.num_recommendations
     report = {

@@ -60,7 +60,15 @@ def environment(device: torch.device) -> dict:
     import importlib.metadata as md
 
     versions = {}
-    for p in ("torch", "triton", "numpy", "tritonclient", "nvidia-pytriton", "grpcio", "nvidia-ml-py"):
+    for p in (
+        "torch",
+        "triton",
+        "numpy",
+        "tritonclient",
+        "nvidia-pytriton",
+        "grpcio",
+        "nvidia-ml-py",
+    ):
         try:
             versions[p] = md.version(p)
         except md.PackageNotFoundError:
@@ -80,8 +88,12 @@ def environment(device: torch.device) -> dict:
         env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         try:
             q = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,temperature.gpu"
-            out = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20).stdout.strip()
+            out = subprocess.run(
+                ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
             env["nvidia_smi"] = out.splitlines()
         except (OSError, subprocess.SubprocessError) as e:
             env["nvidia_smi"] = f"unavailable: {e}"
@@ -116,15 +128,24 @@ def time_fn(fn, device, iters: int = 20, warmup: int = 3, max_s: float = 20.0) -
         if time.perf_counter() - start > max_s and len(samples) >= 3:
             break
     s = np.asarray(samples)
-    return {"median_ms": float(np.median(s)), "p10_ms": float(np.percentile(s, 10)),
-            "p90_ms": float(np.percentile(s, 90)), "runs": len(s)}
+    return {
+        "median_ms": float(np.median(s)),
+        "p10_ms": float(np.percentile(s, 10)),
+        "p90_ms": float(np.percentile(s, 90)),
+        "runs": len(s),
+    }
 
 
 # -- (a) ceilings -------------------------------------------------------------------------------
 def ceilings(device, quick: bool) -> dict:
     n = 1024 if quick else 8192
-    mats = [(torch.randn(n, n, device=device).to(torch.bfloat16), torch.randn(n, n, device=device).to(torch.bfloat16))
-            for _ in range(3)]
+    mats = [
+        (
+            torch.randn(n, n, device=device).to(torch.bfloat16),
+            torch.randn(n, n, device=device).to(torch.bfloat16),
+        )
+        for _ in range(3)
+    ]
     i = [0]
 
     def mm():
@@ -140,8 +161,10 @@ def ceilings(device, quick: bool) -> dict:
     dst = torch.empty_like(src)
     c = time_fn(lambda: dst.copy_(src), device, iters=30 if not quick else 3)
     bw = 2 * nbytes / (c["median_ms"] * 1e-3) / 1e12
-    return {"matmul_bf16": {"n": n, **t, "tflops": tflops},
-            "copy": {"bytes": nbytes, **c, "tb_per_s_read_plus_write": bw}}
+    return {
+        "matmul_bf16": {"n": n, **t, "tflops": tflops},
+        "copy": {"bytes": nbytes, **c, "tb_per_s_read_plus_write": bw},
+    }
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -150,7 +173,9 @@ def trained_model(preset: str, device, steps: int, budget_s: float) -> tuple[UGT
     cfg = UGTConfig.base() if preset == "base" else UGTConfig.tiny()
     torch.manual_seed(0)
     model = UGTModel(cfg).to(device)
-    catalog = SyntheticCatalog(codebook_sizes=tuple(cfg.codebook_sizes), num_items=CATALOG_ITEMS, seed=0)
+    catalog = SyntheticCatalog(
+        codebook_sizes=tuple(cfg.codebook_sizes), num_items=CATALOG_ITEMS, seed=0
+    )
     rng = np.random.default_rng(0)
     if steps <= 0:
         return model.eval(), {"steps": 0, "how": "random init (timing only)"}
@@ -192,15 +217,23 @@ def trained_model(preset: str, device, steps: int, budget_s: float) -> tuple[UGT
             recs, _ = model(*(torch.from_numpy(held[k][s : s + 64]).to(device) for k in NAMES))
             tgt = torch.from_numpy(held["target"][s : s + 64]).to(device)
             hits += int((recs == tgt[:, None, :]).all(-1).any(-1).sum())
-    report = {"steps": done, "seconds": round(time.monotonic() - t, 1), "final_loss": loss, "diverged_at": diverged,
-              "heldout_recall@50": hits / 256, "chance_recall@50": cfg.num_recommendations / catalog.num_items,
-              "how": f"AdamW {lr:g} one-cycle, bf16 autocast, batches of 128 synthetic walks (8-64 items), "
-                     f"{CATALOG_ITEMS}-item catalog; recall on held-out walks of the same kind"}
+    report = {
+        "steps": done,
+        "seconds": round(time.monotonic() - t, 1),
+        "final_loss": loss,
+        "diverged_at": diverged,
+        "heldout_recall@50": hits / 256,
+        "chance_recall@50": cfg.num_recommendations / catalog.num_items,
+        "how": f"AdamW {lr:g} one-cycle, bf16 autocast, batches of 128 synthetic walks (8-64 items), "
+        f"{CATALOG_ITEMS}-item catalog; recall on held-out walks of the same kind",
+    }
     return model, report
 
 
 def lognormal_lengths(rng, count: int, median=200.0, sigma=0.8, longest=1024) -> np.ndarray:
-    return np.clip(np.rint(np.exp(rng.normal(np.log(median), sigma, count))), 1, longest).astype(np.int64)
+    return np.clip(np.rint(np.exp(rng.normal(np.log(median), sigma, count))), 1, longest).astype(
+        np.int64
+    )
 
 
 def mix_inputs(catalog_or_sizes, lengths, rng) -> dict:
@@ -216,7 +249,9 @@ def mix_inputs(catalog_or_sizes, lengths, rng) -> dict:
 
 def catalog_histories(cfg, count: int, rng, longest: int) -> dict:
     """In-distribution histories (synthetic walks) with log-normal lengths, right-padded."""
-    cat = SyntheticCatalog(codebook_sizes=tuple(cfg.codebook_sizes), num_items=CATALOG_ITEMS, seed=0)
+    cat = SyntheticCatalog(
+        codebook_sizes=tuple(cfg.codebook_sizes), num_items=CATALOG_ITEMS, seed=0
+    )
     lengths = lognormal_lengths(rng, count, longest=longest)
     hist, _, _ = cat.sessions(count, 1, int(lengths.max()), rng)
     mask = np.arange(hist.shape[1])[None, :] < lengths[:, None]
@@ -250,8 +285,15 @@ def engine_outputs(engine, inp: dict) -> dict:
 
 def parity(ref, out) -> dict:
     r = compare_outputs(ref, out)
-    keep = ("recall_overlap", "min_recall_overlap", "exact_match_rate", "top1_agreement", "max_score_diff",
-            "mean_score_diff", "finite_scores")
+    keep = (
+        "recall_overlap",
+        "min_recall_overlap",
+        "exact_match_rate",
+        "top1_agreement",
+        "max_score_diff",
+        "mean_score_diff",
+        "finite_scores",
+    )
     return {k: r[k] for k in keep}
 
 
@@ -272,14 +314,18 @@ VARIANTS = {
 AXES = [("gelu",), ("sdpa_backend",), ("head_precision",), ("dtype",)]
 
 
-def measure_variant(model, opts: dict, device, full: dict, mix: dict, refs: dict, iters: int) -> dict:
+def measure_variant(
+    model, opts: dict, device, full: dict, mix: dict, refs: dict, iters: int
+) -> dict:
     cfg = EngineConfig(**opts)
     row: dict = {"config": cfg.__dict__.copy()}
     try:
         t = time.monotonic()
         engine = GpuEngine(model, cfg, device)
         row["build_s"] = round(time.monotonic() - t, 2)
-        row["parity_catalog"] = parity(refs["catalog"], engine_outputs(engine, refs["catalog_inputs"]))
+        row["parity_catalog"] = parity(
+            refs["catalog"], engine_outputs(engine, refs["catalog_inputs"])
+        )
         row["parity_full"] = parity(refs["full"], engine_outputs(engine, full))
         args_full = [torch.from_numpy(full[k]).to(device) for k in NAMES]
         args_mix = [torch.from_numpy(mix[k]).to(device) for k in NAMES]
@@ -295,13 +341,19 @@ def measure_variant(model, opts: dict, device, full: dict, mix: dict, refs: dict
 
 def pick(rows: dict, min_recall: float) -> str:
     # the gate is in-distribution histories; random-id batches are reported beside it
-    ok = {n: r for n, r in rows.items() if "error" not in r and r["parity_catalog"]["recall_overlap"] >= min_recall}
+    ok = {
+        n: r
+        for n, r in rows.items()
+        if "error" not in r and r["parity_catalog"]["recall_overlap"] >= min_recall
+    }
     return min(ok, key=lambda n: ok[n]["full_64x1024"]["median_ms"]) if ok else "base"
 
 
 def model_part(args, device, result: dict, write) -> tuple[UGTModel, dict, dict]:
     quick = args.preset == "tiny"
-    model, train = trained_model(args.preset, device, steps=args.train_steps, budget_s=args.train_seconds)
+    model, train = trained_model(
+        args.preset, device, steps=args.train_steps, budget_s=args.train_seconds
+    )
     result["model"] = {"preset": args.preset, "config": model.config.to_dict(), "training": train}
     log(f"trained: {train}")
     cfg = model.config
@@ -310,32 +362,55 @@ def model_part(args, device, result: dict, write) -> tuple[UGTModel, dict, dict]
     full = random_inputs(big_b, big_t, cfg.codebook_sizes, rng)
     mix = mix_inputs(cfg.codebook_sizes, lognormal_lengths(rng, big_b, longest=big_t), rng)
     cat_inputs = catalog_histories(cfg, 128 if not quick else 16, rng, longest=big_t)
-    refs = {"full": reference_outputs(model, full, device), "catalog": reference_outputs(model, cat_inputs, device),
-            "catalog_inputs": cat_inputs}
+    refs = {
+        "full": reference_outputs(model, full, device),
+        "catalog": reference_outputs(model, cat_inputs, device),
+        "catalog_inputs": cat_inputs,
+    }
     log("reference outputs ready")
     variants = {}
     base_opts = {"dtype": "bf16"} if device.type == "cuda" else {"dtype": "fp32"}
     for name, opts in VARIANTS.items():
         if device.type != "cuda" and name not in ("base", "gelu_tanh_fused", "varlen_always"):
             continue
-        variants[name] = measure_variant(model, {**base_opts, **opts}, device, full, mix, refs, args.iters)
+        variants[name] = measure_variant(
+            model, {**base_opts, **opts}, device, full, mix, refs, args.iters
+        )
         r = variants[name]
-        log(f"variant {name}: " + (r.get("error") or f"{r['full_64x1024']['median_ms']:.2f} ms full, "
-                                      f"{r['mix_64']['median_ms']:.2f} ms mix, recall "
-                                      f"{r['parity_catalog']['recall_overlap']:.3f}/{r['parity_full']['recall_overlap']:.3f}"))
+        log(
+            f"variant {name}: "
+            + (
+                r.get("error")
+                or f"{r['full_64x1024']['median_ms']:.2f} ms full, "
+                f"{r['mix_64']['median_ms']:.2f} ms mix, recall "
+                f"{r['parity_catalog']['recall_overlap']:.3f}/{r['parity_full']['recall_overlap']:.3f}"
+            )
+        )
     # combine the winners of each axis, then pick the fastest of everything measured
     base_ms = variants["base"].get("full_64x1024", {}).get("median_ms", float("inf"))
     combo = dict(base_opts)
     for name, opts in VARIANTS.items():
         r = variants.get(name)
-        if name == "base" or not r or "error" in r or "cuda_graphs" in opts or "dense_when_full" in opts \
-                or "sdpa_backend" in opts and "sdpa_backend" in combo:
+        if (
+            name == "base"
+            or not r
+            or "error" in r
+            or "cuda_graphs" in opts
+            or "dense_when_full" in opts
+            or "sdpa_backend" in opts
+            and "sdpa_backend" in combo
+        ):
             continue
-        if r["full_64x1024"]["median_ms"] < 0.99 * base_ms and r["parity_catalog"]["recall_overlap"] >= args.min_recall:
+        if (
+            r["full_64x1024"]["median_ms"] < 0.99 * base_ms
+            and r["parity_catalog"]["recall_overlap"] >= args.min_recall
+        ):
             combo.update(opts)
     if combo != base_opts:
         variants["combined"] = measure_variant(model, combo, device, full, mix, refs, args.iters)
-        log(f"variant combined {combo}: {variants['combined'].get('full_64x1024', variants['combined'].get('error'))}")
+        log(
+            f"variant combined {combo}: {variants['combined'].get('full_64x1024', variants['combined'].get('error'))}"
+        )
     best = pick(variants, args.min_recall)
     best_opts = {**base_opts, **(VARIANTS.get(best, {}) if best != "combined" else combo)}
     result["model"]["variants"] = variants
@@ -366,7 +441,14 @@ def extras_part(args, device, model, opts, data, result, write) -> None:
     if left < 90:
         out["torch_compile"] = {"skipped": f"{elapsed():.0f}s elapsed, budget {args.budget_s:.0f}s"}
         return
-    cmd = [sys.executable, __file__, "--compile-child", json.dumps(opts), "--iters", str(args.iters)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--compile-child",
+        json.dumps(opts),
+        "--iters",
+        str(args.iters),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
@@ -384,7 +466,12 @@ def compile_child(opts: dict, iters: int) -> None:
     model = UGTModel(UGTConfig.base()).to(device).eval()
     full = random_inputs(64, 1024, model.config.codebook_sizes, np.random.default_rng(0))
     refs = {"full": reference_outputs(model, full, device)}
-    print(json.dumps(compile_variant(model, opts, device, full, refs, argparse.Namespace(iters=iters))), flush=True)
+    print(
+        json.dumps(
+            compile_variant(model, opts, device, full, refs, argparse.Namespace(iters=iters))
+        ),
+        flush=True,
+    )
 
 
 def compile_variant(model, opts, device, full, refs, args) -> dict:
@@ -401,7 +488,9 @@ def compile_variant(model, opts, device, full, refs, args) -> dict:
         row["parity_full"] = parity(refs["full"], engine_outputs(engine, full))
         row["full_64x1024"] = time_fn(lambda: engine(*args_full), device, iters=args.iters)
         eager = GpuEngine(model, EngineConfig(**{**opts, "cuda_graphs": False}), device)
-        row["same_engine_uncompiled_no_graphs"] = time_fn(lambda: eager(*args_full), device, iters=args.iters)
+        row["same_engine_uncompiled_no_graphs"] = time_fn(
+            lambda: eager(*args_full), device, iters=args.iters
+        )
         log(f"torch.compile: {row['full_64x1024']['median_ms']:.2f} ms after {row['compile_s']} s")
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"[:600]
@@ -418,7 +507,10 @@ def profile(model, opts, device) -> dict:
     engine = GpuEngine(model, EngineConfig(**{**opts, "cuda_graphs": False}), device)
     rng = np.random.default_rng(4)
     for b, n in ((64, 1024), (64, 128)):
-        inp = [torch.from_numpy(random_inputs(b, n, model.config.codebook_sizes, rng)[k]).to(device) for k in NAMES]
+        inp = [
+            torch.from_numpy(random_inputs(b, n, model.config.codebook_sizes, rng)[k]).to(device)
+            for k in NAMES
+        ]
         engine(*inp)
         sync(device)
         with prof(activities=[ProfilerActivity.CUDA]) as p:
@@ -432,10 +524,15 @@ def profile(model, opts, device) -> dict:
                 rows.append((t, e.count, e.key))
         rows.sort(reverse=True)
         total = sum(t for t, _, _ in rows)
-        out[f"{b}x{n}"] = {"kernel_ms_total": total / 1e3, "kernels": sum(c for _, c, _ in rows),
-                           "top": [{"ms": t / 1e3, "count": c, "name": k[:120]} for t, c, k in rows[:18]]}
-        log(f"profile {b}x{n}: {total / 1e3:.2f} ms in {sum(c for _, c, _ in rows)} kernels; top: "
-            + "; ".join(f"{k[:40]} {t / 1e3:.2f}" for t, _, k in rows[:6]))
+        out[f"{b}x{n}"] = {
+            "kernel_ms_total": total / 1e3,
+            "kernels": sum(c for _, c, _ in rows),
+            "top": [{"ms": t / 1e3, "count": c, "name": k[:120]} for t, c, k in rows[:18]],
+        }
+        log(
+            f"profile {b}x{n}: {total / 1e3:.2f} ms in {sum(c for _, c, _ in rows)} kernels; top: "
+            + "; ".join(f"{k[:40]} {t / 1e3:.2f}" for t, _, k in rows[:6])
+        )
     return out
 
 
@@ -445,22 +542,34 @@ def runner_overhead(model, opts, device, args) -> dict:
 
     quick = args.preset == "tiny"
     n = 1024 if not quick else 32
-    runner = TorchRunner(model, device=str(device), dtype=opts.get("dtype", "bf16"), engine=dict(opts))
+    runner = TorchRunner(
+        model, device=str(device), dtype=opts.get("dtype", "bf16"), engine=dict(opts)
+    )
     rng = np.random.default_rng(5)
     out = {}
     for b in (1, 16, 64):
-        reqs = [{k: v for k, v in random_inputs(1, n, model.config.codebook_sizes, rng).items()} for _ in range(b)]
-        out[f"fixed{n}_b{b}"] = time_fn(lambda r=reqs: runner.infer_requests(r), device, iters=args.iters)
+        reqs = [
+            {k: v for k, v in random_inputs(1, n, model.config.codebook_sizes, rng).items()}
+            for _ in range(b)
+        ]
+        out[f"fixed{n}_b{b}"] = time_fn(
+            lambda r=reqs: runner.infer_requests(r), device, iters=args.iters
+        )
     lengths = lognormal_lengths(rng, 64, longest=n)
     reqs = [random_inputs(1, int(m), model.config.codebook_sizes, rng) for m in lengths]
     out["mix_b64"] = time_fn(lambda: runner.infer_requests(reqs), device, iters=args.iters)
-    log("runner infer_requests: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in out.items()))
+    log(
+        "runner infer_requests: "
+        + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in out.items())
+    )
     return out
 
 
 def parity_part(args, device, result, write) -> UGTModel:
     """The engine in ``--engine`` against the fp32 reference, with a briefly trained model."""
-    model, train = trained_model(args.preset, device, steps=args.train_steps, budget_s=args.train_seconds)
+    model, train = trained_model(
+        args.preset, device, steps=args.train_steps, budget_s=args.train_seconds
+    )
     log(f"trained: {train}")
     rng = np.random.default_rng(0)
     quick = args.preset == "tiny"
@@ -468,10 +577,18 @@ def parity_part(args, device, result, write) -> UGTModel:
     full = random_inputs(b, n, model.config.codebook_sizes, rng)
     cat = catalog_histories(model.config, 256 if not quick else 16, rng, longest=n)
     opts = json.loads(args.engine) if args.engine else {"dtype": "bf16"}
-    out = result["parity"] = {"engine": opts, "training": train, "catalog_users": len(cat[NAMES[0]])}
+    out = result["parity"] = {
+        "engine": opts,
+        "training": train,
+        "catalog_users": len(cat[NAMES[0]]),
+    }
     engine = GpuEngine(model, EngineConfig(**opts), device)
-    out["catalog_lognormal"] = parity(reference_outputs(model, cat, device), engine_outputs(engine, cat))
-    out[f"random_ids_{b}x{n}"] = parity(reference_outputs(model, full, device), engine_outputs(engine, full))
+    out["catalog_lognormal"] = parity(
+        reference_outputs(model, cat, device), engine_outputs(engine, cat)
+    )
+    out[f"random_ids_{b}x{n}"] = parity(
+        reference_outputs(model, full, device), engine_outputs(engine, full)
+    )
     log(f"parity: {out}")
     write()
     return model
@@ -497,8 +614,16 @@ def shape_table(model, opts, device, result, args) -> list[dict]:
     rows = []
     for b in batches:
         for n in lengths:
-            sets = [[torch.from_numpy(random_inputs(b, n, model.config.codebook_sizes, rng)[k]).to(device) for k in NAMES]
-                    for _ in range(2)]
+            sets = [
+                [
+                    torch.from_numpy(random_inputs(b, n, model.config.codebook_sizes, rng)[k]).to(
+                        device
+                    )
+                    for k in NAMES
+                ]
+                for _ in range(2)
+            ]
+
             def nxt(i=[0], sets=sets):  # noqa: B006 (a call counter)
                 i[0] += 1
                 return sets[i[0] % 2]
@@ -506,28 +631,44 @@ def shape_table(model, opts, device, result, args) -> list[dict]:
             flops = count_flops(model.config, [n] * b)
             executed = count_flops(model.config, [n] * b, kv_cache=True)["total"]
             in_bytes = 4 * b * n * 8 + b * model.config.num_recommendations * (3 * 8 + 4)
-            floor_ms = max(flops["total"] / (tflops * 1e12), (wbytes + in_bytes) / (bw * 1e12)) * 1e3
-            row = {"batch": b, "seq_len": n, "flops": flops["total"], "flops_executed": executed, "floor_ms": floor_ms}
+            floor_ms = (
+                max(flops["total"] / (tflops * 1e12), (wbytes + in_bytes) / (bw * 1e12)) * 1e3
+            )
+            row = {
+                "batch": b,
+                "seq_len": n,
+                "flops": flops["total"],
+                "flops_executed": executed,
+                "floor_ms": floor_ms,
+            }
             prev = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = True
             try:
                 with torch.inference_mode():
-                    row["eager_fp32_tf32"] = time_fn(lambda: eager32(*nxt()), device, iters=args.iters, warmup=2)
+                    row["eager_fp32_tf32"] = time_fn(
+                        lambda: eager32(*nxt()), device, iters=args.iters, warmup=2
+                    )
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = prev
             with torch.inference_mode():
-                row["eager_bf16"] = time_fn(lambda: eager16(*nxt()), device, iters=args.iters, warmup=2)
+                row["eager_bf16"] = time_fn(
+                    lambda: eager16(*nxt()), device, iters=args.iters, warmup=2
+                )
             row["optimized"] = time_fn(lambda: engine(*nxt()), device, iters=args.iters, warmup=2)
             tokens, users = engine.tokens_from_arrays(*sets[0])
-            row["optimized_replay_only"] = time_fn(lambda t=tokens, u=users: engine.run(t, u), device, iters=args.iters)
+            row["optimized_replay_only"] = time_fn(
+                lambda t=tokens, u=users: engine.run(t, u), device, iters=args.iters
+            )
             opt_ms = row["optimized"]["median_ms"]
             row["optimized_over_floor"] = opt_ms / floor_ms
             row["speedup_vs_eager_fp32"] = row["eager_fp32_tf32"]["median_ms"] / opt_ms
             row["speedup_vs_eager_bf16"] = row["eager_bf16"]["median_ms"] / opt_ms
             row["achieved_tflops"] = flops["total"] / (opt_ms * 1e-3) / 1e12
             rows.append(row)
-            log(f"{b:>3} x {n:<5} fp32 {row['eager_fp32_tf32']['median_ms']:8.2f}  bf16 {row['eager_bf16']['median_ms']:8.2f}"
-                f"  opt {opt_ms:7.2f} ms  floor {floor_ms:6.2f}  x{row['optimized_over_floor']:.2f}")
+            log(
+                f"{b:>3} x {n:<5} fp32 {row['eager_fp32_tf32']['median_ms']:8.2f}  bf16 {row['eager_bf16']['median_ms']:8.2f}"
+                f"  opt {opt_ms:7.2f} ms  floor {floor_ms:6.2f}  x{row['optimized_over_floor']:.2f}"
+            )
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -542,19 +683,27 @@ def length_mix(model, opts, device, args) -> dict:
     packed = GpuEngine(model, EngineConfig(**opts), device)
     padded = GpuEngine(model, EngineConfig(**{**opts, "layout": "padded"}), device)
     for b in (8, 64) if not quick else (4,):
-        sets = [mix_inputs(model.config.codebook_sizes, lognormal_lengths(rng, b, longest=longest), rng) for _ in range(4)]
+        sets = [
+            mix_inputs(model.config.codebook_sizes, lognormal_lengths(rng, b, longest=longest), rng)
+            for _ in range(4)
+        ]
+
         def run(engine, i=[0], sets=sets):  # noqa: B006 (a call counter)
             i[0] += 1
             s = sets[i[0] % 4]
             return engine(*(s[k] for k in NAMES))
 
-        row = {"mean_len": float(np.mean([s["attention_mask"].sum(1).mean() for s in sets])),
-               "mean_padded_len": float(np.mean([s["attention_mask"].shape[1] for s in sets]))}
+        row = {
+            "mean_len": float(np.mean([s["attention_mask"].sum(1).mean() for s in sets])),
+            "mean_padded_len": float(np.mean([s["attention_mask"].shape[1] for s in sets])),
+        }
         row["packed"] = time_fn(lambda: run(packed), device, iters=args.iters)
         row["padded"] = time_fn(lambda: run(padded), device, iters=args.iters)
         row["packed_speedup"] = row["padded"]["median_ms"] / row["packed"]["median_ms"]
         out["batches"][str(b)] = row
-        log(f"mix batch {b}: packed {row['packed']['median_ms']:.2f} ms, padded {row['padded']['median_ms']:.2f} ms")
+        log(
+            f"mix batch {b}: packed {row['packed']['median_ms']:.2f} ms, padded {row['padded']['median_ms']:.2f} ms"
+        )
     return out
 
 
@@ -567,15 +716,19 @@ def edge_cases(model, opts, device) -> dict:
     try:
         engine = GpuEngine(model, EngineConfig(**opts), device)
         got = [engine_outputs(engine, inp) for _ in range(2)]  # eager capture, then replay
-        return {"parity": parity(reference_outputs(model, inp, device), got[1]), "replay_equal":
-                bool((got[0]["recommendations"] == got[1]["recommendations"]).all())}
+        return {
+            "parity": parity(reference_outputs(model, inp, device), got[1]),
+            "replay_equal": bool((got[0]["recommendations"] == got[1]["recommendations"]).all()),
+        }
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}"[:600]}
 
 
 # -- main ---------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--parts", default="ceilings,model,server")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
     ap.add_argument("--device", default="cuda")
@@ -584,8 +737,12 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--train-seconds", type=float, default=40.0)
     ap.add_argument("--min-recall", type=float, default=0.95)
-    ap.add_argument("--engine", default="", help="JSON EngineConfig for server/scaling without the model part")
-    ap.add_argument("--budget-s", type=float, default=560.0, help="skip later load points past this")
+    ap.add_argument(
+        "--engine", default="", help="JSON EngineConfig for server/scaling without the model part"
+    )
+    ap.add_argument(
+        "--budget-s", type=float, default=560.0, help="skip later load points past this"
+    )
     ap.add_argument("--server-config", default="", help="JSON overrides for served.ServeOptions")
     ap.add_argument("--compile-child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -596,8 +753,11 @@ def main(argv=None) -> int:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result: dict = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-                    "environment": environment(device), "parts": parts}
+    result: dict = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "environment": environment(device),
+        "parts": parts,
+    }
 
     def write():
         out.write_text(json.dumps(result, indent=1, default=str))
@@ -606,8 +766,10 @@ def main(argv=None) -> int:
     write()
     if "ceilings" in parts:
         result["ceilings"] = ceilings(device, quick=args.preset == "tiny")
-        log(f"ceilings: {result['ceilings']['matmul_bf16']['tflops']:.0f} TFLOP/s bf16, "
-            f"{result['ceilings']['copy']['tb_per_s_read_plus_write']:.2f} TB/s copy")
+        log(
+            f"ceilings: {result['ceilings']['matmul_bf16']['tflops']:.0f} TFLOP/s bf16, "
+            f"{result['ceilings']['copy']['tb_per_s_read_plus_write']:.2f} TB/s copy"
+        )
         write()
     model, opts, data = None, json.loads(args.engine) if args.engine else None, None
     if "model" in parts:
@@ -629,9 +791,13 @@ def main(argv=None) -> int:
         from served import serve_part  # benchmarks/gpu/served.py
 
         if model is None:
-            model, train = trained_model(args.preset, device, steps=args.train_steps, budget_s=args.train_seconds)
+            model, train = trained_model(
+                args.preset, device, steps=args.train_steps, budget_s=args.train_seconds
+            )
             result["model"] = {"preset": args.preset, "training": train}
-        serve_part(args, device, model, opts or {"dtype": "bf16"}, result, write, log, elapsed, parts)
+        serve_part(
+            args, device, model, opts or {"dtype": "bf16"}, result, write, log, elapsed, parts
+        )
     if "extras" in parts and data is not None and device.type == "cuda":
         extras_part(args, device, model, opts, data, result, write)
     write()
@@ -643,11 +809,19 @@ def summary(result: dict) -> None:
     print("\n== summary ==")
     c = result.get("ceilings")
     if c:
-        print(f"ceilings: bf16 matmul {c['matmul_bf16']['tflops']:.0f} TFLOP/s, copy {c['copy']['tb_per_s_read_plus_write']:.2f} TB/s")
+        print(
+            f"ceilings: bf16 matmul {c['matmul_bf16']['tflops']:.0f} TFLOP/s, copy {c['copy']['tb_per_s_read_plus_write']:.2f} TB/s"
+        )
     par = result.get("parity")
     if par:
-        print(f"parity vs fp32 ({par['engine']}): " + ", ".join(
-            f"{k} recall {v['recall_overlap']:.3f}" for k, v in par.items() if isinstance(v, dict) and "recall_overlap" in v))
+        print(
+            f"parity vs fp32 ({par['engine']}): "
+            + ", ".join(
+                f"{k} recall {v['recall_overlap']:.3f}"
+                for k, v in par.items()
+                if isinstance(v, dict) and "recall_overlap" in v
+            )
+        )
     m = result.get("model", {})
     if m.get("picked"):
         print(f"picked engine: {m['picked']['name']}")
@@ -655,14 +829,20 @@ def summary(result: dict) -> None:
         if "error" in r:
             print(f"  {v:<22} ERROR {r['error'][:90]}")
         else:
-            print(f"  {v:<22} full {r['full_64x1024']['median_ms']:7.2f} ms  mix {r['mix_64']['median_ms']:6.2f} ms  "
-                  f"recall cat {r['parity_catalog']['recall_overlap']:.3f} full {r['parity_full']['recall_overlap']:.3f}")
+            print(
+                f"  {v:<22} full {r['full_64x1024']['median_ms']:7.2f} ms  mix {r['mix_64']['median_ms']:6.2f} ms  "
+                f"recall cat {r['parity_catalog']['recall_overlap']:.3f} full {r['parity_full']['recall_overlap']:.3f}"
+            )
     for r in m.get("table", []):
-        print(f"  {r['batch']:>3}x{r['seq_len']:<5} fp32 {r['eager_fp32_tf32']['median_ms']:8.2f} bf16 {r['eager_bf16']['median_ms']:7.2f} "
-              f"opt {r['optimized']['median_ms']:7.2f} (replay {r['optimized_replay_only']['median_ms']:6.2f}) "
-              f"floor {r['floor_ms']:6.2f} x{r['optimized_over_floor']:.2f} vs fp32 {r['speedup_vs_eager_fp32']:.1f}x")
+        print(
+            f"  {r['batch']:>3}x{r['seq_len']:<5} fp32 {r['eager_fp32_tf32']['median_ms']:8.2f} bf16 {r['eager_bf16']['median_ms']:7.2f} "
+            f"opt {r['optimized']['median_ms']:7.2f} (replay {r['optimized_replay_only']['median_ms']:6.2f}) "
+            f"floor {r['floor_ms']:6.2f} x{r['optimized_over_floor']:.2f} vs fp32 {r['speedup_vs_eager_fp32']:.1f}x"
+        )
     for b, r in m.get("length_mix", {}).get("batches", {}).items():
-        print(f"  mix b{b}: packed {r['packed']['median_ms']:.2f} ms padded {r['padded']['median_ms']:.2f} ms ({r['packed_speedup']:.2f}x)")
+        print(
+            f"  mix b{b}: packed {r['packed']['median_ms']:.2f} ms padded {r['padded']['median_ms']:.2f} ms ({r['packed_speedup']:.2f}x)"
+        )
     if m.get("edge_cases"):
         print(f"  edge cases: {m['edge_cases']}")
     for k, v in result.get("extras", {}).items():
@@ -679,8 +859,10 @@ def summary(result: dict) -> None:
                 print(f"  {name:<34} ERROR {p['error'][:100]}")
                 continue
             util = ",".join(f"{u:.0%}" for u in p.get("gpu_util_per_gpu", []) if u is not None)
-            print(f"  {name:<34} {p['throughput']:8.0f} req/s  p50 {p['p50_ms']:6.2f}  p99 {p['p99_ms']:6.2f} ms  "
-                  f"gpu {util}  client cpu {p.get('client_cpu_percent', 0):.0f}%")
+            print(
+                f"  {name:<34} {p['throughput']:8.0f} req/s  p50 {p['p50_ms']:6.2f}  p99 {p['p99_ms']:6.2f} ms  "
+                f"gpu {util}  client cpu {p.get('client_cpu_percent', 0):.0f}%"
+            )
         for k, v in s.get("summary", {}).items():
             print(f"  {k}: {v}")
 

@@ -65,12 +65,25 @@ def server_env() -> dict:
     if libdir:
         paths.append(libdir)
     paths.append(os.environ.get("LD_LIBRARY_PATH", ""))
-    return {"LD_LIBRARY_PATH": os.pathsep.join(p for p in paths if p),
-            "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    return {
+        "LD_LIBRARY_PATH": os.pathsep.join(p for p in paths if p),
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+        "NVSHMEM_DISABLE_NVLS": "1",
+    }
 
 
-def write_repository(repo: Path, ckpt: Path, engine: dict, so: ServeOptions, gpus, kind: str, cfg, dtype: str,
-                     batchings=("length_aware", "pad")) -> list[str]:
+def write_repository(
+    repo: Path,
+    ckpt: Path,
+    engine: dict,
+    so: ServeOptions,
+    gpus,
+    kind: str,
+    cfg,
+    dtype: str,
+    batchings=("length_aware", "pad"),
+) -> list[str]:
     """Two python-backend models over one checkpoint; config.pbtxt from TritonConfigGenerator."""
     from algorithm.serving.config import ExportConfig, TritonConfig
     from algorithm.serving.repository import write_text_atomic
@@ -86,13 +99,24 @@ def write_repository(repo: Path, ckpt: Path, engine: dict, so: ServeOptions, gpu
     for name, batching in (("ugt_packed", "length_aware"), ("ugt_pad", "pad")):
         if batching not in batchings:
             continue
-        ec = ExportConfig(model_name=name, precision=dtype, max_batch_size=so.max_batch,
-                          max_seq_length=cfg.max_seq_length, codebook_sizes=tuple(cfg.codebook_sizes),
-                          num_recommendations=cfg.num_recommendations)
-        tc = TritonConfig(platform="python", python_runtime="torch", instance_count=so.instances,
-                          gpus=tuple(gpus) if kind == "KIND_GPU" else (), instance_kind=kind,
-                          preferred_batch_sizes=tuple(so.preferred), max_queue_delay_us=so.max_queue_delay_us,
-                          model_warmup=False)
+        ec = ExportConfig(
+            model_name=name,
+            precision=dtype,
+            max_batch_size=so.max_batch,
+            max_seq_length=cfg.max_seq_length,
+            codebook_sizes=tuple(cfg.codebook_sizes),
+            num_recommendations=cfg.num_recommendations,
+        )
+        tc = TritonConfig(
+            platform="python",
+            python_runtime="torch",
+            instance_count=so.instances,
+            gpus=tuple(gpus) if kind == "KIND_GPU" else (),
+            instance_kind=kind,
+            preferred_batch_sizes=tuple(so.preferred),
+            max_queue_delay_us=so.max_queue_delay_us,
+            model_warmup=False,
+        )
         gen = TritonConfigGenerator(ec, tc)
         path = Path(gen.generate(repo, model_file=ckpt))
         msg = gen.build_config(artifact_filename("python", "torch", ckpt))
@@ -110,9 +134,15 @@ def default_warmup(so: ServeOptions, cfg) -> list:
     """Dense batches 1..max_batch at the fixed length, then mixes for the packed/padded buckets."""
     n = min(so.seq_len, cfg.max_seq_length)
     dense = [[b, n] for b in range(1, so.max_batch + 1)]
-    mix = {"lognormal": [min(so.median, n), so.sigma, cfg.max_seq_length],
-           "batches": [b for b in (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64) if b <= so.max_batch],
-           "repeats": 3}
+    mix = {
+        "lognormal": [min(so.median, n), so.sigma, cfg.max_seq_length],
+        "batches": [
+            b
+            for b in (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
+            if b <= so.max_batch
+        ],
+        "repeats": 3,
+    }
     return [*dense, mix]
 
 
@@ -125,7 +155,9 @@ def _client(job: dict) -> dict:
 
     cfg = BenchmarkConfig(**job["config"])
     try:
-        r = TritonBenchmark(cfg).run(job["url"], job["model"], 1, job["seq_len"], concurrency=job["concurrency"])
+        r = TritonBenchmark(cfg).run(
+            job["url"], job["model"], 1, job["seq_len"], concurrency=job["concurrency"]
+        )
         out = r.to_dict(latencies=True)
     except Exception as e:
         res = getattr(e, "result", None)
@@ -135,24 +167,49 @@ def _client(job: dict) -> dict:
     return out
 
 
-def load_point(url: str, model: str, concurrency: int, so: ServeOptions, codebook_sizes, mix: bool, seed: int) -> dict:
+def load_point(
+    url: str, model: str, concurrency: int, so: ServeOptions, codebook_sizes, mix: bool, seed: int
+) -> dict:
     procs = max(1, math.ceil(concurrency / so.per_client))
     share = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     jobs = []
     for i, c in enumerate(share):
-        config = {"triton_url": url, "concurrency": c, "num_requests": 1, "num_warmup_requests": so.warmup_requests,
-                  "measurement_window_s": so.window_s, "max_trials": so.trials, "stability_percent": 0.0,
-                  "timeout_s": so.timeout_s, "slo_p99_ms": so.slo_ms, "codebook_sizes": tuple(codebook_sizes),
-                  "seed": seed + i, "seq_len_distribution": "lognormal" if mix else "fixed",
-                  "seq_len_median": so.median, "seq_len_sigma": so.sigma, "seq_len_max": so.seq_len}
-        jobs.append({"config": config, "url": url, "model": model, "concurrency": c,
-                     "seq_len": None if mix else so.seq_len})
+        config = {
+            "triton_url": url,
+            "concurrency": c,
+            "num_requests": 1,
+            "num_warmup_requests": so.warmup_requests,
+            "measurement_window_s": so.window_s,
+            "max_trials": so.trials,
+            "stability_percent": 0.0,
+            "timeout_s": so.timeout_s,
+            "slo_p99_ms": so.slo_ms,
+            "codebook_sizes": tuple(codebook_sizes),
+            "seed": seed + i,
+            "seq_len_distribution": "lognormal" if mix else "fixed",
+            "seq_len_median": so.median,
+            "seq_len_sigma": so.sigma,
+            "seq_len_max": so.seq_len,
+        }
+        jobs.append(
+            {
+                "config": config,
+                "url": url,
+                "model": model,
+                "concurrency": c,
+                "seq_len": None if mix else so.seq_len,
+            }
+        )
     # separate interpreters (not multiprocessing: that would re-import the torch-heavy main script)
     with tempfile.TemporaryDirectory(prefix="ugt-load-") as tmp:
         running = []
         for i, job in enumerate(jobs):
             job["result_path"] = str(Path(tmp) / f"client{i}.json")
-            running.append(subprocess.Popen([sys.executable, __file__, json.dumps(job)], stdout=subprocess.DEVNULL))
+            running.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, json.dumps(job)], stdout=subprocess.DEVNULL
+                )
+            )
         parts = []
         for job, proc in zip(jobs, running, strict=True):
             try:
@@ -161,13 +218,19 @@ def load_point(url: str, model: str, concurrency: int, so: ServeOptions, codeboo
                 proc.kill()
                 rc = "killed after a timeout"
             path = Path(job["result_path"])
-            parts.append(json.loads(path.read_text()) if path.is_file() else {"error": f"client exited {rc}"})
+            parts.append(
+                json.loads(path.read_text()) if path.is_file() else {"error": f"client exited {rc}"}
+            )
     return merge(parts, concurrency, procs)
 
 
 def merge(parts: list[dict], concurrency: int, procs: int) -> dict:
     errors = [p["error"] for p in parts if p.get("error")]
-    lat = np.concatenate([np.asarray(p.get("latencies_ms", []), dtype=np.float64) for p in parts]) if parts else np.zeros(0)
+    lat = (
+        np.concatenate([np.asarray(p.get("latencies_ms", []), dtype=np.float64) for p in parts])
+        if parts
+        else np.zeros(0)
+    )
     out = {"concurrency": concurrency, "client_processes": procs}
     if errors:
         out["client_errors"] = errors[:3]
@@ -179,28 +242,42 @@ def merge(parts: list[dict], concurrency: int, procs: int) -> dict:
         for idx, g in (p.get("per_gpu") or {}).items():
             if g.get("utilization") is not None:
                 gpus.setdefault(str(idx), []).append(g["utilization"])
-    out.update({
-        "throughput": float(sum(p.get("throughput", 0.0) for p in parts)),
-        "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-        "p99_ms": float(np.percentile(lat, 99)), "mean_ms": float(lat.mean()), "requests": int(lat.size),
-        "failed": int(sum(p.get("failed_requests", 0) for p in parts)),
-        "gpu_util_per_gpu": [float(np.mean(gpus[k])) for k in sorted(gpus, key=int)],
-        "gpu_memory_used_mb": max((p.get("gpu_memory_used_mb") or 0) for p in parts),
-        "client_cpu_percent": float(sum(p.get("client_cpu_percent", 0.0) for p in parts)),
-        "seq_len_mean": float(np.mean([p.get("seq_len_mean", 0.0) for p in parts])),
-        "server_breakdown_us": parts[0].get("server", {}),
-        "batch_sizes_formed": parts[0].get("batch_sizes_formed", {}),
-        "duration_s": float(np.mean([p.get("duration_s", 0.0) for p in parts])),
-    })
+    out.update(
+        {
+            "throughput": float(sum(p.get("throughput", 0.0) for p in parts)),
+            "p50_ms": float(np.percentile(lat, 50)),
+            "p90_ms": float(np.percentile(lat, 90)),
+            "p99_ms": float(np.percentile(lat, 99)),
+            "mean_ms": float(lat.mean()),
+            "requests": int(lat.size),
+            "failed": int(sum(p.get("failed_requests", 0) for p in parts)),
+            "gpu_util_per_gpu": [float(np.mean(gpus[k])) for k in sorted(gpus, key=int)],
+            "gpu_memory_used_mb": max((p.get("gpu_memory_used_mb") or 0) for p in parts),
+            "client_cpu_percent": float(sum(p.get("client_cpu_percent", 0.0) for p in parts)),
+            "seq_len_mean": float(np.mean([p.get("seq_len_mean", 0.0) for p in parts])),
+            "server_breakdown_us": parts[0].get("server", {}),
+            "batch_sizes_formed": parts[0].get("batch_sizes_formed", {}),
+            "duration_s": float(np.mean([p.get("duration_s", 0.0) for p in parts])),
+        }
+    )
     return out
 
 
 def best_under_slo(points: dict, prefix: str, slo: float) -> dict | None:
-    ok = [(k, p) for k, p in points.items() if k.startswith(prefix) and "error" not in p and p["p99_ms"] <= slo]
+    ok = [
+        (k, p)
+        for k, p in points.items()
+        if k.startswith(prefix) and "error" not in p and p["p99_ms"] <= slo
+    ]
     if not ok:
         return None
     k, p = max(ok, key=lambda kp: kp[1]["throughput"])
-    return {"point": k, "throughput": p["throughput"], "p99_ms": p["p99_ms"], "gpu_util_per_gpu": p["gpu_util_per_gpu"]}
+    return {
+        "point": k,
+        "throughput": p["throughput"],
+        "p99_ms": p["p99_ms"],
+        "gpu_util_per_gpu": p["gpu_util_per_gpu"],
+    }
 
 
 def error_lines(message: str, limit: int = 25) -> list[str]:
@@ -211,26 +288,41 @@ def error_lines(message: str, limit: int = 25) -> list[str]:
     if not m or not Path(m.group(1)).is_file():
         return []
     lines = Path(m.group(1)).read_text(errors="replace").splitlines()
-    keep = [x for x in lines if x.startswith("E") or "Error" in x or "error" in x or "Traceback" in x]
+    keep = [
+        x for x in lines if x.startswith("E") or "Error" in x or "error" in x or "Traceback" in x
+    ]
     return [x[:400] for x in keep[-limit:]]
 
 
 # -- runs ---------------------------------------------------------------------------------------
-def run_server(tag: str, repo: Path, points_spec, so: ServeOptions, cfg, log, elapsed, budget, out: dict, write):
+def run_server(
+    tag: str, repo: Path, points_spec, so: ServeOptions, cfg, log, elapsed, budget, out: dict, write
+):
     """Start tritonserver on ``repo``, run ``points_spec`` [(name, model, concurrency, mix)]."""
     from algorithm.serving.server import TritonServer
 
     t = time.monotonic()
-    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, startup_timeout_s=300,
-                      env=server_env(), log_dir=Path(tempfile.gettempdir()) / f"triton-{tag}") as server:
+    with TritonServer(
+        repo,
+        http_port=0,
+        grpc_port=0,
+        metrics_port=0,
+        startup_timeout_s=300,
+        env=server_env(),
+        log_dir=Path(tempfile.gettempdir()) / f"triton-{tag}",
+    ) as server:
         out.setdefault("startup_s", {})[tag] = round(time.monotonic() - t, 1)
         log(f"[{tag}] tritonserver ready in {out['startup_s'][tag]} s at {server.grpc_url}")
         for i, (name, model, conc, mix) in enumerate(points_spec):
             if elapsed() > budget:
-                out["points"][name] = {"error": f"skipped: {elapsed():.0f}s past the {budget:.0f}s budget"}
+                out["points"][name] = {
+                    "error": f"skipped: {elapsed():.0f}s past the {budget:.0f}s budget"
+                }
                 continue
             try:
-                p = load_point(server.grpc_url, model, conc, so, cfg.codebook_sizes, mix, seed=100 + i)
+                p = load_point(
+                    server.grpc_url, model, conc, so, cfg.codebook_sizes, mix, seed=100 + i
+                )
             except Exception as e:
                 p = {"error": f"{type(e).__name__}: {e}"[:500]}
             out["points"][name] = p
@@ -238,11 +330,15 @@ def run_server(tag: str, repo: Path, points_spec, so: ServeOptions, cfg, log, el
             if "error" in p:
                 log(f"[{tag}] {name}: ERROR {p['error'][:200]}")
             else:
-                log(f"[{tag}] {name}: {p['throughput']:.0f} req/s p99 {p['p99_ms']:.2f} ms gpu {p['gpu_util_per_gpu']}")
+                log(
+                    f"[{tag}] {name}: {p['throughput']:.0f} req/s p99 {p['p99_ms']:.2f} ms gpu {p['gpu_util_per_gpu']}"
+                )
         out.setdefault("server_log_tail", {})[tag] = server.log_tail(15)
 
 
-def serve_part(args, device, model, engine_opts: dict, result: dict, write, log, elapsed, parts) -> None:
+def serve_part(
+    args, device, model, engine_opts: dict, result: dict, write, log, elapsed, parts
+) -> None:
     so = ServeOptions(**json.loads(args.server_config)) if args.server_config else ServeOptions()
     cfg = model.config
     if args.preset == "tiny":  # CPU check of every path: small everything
@@ -251,14 +347,22 @@ def serve_part(args, device, model, engine_opts: dict, result: dict, write, log,
     kind = "KIND_GPU" if cuda else "KIND_CPU"
     dtype = engine_opts.get("dtype", "bf16") if cuda else "fp32"
     # warmed shapes are captured at load; a shape first seen under load runs eagerly (no stall)
-    engine = {**{k: v for k, v in engine_opts.items() if k != "layout"}, "capture_new_shapes": False}
+    engine = {
+        **{k: v for k, v in engine_opts.items() if k != "layout"},
+        "capture_new_shapes": False,
+    }
     if not cuda:
         engine.update(dtype="fp32", varlen_kernel="auto")
     work = Path(tempfile.mkdtemp(prefix="ugt-gpu-serve-"))
     ckpt = work / "ugt.safetensors"
     model.save(ckpt)
     if "server" in parts:
-        out = result["server"] = {"options": asdict(so), "engine": engine, "kind": kind, "points": {}}
+        out = result["server"] = {
+            "options": asdict(so),
+            "engine": engine,
+            "kind": kind,
+            "points": {},
+        }
         try:
             summ = {}
             for inst in so.server_instances:
@@ -266,20 +370,37 @@ def serve_part(args, device, model, engine_opts: dict, result: dict, write, log,
                 so_i = ServeOptions(**{**asdict(so), "instances": inst})
                 repo = work / f"repo_{tag}"
                 write_repository(repo, ckpt, engine, so_i, so.gpus, kind, cfg, dtype)
-                spec = [(f"{tag}_fixed{so.seq_len}_c{c}", "ugt_packed", c, False) for c in so.fixed_levels]
-                spec += [(f"{tag}_mix_{m}_c{c}", f"ugt_{m}", c, True) for m in ("packed", "pad") for c in so.mix_levels]
+                spec = [
+                    (f"{tag}_fixed{so.seq_len}_c{c}", "ugt_packed", c, False)
+                    for c in so.fixed_levels
+                ]
+                spec += [
+                    (f"{tag}_mix_{m}_c{c}", f"ugt_{m}", c, True)
+                    for m in ("packed", "pad")
+                    for c in so.mix_levels
+                ]
                 run_server(tag, repo, spec, so_i, cfg, log, elapsed, args.budget_s, out, write)
                 pts = out["points"]
                 fixed = pts.get(f"{tag}_fixed{so.seq_len}_c64", {})
                 packed = best_under_slo(pts, f"{tag}_mix_packed", so.slo_ms)
                 pad = best_under_slo(pts, f"{tag}_mix_pad", so.slo_ms)
-                same_c = {c: (pts.get(f"{tag}_mix_packed_c{c}", {}).get("throughput", 0)
-                              / max(pts.get(f"{tag}_mix_pad_c{c}", {}).get("throughput", 0), 1e-9))
-                          for c in so.mix_levels}
+                same_c = {
+                    c: (
+                        pts.get(f"{tag}_mix_packed_c{c}", {}).get("throughput", 0)
+                        / max(pts.get(f"{tag}_mix_pad_c{c}", {}).get("throughput", 0), 1e-9)
+                    )
+                    for c in so.mix_levels
+                }
                 summ[tag] = {
-                    "fixed c64": {k: fixed.get(k) for k in ("throughput", "p50_ms", "p99_ms", "gpu_util_per_gpu")},
-                    "mix packed best under slo": packed, "mix pad best under slo": pad,
-                    "length_aware_over_pad_at_slo": packed["throughput"] / pad["throughput"] if packed and pad else None,
+                    "fixed c64": {
+                        k: fixed.get(k)
+                        for k in ("throughput", "p50_ms", "p99_ms", "gpu_util_per_gpu")
+                    },
+                    "mix packed best under slo": packed,
+                    "mix pad best under slo": pad,
+                    "length_aware_over_pad_at_slo": packed["throughput"] / pad["throughput"]
+                    if packed and pad
+                    else None,
                     "length_aware_over_pad_same_concurrency": same_c,
                 }
             out["summary"] = summ
@@ -288,7 +409,12 @@ def serve_part(args, device, model, engine_opts: dict, result: dict, write, log,
             log(f"server part failed: {out['error']}")
         write()
     if "scaling" in parts:
-        out = result["scaling"] = {"options": asdict(so), "engine": engine, "kind": kind, "points": {}}
+        out = result["scaling"] = {
+            "options": asdict(so),
+            "engine": engine,
+            "kind": kind,
+            "points": {},
+        }
         try:
             import torch
 
@@ -300,10 +426,22 @@ def serve_part(args, device, model, engine_opts: dict, result: dict, write, log,
                 tag = f"gpus{''.join(map(str, gpus))}_i{inst}"
                 so_i = ServeOptions(**{**asdict(so), "instances": inst})
                 repo = work / f"repo_{tag}"
-                write_repository(repo, ckpt, engine, so_i, gpus, kind, cfg, dtype, batchings=("length_aware",))
-                spec = [(f"{tag}_mix_c{c * len(gpus)}", "ugt_packed", c * len(gpus), True) for c in so.scaling_mix_levels]
-                spec += [(f"{tag}_fixed{so.seq_len}_c{c * len(gpus)}", "ugt_packed", c * len(gpus), False)
-                         for c in so.scaling_fixed_levels]
+                write_repository(
+                    repo, ckpt, engine, so_i, gpus, kind, cfg, dtype, batchings=("length_aware",)
+                )
+                spec = [
+                    (f"{tag}_mix_c{c * len(gpus)}", "ugt_packed", c * len(gpus), True)
+                    for c in so.scaling_mix_levels
+                ]
+                spec += [
+                    (
+                        f"{tag}_fixed{so.seq_len}_c{c * len(gpus)}",
+                        "ugt_packed",
+                        c * len(gpus),
+                        False,
+                    )
+                    for c in so.scaling_fixed_levels
+                ]
                 run_server(tag, repo, spec, so_i, cfg, log, elapsed, args.budget_s, out, write)
             pts = out["points"]
             summ = {}
@@ -312,22 +450,48 @@ def serve_part(args, device, model, engine_opts: dict, result: dict, write, log,
                 for load in ("mix", f"fixed{so.seq_len}"):
                     summ[f"{tag}_{load}"] = best_under_slo(pts, f"{tag}_{load}_", so.slo_ms)
             for load in ("mix", f"fixed{so.seq_len}"):
-                one = max((v for k, v in summ.items() if k.startswith("gpus0_") and k.endswith(load) and v),
-                          key=lambda v: v["throughput"], default=None)
-                two = max((v for k, v in summ.items() if k.startswith("gpus01_") and k.endswith(load) and v),
-                          key=lambda v: v["throughput"], default=None)
-                summ[f"{load}_two_over_one_at_slo"] = two["throughput"] / one["throughput"] if one and two else None
+                one = max(
+                    (
+                        v
+                        for k, v in summ.items()
+                        if k.startswith("gpus0_") and k.endswith(load) and v
+                    ),
+                    key=lambda v: v["throughput"],
+                    default=None,
+                )
+                two = max(
+                    (
+                        v
+                        for k, v in summ.items()
+                        if k.startswith("gpus01_") and k.endswith(load) and v
+                    ),
+                    key=lambda v: v["throughput"],
+                    default=None,
+                )
+                summ[f"{load}_two_over_one_at_slo"] = (
+                    two["throughput"] / one["throughput"] if one and two else None
+                )
                 # at the saturating load (the most each reached, whatever its P99)
                 sat = {}
                 for g in ("gpus0_", "gpus01_"):
-                    cands = [(k, p) for k, p in pts.items() if k.startswith(g) and f"_{load}_c" in k and "error" not in p]
+                    cands = [
+                        (k, p)
+                        for k, p in pts.items()
+                        if k.startswith(g) and f"_{load}_c" in k and "error" not in p
+                    ]
                     if cands:
                         k, p = max(cands, key=lambda kp: kp[1]["throughput"])
-                        sat[g.rstrip("_")] = {"point": k, "throughput": p["throughput"], "p99_ms": p["p99_ms"],
-                                              "gpu_util_per_gpu": p["gpu_util_per_gpu"]}
+                        sat[g.rstrip("_")] = {
+                            "point": k,
+                            "throughput": p["throughput"],
+                            "p99_ms": p["p99_ms"],
+                            "gpu_util_per_gpu": p["gpu_util_per_gpu"],
+                        }
                 summ[f"{load}_saturating"] = sat
                 if len(sat) == 2:
-                    summ[f"{load}_two_over_one_saturating"] = sat["gpus01"]["throughput"] / sat["gpus0"]["throughput"]
+                    summ[f"{load}_two_over_one_saturating"] = (
+                        sat["gpus01"]["throughput"] / sat["gpus0"]["throughput"]
+                    )
             out["summary"] = summ
         except Exception as e:
             out["error"] = f"{type(e).__name__}: {e}"[:2000]

@@ -36,11 +36,15 @@ def pytest_collection_modifyitems(config, items):
         reasons["gpu"] = "needs a CUDA GPU (torch.cuda.is_available() is False)"
     if any("tensorrt" in i.keywords for i in items):
         if importlib.util.find_spec("tensorrt") is None:
-            reasons["tensorrt"] = "needs TensorRT >= 10: pip install 'ugt-serving[tensorrt]' (not installable on this machine)"
+            reasons["tensorrt"] = (
+                "needs TensorRT >= 10: pip install 'ugt-serving[tensorrt]' (not installable on this machine)"
+            )
         elif not _cuda():
             reasons["tensorrt"] = "needs a CUDA GPU for TensorRT"
     if any("server" in i.keywords for i in items) and _tritonserver() is None:
-        reasons["server"] = "needs the tritonserver binary: pip install nvidia-pytriton (or set TRITONSERVER_BIN)"
+        reasons["server"] = (
+            "needs the tritonserver binary: pip install nvidia-pytriton (or set TRITONSERVER_BIN)"
+        )
     for item in items:
         for marker, reason in reasons.items():
             if marker in item.keywords:

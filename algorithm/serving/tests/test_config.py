@@ -47,8 +47,18 @@ def test_export_config_rejects(field, value):
 
 def test_export_config_guide_defaults():
     c = ExportConfig()
-    assert (c.model_name, c.precision, c.max_batch_size, c.max_seq_length) == ("ugt_recommend", "fp16", 64, 1024)
-    assert (c.min_batch_size, c.opt_batch_size, c.min_seq_length, c.opt_seq_length) == (1, 32, 1, 512)
+    assert (c.model_name, c.precision, c.max_batch_size, c.max_seq_length) == (
+        "ugt_recommend",
+        "fp16",
+        64,
+        1024,
+    )
+    assert (c.min_batch_size, c.opt_batch_size, c.min_seq_length, c.opt_seq_length) == (
+        1,
+        32,
+        1,
+        512,
+    )
     assert c.do_constant_folding is True and c.workspace_size_gb == 4
     assert c.codebook_sizes == (1024, 4096, 16384) and c.num_recommendations == 50
     assert c.min_recall("fp16") == 0.95 and c.min_recall("int8") == 0.90
@@ -78,8 +88,17 @@ def test_triton_config_rejects(field, value):
 
 def test_triton_config_guide_defaults():
     c = TritonConfig()
-    assert (c.platform, c.instance_count, c.preferred_batch_sizes) == ("tensorrt_plan", 2, (8, 16, 32, 64))
-    assert (c.max_queue_delay_us, c.gpus, c.instance_kind, c.enable_dynamic_batching) == (100, (0,), "KIND_GPU", True)
+    assert (c.platform, c.instance_count, c.preferred_batch_sizes) == (
+        "tensorrt_plan",
+        2,
+        (8, 16, 32, 64),
+    )
+    assert (c.max_queue_delay_us, c.gpus, c.instance_kind, c.enable_dynamic_batching) == (
+        100,
+        (0,),
+        "KIND_GPU",
+        True,
+    )
 
 
 @pytest.mark.parametrize(
@@ -109,7 +128,12 @@ def test_benchmark_config_rejects(field, value):
 
 def test_benchmark_config_guide_defaults():
     c = BenchmarkConfig()
-    assert (c.triton_url, c.num_warmup_requests, c.num_requests, c.concurrency) == ("localhost:8001", 100, 10000, 1)
+    assert (c.triton_url, c.num_warmup_requests, c.num_requests, c.concurrency) == (
+        "localhost:8001",
+        100,
+        10000,
+        1,
+    )
     assert c.test_batch_sizes == (1, 8, 16, 32) and c.test_seq_lengths == (32, 64, 128, 256)
 
 

@@ -32,9 +32,15 @@ def test_graph_rules(onnx_model):
     assert "TopK" in ops
     info = check_graph(proto)
     assert info["opset"] == 18
-    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
+    dims = [
+        [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in proto.graph.input
+    ]
     assert all(d == ["batch", "seq_len"] for d in dims)
-    out = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+    out = {
+        o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+        for o in proto.graph.output
+    }
     assert out["recommendations"][0] == "batch" and out["recommendations"][1:] == [50, 3]
     assert out["scores"][0] == "batch" and out["scores"][1:] == [50]
 
@@ -50,7 +56,11 @@ def test_parity_report_written(onnx_model):
 def test_sidecar(onnx_model):
     meta = read_sidecar(onnx_model)
     assert [i["name"] for i in meta["inputs"]] == [
-        "encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask"]
+        "encoder_l1_ids",
+        "encoder_l2_ids",
+        "encoder_l3_ids",
+        "attention_mask",
+    ]
     assert [o["name"] for o in meta["outputs"]] == ["recommendations", "scores"]
     assert meta["num_recommendations"] == 50 and meta["codebook_sizes"] == [1024, 4096, 16384]
 
@@ -61,10 +71,12 @@ def test_trained_model_parity_on_real_histories(trained, onnx_model, batch, seq)
     x = random_inputs(batch, seq, ragged=True, rng=np.random.default_rng(batch * seq))
     ref, got = TorchRunner(model).infer(x), OnnxRuntimeRunner(onnx_model).infer(x)
     np.testing.assert_allclose(got["scores"], ref["scores"], atol=1e-3)
-    overlap = np.mean([
-        len({tuple(a) for a in r} & {tuple(b) for b in g}) / 50
-        for r, g in zip(ref["recommendations"], got["recommendations"], strict=True)
-    ])
+    overlap = np.mean(
+        [
+            len({tuple(a) for a in r} & {tuple(b) for b in g}) / 50
+            for r, g in zip(ref["recommendations"], got["recommendations"], strict=True)
+        ]
+    )
     assert overlap >= 0.99
 
 
@@ -84,17 +96,35 @@ def test_onnx_treats_out_of_range_ids_as_padding(onnx_model):
 
 
 def test_non_default_config_parity(tmp_path):
-    cfg = UGTConfig(codebook_sizes=(64, 128, 512), d_model=32, n_heads=2, n_encoder_layers=3,
-                    n_decoder_layers=2, d_ff=64, max_seq_length=200, num_recommendations=20)
+    cfg = UGTConfig(
+        codebook_sizes=(64, 128, 512),
+        d_model=32,
+        n_heads=2,
+        n_encoder_layers=3,
+        n_decoder_layers=2,
+        d_ff=64,
+        max_seq_length=200,
+        num_recommendations=20,
+    )
     torch.manual_seed(1)
     model = UGTModel(cfg)
-    ec = ExportConfig(codebook_sizes=(64, 128, 512), num_recommendations=20, max_seq_length=200, max_batch_size=16)
+    ec = ExportConfig(
+        codebook_sizes=(64, 128, 512), num_recommendations=20, max_seq_length=200, max_batch_size=16
+    )
     path = export_to_onnx(model, tmp_path / "odd.onnx", ec)
     proto = onnx.load(path)
-    out = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+    out = {
+        o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+        for o in proto.graph.output
+    }
     assert out["recommendations"][1:] == [20, 3]
     report = json.loads((tmp_path / "odd.parity.json").read_text())
-    assert report["passed"] and set(report["cases"]) == {"batch1_seq1", "batch16", "seq200", "ragged"}
+    assert report["passed"] and set(report["cases"]) == {
+        "batch1_seq1",
+        "batch16",
+        "seq200",
+        "ragged",
+    }
 
 
 def test_export_refuses_mismatched_config(tmp_path):
@@ -118,8 +148,10 @@ def test_parity_failure_raises_with_numbers(trained, onnx_model, tmp_path):
 def test_model_wrapper_accepts_dict_outputs():
     class DictModel(torch.nn.Module):
         def forward(self, a, b, c, m):
-            return {"recommendations": torch.zeros(a.shape[0], 2, 3, dtype=torch.int32),
-                    "scores": torch.zeros(a.shape[0], 2, dtype=torch.float16)}
+            return {
+                "recommendations": torch.zeros(a.shape[0], 2, 3, dtype=torch.int32),
+                "scores": torch.zeros(a.shape[0], 2, dtype=torch.float16),
+            }
 
     recs, scores = ModelWrapper(DictModel())(*[torch.zeros(1, 2, dtype=torch.long)] * 4)
     assert recs.dtype == torch.int64 and scores.dtype == torch.float32
@@ -127,7 +159,9 @@ def test_model_wrapper_accepts_dict_outputs():
 
 def test_serving_exporter_export(trained, tmp_path):
     model, _, _ = trained
-    exporter = create_exporter(model_name="my_model", precision="fp16", max_batch_size=8, max_seq_length=64)
+    exporter = create_exporter(
+        model_name="my_model", precision="fp16", max_batch_size=8, max_seq_length=64
+    )
     assert isinstance(exporter, ServingExporter)
     path = exporter.export_onnx(model, str(tmp_path / "m.onnx"))
     assert Path(path).is_file() and read_sidecar(path)["model_name"] == "my_model"

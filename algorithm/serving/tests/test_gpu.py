@@ -94,7 +94,9 @@ def test_full_batches_take_the_dense_path_and_match(model, rng):
 def test_engine_does_not_modify_the_callers_model(model):
     before = model.heads[0].weight.clone()
     GpuEngine(model, EngineConfig(dtype="bf16"), device="cpu")
-    assert model.heads[0].weight.dtype == torch.float32 and torch.equal(model.heads[0].weight, before)
+    assert model.heads[0].weight.dtype == torch.float32 and torch.equal(
+        model.heads[0].weight, before
+    )
 
 
 def test_packed_layout_keeps_only_valid_tokens_at_their_positions(model, rng):
@@ -102,7 +104,9 @@ def test_packed_layout_keeps_only_valid_tokens_at_their_positions(model, rng):
     engine = GpuEngine(model, EngineConfig(dtype="fp32", dense_when_full=False), device="cpu")
     tokens, _ = engine.tokens_from_arrays(*(inp[k] for k in INPUT_NAMES))
     valid = inp["attention_mask"] > 0
-    for ids, size in zip(("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids"), SMALL.codebook_sizes, strict=True):
+    for ids, size in zip(
+        ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids"), SMALL.codebook_sizes, strict=True
+    ):
         valid &= (inp[ids] >= 0) & (inp[ids] < size)
     rows, cols = np.nonzero(valid)
     assert tokens.kind == "packed" and tokens.lengths == tuple(valid.sum(1))
@@ -112,7 +116,9 @@ def test_packed_layout_keeps_only_valid_tokens_at_their_positions(model, rng):
     assert cu == [0, *np.cumsum(valid.sum(1)).tolist()]
     # memory rows: each user's null slot, then its tokens
     assert tokens.null_idx.tolist() == [c + i for i, c in enumerate(cu[:-1])]
-    assert sorted(tokens.null_idx.tolist() + tokens.tok_to_mem.tolist()) == list(range(len(rows) + 4))
+    assert sorted(tokens.null_idx.tolist() + tokens.tok_to_mem.tolist()) == list(
+        range(len(rows) + 4)
+    )
 
 
 def test_requests_of_mixed_lengths_match_one_by_one(model, rng):
@@ -148,8 +154,12 @@ def test_infer_torch_returns_tensors_on_the_runner_device(model, rng):
 
 def test_warmup_serves_dense_and_mixed_requests_then_freezes(model):
     spec = [[2, 8], {"lognormal": [6, 0.5, 20], "batches": [3], "repeats": 1}]
-    runner = TorchRunner(model, engine=EngineConfig(dtype="fp32", capture_new_shapes=False), warmup=spec)
-    assert runner.engine.graph_count == 0 and runner.engine.frozen  # no CUDA here: eager, every path ran
+    runner = TorchRunner(
+        model, engine=EngineConfig(dtype="fp32", capture_new_shapes=False), warmup=spec
+    )
+    assert (
+        runner.engine.graph_count == 0 and runner.engine.frozen
+    )  # no CUDA here: eager, every path ran
 
 
 def test_bf16_engine_keeps_recall_of_a_trained_model(trained):
@@ -159,7 +169,9 @@ def test_bf16_engine_keeps_recall_of_a_trained_model(trained):
         48, 4, 48, np.random.default_rng(5)
     )
     engine = GpuEngine(model, EngineConfig(dtype="bf16", head_precision="fp32"), device="cpu")
-    report = compare_outputs(_reference(model, batch), _as_np(*engine(*(batch[k] for k in INPUT_NAMES))))
+    report = compare_outputs(
+        _reference(model, batch), _as_np(*engine(*(batch[k] for k in INPUT_NAMES)))
+    )
     assert report["recall_overlap"] >= 0.95, report
     assert report["finite_scores"]
 
@@ -261,7 +273,9 @@ def test_gpu_frozen_engine_runs_new_shapes_eagerly(model, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
+)
 def test_gpu_engine_on_a_second_device_captures_there(model, rng):
     """Triton puts instances on cuda:1 while the process's current device stays cuda:0."""
     engine = GpuEngine(model, EngineConfig(dtype="bf16"), device="cuda:1")
@@ -279,5 +293,7 @@ def test_gpu_runner_requests_and_device_outputs(model, rng):
     outs = runner.infer_requests(reqs, output="torch")
     assert all(o["scores"].is_cuda for o in outs)
     ref = _reference(model, inp)
-    got = {k: np.concatenate([o[k].cpu().numpy() for o in outs]) for k in ("recommendations", "scores")}
+    got = {
+        k: np.concatenate([o[k].cpu().numpy() for o in outs]) for k in ("recommendations", "scores")
+    }
     assert compare_outputs(ref, got)["recall_overlap"] >= 0.9

@@ -21,7 +21,10 @@ from algorithm.serving.runners import INPUT_NAMES
 EC = ExportConfig(model_name="ugt", max_batch_size=16, num_recommendations=50)
 SIDECAR = {
     "inputs": [{"name": n, "dtype": "int64"} for n in INPUT_NAMES],
-    "outputs": [{"name": "recommendations", "dtype": "int64"}, {"name": "scores", "dtype": "float32"}],
+    "outputs": [
+        {"name": "recommendations", "dtype": "int64"},
+        {"name": "scores", "dtype": "float32"},
+    ],
     "num_recommendations": 50,
     "max_batch_size": 64,
 }
@@ -50,22 +53,33 @@ def _content(repo, version, where=""):
 def test_deploy_numbers_versions_and_publishes_complete_folders(repo, tmp_path):
     mgr = ModelVersionManager(repo)
     assert mgr.list_versions("ugt") == []
-    assert [mgr.deploy_version("ugt", _artifact(tmp_path, f"a{i}.onnx", b"%d" % i)) for i in range(3)] == [1, 2, 3]
+    assert [
+        mgr.deploy_version("ugt", _artifact(tmp_path, f"a{i}.onnx", b"%d" % i)) for i in range(3)
+    ] == [1, 2, 3]
     assert mgr.list_versions("ugt") == [1, 2, 3]
-    assert sorted(p.name for p in (repo / "ugt" / "3").iterdir()) == ["model.onnx", "model.py", "ugt_model.json"]
+    assert sorted(p.name for p in (repo / "ugt" / "3").iterdir()) == [
+        "model.onnx",
+        "model.py",
+        "ugt_model.json",
+    ]
     assert json.loads((repo / "ugt" / "ugt_model.json").read_text()) == SIDECAR
     assert mgr.served_versions("ugt") == [3] and mgr.default_version("ugt") == 3
     assert not list((repo / "ugt").glob(".staging-*"))
     with pytest.raises(RepositoryError, match="already exists"):
         mgr.deploy_version("ugt", _artifact(tmp_path, "b.onnx", b"x"), version=2)
-    assert mgr.deploy_version("ugt", _artifact(tmp_path, "b.onnx", b"new"), version=2, replace=True) == 2
+    assert (
+        mgr.deploy_version("ugt", _artifact(tmp_path, "b.onnx", b"new"), version=2, replace=True)
+        == 2
+    )
     assert _content(repo, 2) == b"\x08new"
 
 
 def test_a_failed_publish_leaves_nothing_behind(repo, tmp_path):
     xml = tmp_path / "ov.xml"
     xml.write_text("<net/>")  # weights (.bin) missing
-    TritonConfigGenerator(EC.replace(model_name="ov"), TritonConfig(platform="openvino", instance_kind="KIND_CPU")).generate(repo)
+    TritonConfigGenerator(
+        EC.replace(model_name="ov"), TritonConfig(platform="openvino", instance_kind="KIND_CPU")
+    ).generate(repo)
     with pytest.raises(InputFileNotFoundError, match="weights"):
         ModelVersionManager(repo).deploy_version("ov", xml)
     assert sorted(p.name for p in (repo / "ov").iterdir()) == ["config.pbtxt"]
@@ -102,8 +116,12 @@ def test_readers_never_see_a_half_written_version(repo, tmp_path):
 def test_unsafe_model_names_are_refused_everywhere(repo, tmp_path, name):
     mgr = ModelVersionManager(repo)
     art = _artifact(tmp_path, "a.onnx", b"1")
-    for call in (lambda: mgr.deploy_version(name, art), lambda: mgr.rollback(name, 1),
-                 lambda: mgr.cleanup_old_versions(name), lambda: mgr.list_versions(name)):
+    for call in (
+        lambda: mgr.deploy_version(name, art),
+        lambda: mgr.rollback(name, 1),
+        lambda: mgr.cleanup_old_versions(name),
+        lambda: mgr.list_versions(name),
+    ):
         with pytest.raises(RepositoryError):
             call()
     result = validate_deployment(repo, name)
@@ -157,7 +175,9 @@ def test_cleanup_keeps_the_newest_and_never_the_served_version(repo, tmp_path):
 
 def test_served_versions_follow_the_version_policy(tmp_path):
     repo = tmp_path / "repo"
-    TritonConfigGenerator(EC, TritonConfig(platform="python", instance_kind="KIND_CPU", version_policy="all")).generate(repo)
+    TritonConfigGenerator(
+        EC, TritonConfig(platform="python", instance_kind="KIND_CPU", version_policy="all")
+    ).generate(repo)
     mgr = ModelVersionManager(repo)
     for i in range(1, 4):
         mgr.deploy_version("ugt", _artifact(tmp_path, f"a{i}.onnx", b"v%d" % i))
@@ -195,7 +215,9 @@ def _break(repo, how):
     if how == "no_config":
         (model / "config.pbtxt").unlink()
     elif how == "bad_config":
-        (model / "config.pbtxt").write_text((model / "config.pbtxt").read_text() + "\nbogus_field: 3\n")
+        (model / "config.pbtxt").write_text(
+            (model / "config.pbtxt").read_text() + "\nbogus_field: 3\n"
+        )
     elif how == "empty_artifact":
         (model / "2" / "model.onnx").write_bytes(b"")
     elif how == "missing_artifact":
@@ -208,12 +230,21 @@ def _break(repo, how):
         shutil.rmtree(model / "1")
         shutil.rmtree(model / "2")
     elif how == "name_mismatch":
-        sidecar = dict(SIDECAR, outputs=[{"name": "items", "dtype": "int64"}, {"name": "scores", "dtype": "float32"}])
+        sidecar = dict(
+            SIDECAR,
+            outputs=[{"name": "items", "dtype": "int64"}, {"name": "scores", "dtype": "float32"}],
+        )
         (model / "2" / "ugt_model.json").write_text(json.dumps(sidecar))
     elif how == "k_mismatch":
-        (model / "2" / "ugt_model.json").write_text(json.dumps(dict(SIDECAR, num_recommendations=10)))
+        (model / "2" / "ugt_model.json").write_text(
+            json.dumps(dict(SIDECAR, num_recommendations=10))
+        )
     elif how == "platform_mismatch":
-        cfg = (model / "config.pbtxt").read_text().replace('backend: "python"', 'platform: "tensorrt_plan"')
+        cfg = (
+            (model / "config.pbtxt")
+            .read_text()
+            .replace('backend: "python"', 'platform: "tensorrt_plan"')
+        )
         (model / "config.pbtxt").write_text(cfg)
 
 
@@ -262,13 +293,35 @@ def _cli(*args):
 def test_cli_config_prints_or_writes_a_schema_valid_config(tmp_path):
     from algorithm.serving.triton_config import parse_config
 
-    printed = _cli("config", "--platform", "onnxruntime_onnx", "--instance-kind", "KIND_GPU", "--gpus", "0,1",
-                   "--trt-precision", "fp16", "--model-name", "rec")
+    printed = _cli(
+        "config",
+        "--platform",
+        "onnxruntime_onnx",
+        "--instance-kind",
+        "KIND_GPU",
+        "--gpus",
+        "0,1",
+        "--trt-precision",
+        "fp16",
+        "--model-name",
+        "rec",
+    )
     assert printed.exit_code == 0, printed.output
     cfg = parse_config(json.loads(printed.stdout)["config"])
     assert cfg.name == "rec" and list(cfg.instance_group[0].gpus) == [0, 1]
-    written = _cli("config", "-r", tmp_path, "--platform", "python", "--instance-kind", "KIND_CPU",
-                   "--preferred-batch-sizes", "2,4", "--max-batch-size", "4")
+    written = _cli(
+        "config",
+        "-r",
+        tmp_path,
+        "--platform",
+        "python",
+        "--instance-kind",
+        "KIND_CPU",
+        "--preferred-batch-sizes",
+        "2,4",
+        "--max-batch-size",
+        "4",
+    )
     assert written.exit_code == 0, written.output
     cfg = parse_config((tmp_path / "ugt_recommend" / "config.pbtxt").read_text())
     assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 4] and cfg.backend == "python"
@@ -282,8 +335,13 @@ def test_cli_validate_and_versions(valid_repo, tmp_path):
     ok = _cli("validate", valid_repo, "--model", "ugt")
     assert ok.exit_code == 0 and json.loads(ok.stdout)["valid"]
     listed = _cli("versions", "list", valid_repo, "-m", "ugt")
-    assert [(r["version"], r["status"]) for r in json.loads(listed.stdout)["versions"]] == [(1, "available"), (2, "served")]
-    published = _cli("versions", "deploy", _artifact(tmp_path, "c.onnx", b"3"), valid_repo, "-m", "ugt")
+    assert [(r["version"], r["status"]) for r in json.loads(listed.stdout)["versions"]] == [
+        (1, "available"),
+        (2, "served"),
+    ]
+    published = _cli(
+        "versions", "deploy", _artifact(tmp_path, "c.onnx", b"3"), valid_repo, "-m", "ugt"
+    )
     assert published.exit_code == 0 and json.loads(published.stdout)["version"] == 3
     rolled = _cli("versions", "rollback", "1", valid_repo, "-m", "ugt")
     assert rolled.exit_code == 0 and json.loads(rolled.stdout)["served"] == 1

@@ -31,8 +31,13 @@ from algorithm.ugt.data import random_inputs
 CODEBOOKS = (1024, 4096, 16384)
 EC = ExportConfig(model_name="ugt", max_batch_size=16, opt_seq_length=32)
 # A long queue delay lets concurrent requests meet in one batch on a 2-core machine.
-TC = TritonConfig(platform="python", instance_kind="KIND_CPU", instance_count=1,
-                  preferred_batch_sizes=(16,), max_queue_delay_us=100_000)
+TC = TritonConfig(
+    platform="python",
+    instance_kind="KIND_CPU",
+    instance_count=1,
+    preferred_batch_sizes=(16,),
+    max_queue_delay_us=100_000,
+)
 
 
 def _close(ref, got, what=""):
@@ -47,18 +52,27 @@ def served(trained, onnx_model, tmp_path_factory):
     model, _, checkpoint = trained
     repo = tmp_path_factory.mktemp("repo")
     TritonConfigGenerator(EC, TC).generate(repo, model_file=onnx_model)
-    TritonConfigGenerator(EC.replace(model_name="ugt_versions"), TC.replace(python_runtime="torch", max_queue_delay_us=0)).generate(
-        repo, model_file=checkpoint
-    )
+    TritonConfigGenerator(
+        EC.replace(model_name="ugt_versions"),
+        TC.replace(python_runtime="torch", max_queue_delay_us=0),
+    ).generate(repo, model_file=checkpoint)
     # Tensors through DLPack (what numpy 2 environments use) and the response cache.
-    gen = TritonConfigGenerator(EC.replace(model_name="ugt_dlpack"), TC.replace(response_cache=True))
+    gen = TritonConfigGenerator(
+        EC.replace(model_name="ugt_dlpack"), TC.replace(response_cache=True)
+    )
     gen.generate(repo, model_file=onnx_model)
     cfg = gen.build_config("model.onnx")
     cfg.parameters["tensor_transport"].string_value = "dlpack"
     (repo / "ugt_dlpack" / "config.pbtxt").write_text(config_to_text(cfg))
     assert validate_deployment(repo)["valid"]
-    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, model_control="explicit",
-                      response_cache_bytes=1 << 20) as server:
+    with TritonServer(
+        repo,
+        http_port=0,
+        grpc_port=0,
+        metrics_port=0,
+        model_control="explicit",
+        response_cache_bytes=1 << 20,
+    ) as server:
         yield server, repo, TorchRunner(model)
 
 
@@ -86,8 +100,11 @@ def test_grpc_and_http_answers_equal_pytorch(served):
 
     server, _, ref = served
     rng = np.random.default_rng(7)
-    cases = [random_inputs(1, 1, CODEBOOKS, rng), random_inputs(3, 40, CODEBOOKS, rng, ragged=True),
-             random_inputs(2, 300, CODEBOOKS, rng)]
+    cases = [
+        random_inputs(1, 1, CODEBOOKS, rng),
+        random_inputs(3, 40, CODEBOOKS, rng, ragged=True),
+        random_inputs(2, 300, CODEBOOKS, rng),
+    ]
     http = httpclient.InferenceServerClient(server.http_url)
     for x in cases:
         expected = ref.infer(x)
@@ -101,7 +118,11 @@ def test_grpc_and_http_answers_equal_pytorch(served):
             i.set_data_from_numpy(x[name], binary_data=True)
             inputs.append(i)
         r = http.infer("ugt", inputs)
-        _close(expected, {"recommendations": r.as_numpy("recommendations"), "scores": r.as_numpy("scores")}, "http")
+        _close(
+            expected,
+            {"recommendations": r.as_numpy("recommendations"), "scores": r.as_numpy("scores")},
+            "http",
+        )
 
 
 def _fire(url, requests, model="ugt"):
@@ -112,10 +133,20 @@ def _fire(url, requests, model="ugt"):
     results: list = [None] * len(requests)
     pending = []
     for i, x in enumerate(requests):
+
         def done(result, error, i=i):
-            results[i] = (None, error) if error else (
-                {"recommendations": result.as_numpy("recommendations"), "scores": result.as_numpy("scores")}, None
+            results[i] = (
+                (None, error)
+                if error
+                else (
+                    {
+                        "recommendations": result.as_numpy("recommendations"),
+                        "scores": result.as_numpy("scores"),
+                    },
+                    None,
+                )
             )
+
         pending.append(client.async_infer(model, _grpc_inputs(x), done))
     deadline = time.monotonic() + 60
     while any(r is None for r in results) and time.monotonic() < deadline:
@@ -314,8 +345,13 @@ def test_export_script_deploys_validates_and_serves_until_interrupted(trained, t
         "CHECKPOINT_PATH": str(checkpoint), "MODEL_REPOSITORY": str(tmp_path / "repo"),
     }  # fmt: skip
     log = open(tmp_path / "script.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(["bash", str(script), "--skip-trt", "--start-server", "--", "--instance-kind", "KIND_CPU"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(script), "--skip-trt", "--start-server", "--", "--instance-kind", "KIND_CPU"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         url = f"127.0.0.1:{ports['GRPC_PORT']}"
         deadline = time.monotonic() + 400
@@ -334,7 +370,10 @@ def test_export_script_deploys_validates_and_serves_until_interrupted(trained, t
         _close(TorchRunner(model).infer(x), _grpc_infer(url, x, "ugt_script"), "export.sh")
         result = validate_deployment(tmp_path / "repo", "ugt_script")
         assert result["valid"] and result["info"]["versions"] == [1]
-        assert json_of(tmp_path / "repo" / "ugt_script" / "1" / "ugt_model.json")["backend"] == "onnxruntime"
+        assert (
+            json_of(tmp_path / "repo" / "ugt_script" / "1" / "ugt_model.json")["backend"]
+            == "onnxruntime"
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)

@@ -29,7 +29,9 @@ COMBINATIONS = [
     ("python", "KIND_GPU"),
     ("python", "KIND_CPU"),
 ]
-EC = ExportConfig(model_name="ugt_test", max_batch_size=32, num_recommendations=20, opt_seq_length=128)
+EC = ExportConfig(
+    model_name="ugt_test", max_batch_size=32, num_recommendations=20, opt_seq_length=128
+)
 
 
 def _strict(text: str):
@@ -39,17 +41,28 @@ def _strict(text: str):
 
 @pytest.mark.parametrize(("platform", "kind"), COMBINATIONS)
 def test_every_platform_and_kind_parses_strictly_and_matches_the_model(platform, kind):
-    tc = TritonConfig(platform=platform, instance_kind=kind, gpus=(0, 1) if kind == "KIND_GPU" else (),
-                      instance_count=3, preferred_batch_sizes=(4, 8, 16, 64), max_queue_delay_us=500,
-                      max_queue_size=128, default_queue_timeout_us=20_000,
-                      trt_accelerator_precision="fp16" if platform == "onnxruntime_onnx" and kind == "KIND_GPU" else None)
+    tc = TritonConfig(
+        platform=platform,
+        instance_kind=kind,
+        gpus=(0, 1) if kind == "KIND_GPU" else (),
+        instance_count=3,
+        preferred_batch_sizes=(4, 8, 16, 64),
+        max_queue_delay_us=500,
+        max_queue_size=128,
+        default_queue_timeout_us=20_000,
+        trt_accelerator_precision="fp16"
+        if platform == "onnxruntime_onnx" and kind == "KIND_GPU"
+        else None,
+    )
     cfg = _strict(TritonConfigGenerator(EC, tc).config_text())
 
     assert cfg.name == "ugt_test" and cfg.max_batch_size == 32
     assert [i.name for i in cfg.input] == list(INPUT_NAMES)
     assert all(i.data_type == pb.TYPE_INT64 and list(i.dims) == [-1] for i in cfg.input)
     outputs = {o.name: o for o in cfg.output}
-    assert outputs["recommendations"].data_type == pb.TYPE_INT64 and list(outputs["recommendations"].dims) == [20, 3]
+    assert outputs["recommendations"].data_type == pb.TYPE_INT64 and list(
+        outputs["recommendations"].dims
+    ) == [20, 3]
     assert outputs["scores"].data_type == pb.TYPE_FP32 and list(outputs["scores"].dims) == [20]
     # Preferred sizes above max_batch_size are left out; queue policy rejects on timeout.
     db = cfg.dynamic_batching
@@ -62,7 +75,11 @@ def test_every_platform_and_kind_parses_strictly_and_matches_the_model(platform,
     assert list(group.gpus) == ([0, 1] if kind == "KIND_GPU" else [])
     assert cfg.version_policy.latest.num_versions == 1
     assert [w.batch_size for w in cfg.model_warmup] == [1]
-    assert all(list(w.inputs[n].dims) == [128] and w.inputs[n].zero_data for w in cfg.model_warmup for n in INPUT_NAMES)
+    assert all(
+        list(w.inputs[n].dims) == [128] and w.inputs[n].zero_data
+        for w in cfg.model_warmup
+        for n in INPUT_NAMES
+    )
 
     if platform == "tensorrt_plan":
         assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
@@ -89,23 +106,33 @@ def test_every_platform_and_kind_parses_strictly_and_matches_the_model(platform,
 
 
 def test_strict_parse_rejects_unknown_fields_and_bad_enums():
-    text = TritonConfigGenerator(EC, TritonConfig(platform="python", instance_kind="KIND_CPU")).config_text()
+    text = TritonConfigGenerator(
+        EC, TritonConfig(platform="python", instance_kind="KIND_CPU")
+    ).config_text()
     with pytest.raises(text_format.ParseError):
-        parse_config(text + '\nnot_a_field: 1\n')
+        parse_config(text + "\nnot_a_field: 1\n")
     with pytest.raises(text_format.ParseError):
         parse_config(text.replace("KIND_CPU", "KIND_TPU"))
 
 
 def test_options_switch_sections_on_and_off():
-    tc = TritonConfig(platform="tensorrt_plan", enable_dynamic_batching=False, model_warmup=False,
-                      cuda_graphs=False, version_policy="all", response_cache=True)
+    tc = TritonConfig(
+        platform="tensorrt_plan",
+        enable_dynamic_batching=False,
+        model_warmup=False,
+        cuda_graphs=False,
+        version_policy="all",
+        response_cache=True,
+    )
     cfg = _strict(TritonConfigGenerator(EC, tc).config_text())
     assert not cfg.HasField("dynamic_batching") and len(cfg.model_warmup) == 0
     assert not cfg.optimization.cuda.graphs
     assert cfg.version_policy.WhichOneof("policy_choice") == "all"
     assert cfg.response_cache.enable
     # No queue limits configured: no queue policy written.
-    cfg = _strict(TritonConfigGenerator(EC, TritonConfig(platform="onnxruntime_onnx")).config_text())
+    cfg = _strict(
+        TritonConfigGenerator(EC, TritonConfig(platform="onnxruntime_onnx")).config_text()
+    )
     assert not cfg.dynamic_batching.HasField("default_queue_policy")
 
 
@@ -113,7 +140,10 @@ def test_buckets_give_one_warmup_and_graph_per_length():
     ec = EC.replace(seq_length_buckets=(64, 256))
     cfg = _strict(TritonConfigGenerator(ec, TritonConfig(preferred_batch_sizes=(8,))).config_text())
     assert [list(w.inputs["attention_mask"].dims) for w in cfg.model_warmup] == [[64], [256]]
-    assert [list(s.input["encoder_l1_ids"].dim) for s in cfg.optimization.cuda.graph_spec] == [[64], [256]]
+    assert [list(s.input["encoder_l1_ids"].dim) for s in cfg.optimization.cuda.graph_spec] == [
+        [64],
+        [256],
+    ]
 
 
 @pytest.mark.parametrize(
@@ -121,8 +151,14 @@ def test_buckets_give_one_warmup_and_graph_per_length():
     [
         ({"platform": "openvino", "instance_kind": "KIND_GPU"}, "instance_kind"),
         ({"platform": "python", "trt_accelerator_precision": "fp16"}, "trt_accelerator_precision"),
-        ({"platform": "onnxruntime_onnx", "instance_kind": "KIND_CPU", "trt_accelerator_precision": "fp16"},
-         "trt_accelerator_precision"),
+        (
+            {
+                "platform": "onnxruntime_onnx",
+                "instance_kind": "KIND_CPU",
+                "trt_accelerator_precision": "fp16",
+            },
+            "trt_accelerator_precision",
+        ),
     ],
 )
 def test_impossible_combinations_name_the_field(changes, field):
@@ -157,7 +193,13 @@ def test_generate_writes_the_repository_entry_for_each_platform(tmp_path):
     for platform, (artifact, files) in cases.items():
         kind = "KIND_CPU" if platform in ("python", "openvino") else "KIND_GPU"
         ec = EC.replace(model_name=f"m_{platform}")
-        path = generate_triton_config(repo, ec, TritonConfig(platform=platform, instance_kind=kind), model_file=artifact, version=2)
+        path = generate_triton_config(
+            repo,
+            ec,
+            TritonConfig(platform=platform, instance_kind=kind),
+            model_file=artifact,
+            version=2,
+        )
         assert path == str(repo / f"m_{platform}" / "config.pbtxt")
         assert _strict(Path(path).read_text()).name == f"m_{platform}"
         assert sorted(p.name for p in (repo / f"m_{platform}" / "2").iterdir()) == sorted(files)
@@ -172,7 +214,9 @@ def test_generate_without_artifact_writes_only_the_config(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ugt_test").iterdir()) == ["config.pbtxt"]
     assert _strict(Path(path).read_text()).platform == "tensorrt_plan"
     with pytest.raises(InputFileNotFoundError):
-        TritonConfigGenerator(EC, TritonConfig()).generate(tmp_path, model_file=tmp_path / "missing.plan")
+        TritonConfigGenerator(EC, TritonConfig()).generate(
+            tmp_path, model_file=tmp_path / "missing.plan"
+        )
 
 
 def test_exporter_facade_generates_the_same_config(tmp_path):

@@ -70,7 +70,9 @@ def test_out_of_range_ids_are_treated_as_padding(model, rng):
     bad["encoder_l2_ids"][1, 0] = -7
     bad["encoder_l3_ids"][2, 9] = 10**9
     masked = {k: v.copy() for k, v in x.items()}
-    masked["attention_mask"][0, 3] = masked["attention_mask"][1, 0] = masked["attention_mask"][2, 9] = 0
+    masked["attention_mask"][0, 3] = masked["attention_mask"][1, 0] = masked["attention_mask"][
+        2, 9
+    ] = 0
     r1, s1 = run(model, bad)
     r2, s2 = run(model, masked)
     assert torch.equal(r1, r2)
@@ -87,8 +89,16 @@ def test_bad_shapes_raise(model):
 
 
 def test_non_default_config_runs():
-    cfg = UGTConfig(codebook_sizes=(64, 128, 256), d_model=32, n_heads=2, n_encoder_layers=1,
-                    n_decoder_layers=2, d_ff=64, max_seq_length=100, num_recommendations=10)
+    cfg = UGTConfig(
+        codebook_sizes=(64, 128, 256),
+        d_model=32,
+        n_heads=2,
+        n_encoder_layers=1,
+        n_decoder_layers=2,
+        d_ff=64,
+        max_seq_length=100,
+        num_recommendations=10,
+    )
     m = UGTModel(cfg).eval()
     recs, scores = run(m, random_inputs(2, 100, (64, 128, 256)))
     assert recs.shape == (2, 10, 3) and scores.shape == (2, 10)
@@ -96,8 +106,18 @@ def test_non_default_config_runs():
 
 def test_base_preset_matches_issue():
     c = UGTConfig.base()
-    assert (c.d_model, c.n_heads, c.n_encoder_layers, c.n_decoder_layers, c.d_ff) == (512, 8, 8, 4, 2048)
-    assert c.codebook_sizes == (1024, 4096, 16384) and c.num_recommendations == 50 and c.max_seq_length == 1024
+    assert (c.d_model, c.n_heads, c.n_encoder_layers, c.n_decoder_layers, c.d_ff) == (
+        512,
+        8,
+        8,
+        4,
+        2048,
+    )
+    assert (
+        c.codebook_sizes == (1024, 4096, 16384)
+        and c.num_recommendations == 50
+        and c.max_seq_length == 1024
+    )
 
 
 @pytest.mark.parametrize(
@@ -175,7 +195,11 @@ def test_pickle_with_code_is_refused_without_running(tmp_path):
     if os.path.exists(marker):
         os.remove(marker)
     path = tmp_path / "evil.pt"
-    torch.save({"config": {}, "state_dict": {}, "x": _Payload()}, path, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    torch.save(
+        {"config": {}, "state_dict": {}, "x": _Payload()},
+        path,
+        pickle_protocol=pickle.DEFAULT_PROTOCOL,
+    )
     with pytest.raises(CheckpointError, match="weights-only"):
         UGTModel.load(path)
     assert not os.path.exists(marker)

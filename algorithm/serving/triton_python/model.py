@@ -51,15 +51,21 @@ class TritonPythonModel:
         self.name = args.get("model_name", config.get("name", "ugt"))
         self.max_batch_size = int(config.get("max_batch_size", 0))
         self.max_seq_length = int(params.get("max_seq_length", "1024"))
-        self.codebook_sizes = tuple(int(c) for c in params.get("codebook_sizes", "1024,4096,16384").split(","))
+        self.codebook_sizes = tuple(
+            int(c) for c in params.get("codebook_sizes", "1024,4096,16384").split(",")
+        )
         if len(self.codebook_sizes) != len(ID_NAMES):
-            raise ValueError(f"parameter codebook_sizes={self.codebook_sizes} needs {len(ID_NAMES)} sizes")
+            raise ValueError(
+                f"parameter codebook_sizes={self.codebook_sizes} needs {len(ID_NAMES)} sizes"
+            )
         self.dlpack = _DLPACK or params.get("tensor_transport", "") == "dlpack"
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         artifact_name = params.get("artifact", "model.onnx")
         # A hand-edited config must not point the loader outside its version folder.
         if Path(artifact_name).name != artifact_name or artifact_name in ("", ".", ".."):
-            raise ValueError(f"parameter artifact={artifact_name!r} must be a plain file name in {version_dir}")
+            raise ValueError(
+                f"parameter artifact={artifact_name!r} must be a plain file name in {version_dir}"
+            )
         artifact = version_dir / artifact_name
         runtime = params.get("runtime", "onnxruntime")
         gpu = args.get("model_instance_kind") == "GPU"
@@ -72,15 +78,21 @@ class TritonPythonModel:
         if sidecar.is_file():
             with contextlib.suppress(OSError, ValueError):
                 precision = json.loads(sidecar.read_text()).get("precision") or precision
-        options = self._runner_options(runtime, device, int(params.get("threads", "0") or 0),
-                                       precision, params)
+        options = self._runner_options(
+            runtime, device, int(params.get("threads", "0") or 0), precision, params
+        )
         from algorithm.serving.runners import create_runner
 
         self.runner = create_runner(runtime, artifact, **options)
-        _log("info", f"{self.name} v{args['model_version']}: {runtime} runner on {device} over {artifact.name}")
+        _log(
+            "info",
+            f"{self.name} v{args['model_version']}: {runtime} runner on {device} over {artifact.name}",
+        )
 
     @staticmethod
-    def _runner_options(runtime: str, device: str, threads: int, precision: str, params=None) -> dict:
+    def _runner_options(
+        runtime: str, device: str, threads: int, precision: str, params=None
+    ) -> dict:
         """Options for the runner's factory, passed only where its signature takes them.
 
         The torch runner's GPU engine also reads ``batching`` ("length_aware" or "pad"),
@@ -110,7 +122,9 @@ class TritonPythonModel:
             accepted = inspect.signature(runners._RUNNERS[runtime]).parameters
         except (KeyError, TypeError, ValueError):
             return {}
-        named = {n for n, p in accepted.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        named = {
+            n for n, p in accepted.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
         return {k: v for k, v in candidates.items() if k in named}
 
     # -- requests -------------------------------------------------------------------------
@@ -145,12 +159,18 @@ class TritonPythonModel:
             if a.dtype != np.int64:
                 raise BadRequest(f"{name}: dtype {a.dtype}, expected int64")
             if a.shape != first.shape:
-                raise BadRequest(f"{name}: shape {list(a.shape)} differs from {INPUT_NAMES[0]} {list(first.shape)}")
+                raise BadRequest(
+                    f"{name}: shape {list(a.shape)} differs from {INPUT_NAMES[0]} {list(first.shape)}"
+                )
         if first.ndim != 2 or first.shape[0] < 1:
-            raise BadRequest(f"{INPUT_NAMES[0]}: shape {list(first.shape)}, expected [batch, seq_len]")
+            raise BadRequest(
+                f"{INPUT_NAMES[0]}: shape {list(first.shape)}, expected [batch, seq_len]"
+            )
         seq = first.shape[1]
         if not 1 <= seq <= self.max_seq_length:
-            raise BadRequest(f"{INPUT_NAMES[0]}: sequence length {seq} outside [1, {self.max_seq_length}]")
+            raise BadRequest(
+                f"{INPUT_NAMES[0]}: sequence length {seq} outside [1, {self.max_seq_length}]"
+            )
         return arrays
 
     def _in_range(self, arrays: dict[str, np.ndarray]) -> bool:
@@ -175,7 +195,9 @@ class TritonPythonModel:
         if lo < 0 or hi > 1:
             bad = lo if lo < 0 else hi
             where = np.argwhere(mask == bad)[0].tolist()
-            raise BadRequest(f"attention_mask: value {bad} at {where}; only 0 (padding) and 1 (item) are allowed")
+            raise BadRequest(
+                f"attention_mask: value {bad} at {where}; only 0 (padding) and 1 (item) are allowed"
+            )
 
     @staticmethod
     def _pad(batch: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -244,7 +266,9 @@ class TritonPythonModel:
         except Exception as e:  # the runtime failed: every request of this run gets the reason
             _log("error", f"{self.name}: inference failed: {type(e).__name__}: {e}")
             for i, _ in good:
-                responses[i] = _error(f"inference failed: {type(e).__name__}: {e}", invalid_argument=False)
+                responses[i] = _error(
+                    f"inference failed: {type(e).__name__}: {e}", invalid_argument=False
+                )
             return responses
         if by_request is None:
             # one conversion for the batch (a no-op for ONNX Runtime's int64 / fp32 outputs); row
@@ -254,17 +278,23 @@ class TritonPythonModel:
             start = 0
             for i, arrays in good:
                 end = start + arrays[INPUT_NAMES[0]].shape[0]
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                    self._tensor("recommendations", recs[start:end]),
-                    self._tensor("scores", scores[start:end]),
-                ])
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[
+                        self._tensor("recommendations", recs[start:end]),
+                        self._tensor("scores", scores[start:end]),
+                    ]
+                )
                 start = end
             return responses
         for (i, _), out in zip(good, outputs, strict=True):
-            responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                self._tensor("recommendations", np.asarray(out["recommendations"], dtype=np.int64)),
-                self._tensor("scores", np.asarray(out["scores"], dtype=np.float32)),
-            ])
+            responses[i] = pb_utils.InferenceResponse(
+                output_tensors=[
+                    self._tensor(
+                        "recommendations", np.asarray(out["recommendations"], dtype=np.int64)
+                    ),
+                    self._tensor("scores", np.asarray(out["scores"], dtype=np.float32)),
+                ]
+            )
         return responses
 
     def finalize(self):
