@@ -50,7 +50,7 @@ def test_parity_report_written(onnx_model):
     assert report["passed"]
     assert set(report["cases"]) == {"batch1_seq1", "batch64", "seq1024", "ragged"}
     assert report["worst"]["recall_overlap"] >= 0.99
-    assert report["worst"]["max_score_diff"] <= 1e-3
+    assert report["worst"]["max_common_item_score_diff"] <= 1e-3
 
 
 def test_sidecar(onnx_model):
@@ -67,17 +67,15 @@ def test_sidecar(onnx_model):
 
 @pytest.mark.parametrize("batch,seq", [(1, 1), (64, 16), (2, 1024), (5, 300)])
 def test_trained_model_parity_on_real_histories(trained, onnx_model, batch, seq):
+    """Same items, same scores for the items both lists hold (a near-tie may prune a different
+    beam early, which moves position-wise scores: the recall check judges that)."""
+    from algorithm.serving.parity import compare_outputs
+
     model, _, _ = trained
     x = random_inputs(batch, seq, ragged=True, rng=np.random.default_rng(batch * seq))
-    ref, got = TorchRunner(model).infer(x), OnnxRuntimeRunner(onnx_model).infer(x)
-    np.testing.assert_allclose(got["scores"], ref["scores"], atol=1e-3)
-    overlap = np.mean(
-        [
-            len({tuple(a) for a in r} & {tuple(b) for b in g}) / 50
-            for r, g in zip(ref["recommendations"], got["recommendations"], strict=True)
-        ]
-    )
-    assert overlap >= 0.99
+    m = compare_outputs(TorchRunner(model).infer(x), OnnxRuntimeRunner(onnx_model).infer(x))
+    assert m["recall_overlap"] >= 0.99, m
+    assert m["max_common_item_score_diff"] <= 1e-3, m
 
 
 def test_onnx_treats_out_of_range_ids_as_padding(onnx_model):

@@ -42,7 +42,7 @@ TC = TritonConfig(
 
 def _close(ref, got, what=""):
     m = compare_outputs(ref, got)
-    assert m["recall_overlap"] >= 0.99 and m["max_score_diff"] < 1e-3, (what, m)
+    assert m["recall_overlap"] >= 0.99 and m["max_common_item_score_diff"] < 1e-3, (what, m)
 
 
 @pytest.fixture(scope="module")
