@@ -13,6 +13,16 @@ from .result import BenchmarkResult
 logger = logging.getLogger(__name__)
 
 
+def _save(fig, ax, path: Path, plt) -> Path:
+    """The common finish of every plot: grid, legend, tight layout, PNG, close."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plt():
     import matplotlib
 
@@ -104,12 +114,7 @@ def plot_throughput_latency(series, slo_ms: float, slo: dict, path: Path, plt) -
     ax.set_xlabel("throughput (samples/s)")
     ax.set_ylabel("P99 latency (ms)")
     ax.set_title("Throughput vs P99 latency (labels: load)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, plt)
 
 
 def _hist_data(r: BenchmarkResult):
@@ -138,12 +143,7 @@ def plot_histogram(series, path: Path, plt) -> Path:
     ax.set_xlabel("latency (ms, log scale)")
     ax.set_ylabel("requests")
     ax.set_title("Latency distribution")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, plt)
 
 
 def _bars(
