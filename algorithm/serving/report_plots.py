@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 
 def _save(fig, ax, path: Path, plt) -> Path:
-    """The common finish of every plot: grid, legend, tight layout, PNG, close."""
+    """Grid, legend, tight layout, PNG, close: the finish the latency plots share."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
