@@ -38,13 +38,8 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
-if [[ -n "${UGT_SERVING:-}" ]]; then
-  read -r -a CLI <<< "$UGT_SERVING"
-elif command -v ugt-serving >/dev/null 2>&1; then
-  CLI=(ugt-serving)
-else
-  CLI=("${PYTHON:-python3}" -m algorithm.serving.cli)
-fi
+# shellcheck source=_cli.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_cli.sh"
 
 echo "==> benchmarking $MODEL at $URL: $REQUESTS requests, concurrency $CONCURRENCY -> $OUTPUT/" >&2
 exec "${CLI[@]}" benchmark --url "$URL" --model "$MODEL" --requests "$REQUESTS" \

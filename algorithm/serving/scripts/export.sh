@@ -44,13 +44,8 @@ elif [[ $SKIP_TRT -eq 1 && "$PLATFORM" == tensorrt_plan ]]; then
   echo "export.sh: --skip-trt contradicts PLATFORM=tensorrt_plan" >&2; exit 2
 fi
 
-if [[ -n "${UGT_SERVING:-}" ]]; then
-  read -r -a CLI <<< "$UGT_SERVING"
-elif command -v ugt-serving >/dev/null 2>&1; then
-  CLI=(ugt-serving)
-else
-  CLI=("${PYTHON:-python3}" -m algorithm.serving.cli)
-fi
+# shellcheck source=_cli.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_cli.sh"
 
 echo "==> deploying $CHECKPOINT_PATH as $MODEL_NAME ($PLATFORM, $PRECISION) into $MODEL_REPOSITORY" >&2
 "${CLI[@]}" deploy \
