@@ -4,9 +4,16 @@ The exported beam step selects the next K beams in two stages, as the model is w
 ``TopK`` over each beam's C codes (``[B, K, C] -> [B, K, K]``), then ``TopK`` over the K*K
 survivors. Both runtimes on this machine pay a large per-row cost in ``TopK`` (ONNX Runtime
 1.32: 4.2 ms for ``[8, 50, 16384]`` against 1.2 ms for the same numbers as ``[8, 819200]``), so
-the rewrite selects once over the flattened ``[B, K*C]`` candidates. The result is the same set
-and order (the global top K are always among each beam's own top K); only equal scores may be
-ordered differently, and the accuracy gate measures the artifact either way.
+the rewrite selects once over the flattened ``[B, K*C]`` candidates, and does that in groups:
+the maximum of each run of G codes of a beam, the top K groups by that maximum, then the top K
+of those groups' K*G members. The top K candidates always lie in the top K groups (a candidate
+outside them has K group maxima at least as large above it), so the values are exact. Each
+candidate is ``score[beam] + log_softmax[beam, code]``; a group lies within one beam, so its
+maximum is taken over the log-probabilities and the beam score added afterwards (adding a
+constant keeps the order, also after rounding), and the full-size sum is never formed. ONNX
+Runtime, ``[1, 50, 16384]``, one thread: 0.38 ms for one flat TopK, 0.07 ms grouped (G = 64),
+plus the 0.1 ms sum saved. Only equal scores may be ordered differently, and the accuracy gate
+measures the artifact either way.
 
 A second rewrite (``fold_head_bias``, ONNX Runtime only) folds each output head's bias into its
 MatMul: ``[h, 1] @ [[W], [b]]`` instead of ``h @ W + b``, which removes a full read-write pass
@@ -63,14 +70,16 @@ def flatten_beam_topk(model) -> int:
     ``v1, i1 = TopK(cand, K)``; ``v = Reshape(v1, [-1, K*K])``; ``i = Reshape(i1, [-1, K*K])``;
     ``scores, flat = TopK(v, K)``; ``code = GatherElements(i, flat, axis=1)``; the beam index is
     then computed from ``flat`` as ``floor(flat / K)``. After the rewrite:
-    ``scores, j = TopK(Reshape(cand, [0, -1]), K)``; ``code = j mod C``; ``flat = (j div C) * K``
-    (so the existing ``floor(flat / K)`` still yields the beam).
+    ``scores, j = TopK(Reshape(cand, [0, -1]), K)``, computed in groups where C has a static size
+    that ``GROUP_SIZES`` divides; ``code = j mod C``; ``flat = (j div C) * K`` (so the existing
+    ``floor(flat / K)`` still yields the beam).
     """
     import numpy as np
     from onnx import helper, numpy_helper
 
     graph = model.graph
     consts = _constant_ints(graph)
+    shapes = _static_shapes(model)
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list] = {}
     for n in graph.node:
@@ -118,23 +127,37 @@ def flatten_beam_topk(model) -> int:
         p = f"{t2.name or t2.output[0]}/flat_beam"
         cand = t1.input[0]
         shape_c = f"{p}/codes"
-        flat_shape = f"{p}/flat_shape"
-        flat_cand = f"{p}/candidates"
         index = f"{p}/index"
         beam = f"{p}/beam"
-        graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), flat_shape))
+        codes = (shapes.get(cand) or [None])[-1]
+        group = next((g for g in GROUP_SIZES if isinstance(codes, int) and codes % g == 0), None)
+        parts = _beam_score_parts(producer, shapes, cand, codes) if group else None
+        if parts is None:  # no static code count that groups: one TopK over all candidates
+            flat_shape = f"{p}/flat_shape"
+            flat_cand = f"{p}/candidates"
+            graph.initializer.append(
+                numpy_helper.from_array(np.array([0, -1], np.int64), flat_shape)
+            )
+            select = [
+                helper.make_node("Reshape", [cand, flat_shape], [flat_cand], name=f"{p}/Reshape"),
+                helper.make_node(
+                    "TopK",
+                    [flat_cand, t2.input[1]],
+                    [t2.output[0], index],
+                    name=f"{p}/TopK",
+                    axis=-1,
+                    largest=1,
+                    sorted=1,
+                ),
+            ]
+        else:
+            select = _grouped_topk(graph, p, *parts, codes, group, t2.input[1], t2.output[0], index)
         new_nodes = [
-            helper.make_node("Shape", [cand], [shape_c], name=f"{p}/Shape", start=-1),
-            helper.make_node("Reshape", [cand, flat_shape], [flat_cand], name=f"{p}/Reshape"),
+            # Shape of the log-probabilities, so the full-size sum is left without readers.
             helper.make_node(
-                "TopK",
-                [flat_cand, t2.input[1]],
-                [t2.output[0], index],
-                name=f"{p}/TopK",
-                axis=-1,
-                largest=1,
-                sorted=1,
+                "Shape", [parts[0] if parts else cand], [shape_c], name=f"{p}/Shape", start=-1
             ),
+            *select,
             helper.make_node("Mod", [index, shape_c], [gather.output[0]], name=f"{p}/Mod"),
             helper.make_node("Div", [index, shape_c], [beam], name=f"{p}/Div"),
             helper.make_node("Mul", [beam, t2.input[1]], [t2.output[1]], name=f"{p}/Mul"),
@@ -153,9 +176,128 @@ def flatten_beam_topk(model) -> int:
         del graph.node[:]
         graph.node.extend(kept)
         _toposort(graph)
+        _drop_dead_nodes(graph)
         _drop_unused_initializers(graph)
         logger.info("flattened %d two-stage beam TopK selections", count)
     return count
+
+
+GROUP_SIZES = (64, 32, 16, 8)  # the first that divides the code count; 64 measured fastest
+
+
+def _static_shapes(model) -> dict[str, list]:
+    """Tensor name -> dims (int, or None where symbolic) from ONNX shape inference."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    return {
+        v.name: [
+            d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim
+        ]
+        for v in list(inferred.value_info) + list(inferred.output) + list(inferred.input)
+    }
+
+
+def _beam_score_parts(producer, shapes, cand, codes) -> tuple[str, str | None] | None:
+    """Split ``cand = Add(beam_scores[B, K, 1], log_probs[B, K, C])`` into (log_probs, beam_scores).
+
+    Returns ``(cand, None)`` when ``cand`` is not such a sum (grouping then runs on ``cand``
+    itself), and None when ``cand`` is not ``[B, K, C]``.
+    """
+    if len(shapes.get(cand) or []) != 3:
+        return None
+    add = producer.get(cand)
+    if add is None or add.op_type != "Add" or len(add.input) != 2:
+        return cand, None
+    dims = [shapes.get(i) or [] for i in add.input]
+    for big, small in ((0, 1), (1, 0)):
+        if (
+            len(dims[big]) == 3
+            and dims[big][-1] == codes
+            and len(dims[small]) == 3
+            and dims[small][-1] == 1
+        ):
+            return add.input[big], add.input[small]
+    return cand, None
+
+
+def _grouped_topk(graph, p, log_probs, beam_scores, codes, group, k, values, index) -> list:
+    """Nodes for ``values, index = TopK(Reshape(log_probs + beam_scores, [0, -1]), k)``, grouped.
+
+    ``log_probs`` is ``[B, K, C]``, ``beam_scores`` ``[B, K, 1]`` or None; ``index`` is the flat
+    position in ``[0, K*C)``, as the flat TopK gives it.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    def const(name, value):
+        graph.initializer.append(
+            numpy_helper.from_array(np.asarray(value, np.int64), f"{p}/{name}")
+        )
+        return f"{p}/{name}"
+
+    def node(op, inputs, name, **attrs):
+        helper_node = helper.make_node(op, inputs, [f"{p}/{name}"], name=f"{p}/{name}", **attrs)
+        nodes.append(helper_node)
+        return helper_node.output[0]
+
+    nodes: list = []
+    per_beam = codes // group
+    flat = const("flat_shape", [0, -1])
+    last = const("last_axis", [-1])
+    groups = node("Reshape", [log_probs, const("group_shape", [0, 0, per_beam, group])], "groups")
+    group_max = node("ReduceMax", [groups, last], "group_max", keepdims=0)  # [B, K, C/G]
+    if beam_scores is not None:
+        group_max = node("Add", [beam_scores, group_max], "group_scores")
+    group_max = node("Reshape", [group_max, flat], "group_scores_flat")  # [B, K*C/G]
+    nodes.append(
+        helper.make_node(
+            "TopK",
+            [group_max, k],
+            [f"{p}/top_group_max", f"{p}/top_groups"],
+            name=f"{p}/TopK_groups",
+            axis=-1,
+            largest=1,
+            sorted=1,
+        )
+    )
+    first = node("Mul", [f"{p}/top_groups", const("group", group)], "first_member")
+    first = node("Unsqueeze", [first, last], "first_member_3d")  # [B, K, 1]
+    members = node("Add", [first, const("member_offsets", np.arange(group))], "members")
+    members_flat = node("Reshape", [members, flat], "members_flat")  # [B, K*G]
+    all_flat = node("Reshape", [log_probs, flat], "log_probs_flat")
+    member_values = node("GatherElements", [all_flat, members_flat], "member_log_probs", axis=1)
+    if beam_scores is not None:
+        beams = node("Div", [f"{p}/top_groups", const("groups_per_beam", per_beam)], "group_beam")
+        scores_flat = node("Reshape", [beam_scores, flat], "beam_scores_flat")  # [B, K]
+        offset = node("GatherElements", [scores_flat, beams], "group_beam_score", axis=1)
+        offset = node("Unsqueeze", [offset, last], "group_beam_score_3d")
+        member_3d = node(
+            "Reshape", [member_values, const("member_shape", [0, -1, group])], "member_3d"
+        )
+        member_values = node("Add", [offset, member_3d], "member_scores")
+        member_values = node("Reshape", [member_values, flat], "member_scores_flat")
+    nodes.append(
+        helper.make_node(
+            "TopK",
+            [member_values, k],
+            [values, f"{p}/top_member"],
+            name=f"{p}/TopK_members",
+            axis=-1,
+            largest=1,
+            sorted=1,
+        )
+    )
+    nodes.append(
+        helper.make_node(
+            "GatherElements",
+            [members_flat, f"{p}/top_member"],
+            [index],
+            name=f"{p}/member_index",
+            axis=1,
+        )
+    )
+    return nodes
 
 
 def head_matmuls(model) -> list[str]:
@@ -246,6 +388,18 @@ def fold_head_bias(model) -> int:
         _drop_unused_initializers(graph)
         logger.info("folded %d head biases into their MatMuls", len(replace))
     return len(replace)
+
+
+def _drop_dead_nodes(graph) -> None:
+    """Remove nodes none of whose outputs is read (the sums the grouped selection replaced)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        live = [n for n in graph.node if any(o in read for o in n.output)]
+        if len(live) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(live)
 
 
 def _drop_unused_initializers(graph) -> None:
