@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import gpu_kernels as fk
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class EngineConfig:
     )
     step_attention: str = "elementwise"  # the decoder's <= 3-key self-attention over its cache
     topk: str = "two_stage"  # beam step: per-beam top-K then top-K of K*K, or one top-K of K*C
+    topk_chunks: int = 1  # > 1: top-K of each chunk of a row first, then of the survivors
+    fused_ops: bool = True  # gpu_kernels: fused add+LayerNorm, embeddings, cache attention, lse
     cuda_graphs: bool = True
     max_graphs: int = 160  # LRU bound on captured graphs
     capture_new_shapes: bool = True  # False: shapes first seen after freeze_graphs() run eagerly
@@ -85,7 +88,7 @@ class EngineConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, getattr(self, name), f"one of {allowed}")
-        for name in ("max_graphs", "max_users", "max_tokens"):
+        for name in ("max_graphs", "max_users", "max_tokens", "topk_chunks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(name, value, "an integer >= 1")
@@ -367,20 +370,45 @@ class GpuEngine:
             o = self._self_attention(layer.attn.qkv(layer.norm1(x)), t)
             x = x + layer.attn.out(o)
             x = x + self._ffn(layer.ffn, layer.norm2(x))
-        return m.encoder_norm(x)
+        return self._memory(m.encoder_norm(x), t)
 
-    def _memory_kv(self, x, t: Tokens):
-        m, d = self.m, self.d
-        null = m.null_memory.view(1, d)
+    def _memory(self, x, t: Tokens):
+        """Encoder output [N, D] -> memory rows: each user's null slot, then its tokens."""
+        null = self.m.null_memory.view(1, self.d)
         if t.kind == "packed":
-            mem = x.new_empty(x.shape[0] + t.users, d)
-            mem.index_copy_(0, t.null_idx, null.expand(t.users, d).contiguous())
+            mem = x.new_empty(x.shape[0] + t.users, self.d)
+            mem.index_copy_(0, t.null_idx, null.expand(t.users, self.d).contiguous())
             mem.index_copy_(0, t.tok_to_mem, x)
-        else:
-            b = t.users
-            mem = torch.cat([null.expand(b, 1, d), x.view(b, -1, d)], 1).view(-1, d)
+            return mem
+        b = t.users
+        return torch.cat([null.expand(b, 1, self.d), x.view(b, -1, self.d)], 1).view(-1, self.d)
+
+    def _encode_fused(self, t: Tokens):
+        """The encoder with one fused add+LayerNorm per sub-layer; the last norm writes its rows
+        straight into the memory matrix (between the null slots)."""
+        m, d, layers = self.m, self.d, self.m.encoder
+        tables = (*(e.weight for e in m.item_emb), m.pos_emb.weight)
+        x, h = fk.embed_layernorm(t.ids, t.pos, tables, layers[0].norm1)
+        mem = x.new_empty(x.shape[0] + t.users, d)
+        null = m.null_memory.view(1, d).expand(t.users, d)
+        if t.kind == "packed":
+            mem.index_copy_(0, t.null_idx, null.contiguous())
+            where = {"out_rows": t.tok_to_mem}
+        else:  # B x T: user b's rows start at b * (T + 1)
+            mem.view(t.users, -1, d)[:, 0] = null
+            where = {"segment": t.max_len}
+        for i, layer in enumerate(layers):
+            o = self._self_attention(layer.attn.qkv(h), t)
+            x, h = fk.add_layernorm(layer.attn.out(o), x, layer.norm2)
+            f = self._ffn(layer.ffn, h)
+            if i + 1 < len(layers):
+                x, h = fk.add_layernorm(f, x, layers[i + 1].norm1)
+        fk.add_layernorm(f, x, m.encoder_norm, store_residual=False, out=mem, **where)
+        return mem
+
+    def _memory_kv(self, mem, t: Tokens):
         kvs = []
-        for layer in m.decoder:
+        for layer in self.m.decoder:
             kv = layer.cross_attn.kv(mem)
             if t.kind == "packed":
                 kvs.append(kv.view(-1, 2, self.h, self.dh).unbind(1))
@@ -433,9 +461,29 @@ class GpuEngine:
             y = y + self._ffn(layer.ffn, layer.norm3(y))
         return y, new_cache
 
-    def _logits(self, y, level: int):
+    def _decode_fused(self, y, h, past, kvs, t: Tokens, beams: int, parent):
+        """One beam step with fused add+LayerNorm; ``h`` is norm1 of ``y``. Self-attention reads
+        the earlier steps' QKV outputs (``past``) through ``parent`` instead of a K/V cache.
+        Returns (decoder_norm output in the heads' input dtype, this step's QKV per layer)."""
+        m, layers = self.m, self.m.decoder
+        qkvs = []
+        for i, (layer, (mk, mv)) in enumerate(zip(layers, kvs, strict=True)):
+            qkv = layer.self_attn.qkv(h)
+            qkvs.append(qkv)
+            o = fk.step_attention(qkv, [p[i] for p in past], parent, beams, self.h)
+            y, h = fk.add_layernorm(layer.self_attn.out(o), y, layer.norm2)
+            c = layer.cross_attn.out(self._cross(layer.cross_attn.q(h), mk, mv, t, beams))
+            y, h = fk.add_layernorm(c, y, layer.norm3)
+            f = self._ffn(layer.ffn, h)
+            if i + 1 < len(layers):
+                y, h = fk.add_layernorm(f, y, layers[i + 1].norm1)
+        head_dtype = self.dtype if self.config.head_precision == "bf16_fp32_out" else torch.float32
+        _, h = fk.add_layernorm(f, y, m.decoder_norm, store_residual=False, out_dtype=head_dtype)
+        return h, qkvs
+
+    def _head(self, h, level: int):
+        """fp32 logits from the decoder_norm output."""
         w, b = self.heads[level]
-        h = self.m.decoder_norm(y)
         p = self.config.head_precision
         if p == "bf16_fp32_out" and h.is_cuda:
             return torch.mm(h, w.t(), out_dtype=torch.float32) + b
@@ -449,30 +497,49 @@ class GpuEngine:
                 torch.backends.cuda.matmul.allow_tf32 = prev
         return F.linear(h, w.float(), b)
 
+    def _lse(self, logits):
+        if self.config.fused_ops:
+            return fk.row_logsumexp(logits)
+        return torch.logsumexp(logits, -1, keepdim=True)
+
+    def _topk(self, x, k: int):
+        """Top-k over the last dim; with ``topk_chunks`` > 1 per chunk first (the same winners:
+        the top k of a row are among its chunks' top k)."""
+        g, c = self.config.topk_chunks, x.shape[-1]
+        if g == 1 or c % g or c // g < k:
+            return x.topk(k, dim=-1)
+        lead = x.shape[:-1]
+        v, i = x.reshape(*lead, g, c // g).topk(k, dim=-1)  # [..., g, k]
+        i = i + torch.arange(0, c, c // g, device=x.device).unsqueeze(-1)
+        v, j = v.reshape(*lead, g * k).topk(k, dim=-1)
+        return v, i.reshape(*lead, g * k).gather(-1, j)
+
     def _beam_step(self, logits, scores):
         """logits [S, K, C] fp32, scores [S, K] -> (scores, beam, code), each [S, K]."""
         s, k = scores.shape
-        lse = torch.logsumexp(logits, -1, keepdim=True)
+        lse = self._lse(logits)
         if self.config.topk == "flat":
             c = logits.shape[-1]
             scores, flat = (scores.unsqueeze(-1) + (logits - lse)).view(s, k * c).topk(k, dim=-1)
             return scores, torch.div(flat, c, rounding_mode="floor"), flat % c
-        top, code = logits.topk(k, dim=-1)  # log-softmax is a per-row shift: same winners
+        top, code = self._topk(logits, k)  # log-softmax is a per-row shift: same winners
         cand = (scores.unsqueeze(-1) + (top - lse)).reshape(s, k * k)
         scores, flat = cand.topk(k, dim=-1)
         beam = torch.div(flat, k, rounding_mode="floor")
         return scores, beam, code.reshape(s, k * k).gather(1, flat)
 
     def _forward(self, t: Tokens):
+        if self.config.fused_ops:
+            return self._forward_fused(t)
         m, k, d = self.m, self.k, self.d
         s = t.users
         kvs = self._memory_kv(self._encode(t), t)
         none = [None] * len(m.decoder)
         y = (m.bos.view(1, d) + m.level_emb.weight[0]).expand(s, d)
         y, cache = self._decode(y, none, kvs, t, 1)
-        logits = self._logits(y, 0)
-        top, c1 = logits.topk(k, dim=-1)
-        scores = top - torch.logsumexp(logits, -1, keepdim=True)
+        logits = self._head(m.decoder_norm(y), 0)
+        top, c1 = self._topk(logits, k)
+        scores = top - self._lse(logits)
         cache = [
             tuple(
                 c.unsqueeze(1).expand(s, k, *c.shape[1:]).reshape(s * k, *c.shape[1:]) for c in kv
@@ -481,15 +548,36 @@ class GpuEngine:
         ]
         y = m.code_emb[0](c1).view(s * k, d) + m.level_emb.weight[1]
         y, cache = self._decode(y, cache, kvs, t, k)
-        scores, beam, c2 = self._beam_step(self._logits(y, 1).view(s, k, -1), scores)
+        scores, beam, c2 = self._beam_step(self._head(m.decoder_norm(y), 1).view(s, k, -1), scores)
         c1 = c1.gather(1, beam)
         flat = (torch.arange(s, device=beam.device).unsqueeze(1) * k + beam).view(-1)
         cache = [(kk[flat], vv[flat]) for kk, vv in cache]
         y = m.code_emb[1](c2).view(s * k, d) + m.level_emb.weight[2]
         y, _ = self._decode(y, cache, kvs, t, k)
-        scores, beam, c3 = self._beam_step(self._logits(y, 2).view(s, k, -1), scores)
+        scores, beam, c3 = self._beam_step(self._head(m.decoder_norm(y), 2).view(s, k, -1), scores)
         codes = [c1.gather(1, beam), c2.gather(1, beam), c3]
         return torch.stack(codes, dim=-1), scores
+
+    def _forward_fused(self, t: Tokens):
+        m, k, d = self.m, self.k, self.d
+        s, lvl, first = t.users, m.level_emb.weight, m.decoder[0].norm1
+        kvs = self._memory_kv(self._encode_fused(t), t)
+        y, h = fk.add_layernorm(m.bos.view(1, d).expand(s, d), lvl[0].expand(s, d), first)
+        hn, qkv1 = self._decode_fused(y, h, [], kvs, t, 1, None)
+        logits = self._head(hn, 0)
+        top, c1 = self._topk(logits, k)
+        scores = top - self._lse(logits)
+        emb = m.code_emb[0].weight
+        y, h = fk.add_layernorm(emb, lvl[1].expand(s * k, d), first, x_rows=c1.view(-1))
+        hn, qkv2 = self._decode_fused(y, h, [qkv1], kvs, t, k, None)
+        scores, beam, c2 = self._beam_step(self._head(hn, 1).view(s, k, -1), scores)
+        c1 = c1.gather(1, beam)
+        parent = (torch.arange(s, device=beam.device).unsqueeze(1) * k + beam).view(-1)
+        emb = m.code_emb[1].weight
+        y, h = fk.add_layernorm(emb, lvl[2].expand(s * k, d), first, x_rows=c2.reshape(-1))
+        hn, _ = self._decode_fused(y, h, [qkv1, qkv2], kvs, t, k, parent)
+        scores, beam, c3 = self._beam_step(self._head(hn, 2).view(s, k, -1), scores)
+        return torch.stack([c1.gather(1, beam), c2.gather(1, beam), c3], dim=-1), scores
 
     # -- layouts -----------------------------------------------------------------------------
     def _device_tokens(

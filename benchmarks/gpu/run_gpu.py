@@ -297,9 +297,15 @@ def parity(ref, out) -> dict:
     return {k: r[k] for k in keep}
 
 
+# "base" is EngineConfig's default: fused ops (gpu_kernels: add+LayerNorm, embeddings, cache
+# attention, logsumexp); "unfused*" are the second H100 run's engine and its pick, side by side
+RUN2_ENGINE = {"fused_ops": False, "gelu": "tanh_fused"}
 VARIANTS = {
     "base": {},
     "gelu_tanh_fused": {"gelu": "tanh_fused"},
+    "unfused": {"fused_ops": False},
+    "unfused_gelu_tanh_fused": RUN2_ENGINE,
+    "topk_chunks_16": {"topk_chunks": 16},
     "sdpa_cudnn": {"sdpa_backend": "cudnn"},
     "sdpa_flash": {"sdpa_backend": "flash"},
     "sdpa_efficient": {"sdpa_backend": "efficient"},
@@ -308,7 +314,7 @@ VARIANTS = {
     "heads_fp32": {"head_precision": "fp32"},
     "fp16": {"dtype": "fp16"},
     "no_cuda_graphs": {"cuda_graphs": False},
-    "step_attention_einsum": {"step_attention": "einsum"},
+    "step_attention_einsum": {"step_attention": "einsum", "fused_ops": False},
     "topk_flat": {"topk": "flat"},
 }
 AXES = [("gelu",), ("sdpa_backend",), ("head_precision",), ("dtype",)]
@@ -371,7 +377,7 @@ def model_part(args, device, result: dict, write) -> tuple[UGTModel, dict, dict]
     variants = {}
     base_opts = {"dtype": "bf16"} if device.type == "cuda" else {"dtype": "fp32"}
     for name, opts in VARIANTS.items():
-        if device.type != "cuda" and name not in ("base", "gelu_tanh_fused", "varlen_always"):
+        if device.type != "cuda" and name not in ("base", "unfused", "varlen_always"):
             continue
         variants[name] = measure_variant(
             model, {**base_opts, **opts}, device, full, mix, refs, args.iters
@@ -419,6 +425,9 @@ def model_part(args, device, result: dict, write) -> tuple[UGTModel, dict, dict]
     write()
     if device.type == "cuda":
         result["model"]["profile"] = profile(model, best_opts, device)
+        result["model"]["profile_run2_engine"] = profile(
+            model, {**base_opts, **RUN2_ENGINE}, device
+        )
         write()
     result["model"]["runner"] = runner_overhead(model, best_opts, device, args)
     write()
@@ -432,7 +441,7 @@ def model_part(args, device, result: dict, write) -> tuple[UGTModel, dict, dict]
 
 
 def extras_part(args, device, model, opts, data, result, write) -> None:
-    """torch.compile of the encoder, in a child process with a deadline (it can take minutes).
+    """torch.compile of the unfused encoder inside CUDA graphs, in a child process with a deadline.
 
     (cuDNN variable-length attention was tried in the first H100 run and did not finish within
     7 minutes; it is not run again.)"""
@@ -460,7 +469,7 @@ def extras_part(args, device, model, opts, data, result, write) -> None:
 
 
 def compile_child(opts: dict, iters: int) -> None:
-    """--compile-child: random-weight base model (timing only), compiled vs plain engine, no graphs."""
+    """--compile-child: random-weight base model (timing only), compiled vs plain engines."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = UGTModel(UGTConfig.base()).to(device).eval()
@@ -475,23 +484,34 @@ def compile_child(opts: dict, iters: int) -> None:
 
 
 def compile_variant(model, opts, device, full, refs, args) -> dict:
-    """torch.compile (inductor, default mode) of the engine's encoder at 64 x 1024, no graphs."""
-    row: dict = {"mode": "default", "dynamic": False, "scope": "GpuEngine._encode"}
+    """torch.compile (inductor, default mode) of the unfused engine's encoder, captured inside the
+    engine's CUDA graphs (dynamic=False: one compile per graph bucket, at its warm-up), against
+    the same engine uncompiled and the picked engine."""
+    row: dict = {
+        "mode": "default",
+        "dynamic": False,
+        "scope": "GpuEngine._encode (fused_ops=False), inside the per-bucket CUDA graphs",
+    }
     try:
-        engine = GpuEngine(model, EngineConfig(**{**opts, "cuda_graphs": False}), device)
+        unfused = {**opts, "fused_ops": False, "cuda_graphs": True}
+        engine = GpuEngine(model, EngineConfig(**unfused), device)
         engine._encode = torch.compile(engine._encode, dynamic=False)
         args_full = [torch.from_numpy(full[k]).to(device) for k in NAMES]
         t = time.monotonic()
         engine(*args_full)
         sync(device)
-        row["compile_s"] = round(time.monotonic() - t, 1)
+        row["compile_and_capture_s"] = round(time.monotonic() - t, 1)
         row["parity_full"] = parity(refs["full"], engine_outputs(engine, full))
         row["full_64x1024"] = time_fn(lambda: engine(*args_full), device, iters=args.iters)
-        eager = GpuEngine(model, EngineConfig(**{**opts, "cuda_graphs": False}), device)
-        row["same_engine_uncompiled_no_graphs"] = time_fn(
-            lambda: eager(*args_full), device, iters=args.iters
+        plain = GpuEngine(model, EngineConfig(**unfused), device)
+        row["same_engine_uncompiled"] = time_fn(lambda: plain(*args_full), device, iters=args.iters)
+        picked = GpuEngine(model, EngineConfig(**opts), device)
+        row["picked_engine"] = time_fn(lambda: picked(*args_full), device, iters=args.iters)
+        log(
+            f"torch.compile in graphs: {row['full_64x1024']['median_ms']:.2f} ms after "
+            f"{row['compile_and_capture_s']} s; uncompiled {row['same_engine_uncompiled']['median_ms']:.2f}, "
+            f"picked {row['picked_engine']['median_ms']:.2f}"
         )
-        log(f"torch.compile: {row['full_64x1024']['median_ms']:.2f} ms after {row['compile_s']} s")
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"[:600]
         log(f"torch.compile failed: {row['error']}")
@@ -610,6 +630,7 @@ def shape_table(model, opts, device, result, args) -> list[dict]:
     eager32 = copy.deepcopy(model).float().eval()
     eager16 = copy.deepcopy(model).to(torch.bfloat16).eval()
     engine = GpuEngine(model, EngineConfig(**opts), device)
+    before = GpuEngine(model, EngineConfig(**{**opts, **RUN2_ENGINE}), device)
     wbytes = weight_bytes(model, opts)
     rows = []
     for b in batches:
@@ -655,6 +676,7 @@ def shape_table(model, opts, device, result, args) -> list[dict]:
                     lambda: eager16(*nxt()), device, iters=args.iters, warmup=2
                 )
             row["optimized"] = time_fn(lambda: engine(*nxt()), device, iters=args.iters, warmup=2)
+            row["run2_engine"] = time_fn(lambda: before(*nxt()), device, iters=args.iters, warmup=2)
             tokens, users = engine.tokens_from_arrays(*sets[0])
             row["optimized_replay_only"] = time_fn(
                 lambda t=tokens, u=users: engine.run(t, u), device, iters=args.iters
@@ -667,7 +689,8 @@ def shape_table(model, opts, device, result, args) -> list[dict]:
             rows.append(row)
             log(
                 f"{b:>3} x {n:<5} fp32 {row['eager_fp32_tf32']['median_ms']:8.2f}  bf16 {row['eager_bf16']['median_ms']:8.2f}"
-                f"  opt {opt_ms:7.2f} ms  floor {floor_ms:6.2f}  x{row['optimized_over_floor']:.2f}"
+                f"  opt {opt_ms:7.2f} ms (run 2 engine {row['run2_engine']['median_ms']:7.2f})"
+                f"  floor {floor_ms:6.2f}  x{row['optimized_over_floor']:.2f}"
             )
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -836,7 +859,8 @@ def summary(result: dict) -> None:
     for r in m.get("table", []):
         print(
             f"  {r['batch']:>3}x{r['seq_len']:<5} fp32 {r['eager_fp32_tf32']['median_ms']:8.2f} bf16 {r['eager_bf16']['median_ms']:7.2f} "
-            f"opt {r['optimized']['median_ms']:7.2f} (replay {r['optimized_replay_only']['median_ms']:6.2f}) "
+            f"opt {r['optimized']['median_ms']:7.2f} (replay {r['optimized_replay_only']['median_ms']:6.2f}, "
+            f"run 2 engine {r['run2_engine']['median_ms']:6.2f}) "
             f"floor {r['floor_ms']:6.2f} x{r['optimized_over_floor']:.2f} vs fp32 {r['speedup_vs_eager_fp32']:.1f}x"
         )
     for b, r in m.get("length_mix", {}).get("batches", {}).items():

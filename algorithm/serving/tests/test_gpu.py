@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from algorithm.serving import gpu_kernels as fk
 from algorithm.serving.errors import ConfigError
 from algorithm.serving.gpu import (
     EngineConfig,
@@ -73,9 +75,21 @@ def _assert_same(ref, out, max_diff=1e-4):
         {"layout": "packed", "gelu": "tanh_fused"},
         {"layout": "padded"},
         {"layout": "packed", "head_precision": "fp32"},
-        {"layout": "packed", "topk": "flat", "step_attention": "einsum"},
+        {"layout": "packed", "topk": "flat", "step_attention": "einsum", "fused_ops": False},
+        {"layout": "packed", "fused_ops": False},
+        {"layout": "padded", "fused_ops": False},
+        {"layout": "packed", "topk_chunks": 4},
     ],
-    ids=["packed", "packed-fused-gelu", "padded", "fp32-heads", "flat-topk-einsum"],
+    ids=[
+        "packed",
+        "packed-fused-gelu",
+        "padded",
+        "fp32-heads",
+        "flat-topk-einsum",
+        "unfused",
+        "unfused-padded",
+        "chunked-topk",
+    ],
 )
 def test_engine_matches_reference_on_ragged_batches(model, rng, options):
     inp = _ragged(rng)
@@ -83,9 +97,10 @@ def test_engine_matches_reference_on_ragged_batches(model, rng, options):
     _assert_same(_reference(model, inp), _as_np(*engine(*(inp[k] for k in INPUT_NAMES))))
 
 
-def test_full_batches_take_the_dense_path_and_match(model, rng):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_full_batches_take_the_dense_path_and_match(model, rng, fused):
     inp = random_inputs(3, 24, SMALL.codebook_sizes, rng)
-    engine = GpuEngine(model, EngineConfig(dtype="fp32"), device="cpu")
+    engine = GpuEngine(model, EngineConfig(dtype="fp32", fused_ops=fused), device="cpu")
     tokens, users = engine.tokens_from_arrays(*(inp[k] for k in INPUT_NAMES))
     assert (tokens.kind, users, tokens.ids.shape) == ("dense", 3, (3, 72))
     _assert_same(_reference(model, inp), _as_np(*engine.run(tokens, users)))
@@ -297,3 +312,73 @@ def test_gpu_runner_requests_and_device_outputs(model, rng):
         k: np.concatenate([o[k].cpu().numpy() for o in outs]) for k in ("recommendations", "scores")
     }
     assert compare_outputs(ref, got)["recall_overlap"] >= 0.9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not fk.TRITON, reason="needs triton (the fused kernels' GPU implementation)")
+def test_gpu_fused_kernels_compute_the_torch_functions():
+    """Each Triton kernel against the same function in fp32 torch ops, on fresh random inputs."""
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    dev, bf = "cuda", torch.bfloat16
+    n, d, heads, users, beams = 300, 512, 8, 6, 50
+    norm = torch.nn.LayerNorm(d).to(dev, bf)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+
+    def ln(x):
+        return F.layer_norm(x.float(), (d,), norm.weight.float(), norm.bias.float(), norm.eps)
+
+    def close(got, want, tol=1e-2):
+        assert torch.isfinite(got).all()
+        assert float((got.float() - want).norm() / want.norm()) < tol
+
+    x, r = torch.randn(n, d, device=dev, dtype=bf), torch.randn(n, d, device=dev, dtype=bf)
+    got_r, got_h = fk.add_layernorm(x, r, norm)
+    close(got_r, x.float() + r.float())
+    close(got_h, ln(x.float() + r.float()))
+    table, lvl = torch.randn(40, d, device=dev, dtype=bf), torch.randn(d, device=dev, dtype=bf)
+    idx = torch.randint(0, 40, (n,), device=dev)
+    got_r, got_h = fk.add_layernorm(table, lvl.expand(n, d), norm, x_rows=idx)
+    close(got_h, ln(table[idx].float() + lvl.float()))
+    out = torch.full((n + users, d), float("nan"), device=dev, dtype=torch.float32)
+    rows = torch.randperm(n + users, device=dev)[:n]
+    none, got = fk.add_layernorm(x, r, norm, store_residual=False, out=out, out_rows=rows)
+    assert none is None and int(torch.isnan(got).any(1).sum()) == users
+    close(got[rows], ln(x.float() + r.float()))
+    out = torch.full((n + n // 50, d), float("nan"), device=dev, dtype=bf)
+    fk.add_layernorm(x, r, norm, store_residual=False, out=out, segment=50)
+    close(out.view(n // 50, 51, d)[:, 1:].reshape(n, d), ln(x.float() + r.float()))
+    tables = [torch.randn(c, d, device=dev, dtype=bf) for c in (30, 40, 50, 64)]
+    ids = torch.stack([torch.randint(0, c, (n,), device=dev) for c in (30, 40, 50)])
+    pos = torch.randint(0, 64, (n,), device=dev)
+    got_x, got_h = fk.embed_layernorm(ids, pos, tables, norm)
+    want = sum(t[i].float() for t, i in zip(tables, (*ids, pos), strict=True))
+    close(got_x, want)
+    close(got_h, ln(want))
+    q1 = torch.randn(users, 3 * d, device=dev, dtype=bf)
+    q2, q3 = (torch.randn(users * beams, 3 * d, device=dev, dtype=bf) for _ in range(2))
+    par = torch.arange(users, device=dev).repeat_interleave(beams) * beams
+    par = par + torch.randint(0, beams, (users * beams,), device=dev)
+    for past, parent, qkv in (([q1], None, q2), ([q1, q2], par, q3)):
+        got = fk.step_attention(qkv, past, parent, beams, heads)
+        close(
+            got,
+            fk._step_attention_torch(qkv.float(), [p.float() for p in past], parent, beams, heads),
+        )
+    logits = torch.randn(70, 5000, device=dev) * 4
+    logits[0, :999] = float("-inf")
+    close(fk.row_logsumexp(logits), torch.logsumexp(logits, -1, keepdim=True), tol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_gpu_fused_and_unfused_engines_agree(model, rng, graphs):
+    fused = GpuEngine(model, EngineConfig(dtype="bf16", cuda_graphs=graphs), device="cuda")
+    plain = GpuEngine(
+        model, EngineConfig(dtype="bf16", cuda_graphs=graphs, fused_ops=False), device="cuda"
+    )
+    for inp in (_ragged(rng), random_inputs(4, 32, SMALL.codebook_sizes, rng)):
+        args = [inp[k] for k in INPUT_NAMES]
+        report = compare_outputs(_as_np(*plain(*args)), _as_np(*fused(*args)))
+        assert report["recall_overlap"] >= 0.9 and report["finite_scores"], report

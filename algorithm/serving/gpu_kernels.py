@@ -1,0 +1,309 @@
+"""Fused kernels for GpuEngine: Triton on CUDA, the same functions in torch ops elsewhere.
+
+Each public function removes memory-bound passes (or launches) that the plain engine spends
+between its matrix products:
+- ``add_layernorm``: residual add + LayerNorm in one pass (bf16 in/out, fp32 statistics); it can
+  gather its input rows (decoder code embeddings), broadcast a row (level embeddings) and scatter
+  its output rows (the encoder's last norm writes straight into the memory matrix beside the null
+  slots), so the residual stream is read and written once per sub-layer;
+- ``embed_layernorm``: the three item embeddings + position embedding summed and normalized;
+- ``step_attention``: a beam step's self-attention over its <= 3 prefix tokens, reading the keys
+  and values from the earlier steps' QKV outputs through the beam's parent row, so the decoder
+  needs no K/V cache copies, expansions or gathers;
+- ``row_logsumexp``: one pass over fp32 logits (torch's takes several).
+
+The torch versions are the reference (tests on CPU run them) and the fallback when Triton is
+absent. Every Triton kernel is CUDA-graph capturable: no host syncs, no allocations inside.
+``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors (development checks).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+TRITON = importlib.util.find_spec("triton") is not None
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_usable(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``t``'s device."""
+    return TRITON and (t.is_cuda or _INTERPRET)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int]:
+    """(row stride, columns) of a 2-D tensor whose last dim is contiguous (stride 0 = broadcast)."""
+    if x.dim() != 2 or (x.stride(1) != 1 and x.shape[1] > 1):
+        raise ValueError(
+            f"expected a 2-D tensor with contiguous rows, got {tuple(x.shape)} {x.stride()}"
+        )
+    return x.stride(0), x.shape[1]
+
+
+# -- torch reference versions -------------------------------------------------------------------
+def _add_layernorm_torch(
+    x, residual, norm, x_rows, out, out_rows, segment, store_residual, out_dtype
+):
+    r = x if x_rows is None else x[x_rows]
+    if residual is not None:
+        r = r + residual
+    h = F.layer_norm(r, r.shape[-1:], norm.weight, norm.bias, norm.eps).to(out_dtype)
+    if out is None:
+        return (r if store_residual else None), h
+    if out_rows is None:
+        n = h.shape[0]
+        idx = torch.arange(n, device=h.device)
+        out_rows = idx + idx // segment + 1
+    out.index_copy_(0, out_rows, h)
+    return (r if store_residual else None), out
+
+
+def _step_attention_torch(qkv, past, parent, beams, heads):
+    r, d = qkv.shape[0], qkv.shape[1] // 3
+    dh = d // heads
+    q, k, v = qkv.view(r, 3, heads, dh).float().unbind(1)
+    user = torch.arange(r, device=qkv.device) // beams
+    keys, vals = [], []
+    for p, rows in zip(past, (user, parent), strict=False):
+        pk, pv = p.view(-1, 3, heads, dh)[rows, 1:].float().unbind(1)
+        keys.append(pk)
+        vals.append(pv)
+    keys = torch.stack([*keys, k], 1)  # [R, t, H, Dh]
+    vals = torch.stack([*vals, v], 1)
+    a = ((q.unsqueeze(1) * keys).sum(-1) / math.sqrt(dh)).softmax(1)  # [R, t, H]
+    return (a.unsqueeze(-1) * vals).sum(1).reshape(r, d).to(qkv.dtype)
+
+
+# -- Triton kernels -----------------------------------------------------------------------------
+if TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _add_ln_kernel(
+        x_ptr, xrow_ptr, r_ptr, w_ptr, b_ptr, res_ptr, out_ptr, orow_ptr,
+        stride_x, stride_r, segment, n_cols, eps,
+        BLOCK: tl.constexpr, GATHER: tl.constexpr, HAS_RES: tl.constexpr,
+        STORE_RES: tl.constexpr, SCATTER: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < n_cols
+        if GATHER:  # noqa: SIM108 (a statement-level constexpr branch: compiled out)
+            src = tl.load(xrow_ptr + row).to(tl.int64)
+        else:
+            src = row
+        x = tl.load(x_ptr + src * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_RES:
+            x += tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+        # the stored residual is rounded to its dtype; normalize that same value
+        x = x.to(res_ptr.dtype.element_ty).to(tl.float32)
+        if STORE_RES:
+            tl.store(res_ptr + row * n_cols + cols, x.to(res_ptr.dtype.element_ty), mask=ok)
+        mean = tl.sum(x, 0) / n_cols
+        xc = tl.where(ok, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        y = xc * rstd * w + b
+        if SCATTER == 1:
+            dst = tl.load(orow_ptr + row).to(tl.int64)
+        elif SCATTER == 2:
+            dst = row + row // segment + 1
+        else:
+            dst = row
+        tl.store(out_ptr + dst * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _embed_ln_kernel(
+        ids_ptr, pos_ptr, e0_ptr, e1_ptr, e2_ptr, ep_ptr, w_ptr, b_ptr, x_ptr, h_ptr,
+        n_rows, n_cols, eps, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < n_cols
+        i0 = tl.load(ids_ptr + row)
+        i1 = tl.load(ids_ptr + n_rows + row)
+        i2 = tl.load(ids_ptr + 2 * n_rows + row)
+        p = tl.load(pos_ptr + row)
+        x = tl.load(e0_ptr + i0 * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
+        x += tl.load(e1_ptr + i1 * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
+        x += tl.load(e2_ptr + i2 * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
+        x += tl.load(ep_ptr + p * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
+        x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(x_ptr + row * n_cols + cols, x.to(x_ptr.dtype.element_ty), mask=ok)
+        mean = tl.sum(x, 0) / n_cols
+        xc = tl.where(ok, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(
+            h_ptr + row * n_cols + cols, (xc * rstd * w + b).to(h_ptr.dtype.element_ty), mask=ok
+        )
+
+    @triton.jit
+    def _step_attn_kernel(
+        qkv_ptr, p1_ptr, p2_ptr, parent_ptr, out_ptr, beams, scale,
+        T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        d = H * DH
+        offs = tl.arange(0, H)[:, None] * DH + tl.arange(0, DH)[None, :]  # [H, DH]
+        base = qkv_ptr + row * 3 * d
+        q = tl.load(base + offs).to(tl.float32)
+        kn = tl.load(base + d + offs).to(tl.float32)
+        vn = tl.load(base + 2 * d + offs).to(tl.float32)
+        p1 = p1_ptr + (row // beams) * 3 * d  # the user's step-1 token
+        k1 = tl.load(p1 + d + offs).to(tl.float32)
+        v1 = tl.load(p1 + 2 * d + offs).to(tl.float32)
+        s1 = tl.sum(q * k1, 1) * scale  # [H]
+        sn = tl.sum(q * kn, 1) * scale
+        if T == 3:  # the parent beam's step-2 token
+            p2 = p2_ptr + tl.load(parent_ptr + row).to(tl.int64) * 3 * d
+            k2 = tl.load(p2 + d + offs).to(tl.float32)
+            v2 = tl.load(p2 + 2 * d + offs).to(tl.float32)
+            s2 = tl.sum(q * k2, 1) * scale
+            m = tl.maximum(tl.maximum(s1, sn), s2)
+            e1, e2, en = tl.exp(s1 - m), tl.exp(s2 - m), tl.exp(sn - m)
+            acc = e1[:, None] * v1 + e2[:, None] * v2 + en[:, None] * vn
+            den = e1 + e2 + en
+        else:
+            m = tl.maximum(s1, sn)
+            e1, en = tl.exp(s1 - m), tl.exp(sn - m)
+            acc = e1[:, None] * v1 + en[:, None] * vn
+            den = e1 + en
+        o = acc / den[:, None]
+        tl.store(out_ptr + row * d + offs, o.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _lse_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            x = tl.load(x_ptr + row * n_cols + start + cols, mask=start + cols < n_cols,
+                        other=float("-inf")).to(tl.float32)  # fmt: skip
+            m_new = tl.maximum(m, x)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - safe) + tl.exp(x - safe)
+            m = m_new
+        top = tl.max(m, 0)
+        total = tl.sum(s * tl.exp(m - top), 0)
+        tl.store(out_ptr + row, tl.log(total) + top)
+
+
+# -- public -------------------------------------------------------------------------------------
+def add_layernorm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm,
+    *,
+    x_rows: torch.Tensor | None = None,
+    store_residual: bool = True,
+    out: torch.Tensor | None = None,
+    out_rows: torch.Tensor | None = None,
+    segment: int = 0,
+    out_dtype: torch.dtype | None = None,
+    num_warps: int = 4,
+):
+    """``r = x[x_rows] + residual``; returns ``(r, layer_norm(r))`` (``r`` None unless stored).
+
+    ``x``/``residual``: [N, D] or a broadcast row (``t.expand(N, D)``, row stride 0). With
+    ``out`` the normalized rows go to ``out[out_rows[i]]``, or with ``segment`` to
+    ``out[i + i // segment + 1]`` (dense memory: one null slot ahead of each user), and ``out``
+    is returned in their place.
+    """
+    n = (
+        residual.shape[0]
+        if residual is not None
+        else (x.shape[0] if x_rows is None else x_rows.shape[0])
+    )
+    d = x.shape[1]
+    dtype = residual.dtype if residual is not None else x.dtype
+    out_dtype = out_dtype or (out.dtype if out is not None else dtype)
+    if out is not None and out_rows is None and segment < 1:
+        raise ValueError("add_layernorm: out needs out_rows or segment >= 1")
+    if not triton_usable(x):
+        return _add_layernorm_torch(
+            x, residual, norm, x_rows, out, out_rows, segment, store_residual, out_dtype
+        )
+    stride_x, _ = _rows(x)
+    stride_r = _rows(residual)[0] if residual is not None else 0
+    # not stored: a one-element tensor still tells the kernel the residual's dtype (rounding)
+    res = torch.empty(n if store_residual else 1, d, device=x.device, dtype=dtype)
+    dst = out if out is not None else torch.empty(n, d, device=x.device, dtype=out_dtype)
+    scatter = 0 if out is None else (1 if out_rows is not None else 2)
+    _add_ln_kernel[(n,)](
+        x, x_rows if x_rows is not None else x, residual if residual is not None else x,
+        norm.weight, norm.bias, res, dst, out_rows if out_rows is not None else x,
+        stride_x, stride_r, max(segment, 1), d, norm.eps,
+        BLOCK=triton.next_power_of_2(d), GATHER=x_rows is not None, HAS_RES=residual is not None,
+        STORE_RES=store_residual, SCATTER=scatter, num_warps=num_warps,
+    )  # fmt: skip
+    return (res if store_residual else None), dst
+
+
+def embed_layernorm(ids, pos, tables, norm, num_warps: int = 4):
+    """``x = sum(table[i][ids[i]]) + pos_table[pos]``; returns ``(x, layer_norm(x))``.
+
+    ``ids``: [3, N] int64 (in range: invalid tokens are dropped or zeroed before), ``pos``: [N].
+    """
+    e0, e1, e2, ep = tables
+    if not triton_usable(ids):
+        x = e0[ids[0]] + e1[ids[1]] + e2[ids[2]] + ep[pos]
+        return x, F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+    ids, pos = ids.contiguous(), pos.contiguous()
+    n, d = ids.shape[1], e0.shape[1]
+    x = torch.empty(n, d, device=ids.device, dtype=e0.dtype)
+    h = torch.empty_like(x)
+    _embed_ln_kernel[(n,)](
+        ids, pos, e0, e1, e2, ep, norm.weight, norm.bias, x, h, n, d, norm.eps,
+        BLOCK=triton.next_power_of_2(d), num_warps=num_warps,
+    )  # fmt: skip
+    return x, h
+
+
+def step_attention(qkv, past, parent, beams: int, heads: int):
+    """A beam step's self-attention for the newest token of each beam; returns [R, D].
+
+    ``qkv``: [R, 3D] this step's projections (rows user-major, ``beams`` per user); ``past``:
+    the earlier steps' QKV outputs, [users, 3D] for step 1 (key row = row // beams) and, at step
+    3, [users * beams, 3D] for step 2 (key row = ``parent[row]``, the beam this one extends).
+    """
+    d = qkv.shape[1] // 3
+    if not past:  # one key: softmax is 1, the output is the value itself
+        return qkv[:, 2 * d :]
+    if len(past) > 2 or (len(past) == 2) != (parent is not None):
+        raise ValueError("step_attention: past holds 1 step (no parent) or 2 steps (parent)")
+    dh = d // heads
+    if not triton_usable(qkv) or not (_pow2(heads) and _pow2(dh)):
+        return _step_attention_torch(qkv, past, parent, beams, heads)
+    out = torch.empty(qkv.shape[0], d, device=qkv.device, dtype=qkv.dtype)
+    p2 = past[1] if len(past) == 2 else qkv
+    _step_attn_kernel[(qkv.shape[0],)](
+        qkv, past[0], p2, parent if parent is not None else qkv, out, beams,
+        1.0 / math.sqrt(dh), T=len(past) + 1, H=heads, DH=dh, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim of a contiguous fp32 [..., C]; returns [..., 1]."""
+    if not triton_usable(x) or x.dtype != torch.float32:
+        return torch.logsumexp(x, -1, keepdim=True)
+    x = x.contiguous()
+    c = x.shape[-1]
+    out = torch.empty(*x.shape[:-1], 1, device=x.device, dtype=torch.float32)
+    _lse_kernel[(x.numel() // c,)](
+        x, out, c, BLOCK=min(4096, triton.next_power_of_2(c)), num_warps=8
+    )
+    return out
