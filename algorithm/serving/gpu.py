@@ -64,7 +64,7 @@ class EngineConfig:
     )
     step_attention: str = "elementwise"  # the decoder's <= 3-key self-attention over its cache
     topk: str = "two_stage"  # beam step: per-beam top-K then top-K of K*K, or one top-K of K*C
-    topk_chunks: int = 1  # > 1: top-K of each chunk of a row first, then of the survivors
+    topk_group: int = 0  # > 0 (a power of 2): top-K among the K groups of codes of largest max
     fused_ops: bool = True  # gpu_kernels: fused add+LayerNorm, embeddings, cache attention, lse
     cuda_graphs: bool = True
     max_graphs: int = 160  # LRU bound on captured graphs
@@ -88,10 +88,13 @@ class EngineConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, getattr(self, name), f"one of {allowed}")
-        for name in ("max_graphs", "max_users", "max_tokens", "topk_chunks"):
+        for name in ("max_graphs", "max_users", "max_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(name, value, "an integer >= 1")
+        g = self.topk_group
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0 or g & (g - 1):
+            raise ConfigError("topk_group", g, "0 or a power of 2")
         return self
 
 
@@ -497,32 +500,37 @@ class GpuEngine:
                 torch.backends.cuda.matmul.allow_tf32 = prev
         return F.linear(h, w.float(), b)
 
-    def _lse(self, logits):
+    def _lse_groups(self, logits, k: int):
+        """(logsumexp [..., 1], max of each ``topk_group`` codes or None) of fp32 logits."""
+        g, c = self.config.topk_group, logits.shape[-1]
+        g = g if g and c % g == 0 and c // g >= k and self.config.topk != "flat" else 0
         if self.config.fused_ops:
-            return fk.row_logsumexp(logits)
-        return torch.logsumexp(logits, -1, keepdim=True)
+            return fk.logsumexp_groupmax(logits, g)
+        gmax = logits.unflatten(-1, (c // g, g)).amax(-1) if g else None
+        return torch.logsumexp(logits, -1, keepdim=True), gmax
 
-    def _topk(self, x, k: int):
-        """Top-k over the last dim; with ``topk_chunks`` > 1 per chunk first (the same winners:
-        the top k of a row are among its chunks' top k)."""
-        g, c = self.config.topk_chunks, x.shape[-1]
-        if g == 1 or c % g or c // g < k:
-            return x.topk(k, dim=-1)
-        lead = x.shape[:-1]
-        v, i = x.reshape(*lead, g, c // g).topk(k, dim=-1)  # [..., g, k]
-        i = i + torch.arange(0, c, c // g, device=x.device).unsqueeze(-1)
-        v, j = v.reshape(*lead, g * k).topk(k, dim=-1)
-        return v, i.reshape(*lead, g * k).gather(-1, j)
+    @staticmethod
+    def _topk(logits, k: int, gmax):
+        """Top-k of the last dim; with group maxima, among the k groups of largest maxima only
+        (the same winners: a group holding one of the k largest values has one of the k
+        largest maxima)."""
+        if gmax is None:
+            return logits.topk(k, dim=-1)
+        g = logits.shape[-1] // gmax.shape[-1]
+        groups = gmax.topk(k, dim=-1)[1]
+        cols = (groups.unsqueeze(-1) * g + torch.arange(g, device=logits.device)).flatten(-2)
+        v, j = logits.gather(-1, cols).topk(k, dim=-1)
+        return v, cols.gather(-1, j)
 
     def _beam_step(self, logits, scores):
         """logits [S, K, C] fp32, scores [S, K] -> (scores, beam, code), each [S, K]."""
         s, k = scores.shape
-        lse = self._lse(logits)
+        lse, gmax = self._lse_groups(logits, k)
         if self.config.topk == "flat":
             c = logits.shape[-1]
             scores, flat = (scores.unsqueeze(-1) + (logits - lse)).view(s, k * c).topk(k, dim=-1)
             return scores, torch.div(flat, c, rounding_mode="floor"), flat % c
-        top, code = self._topk(logits, k)  # log-softmax is a per-row shift: same winners
+        top, code = self._topk(logits, k, gmax)  # log-softmax is a per-row shift: same winners
         cand = (scores.unsqueeze(-1) + (top - lse)).reshape(s, k * k)
         scores, flat = cand.topk(k, dim=-1)
         beam = torch.div(flat, k, rounding_mode="floor")
@@ -538,8 +546,9 @@ class GpuEngine:
         y = (m.bos.view(1, d) + m.level_emb.weight[0]).expand(s, d)
         y, cache = self._decode(y, none, kvs, t, 1)
         logits = self._head(m.decoder_norm(y), 0)
-        top, c1 = self._topk(logits, k)
-        scores = top - self._lse(logits)
+        lse, gmax = self._lse_groups(logits, k)
+        top, c1 = self._topk(logits, k, gmax)
+        scores = top - lse
         cache = [
             tuple(
                 c.unsqueeze(1).expand(s, k, *c.shape[1:]).reshape(s * k, *c.shape[1:]) for c in kv
@@ -565,8 +574,9 @@ class GpuEngine:
         y, h = fk.add_layernorm(m.bos.view(1, d).expand(s, d), lvl[0].expand(s, d), first)
         hn, qkv1 = self._decode_fused(y, h, [], kvs, t, 1, None)
         logits = self._head(hn, 0)
-        top, c1 = self._topk(logits, k)
-        scores = top - self._lse(logits)
+        lse, gmax = self._lse_groups(logits, k)
+        top, c1 = self._topk(logits, k, gmax)
+        scores = top - lse
         emb = m.code_emb[0].weight
         y, h = fk.add_layernorm(emb, lvl[1].expand(s * k, d), first, x_rows=c1.view(-1))
         hn, qkv2 = self._decode_fused(y, h, [qkv1], kvs, t, k, None)

@@ -10,7 +10,8 @@ between its matrix products:
 - ``step_attention``: a beam step's self-attention over its <= 3 prefix tokens, reading the keys
   and values from the earlier steps' QKV outputs through the beam's parent row, so the decoder
   needs no K/V cache copies, expansions or gathers;
-- ``row_logsumexp``: one pass over fp32 logits (torch's takes several).
+- ``logsumexp_groupmax``: one pass over fp32 logits (torch's takes several), optionally
+  writing the max of each group of columns for a grouped top-k.
 
 The torch versions are the reference (tests on CPU run them) and the fallback when Triton is
 absent. Every Triton kernel is CUDA-graph capturable: no host syncs, no allocations inside.
@@ -27,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 TRITON = importlib.util.find_spec("triton") is not None
+# add+LayerNorm launch shape (rows per program, warps), from kernels_smoke.py on the H100
+ADD_LN_ROWS, ADD_LN_WARPS = 1, 2
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -90,37 +93,42 @@ if TRITON:
     @triton.jit
     def _add_ln_kernel(
         x_ptr, xrow_ptr, r_ptr, w_ptr, b_ptr, res_ptr, out_ptr, orow_ptr,
-        stride_x, stride_r, segment, n_cols, eps,
-        BLOCK: tl.constexpr, GATHER: tl.constexpr, HAS_RES: tl.constexpr,
+        n_rows, stride_x, stride_r, segment, n_cols, eps,
+        BLOCK: tl.constexpr, ROWS: tl.constexpr, GATHER: tl.constexpr, HAS_RES: tl.constexpr,
         STORE_RES: tl.constexpr, SCATTER: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+        rok = rows < n_rows
         cols = tl.arange(0, BLOCK)
-        ok = cols < n_cols
+        ok = rok[:, None] & (cols < n_cols)[None, :]
         if GATHER:  # noqa: SIM108 (a statement-level constexpr branch: compiled out)
-            src = tl.load(xrow_ptr + row).to(tl.int64)
+            src = tl.load(xrow_ptr + rows, mask=rok, other=0).to(tl.int64)
         else:
-            src = row
-        x = tl.load(x_ptr + src * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+            src = rows
+        x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+        x = x.to(tl.float32)
         if HAS_RES:
-            x += tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=ok, other=0.0)
+            x += r.to(tl.float32)
         # the stored residual is rounded to its dtype; normalize that same value
         x = x.to(res_ptr.dtype.element_ty).to(tl.float32)
         if STORE_RES:
-            tl.store(res_ptr + row * n_cols + cols, x.to(res_ptr.dtype.element_ty), mask=ok)
-        mean = tl.sum(x, 0) / n_cols
-        xc = tl.where(ok, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / n_cols + eps)
-        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        y = xc * rstd * w + b
+            dst = res_ptr + rows[:, None] * n_cols + cols[None, :]
+            tl.store(dst, x.to(res_ptr.dtype.element_ty), mask=ok)
+        mean = tl.sum(x, 1) / n_cols
+        xc = tl.where(ok, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        y = xc * rstd[:, None] * w[None, :] + b[None, :]
         if SCATTER == 1:
-            dst = tl.load(orow_ptr + row).to(tl.int64)
+            orow = tl.load(orow_ptr + rows, mask=rok, other=0).to(tl.int64)
         elif SCATTER == 2:
-            dst = row + row // segment + 1
+            orow = rows + rows // segment + 1
         else:
-            dst = row
-        tl.store(out_ptr + dst * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+            orow = rows
+        dst = out_ptr + orow[:, None] * n_cols + cols[None, :]
+        tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _embed_ln_kernel(
@@ -184,7 +192,7 @@ if TRITON:
         tl.store(out_ptr + row * d + offs, o.to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def _lse_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+    def _lse_kernel(x_ptr, out_ptr, gmax_ptr, n_cols, BLOCK: tl.constexpr, GROUP: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         m = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -192,6 +200,10 @@ if TRITON:
         for start in range(0, n_cols, BLOCK):
             x = tl.load(x_ptr + row * n_cols + start + cols, mask=start + cols < n_cols,
                         other=float("-inf")).to(tl.float32)  # fmt: skip
+            if GROUP > 0:  # the max of each group of GROUP columns, from the same read
+                g = tl.max(tl.reshape(x, [BLOCK // GROUP, GROUP]), 1)
+                gi = start // GROUP + tl.arange(0, BLOCK // GROUP)
+                tl.store(gmax_ptr + row * (n_cols // GROUP) + gi, g, mask=gi < n_cols // GROUP)
             m_new = tl.maximum(m, x)
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             s = s * tl.exp(m - safe) + tl.exp(x - safe)
@@ -213,7 +225,8 @@ def add_layernorm(
     out_rows: torch.Tensor | None = None,
     segment: int = 0,
     out_dtype: torch.dtype | None = None,
-    num_warps: int = 4,
+    rows_per_program: int | None = None,
+    num_warps: int | None = None,
 ):
     """``r = x[x_rows] + residual``; returns ``(r, layer_norm(r))`` (``r`` None unless stored).
 
@@ -242,12 +255,14 @@ def add_layernorm(
     res = torch.empty(n if store_residual else 1, d, device=x.device, dtype=dtype)
     dst = out if out is not None else torch.empty(n, d, device=x.device, dtype=out_dtype)
     scatter = 0 if out is None else (1 if out_rows is not None else 2)
-    _add_ln_kernel[(n,)](
+    per = rows_per_program or ADD_LN_ROWS
+    _add_ln_kernel[(triton.cdiv(n, per),)](
         x, x_rows if x_rows is not None else x, residual if residual is not None else x,
         norm.weight, norm.bias, res, dst, out_rows if out_rows is not None else x,
-        stride_x, stride_r, max(segment, 1), d, norm.eps,
-        BLOCK=triton.next_power_of_2(d), GATHER=x_rows is not None, HAS_RES=residual is not None,
-        STORE_RES=store_residual, SCATTER=scatter, num_warps=num_warps,
+        n, stride_x, stride_r, max(segment, 1), d, norm.eps,
+        BLOCK=triton.next_power_of_2(d), ROWS=per, GATHER=x_rows is not None,
+        HAS_RES=residual is not None, STORE_RES=store_residual, SCATTER=scatter,
+        num_warps=num_warps or ADD_LN_WARPS,
     )  # fmt: skip
     return (res if store_residual else None), dst
 
@@ -296,14 +311,22 @@ def step_attention(qkv, past, parent, beams: int, heads: int):
     return out
 
 
-def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the last dim of a contiguous fp32 [..., C]; returns [..., 1]."""
-    if not triton_usable(x) or x.dtype != torch.float32:
-        return torch.logsumexp(x, -1, keepdim=True)
-    x = x.contiguous()
+def logsumexp_groupmax(x: torch.Tensor, group: int = 0):
+    """(logsumexp [..., 1], max of each ``group`` columns [..., C / group] or None) of fp32 [..., C].
+
+    One pass over the logits; the group maxima let a top-k look at a few groups only.
+    """
     c = x.shape[-1]
+    if group and (c % group or not _pow2(group)):
+        raise ValueError(f"logsumexp_groupmax: group {group} must be a power of 2 dividing {c}")
+    if not triton_usable(x) or x.dtype != torch.float32:
+        gmax = x.unflatten(-1, (c // group, group)).amax(-1) if group else None
+        return torch.logsumexp(x, -1, keepdim=True), gmax
+    x = x.contiguous()
     out = torch.empty(*x.shape[:-1], 1, device=x.device, dtype=torch.float32)
+    gmax = torch.empty(*x.shape[:-1], c // group, device=x.device) if group else None
+    block = max(min(4096, triton.next_power_of_2(c)), group)
     _lse_kernel[(x.numel() // c,)](
-        x, out, c, BLOCK=min(4096, triton.next_power_of_2(c)), num_warps=8
+        x, out, gmax if group else out, c, BLOCK=block, GROUP=group, num_warps=8
     )
-    return out
+    return out, gmax

@@ -59,11 +59,16 @@ def kernels(out: dict) -> None:
         return F.layer_norm(y, (d,), norm.weight, norm.bias, norm.eps)
 
     rows = {"torch_add_then_layernorm": {"ms": bench(torch_add_ln), "gb_min": 5 * gb}}
-    for w in (1, 2, 4, 8):
-        rows[f"fused_add_ln_warps{w}"] = {
-            "ms": bench(lambda w=w: fk.add_layernorm(*pick(), norm, num_warps=w)),
-            "gb_min": 4 * gb,
-        }
+    for per in (1, 2, 4, 8, 16):
+        for w in (1, 2, 4, 8):
+            rows[f"fused_add_ln_rows{per}_warps{w}"] = {
+                "ms": bench(
+                    lambda per=per, w=w: fk.add_layernorm(
+                        *pick(), norm, rows_per_program=per, num_warps=w
+                    )
+                ),
+                "gb_min": 4 * gb,
+            }
     x, _ = pick()
     rows["torch_layernorm_only"] = {
         "ms": bench(lambda: F.layer_norm(x, (d,), norm.weight, norm.bias, norm.eps)),
@@ -103,14 +108,19 @@ def kernels(out: dict) -> None:
         "ms": bench(lambda: torch.logsumexp(logits, -1, keepdim=True)),
         "gb_min": logits.numel() * 4 / 1e9,
     }
-    rows["fused_logsumexp_3200x16384"] = {
-        "ms": bench(lambda: fk.row_logsumexp(logits)),
-        "gb_min": logits.numel() * 4 / 1e9,
-    }
-    rows["torch_topk50_3200x16384"] = {"ms": bench(lambda: logits.topk(50, dim=-1))}
-    for g in (8, 16, 32):
-        chunk = logits.view(users * beams, g, -1)
-        rows[f"chunked_topk50_g{g}_stage1"] = {"ms": bench(lambda c=chunk: c.topk(50, dim=-1))}
+    for g in (0, 16, 32, 64):
+        rows[f"fused_logsumexp_group{g}_3200x16384"] = {
+            "ms": bench(lambda g=g: fk.logsumexp_groupmax(logits, g)),
+            "gb_min": logits.numel() * 4 / 1e9,
+        }
+    for c in (16384, 4096):
+        x = logits[:, :c].contiguous()
+        rows[f"torch_topk50_3200x{c}"] = {"ms": bench(lambda x=x: x.topk(50, dim=-1))}
+        for g in (16, 32, 64):
+            gmax = fk.logsumexp_groupmax(x, g)[1]
+            rows[f"grouped_topk50_g{g}_3200x{c}"] = {
+                "ms": bench(lambda x=x, gm=gmax: GpuEngine._topk(x, 50, gm))
+            }
     for r in rows.values():
         if "gb_min" in r:
             r["tb_per_s"] = r["gb_min"] / r["ms"]  # GB / ms = TB/s
@@ -144,7 +154,9 @@ def engines(out: dict) -> None:
     variants = {
         "run2_engine_unfused_tanh": {"fused_ops": False, "gelu": "tanh_fused"},
         "fused_tanh": {"gelu": "tanh_fused"},
-        "fused_tanh_topk16": {"gelu": "tanh_fused", "topk_chunks": 16},
+        "fused_tanh_group16": {"gelu": "tanh_fused", "topk_group": 16},
+        "fused_tanh_group32": {"gelu": "tanh_fused", "topk_group": 32},
+        "fused_tanh_group64": {"gelu": "tanh_fused", "topk_group": 64},
         "fused_exact": {},
     }
     rows = {}

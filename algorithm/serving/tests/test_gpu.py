@@ -78,7 +78,8 @@ def _assert_same(ref, out, max_diff=1e-4):
         {"layout": "packed", "topk": "flat", "step_attention": "einsum", "fused_ops": False},
         {"layout": "packed", "fused_ops": False},
         {"layout": "padded", "fused_ops": False},
-        {"layout": "packed", "topk_chunks": 4},
+        {"layout": "packed", "topk_group": 2},
+        {"layout": "packed", "topk_group": 4, "fused_ops": False},
     ],
     ids=[
         "packed",
@@ -88,7 +89,8 @@ def _assert_same(ref, out, max_diff=1e-4):
         "flat-topk-einsum",
         "unfused",
         "unfused-padded",
-        "chunked-topk",
+        "grouped-topk",
+        "grouped-topk-unfused",
     ],
 )
 def test_engine_matches_reference_on_ragged_batches(model, rng, options):
@@ -217,6 +219,14 @@ def test_group_requests_respects_limits_and_keeps_every_request():
     assert group_requests([5, 1, 3], 2, 100, padded=True, sort=False) == [[0, 1], [2]]
 
 
+def test_grouped_topk_finds_the_plain_topk():
+    logits = torch.randn(5, 3, 256, generator=torch.Generator().manual_seed(0))
+    gmax = logits.view(5, 3, 32, 8).amax(-1)
+    v, i = GpuEngine._topk(logits, 10, gmax)
+    want_v, want_i = logits.topk(10, dim=-1)
+    assert torch.equal(v, want_v) and torch.equal(i, want_i)
+
+
 def test_packed_index_offsets():
     idx = packed_index([2, 0, 3], extra=[1])
     assert idx["cu"].tolist() == [0, 2, 2, 5, 6]
@@ -248,6 +258,8 @@ def test_flop_count_matches_torch_flop_counter(model, rng):
 def test_engine_config_names_bad_fields():
     with pytest.raises(ConfigError, match="layout"):
         EngineConfig(layout="ragged")
+    with pytest.raises(ConfigError, match="topk_group"):
+        EngineConfig(topk_group=24)
     with pytest.raises(ConfigError, match="varlen_kernel"):
         GpuEngine(UGTModel(SMALL), EngineConfig(dtype="fp32", varlen_kernel="flash"), device="cpu")
     with pytest.raises(ConfigError, match="batching"):
@@ -368,7 +380,12 @@ def test_gpu_fused_kernels_compute_the_torch_functions():
         )
     logits = torch.randn(70, 5000, device=dev) * 4
     logits[0, :999] = float("-inf")
-    close(fk.row_logsumexp(logits), torch.logsumexp(logits, -1, keepdim=True), tol=1e-6)
+    lse, gmax = fk.logsumexp_groupmax(logits, 0)
+    close(lse, torch.logsumexp(logits, -1, keepdim=True), tol=1e-6)
+    logits = torch.randn(70, 4096, device=dev) * 4
+    lse, gmax = fk.logsumexp_groupmax(logits, 32)
+    close(lse, torch.logsumexp(logits, -1, keepdim=True), tol=1e-6)
+    assert torch.equal(gmax, logits.view(70, 128, 32).amax(-1))
 
 
 @pytest.mark.gpu
