@@ -64,7 +64,7 @@ class EngineConfig:
     )
     step_attention: str = "elementwise"  # the decoder's <= 3-key self-attention over its cache
     topk: str = "two_stage"  # beam step: per-beam top-K then top-K of K*K, or one top-K of K*C
-    topk_group: int = 0  # > 0 (a power of 2): top-K among the K groups of codes of largest max
+    topk_group: int = 16  # > 0 (a power of 2): top-K among the K groups of codes of largest max
     fused_ops: bool = True  # gpu_kernels: fused add+LayerNorm, embeddings, cache attention, lse
     cuda_graphs: bool = True
     max_graphs: int = 160  # LRU bound on captured graphs

@@ -298,14 +298,15 @@ def parity(ref, out) -> dict:
 
 
 # "base" is EngineConfig's default: fused ops (gpu_kernels: add+LayerNorm, embeddings, cache
-# attention, logsumexp); "unfused*" are the second H100 run's engine and its pick, side by side
-RUN2_ENGINE = {"fused_ops": False, "gelu": "tanh_fused"}
+# attention, logsumexp) and the grouped top-k; "unfused*" are the second H100 run's engine and
+# its pick (the run-2 engine), side by side
+RUN2_ENGINE = {"fused_ops": False, "gelu": "tanh_fused", "topk_group": 0}
 VARIANTS = {
     "base": {},
     "gelu_tanh_fused": {"gelu": "tanh_fused"},
-    "unfused": {"fused_ops": False},
+    "unfused": {"fused_ops": False, "topk_group": 0},
     "unfused_gelu_tanh_fused": RUN2_ENGINE,
-    "topk_group_16": {"topk_group": 16},
+    "topk_plain": {"topk_group": 0},
     "topk_group_32": {"topk_group": 32},
     "sdpa_cudnn": {"sdpa_backend": "cudnn"},
     "sdpa_flash": {"sdpa_backend": "flash"},
