@@ -188,7 +188,8 @@ class Demo:
             artifact = folder / get_backend(backend).artifact_name
             accuracy = Path(f"{artifact}.accuracy.json")
             try:
-                if self.config.fresh or not (_newer(artifact, onnx_path) and accuracy.is_file()):
+                reusable = _newer(artifact, onnx_path) and _newer_than_backends(artifact)
+                if self.config.fresh or not (reusable and accuracy.is_file()):
                     artifact = Path(
                         build(
                             onnx_path,
@@ -424,6 +425,14 @@ class Demo:
 # ----------------------------------------------------------------------------------- helpers
 def _newer(path: Path, than: Path) -> bool:
     return path.is_file() and than.is_file() and path.stat().st_mtime >= than.stat().st_mtime
+
+
+def _newer_than_backends(path: Path) -> bool:
+    """True when ``path`` is newer than every optimizer source file (a rewrite may have changed)."""
+    from . import backends
+
+    sources = Path(backends.__file__).parent.glob("*.py")
+    return path.is_file() and all(path.stat().st_mtime >= f.stat().st_mtime for f in sources)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -93,6 +93,20 @@ def test_onnx_treats_out_of_range_ids_as_padding(onnx_model):
     assert np.isfinite(runner.infer(all_masked)["scores"]).all()
 
 
+def test_onnx_runner_slices_a_batch_without_changing_answers(onnx_model):
+    x = random_inputs(5, 24, ragged=True, rng=np.random.default_rng(11))
+    whole = OnnxRuntimeRunner(onnx_model, rows_per_run=0).infer(x)
+    one_thread = OnnxRuntimeRunner(onnx_model, intra_op_threads=1)
+    assert one_thread.rows_per_run == 2  # the default where one CPU thread runs it
+    for runner in (one_thread, OnnxRuntimeRunner(onnx_model, rows_per_run=3)):
+        sliced = runner.infer(x)
+        for name in ("recommendations", "scores"):
+            np.testing.assert_array_equal(sliced[name], whole[name])
+    assert OnnxRuntimeRunner(onnx_model, intra_op_threads=2).rows_per_run == 0
+    with pytest.raises(ConfigError, match="rows_per_run"):
+        OnnxRuntimeRunner(onnx_model, rows_per_run=-1)
+
+
 def test_non_default_config_parity(tmp_path):
     cfg = UGTConfig(
         codebook_sizes=(64, 128, 512),
