@@ -1,6 +1,6 @@
 """ONNX Runtime backend: an offline-optimized ONNX model in fp32, fp16 or int8 (QDQ).
 
-- fp32: the scoring rewrites (``rewrite.flatten_beam_topk``: one TopK per beam step;
+- fp32: the scoring rewrites (``rewrite.flatten_beam_topk``: one grouped top-k per beam step;
   ``rewrite.fold_head_bias``: head biases inside the head MatMuls), then ONNX Runtime's graph
   optimizations applied offline and saved as a model (``optimized_model_filepath``) at the
   EXTENDED level: fusions that any ONNX Runtime build runs (CPU or CUDA), without the
