@@ -261,19 +261,7 @@ def write_report(
             w.writerow(_csv_row(label, r))
         for r in (baseline or {}).values():
             w.writerow(_csv_row(baseline_label, r))
-    text = render_markdown(
-        results,
-        baseline,
-        label,
-        baseline_label,
-        config,
-        env,
-        slo,
-        slo_base,
-        comparison,
-        images,
-        title,
-    )
+    text = render_markdown(data, results, baseline, config, title)
     path.write_text(text)
     logger.info("wrote %s (+ .json, .csv, %d plots)", path, len(images))
     return text
@@ -361,19 +349,13 @@ def _result_rows(label: str, results: dict[str, BenchmarkResult]) -> list[list]:
     return rows
 
 
-def render_markdown(
-    results,
-    baseline,
-    label,
-    baseline_label,
-    config,
-    env,
-    slo,
-    slo_base,
-    comparison,
-    images,
-    title=None,
-) -> str:
+def render_markdown(data: dict, results, baseline, config, title=None) -> str:
+    """The markdown report of ``data`` (the report's JSON as ``write_report`` builds it) with
+    the results as objects."""
+    env, label, slo, comparison = data["meta"], data["label"], data["slo"], data["comparison"]
+    baseline_label = (data["baseline"] or {}).get("label")
+    slo_base = (data["baseline"] or {}).get("slo")
+    images = [Path(name) for name in data["plots"]]
     first = next(iter(results.values()))
     lines = [f"# {title or f'Benchmark: {label}'}", ""]
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
