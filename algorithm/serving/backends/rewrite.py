@@ -215,7 +215,8 @@ def _beam_score_parts(producer, shapes, cand, codes) -> tuple[str, str | None] |
             len(dims[big]) == 3
             and dims[big][-1] == codes
             and len(dims[small]) == 3
-            and dims[small][-1] == 1
+            and dims[small][1:] == [dims[big][1], 1]  # one score per beam: [B, K, 1]
+            and isinstance(dims[big][1], int)
         ):
             return add.input[big], add.input[small]
     return cand, None

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from algorithm.serving import ConfigError, ExportConfig, ParityError, ServingExporter
@@ -135,6 +136,42 @@ def test_flattened_beam_topk_is_exact(onnx_model, tmp_path):
         assert np.array_equal(ra["recommendations"], rb["recommendations"])
         assert np.array_equal(ra["scores"], rb["scores"])
     assert flatten_beam_topk(proto) == 0  # idempotent: nothing left to match
+
+
+def test_beam_topk_groups_where_the_code_count_allows_and_is_flat_elsewhere(tmp_path):
+    """Level 2 has 24 codes (groups of 8, 3 per beam); level 3 has 100 (no group size divides
+    it: one flat TopK). Both stay exact."""
+    from algorithm.serving import export_to_onnx
+
+    sizes = (16, 24, 100)
+    cfg = UGTConfig(
+        codebook_sizes=sizes,
+        d_model=16,
+        n_heads=2,
+        n_encoder_layers=1,
+        n_decoder_layers=1,
+        d_ff=32,
+        max_seq_length=32,
+        num_recommendations=8,
+    )
+    torch.manual_seed(2)
+    ec = ExportConfig(
+        codebook_sizes=sizes, num_recommendations=8, max_seq_length=32, max_batch_size=4
+    )
+    path = export_to_onnx(UGTModel(cfg).eval(), tmp_path / "odd.onnx", ec, verify=False)
+    proto = onnx.load(path)
+    assert flatten_beam_topk(proto) == 2
+    names = [n.name for n in proto.graph.node if n.op_type == "TopK"]
+    assert sum(n.endswith("/TopK_groups") for n in names) == 1
+    assert sum(n.endswith("flat_beam/TopK") for n in names) == 1
+    onnx.save(proto, tmp_path / "rewritten.onnx")
+    a, b = OnnxRuntimeRunner(path), OnnxRuntimeRunner(tmp_path / "rewritten.onnx")
+    rng = np.random.default_rng(4)
+    x = {f"encoder_l{i + 1}_ids": rng.integers(0, c, (3, 20)) for i, c in enumerate(sizes)}
+    x["attention_mask"] = np.ones((3, 20), np.int64)
+    ra, rb = a.infer(x), b.infer(x)
+    np.testing.assert_array_equal(ra["recommendations"], rb["recommendations"])
+    np.testing.assert_array_equal(ra["scores"], rb["scores"])
 
 
 def test_folded_head_bias_matches_the_bias_add(onnx_model, tmp_path):
