@@ -28,12 +28,23 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import gpu_kernels as fk
 from .errors import ConfigError
+from .gpu_batch import (  # noqa: F401  (re-exported: tests and benchmarks import them from here)
+    USER_BUCKETS,
+    FlatBatch,
+    Staging,
+    TokenLayouts,
+    Tokens,
+    bucket_tokens,
+    bucket_users,
+    group_requests,
+    packed_index,
+    previous_token_bucket,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +56,6 @@ GELUS = ("exact", "tanh_fused")
 HEAD_PRECISIONS = ("fp32", "tf32", "bf16_fp32_out")
 STEP_ATTENTION = ("elementwise", "einsum")
 TOPK = ("two_stage", "flat")
-_MASKED = -30000.0  # the reference's additive mask value
 INPUT_NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
 
 
@@ -136,126 +146,7 @@ def count_flops(config, lengths: Sequence[int], kv_cache: bool = False) -> dict:
     return out
 
 
-# -- buckets and request grouping -------------------------------------------------------------
-USER_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
-
-
-def bucket_users(n: int) -> int:
-    """Users per captured graph: small steps up to 64, then multiples of 32."""
-    for b in USER_BUCKETS:
-        if n <= b:
-            return b
-    return -(-n // 32) * 32
-
-
-def bucket_tokens(n: int, minimum: int = 64) -> int:
-    """Tokens per captured graph: 8 steps per power of two (at most 12.5% spare), >= minimum."""
-    if n <= minimum:
-        return minimum
-    step = 1 << max(0, n.bit_length() - 4)
-    return -(-n // step) * step
-
-
-def previous_token_bucket(nb: int, minimum: int = 64) -> int:
-    """The largest bucket below the bucket ``nb`` (0 below the smallest)."""
-    if nb <= minimum:
-        return 0
-    return max(nb - (1 << max(0, (nb - 1).bit_length() - 4)), minimum)
-
-
-def group_requests(
-    lengths: Sequence[int],
-    max_users: int,
-    max_tokens: int,
-    padded: bool = False,
-    rows: Sequence[int] | None = None,
-    sort: bool = True,
-) -> list[list[int]]:
-    """Split request indices into forwards of at most ``max_users`` users and ``max_tokens`` tokens.
-
-    ``lengths``: each request's tokens per user (packed: valid tokens; padded: its seq_len);
-    ``rows``: its users (default 1). With ``sort`` requests go shortest first, so a padded group
-    pads to a length close to its members' own (bucketing); a packed group costs its sum, a
-    padded one users x longest. A request larger than the limits gets a group of its own.
-    """
-    rows = [1] * len(lengths) if rows is None else list(rows)
-    order = (
-        sorted(range(len(lengths)), key=lambda i: (lengths[i], i)) if sort else range(len(lengths))
-    )
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    users = cost = longest = 0
-    for i in order:
-        n, r = max(int(lengths[i]), 1), int(rows[i])
-        new_cost = (users + r) * max(longest, n) if padded else cost + r * n
-        if cur and (users + r > max_users or new_cost > max_tokens):
-            groups.append(cur)
-            cur, users, longest = [], 0, 0
-            new_cost = r * n
-        cur.append(i)
-        users, cost, longest = users + r, new_cost, max(longest, n)
-    if cur:
-        groups.append(cur)
-    return groups
-
-
-# -- token layouts ----------------------------------------------------------------------------
-@dataclass
-class Tokens:
-    """One forward's inputs, already on the device.
-
-    kind "dense": B x T, no padding; "padded": B x T with additive masks; "packed": the valid
-    tokens of S user slots back to back, ``cu``/``cu_mem`` their int32 offsets in the token and
-    memory (null slot + tokens) matrices, ``max_len`` a bound on any slot's length.
-    """
-
-    kind: str
-    users: int
-    max_len: int
-    ids: torch.Tensor  # [3, N] int64
-    pos: torch.Tensor  # [N] int64
-    cu: torch.Tensor | None = None
-    cu_mem: torch.Tensor | None = None
-    tok_to_mem: torch.Tensor | None = None
-    null_idx: torch.Tensor | None = None
-    cu_beams: dict | None = None  # beams -> [S+1] int32 query offsets for cross-attention
-    lengths: tuple[int, ...] | None = None  # host copy (reference kernel)
-    enc_mask: torch.Tensor | None = None
-    mem_mask: torch.Tensor | None = None
-
-    def tensors(self) -> list[torch.Tensor]:
-        out = [self.ids, self.pos]
-        for name in ("cu", "cu_mem", "tok_to_mem", "null_idx", "enc_mask", "mem_mask"):
-            if getattr(self, name) is not None:
-                out.append(getattr(self, name))
-        out.extend(self.cu_beams.values() if self.cu_beams else [])
-        return out
-
-
-def _valid(l1, l2, l3, mask, sizes):
-    valid = mask > 0
-    for ids, size in zip((l1, l2, l3), sizes, strict=True):
-        valid = valid & (ids >= 0) & (ids < size)
-    return valid
-
-
-def packed_index(lengths: Sequence[int], extra: Sequence[int] = ()) -> dict[str, np.ndarray]:
-    """Host-side offsets for user slots of ``lengths`` followed by ``extra`` (dummy) slots."""
-    lens = np.asarray(list(lengths) + list(extra), dtype=np.int64)
-    s = len(lens)
-    cu = np.zeros(s + 1, dtype=np.int64)
-    np.cumsum(lens, out=cu[1:])
-    cu_mem = cu + np.arange(s + 1)
-    seq_of_tok = np.repeat(np.arange(s), lens)
-    return {
-        "cu": cu.astype(np.int32),
-        "cu_mem": cu_mem.astype(np.int32),
-        "tok_to_mem": np.arange(int(cu[-1])) + seq_of_tok + 1,
-        "null_idx": cu_mem[:-1].copy(),
-    }
-
-
-class GpuEngine:
+class GpuEngine(TokenLayouts):
     """``engine(l1, l2, l3, mask) -> (recs int64 [B, K, 3], scores fp32 [B, K])`` on any device.
 
     On CPU (tests) it runs in fp32 with a reference attention loop; on CUDA it is the fast path.
@@ -306,6 +197,7 @@ class GpuEngine:
         self._graphs: OrderedDict = OrderedDict()
         self._pool = None
         self.graph_captures = 0
+        self.staging = Staging(self.device)  # host layouts (gpu_batch.TokenLayouts)
 
     # -- building blocks ------------------------------------------------------------------
     def _sdpa(self, q, k, v, mask):
@@ -589,176 +481,44 @@ class GpuEngine:
         scores, beam, c3 = self._beam_step(self._head(hn, 2).view(s, k, -1), scores)
         return torch.stack([c1.gather(1, beam), c2.gather(1, beam), c3], dim=-1), scores
 
-    # -- layouts -----------------------------------------------------------------------------
-    def _device_tokens(
-        self, kind, users, max_len, ids, pos, index=None, lengths=None, valid=None
-    ) -> Tokens:
-        dev = self.device
-        t = Tokens(
-            kind, users, max_len, ids.to(dev, non_blocking=True), pos.to(dev, non_blocking=True)
-        )
-        if kind == "packed":
-            for name, arr in index.items():
-                setattr(t, name, torch.from_numpy(arr).to(dev, non_blocking=True))
-            beams = np.arange(users + 1, dtype=np.int32)
-            t.cu_beams = {
-                1: t.cu_mem.new_tensor(beams),
-                self.k: t.cu_mem.new_tensor(beams * self.k),
-            }
-            t.lengths = tuple(int(n) for n in lengths)
-        elif kind == "padded":
-            valid = valid.to(dev)
-            t.enc_mask = ((~valid).to(self.dtype) * _MASKED)[:, None, None, :]
-            mem_valid = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
-            t.mem_mask = ((~mem_valid).to(self.dtype) * _MASKED)[:, None, None, :]
-        return t
-
-    def tokens_from_arrays(self, l1, l2, l3, mask) -> tuple[Tokens, int]:
-        """Layout for [B, T] tensors or arrays (any device). Returns (tokens, real users)."""
-        args = [
-            torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a)
-            for a in (l1, l2, l3, mask)
-        ]
-        l1, l2, l3, mask = (a.to(torch.int64) for a in args)
-        self.m.check_inputs(l1, l2, l3, mask)
-        b, t = l1.shape
-        valid = _valid(l1, l2, l3, mask, self.sizes)
-        lengths = valid.sum(1).tolist()  # the one sync: bucketing needs the lengths on the host
-        if self.config.layout == "padded":
-            ids = torch.stack(
-                [torch.where(valid, x, torch.zeros_like(x)) for x in (l1, l2, l3)]
-            ).view(3, -1)
-            pos = torch.arange(t, device=l1.device).repeat(b)
-            return self._device_tokens("padded", b, t, ids, pos, valid=valid), b
-        if self.config.dense_when_full and all(n == t for n in lengths):
-            ids = torch.stack([l1, l2, l3]).view(3, -1)
-            pos = torch.arange(t, device=l1.device).repeat(b)
-            return self._device_tokens("dense", b, t, ids, pos), b
-        rows, cols = valid.nonzero(as_tuple=True)
-        ids = torch.stack([l1[rows, cols], l2[rows, cols], l3[rows, cols]])
-        return self._packed(ids, cols, lengths), b
-
-    def tokens_from_requests(self, requests: Sequence[dict]) -> tuple[Tokens, list[int]]:
-        """One layout for a list of per-request input dicts of [b_i, T_i] arrays.
-
-        Packed: the valid tokens of every request back to back (no padding at all). Padded
-        (the baseline): every request padded to the longest T_i, as a static-shape engine must.
-        Returns the tokens and each request's number of users (rows), in order.
-        """
-        reqs = [[np.asarray(r[k]) for k in INPUT_NAMES] for r in requests]
-        limit = self.model_config.max_seq_length
-        for r in reqs:
-            if len({a.shape for a in r}) != 1 or r[0].ndim != 2 or not 1 <= r[0].shape[1] <= limit:
-                raise ValueError(
-                    f"each request needs four [batch, seq_len] inputs of one shape with seq_len <= {limit}, "
-                    f"got {[a.shape for a in r]}"
-                )
-        rows = [r[0].shape[0] for r in reqs]
-        widths = [r[0].shape[1] for r in reqs]
-        longest = max(widths)
-        same = all(w == longest for w in widths)
-        if self.config.layout == "padded" or (same and self.config.dense_when_full):
-            if same:
-                cat = [
-                    np.concatenate([r[i] for r in reqs]) if len(reqs) > 1 else reqs[0][i]
-                    for i in range(4)
-                ]
-            else:
-                cat = [
-                    np.concatenate(
-                        [np.pad(r[i], ((0, 0), (0, longest - r[i].shape[1]))) for r in reqs]
-                    )
-                    for i in range(4)
-                ]
-            return self.tokens_from_arrays(*cat)[0], rows
-        # packed: every row's tokens back to back, validity and positions computed at once
-        flat = [
-            np.concatenate([r[i].reshape(-1) for r in reqs]).astype(np.int64, copy=False)
-            for i in range(4)
-        ]
-        row_width = np.repeat(np.asarray(widths), rows)
-        starts = np.zeros(len(row_width), dtype=np.int64)
-        np.cumsum(row_width[:-1], out=starts[1:])
-        pos = np.arange(flat[0].size) - np.repeat(starts, row_width)
-        valid = flat[3] > 0
-        for ids, size in zip(flat[:3], self.sizes, strict=True):
-            valid &= (ids >= 0) & (ids < size)
-        lengths = np.add.reduceat(valid.astype(np.int64), starts).tolist()
-        ids = torch.from_numpy(np.stack([f[valid] for f in flat[:3]]))
-        return self._packed(ids, torch.from_numpy(pos[valid]), lengths), rows
-
-    def _packed(self, ids, pos, lengths) -> Tokens:
-        max_len = max(max(lengths), 1)
-        if ids.device.type == "cpu" and self.device.type == "cuda":
-            ids, pos = ids.pin_memory(), pos.pin_memory()
-        return self._device_tokens(
-            "packed", len(lengths), max_len, ids, pos, packed_index(lengths), lengths
-        )
-
     # -- CUDA graphs ---------------------------------------------------------------------------
-    def _graph_key_and_static(self, t: Tokens):
-        """Pad ``t`` to its bucket; returns (key, bucketed tokens)."""
-        if t.kind == "dense":
-            return ("dense", t.users, t.max_len), t
-        if t.kind == "padded":
-            # pad-to-longest, then to a (users, length) bucket: extra rows/columns are masked
-            b, n = t.users, t.max_len
-            bb, nb = bucket_users(b), bucket_tokens(n, minimum=16)
-            if (bb, nb) == (b, n):
-                return ("padded", b, n), t
-            ids = t.ids.new_zeros(3, bb, nb)
-            ids[:, :b, :n] = t.ids.view(3, b, n)
-            enc = t.enc_mask.new_full((bb, 1, 1, nb), _MASKED)
-            enc[:b, :, :, :n] = t.enc_mask
-            mem = t.mem_mask.new_full((bb, 1, 1, nb + 1), _MASKED)
-            mem[:b, :, :, : n + 1] = t.mem_mask
-            mem[:, :, :, 0] = 0.0  # dummy rows attend to the null slot only
-            pos = torch.arange(nb, device=t.pos.device).repeat(bb)
-            tb = Tokens("padded", bb, nb, ids.view(3, -1), pos, enc_mask=enc, mem_mask=mem)
-            return ("padded", bb, nb), tb
-        n, b = t.ids.shape[1], t.users
-        bb = bucket_users(b)
-        nb = bucket_tokens(n + (bb - b))
-        pad = nb - n - (bb - b)
-        extra = [1] * (bb - b) + ([pad] if pad else [])
-        max_len = max(self.model_config.max_seq_length, nb - previous_token_bucket(nb))
-        lengths = list(t.lengths) + extra
-        ids = torch.cat([t.ids, t.ids.new_zeros(3, nb - n)], 1)
-        pos = torch.cat([t.pos, t.pos.new_zeros(nb - n)])
-        padded = self._device_tokens(
-            "packed", len(lengths), max_len, ids, pos, packed_index(lengths), lengths
-        )
-        return ("packed", bb, nb, bool(pad)), padded
-
     def _replay(self, t: Tokens):
         if t.kind == "packed" and self.kernel == "reference":
-            return self._forward(t)  # host loop over lengths: not capturable
+            return self._forward(self._materialized(t))  # host loop over lengths: not capturable
         key, tb = self._graph_key_and_static(t)
         entry = self._graphs.get(key)
         if entry is None and self.frozen and not self.config.capture_new_shapes:
             self.eager_runs += 1  # a capture would stall this batch for tens of ms
-            return self._forward(t)
+            return self._forward(self._materialized(tb))
         if entry is None:
-            entry = self._capture(tb)
+            entry = self._capture(self._materialized(tb))
             self._graphs[key] = entry
             while len(self._graphs) > self.config.max_graphs:
                 self._graphs.popitem(last=False)
         else:
             self._graphs.move_to_end(key)
         graph, static, outs = entry
-        for dst, src in zip(static.tensors(), tb.tensors(), strict=True):
-            dst.copy_(src, non_blocking=True)
+        if tb.staged is not None and static.buf is not None:
+            self.staging.copy_to(tb.staged, static.buf)  # one host-to-device copy, all inputs
+        else:
+            tb = self._materialized(tb)
+            for dst, src in zip(static.tensors(), tb.tensors(), strict=True):
+                dst.copy_(src, non_blocking=True)
         graph.replay()
         return outs
 
     def _capture(self, t: Tokens):
-        static = Tokens(**{**t.__dict__, "lengths": None})
-        static.ids, static.pos = t.ids.clone(), t.pos.clone()
-        for name in ("cu", "cu_mem", "tok_to_mem", "null_idx", "enc_mask", "mem_mask"):
-            if getattr(t, name) is not None:
-                setattr(static, name, getattr(t, name).clone())
-        if t.cu_beams:
-            static.cu_beams = {k: v.clone() for k, v in t.cu_beams.items()}
+        if t.buf is not None:  # a host-built layout: static inputs are views of one buffer
+            static = self._with_buffer(t, t.buf.clone())
+            static.lengths = static.staged = None
+        else:
+            static = Tokens(**{**t.__dict__, "lengths": None})
+            static.ids, static.pos = t.ids.clone(), t.pos.clone()
+            for name in ("cu", "cu_mem", "tok_to_mem", "null_idx", "enc_mask", "mem_mask"):
+                if getattr(t, name) is not None:
+                    setattr(static, name, getattr(t, name).clone())
+            if t.cu_beams:
+                static.cu_beams = {k: v.clone() for k, v in t.cu_beams.items()}
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -780,15 +540,20 @@ class GpuEngine:
 
     # -- public ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, t: Tokens, users: int | None = None):
-        """(recs [users, K, 3], scores [users, K]) for a prepared layout; outputs stay on the device."""
+    def run(self, t: Tokens, users: int | None = None, host: bool = False):
+        """(recs [users, K, 3], scores [users, K]) for a prepared layout; outputs stay on the
+        device, or with ``host`` are copied to host memory (one copy per output, no clones)."""
         users = t.users if users is None else users
         if self.graphs_enabled:
             # capture and replay follow the *current* device: make it this engine's (cuda:1 ...)
             with torch.cuda.device(self.device):
                 recs, scores = self._replay(t)
+                if host:
+                    return recs[:users].cpu(), scores[:users].cpu()
                 return recs[:users].clone(), scores[:users].clone()
-        recs, scores = self._forward(t)
+        recs, scores = self._forward(self._materialized(t))
+        if host:
+            return recs[:users].cpu(), scores[:users].cpu()
         return recs[:users], scores[:users]
 
     def __call__(self, l1, l2, l3, mask):

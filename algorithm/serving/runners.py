@@ -181,51 +181,80 @@ class TorchRunner:
         """
         if not requests:
             return []
-        arrays = [{k: np.asarray(r[k]) for k in INPUT_NAMES} for r in requests]
-        rows = [a[INPUT_NAMES[0]].shape[0] for a in arrays]
-        if self.engine is None:
-            groups = [list(range(len(arrays)))]
-        else:
-            from .gpu import group_requests
+        from .gpu_batch import FlatBatch
 
-            cfg = self.engine.config
-            packed = self.batching == "length_aware"
-            if packed:
-                lengths = [int((a["attention_mask"] > 0).sum(1).max(initial=1)) for a in arrays]
-            else:
-                lengths = [a[INPUT_NAMES[0]].shape[1] for a in arrays]
-            groups = group_requests(
-                lengths, cfg.max_users, cfg.max_tokens, padded=not packed, rows=rows, sort=packed
+        batch = FlatBatch.from_requests(requests)
+        recs, scores = self._infer_flat(batch, host=output == "numpy")
+        if output == "numpy":
+            recs, scores = recs.numpy(), scores.numpy()
+        results, start = [], 0
+        for r in batch.rows.tolist():
+            results.append(
+                {"recommendations": recs[start : start + r], "scores": scores[start : start + r]}
             )
-        results: list[dict | None] = [None] * len(arrays)
-        for group in groups:
-            recs, scores = self._run_group([arrays[i] for i in group])
-            if output == "numpy":  # one device-to-host copy per group, then views
-                recs, scores = recs.cpu().numpy(), scores.float().cpu().numpy()
-            start = 0
-            for i in group:
-                results[i] = {
-                    "recommendations": recs[start : start + rows[i]],
-                    "scores": scores[start : start + rows[i]],
-                }
-                start += rows[i]
+            start += r
         return results
 
-    def _run_group(self, arrays: list[dict]):
-        if self.engine is not None:
-            tokens, rows = self.engine.tokens_from_requests(arrays)
-            return self.engine.run(tokens, sum(rows))
-        longest = max(a[INPUT_NAMES[0]].shape[1] for a in arrays)
-        cat = {
-            k: np.concatenate(
-                [np.pad(a[k], ((0, 0), (0, longest - a[k].shape[1]))) for a in arrays]
+    def infer_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """(recs int64 [users, K, 3], scores fp32 [users, K]) on the host for every row of a
+        ``gpu_batch.FlatBatch`` (all requests of a Triton dynamic batch), rows in order: one
+        layout on the host, one copy in, one forward, one copy out per output."""
+        recs, scores = self._infer_flat(batch, host=True)
+        return recs.numpy(), scores.numpy()
+
+    def _infer_flat(self, batch, host: bool):
+        torch = self.torch
+        if self.engine is None:
+            out = self.infer_torch(
+                {k: torch.from_numpy(v) for k, v in zip(INPUT_NAMES, batch.padded(), strict=True)}
             )
-            for k in INPUT_NAMES
-        }
-        out = self.infer_torch(
-            {k: self.torch.from_numpy(v.astype(np.int64)) for k, v in cat.items()}
+            recs, scores = out["recommendations"], out["scores"]
+            return (recs.cpu(), scores.cpu()) if host else (recs, scores)
+        engine = self.engine
+        groups = self._groups(batch)
+        if len(groups) == 1:
+            return engine.run(engine.tokens_from_batch(batch), batch.users, host=host)
+        # several forwards (more users or tokens than one takes): rows back in request order
+        first = np.zeros(len(batch.rows) + 1, dtype=np.int64)
+        np.cumsum(batch.rows, out=first[1:])
+        parts, where = [], []
+        for group in groups:
+            sub = batch.subset(group)
+            parts.append(engine.run(engine.tokens_from_batch(sub), sub.users, host=host))
+            where.extend(np.arange(first[i], first[i + 1]) for i in group)
+        index = torch.from_numpy(np.concatenate(where))
+        out = []
+        for k in range(2):
+            cat = torch.cat([p[k] for p in parts])
+            dst = torch.empty_like(cat)
+            dst[index.to(cat.device)] = cat
+            out.append(dst)
+        return out[0], out[1]
+
+    def _groups(self, batch) -> list[list[int]]:
+        """Request indices per forward (engine.config's max_users / max_tokens)."""
+        from .gpu_batch import group_requests
+
+        cfg = self.engine.config
+        n, packed = len(batch.rows), self.batching == "length_aware"
+        # an upper bound on the cost (packed: every position valid; padded: users x longest)
+        bound = batch.values.shape[1] if packed else batch.users * int(batch.seq.max())
+        if batch.users <= cfg.max_users and bound <= cfg.max_tokens:
+            return [list(range(n))]
+        if packed:
+            row_len = batch.row_lengths(batch.valid(self.engine.sizes))
+            firsts = np.concatenate([[0], np.cumsum(batch.rows)[:-1]])
+            lengths = np.maximum.reduceat(np.maximum(row_len, 1), firsts).tolist()
+        else:
+            lengths = batch.seq.tolist()
+        return group_requests(
+            lengths,
+            cfg.max_users,
+            cfg.max_tokens,
+            padded=not packed,
+            rows=batch.rows.tolist(),
+            sort=packed,
         )
-        return out["recommendations"], out["scores"]
 
 
 class OnnxRuntimeRunner:

@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @dataclass
 class ServeOptions:
     instances: int = 2  # per GPU
-    server_instances: tuple = (1, 2)  # the server part measures each
+    server_instances: tuple = (1, 2, 3, 4)  # the server part measures each
+    pad_instances: tuple = (2,)  # ... and serves ugt_pad (mix points) beside ugt_packed at these
     max_queue_delay_us: int = 100
     preferred: tuple = (16, 32, 48, 64)
     max_batch: int = 64
@@ -41,8 +42,8 @@ class ServeOptions:
     trials: int = 3
     warmup_requests: int = 64  # per client process
     per_client: int = 16  # concurrency per client process
-    fixed_levels: tuple = (1, 16, 64)
-    mix_levels: tuple = (16, 64, 128)
+    fixed_levels: tuple = (1, 16, 64, 128)
+    mix_levels: tuple = (64, 128)
     scaling_mix_levels: tuple = (16, 64, 128)  # per GPU
     scaling_fixed_levels: tuple = (16, 64)  # per GPU
     scaling_instances: tuple = (2, 3)
@@ -53,6 +54,8 @@ class ServeOptions:
     gpus: tuple = (0,)
     timeout_s: float = 30.0
     engine_warmup: list = field(default_factory=list)  # empty: derived from the preset
+    tensor_transport: str = ""  # "dlpack": as with numpy 2 (the GPU machine) also under numpy 1
+    phase_stats: bool = True  # model.py writes its host time per phase; points report us/request
 
 
 def server_env() -> dict:
@@ -83,6 +86,7 @@ def write_repository(
     cfg,
     dtype: str,
     batchings=("length_aware", "pad"),
+    phase_dir: Path | None = None,
 ) -> list[str]:
     """Two python-backend models over one checkpoint; config.pbtxt from TritonConfigGenerator."""
     from algorithm.serving.config import ExportConfig, TritonConfig
@@ -123,6 +127,10 @@ def write_repository(
         msg.parameters["batching"].string_value = batching
         msg.parameters["engine"].string_value = json.dumps(engine)
         msg.parameters["warmup"].string_value = json.dumps(warm)
+        if so.tensor_transport:
+            msg.parameters["tensor_transport"].string_value = so.tensor_transport
+        if phase_dir is not None:
+            msg.parameters["phase_stats"].string_value = str(phase_dir)
         text = config_to_text(msg)
         parse_config(text)
         write_text_atomic(path, text)
@@ -263,6 +271,38 @@ def merge(parts: list[dict], concurrency: int, procs: int) -> dict:
     return out
 
 
+def phase_snapshot(phase_dir: Path | None, model: str) -> dict:
+    """Summed host seconds per phase over the model's instances (model.py's phase_stats files)."""
+    out = {"batches": 0, "requests": 0, "seconds": {}}
+    if phase_dir is None:
+        return out
+    for f in phase_dir.glob(f"{model}_*.json"):
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        out["batches"] += d["batches"]
+        out["requests"] += d["requests"]
+        for k, v in d["seconds"].items():
+            out["seconds"][k] = out["seconds"].get(k, 0.0) + v
+    return out
+
+
+def phase_delta(before: dict, after: dict) -> dict:
+    """Host microseconds per request in each phase of execute() between two snapshots."""
+    n = after["requests"] - before["requests"]
+    if n <= 0:
+        return {}
+    us = {k: 1e6 * (v - before["seconds"].get(k, 0.0)) / n for k, v in after["seconds"].items()}
+    host = sum(v for k, v in us.items() if k != "infer")
+    return {
+        "requests": n,
+        "batches": after["batches"] - before["batches"],
+        "us_per_request": us,
+        "host_us_per_request_outside_infer": host,
+    }
+
+
 def best_under_slo(points: dict, prefix: str, slo: float) -> dict | None:
     ok = [
         (k, p)
@@ -278,6 +318,35 @@ def best_under_slo(points: dict, prefix: str, slo: float) -> dict | None:
         "p99_ms": p["p99_ms"],
         "gpu_util_per_gpu": p["gpu_util_per_gpu"],
     }
+
+
+def instance_summary(pts: dict, tag: str, so: ServeOptions, pad: bool) -> dict:
+    """P99, req/s, GPU utilization and host us/request of one instance count's points."""
+    keys = ("throughput", "p50_ms", "p99_ms", "gpu_util_per_gpu")
+    out = {}
+    for name, p in pts.items():
+        if not name.startswith(f"{tag}_") or "error" in p:
+            continue
+        row = {k: p.get(k) for k in keys}
+        row["host_us_per_request"] = p.get("host_phases", {}).get(
+            "host_us_per_request_outside_infer"
+        )
+        row["avg_batch"] = p.get("server_breakdown_us", {}).get("avg_batch")
+        out[name[len(tag) + 1 :]] = row
+    if pad:
+        packed = best_under_slo(pts, f"{tag}_mix_packed", so.slo_ms)
+        padded = best_under_slo(pts, f"{tag}_mix_pad", so.slo_ms)
+        out["length_aware_over_pad_at_slo"] = (
+            packed["throughput"] / padded["throughput"] if packed and padded else None
+        )
+        out["length_aware_over_pad_same_concurrency"] = {
+            c: (
+                pts.get(f"{tag}_mix_packed_c{c}", {}).get("throughput", 0)
+                / max(pts.get(f"{tag}_mix_pad_c{c}", {}).get("throughput", 0), 1e-9)
+            )
+            for c in so.mix_levels
+        }
+    return out
 
 
 def error_lines(message: str, limit: int = 25) -> list[str]:
@@ -296,7 +365,17 @@ def error_lines(message: str, limit: int = 25) -> list[str]:
 
 # -- runs ---------------------------------------------------------------------------------------
 def run_server(
-    tag: str, repo: Path, points_spec, so: ServeOptions, cfg, log, elapsed, budget, out: dict, write
+    tag: str,
+    repo: Path,
+    points_spec,
+    so: ServeOptions,
+    cfg,
+    log,
+    elapsed,
+    budget,
+    out: dict,
+    write,
+    phase_dir: Path | None = None,
 ):
     """Start tritonserver on ``repo``, run ``points_spec`` [(name, model, concurrency, mix)]."""
     from algorithm.serving.server import TritonServer
@@ -319,19 +398,27 @@ def run_server(
                     "error": f"skipped: {elapsed():.0f}s past the {budget:.0f}s budget"
                 }
                 continue
+            before = phase_snapshot(phase_dir, model)
             try:
                 p = load_point(
                     server.grpc_url, model, conc, so, cfg.codebook_sizes, mix, seed=100 + i
                 )
             except Exception as e:
                 p = {"error": f"{type(e).__name__}: {e}"[:500]}
+            time.sleep(0.6 if phase_dir else 0)  # the stubs write their totals twice a second
+            phases = phase_delta(before, phase_snapshot(phase_dir, model))
+            if phases:
+                p["host_phases"] = phases
             out["points"][name] = p
             write()
             if "error" in p:
                 log(f"[{tag}] {name}: ERROR {p['error'][:200]}")
             else:
+                host = p.get("host_phases", {}).get("host_us_per_request_outside_infer")
                 log(
-                    f"[{tag}] {name}: {p['throughput']:.0f} req/s p99 {p['p99_ms']:.2f} ms gpu {p['gpu_util_per_gpu']}"
+                    f"[{tag}] {name}: {p['throughput']:.0f} req/s p50 {p['p50_ms']:.2f} p99 "
+                    f"{p['p99_ms']:.2f} ms gpu {p['gpu_util_per_gpu']}"
+                    + (f" host {host:.0f} us/req outside infer" if host is not None else "")
                 )
         out.setdefault("server_log_tail", {})[tag] = server.log_tail(15)
 
@@ -369,40 +456,27 @@ def serve_part(
                 tag = f"i{inst}"
                 so_i = ServeOptions(**{**asdict(so), "instances": inst})
                 repo = work / f"repo_{tag}"
-                write_repository(repo, ckpt, engine, so_i, so.gpus, kind, cfg, dtype)
+                phase_dir = (work / f"phases_{tag}") if so.phase_stats else None
+                if phase_dir:
+                    phase_dir.mkdir()
+                models = ("packed", "pad") if inst in so.pad_instances else ("packed",)
+                batchings = ("length_aware", "pad") if "pad" in models else ("length_aware",)
+                write_repository(
+                    repo, ckpt, engine, so_i, so.gpus, kind, cfg, dtype, batchings, phase_dir
+                )
                 spec = [
                     (f"{tag}_fixed{so.seq_len}_c{c}", "ugt_packed", c, False)
                     for c in so.fixed_levels
                 ]
                 spec += [
                     (f"{tag}_mix_{m}_c{c}", f"ugt_{m}", c, True)
-                    for m in ("packed", "pad")
+                    for m in models
                     for c in so.mix_levels
                 ]
-                run_server(tag, repo, spec, so_i, cfg, log, elapsed, args.budget_s, out, write)
-                pts = out["points"]
-                fixed = pts.get(f"{tag}_fixed{so.seq_len}_c64", {})
-                packed = best_under_slo(pts, f"{tag}_mix_packed", so.slo_ms)
-                pad = best_under_slo(pts, f"{tag}_mix_pad", so.slo_ms)
-                same_c = {
-                    c: (
-                        pts.get(f"{tag}_mix_packed_c{c}", {}).get("throughput", 0)
-                        / max(pts.get(f"{tag}_mix_pad_c{c}", {}).get("throughput", 0), 1e-9)
-                    )
-                    for c in so.mix_levels
-                }
-                summ[tag] = {
-                    "fixed c64": {
-                        k: fixed.get(k)
-                        for k in ("throughput", "p50_ms", "p99_ms", "gpu_util_per_gpu")
-                    },
-                    "mix packed best under slo": packed,
-                    "mix pad best under slo": pad,
-                    "length_aware_over_pad_at_slo": packed["throughput"] / pad["throughput"]
-                    if packed and pad
-                    else None,
-                    "length_aware_over_pad_same_concurrency": same_c,
-                }
+                run_server(
+                    tag, repo, spec, so_i, cfg, log, elapsed, args.budget_s, out, write, phase_dir
+                )
+                summ[tag] = instance_summary(out["points"], tag, so, "pad" in models)
             out["summary"] = summ
         except Exception as e:
             out["error"] = f"{type(e).__name__}: {e}"[:2000]

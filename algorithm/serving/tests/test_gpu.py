@@ -16,6 +16,7 @@ from algorithm.serving import gpu_kernels as fk
 from algorithm.serving.errors import ConfigError
 from algorithm.serving.gpu import (
     EngineConfig,
+    FlatBatch,
     GpuEngine,
     bucket_tokens,
     bucket_users,
@@ -136,6 +137,57 @@ def test_packed_layout_keeps_only_valid_tokens_at_their_positions(model, rng):
     assert sorted(tokens.null_idx.tolist() + tokens.tok_to_mem.tolist()) == list(
         range(len(rows) + 4)
     )
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["packed", "dense"])
+def test_host_layout_equals_the_device_route_bucketed(model, rng, full):
+    """tokens_from_batch builds on the host, already bucketed, what the device route builds and
+    then pads to its CUDA-graph bucket; the bucketed forward (dummy users too) stays exact."""
+    inp = _ragged(rng, batch=5, seq=20)
+    widths = [20] * 5 if full else [8 + 3 * i for i in range(5)]
+    if full:
+        inp = random_inputs(5, 20, SMALL.codebook_sizes, rng)
+    engine = GpuEngine(model, EngineConfig(dtype="fp32"), device="cpu")
+    engine.graphs_enabled = True  # bucketing on; nothing is captured on a CPU
+    reqs = [{k: v[i : i + 1, : widths[i]] for k, v in inp.items()} for i in range(5)]
+    batch = FlatBatch.from_requests(reqs)
+    host = engine._materialized(engine.tokens_from_batch(batch))
+    padded = dict(zip(INPUT_NAMES, batch.padded(), strict=True))
+    key, dev = engine._graph_key_and_static(engine.tokens_from_arrays(*padded.values())[0])
+    assert host.key == key and host.kind == ("dense" if full else "packed")
+    assert host.max_len == dev.max_len and host.users == dev.users
+    for a, b in zip(host.tensors(), dev.tensors(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    if not full:
+        assert host.lengths == tuple(dev.lengths)
+    recs, scores = engine._forward(host)
+    _assert_same(_reference(model, padded), _as_np(recs[:5], scores[:5]))
+
+
+def test_flat_batch_pads_and_splits_requests(rng):
+    reqs = [random_inputs(b, n, SMALL.codebook_sizes, rng) for b, n in ((1, 4), (2, 7), (1, 1))]
+    batch = FlatBatch.from_requests(reqs)
+    assert batch.rows.tolist() == [1, 2, 1] and batch.seq.tolist() == [4, 7, 1]
+    assert batch.users == 4 and batch.values.shape == (4, 4 + 14 + 1)
+    padded = batch.padded()
+    assert padded[0].shape == (4, 7)
+    np.testing.assert_array_equal(padded[3][0], [1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(padded[1][1:3], reqs[1]["encoder_l2_ids"])
+    sub = batch.subset([2, 0])
+    assert sub.rows.tolist() == [1, 1] and sub.values.shape == (4, 5)
+    np.testing.assert_array_equal(sub.values[0, 1:], reqs[0]["encoder_l1_ids"][0])
+    with pytest.raises(ValueError, match="one shape"):
+        FlatBatch.from_requests([{**reqs[0], "attention_mask": reqs[1]["attention_mask"]}])
+
+
+def test_requests_over_the_engine_limits_split_and_keep_their_order(model, rng):
+    inp = _ragged(rng, batch=6, seq=30)
+    reqs = [{k: v[i : i + 1, : 4 + 5 * i] for k, v in inp.items()} for i in range(6)]
+    for batching in ("length_aware", "pad"):
+        cfg = EngineConfig(dtype="fp32", max_users=2, max_tokens=40)
+        runner = TorchRunner(model, engine=cfg, batching=batching)
+        for req, out in zip(reqs, runner.infer_requests(reqs), strict=True):
+            _assert_same(_reference(model, req), out)
 
 
 def test_requests_of_mixed_lengths_match_one_by_one(model, rng):
@@ -399,3 +451,31 @@ def test_gpu_fused_and_unfused_engines_agree(model, rng, graphs):
         args = [inp[k] for k in INPUT_NAMES]
         report = compare_outputs(_as_np(*plain(*args)), _as_np(*fused(*args)))
         assert report["recall_overlap"] >= 0.9 and report["finite_scores"], report
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_host_layouts_replay_their_graphs_from_one_buffer(model, rng):
+    """Dynamic batches of changing shapes through the staged (pinned, one-copy) route: every
+    answer stays right while the staging buffer and the graphs' static buffers are reused."""
+    runner = TorchRunner(model, device="cuda", dtype="bf16")
+    for trial in range(4):
+        inp = _ragged(rng, batch=6, seq=24 + 8 * trial)
+        full = trial % 2 == 1  # dense (all full) and packed batches in turn
+        if full:
+            inp = random_inputs(6, 24 + 8 * trial, SMALL.codebook_sizes, rng)
+        width = inp["attention_mask"].shape[1]
+        reqs = [
+            {k: v[i : i + 1, : width if full else 5 + 3 * i] for k, v in inp.items()}
+            for i in range(6)
+        ]
+        for _ in range(2):  # the second pass replays the graph captured by the first
+            outs = runner.infer_requests(reqs)
+            got = {k: np.concatenate([o[k] for o in outs]) for k in ("recommendations", "scores")}
+            ref = {
+                k: np.concatenate([_reference(model, r)[k] for r in reqs])
+                for k in ("recommendations", "scores")
+            }
+            assert compare_outputs(ref, got)["recall_overlap"] >= 0.9, trial
+    graphs = runner.engine._graphs.values()
+    assert len(graphs) >= 2 and all(static.buf is not None for _, static, _ in graphs)

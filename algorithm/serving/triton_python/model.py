@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,52 @@ def _error(message: str, invalid_argument: bool = True):
     return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
 
+class _Clock:
+    """Laps of one execute() (seconds per phase)."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+class _Phases:
+    """Host time per phase of the by-batch path, summed over executions and written (at most
+    twice a second) to a JSON file, when the parameter ``phase_stats`` names a folder: the GPU
+    benchmark reads it to report host microseconds per request."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = {}
+        self.batches = self.requests = 0
+        self.written = 0.0
+
+    def add(self, clock: _Clock, requests: int) -> None:
+        for k, v in clock.laps.items():
+            self.seconds[k] = self.seconds.get(k, 0.0) + v
+        self.batches += 1
+        self.requests += requests
+        now = time.monotonic()
+        if now - self.written >= 0.5:
+            self.written = now
+            tmp = self.path.with_suffix(".tmp")
+            with contextlib.suppress(OSError):
+                tmp.write_text(
+                    json.dumps(
+                        {
+                            "batches": self.batches,
+                            "requests": self.requests,
+                            "seconds": self.seconds,
+                        }
+                    )
+                )
+                os.replace(tmp, self.path)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -59,6 +107,10 @@ class TritonPythonModel:
                 f"parameter codebook_sizes={self.codebook_sizes} needs {len(ID_NAMES)} sizes"
             )
         self.dlpack = _DLPACK or params.get("tensor_transport", "") == "dlpack"
+        phase_dir = params.get("phase_stats", "")
+        self.phases = (
+            _Phases(Path(phase_dir) / f"{self.name}_{os.getpid()}.json") if phase_dir else None
+        )
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         artifact_name = params.get("artifact", "model.onnx")
         # A hand-edited config must not point the loader outside its version folder.
@@ -131,9 +183,10 @@ class TritonPythonModel:
     def _numpy(self, tensor) -> np.ndarray:
         if not self.dlpack:
             return tensor.as_numpy()
-        from torch.utils import dlpack
+        import torch
 
-        return dlpack.from_dlpack(tensor.to_dlpack()).cpu().numpy()
+        t = torch.from_dlpack(tensor.to_dlpack())
+        return (t if t.device.type == "cpu" else t.cpu()).numpy()
 
     def _tensor(self, name: str, array: np.ndarray):
         array = np.ascontiguousarray(array)
@@ -148,9 +201,10 @@ class TritonPythonModel:
         """The request's inputs, checked for presence, dtype and shape; ids and mask values are
         checked by ``_check_values`` (once per batch on the hot path, see ``_valid_batch``)."""
         arrays = {}
-        get = pb_utils.get_input_tensor_by_name
+        # one inputs() call (get_input_tensor_by_name calls it again for every name)
+        tensors = {t.name(): t for t in request.inputs()}
         for name in INPUT_NAMES:
-            tensor = get(request, name)
+            tensor = tensors.get(name)
             if tensor is None:
                 raise BadRequest(f"{name}: missing; the model needs {', '.join(INPUT_NAMES)}")
             arrays[name] = self._numpy(tensor)
@@ -233,6 +287,7 @@ class TritonPythonModel:
         return self._pad([arrays for _, arrays in kept]) if kept else None
 
     def execute(self, requests):
+        clock = _Clock() if self.phases else None
         responses = [None] * len(requests)
         good: list[tuple[int, dict]] = []
         for i, request in enumerate(requests):
@@ -242,59 +297,93 @@ class TritonPythonModel:
                 responses[i] = _error(str(e))
         if not good:
             return responses
-        # A runner with infer_requests (torch GPU engine) combines the lengths itself:
-        # packed (no padding) or padded, per its ``batching``.
-        by_request = getattr(self.runner, "infer_requests", None)
-        if by_request is not None:
-            kept = []
-            for i, arrays in good:
-                try:
-                    self._check_values(arrays)
-                    kept.append((i, arrays))
-                except BadRequest as e:
-                    responses[i] = _error(str(e))
-            good, padded = kept, None
-        else:
-            padded = self._valid_batch(good, responses)
+        # A runner with infer_batch (torch: GpuEngine or eager) takes the whole dynamic batch
+        # flat and combines the lengths itself: packed (no padding) or padded, per its batching.
+        if getattr(self.runner, "infer_batch", None) is not None:
+            return self._execute_flat(good, responses, clock)
+        padded = self._valid_batch(good, responses)
         if not good:
             return responses
         try:
-            if by_request is not None:
-                outputs = by_request([arrays for _, arrays in good])
-            else:
-                result = self.runner.infer(padded)
+            result = self.runner.infer(padded)
         except Exception as e:  # the runtime failed: every request of this run gets the reason
-            _log("error", f"{self.name}: inference failed: {type(e).__name__}: {e}")
-            for i, _ in good:
-                responses[i] = _error(
-                    f"inference failed: {type(e).__name__}: {e}", invalid_argument=False
-                )
+            self._failed(e, good, responses)
             return responses
-        if by_request is None:
-            # one conversion for the batch (a no-op for ONNX Runtime's int64 / fp32 outputs); row
-            # slices of a C-contiguous array stay contiguous, so _tensor copies nothing
-            recs = np.ascontiguousarray(result["recommendations"], dtype=np.int64)
-            scores = np.ascontiguousarray(result["scores"], dtype=np.float32)
-            start = 0
-            for i, arrays in good:
-                end = start + arrays[INPUT_NAMES[0]].shape[0]
-                responses[i] = pb_utils.InferenceResponse(
-                    output_tensors=[
-                        self._tensor("recommendations", recs[start:end]),
-                        self._tensor("scores", scores[start:end]),
-                    ]
-                )
-                start = end
-            return responses
-        for (i, _), out in zip(good, outputs, strict=True):
+        # one conversion for the batch (a no-op for ONNX Runtime's int64 / fp32 outputs); row
+        # slices of a C-contiguous array stay contiguous, so _tensor copies nothing
+        recs = np.ascontiguousarray(result["recommendations"], dtype=np.int64)
+        scores = np.ascontiguousarray(result["scores"], dtype=np.float32)
+        start = 0
+        for i, arrays in good:
+            end = start + arrays[INPUT_NAMES[0]].shape[0]
             responses[i] = pb_utils.InferenceResponse(
                 output_tensors=[
-                    self._tensor(
-                        "recommendations", np.asarray(out["recommendations"], dtype=np.int64)
-                    ),
-                    self._tensor("scores", np.asarray(out["scores"], dtype=np.float32)),
+                    self._tensor("recommendations", recs[start:end]),
+                    self._tensor("scores", scores[start:end]),
                 ]
             )
+            start = end
+        return responses
+
+    def _failed(self, e: Exception, good: list, responses: list) -> None:
+        _log("error", f"{self.name}: inference failed: {type(e).__name__}: {e}")
+        for i, _ in good:
+            responses[i] = _error(
+                f"inference failed: {type(e).__name__}: {e}", invalid_argument=False
+            )
+
+    def _valid_flat(self, good: list, responses: list):
+        """``gpu_batch.FlatBatch`` of the requests in ``good`` whose values are valid (one
+        concatenate per input, one range check per input over the whole batch); as in
+        ``_valid_batch``, each request is checked alone only when that fails."""
+        from algorithm.serving.gpu_batch import FlatBatch
+
+        batch = FlatBatch.from_requests([arrays for _, arrays in good])
+        if self._in_range(dict(zip(INPUT_NAMES, batch.values, strict=True))):
+            batch.checked = True
+            return batch
+        kept = []
+        for i, arrays in good:
+            try:
+                self._check_values(arrays)
+                kept.append((i, arrays))
+            except BadRequest as e:
+                responses[i] = _error(str(e))
+        good[:] = kept
+        if not kept:
+            return None
+        return FlatBatch.from_requests([arrays for _, arrays in kept], checked=True)
+
+    def _execute_flat(self, good: list, responses: list, clock: _Clock | None):
+        """The whole dynamic batch at once: validated together, one runner call, the responses
+        row slices of one host array per output."""
+        if clock:
+            clock.lap("read")
+        batch = self._valid_flat(good, responses)
+        if batch is None:
+            return responses
+        if clock:
+            clock.lap("check")
+        try:
+            recs, scores = self.runner.infer_batch(batch)
+        except Exception as e:  # the runtime failed: every request of this run gets the reason
+            self._failed(e, good, responses)
+            return responses
+        if clock:
+            clock.lap("infer")
+        start = 0
+        for (i, _), rows in zip(good, batch.rows.tolist(), strict=True):
+            end = start + rows
+            responses[i] = pb_utils.InferenceResponse(
+                output_tensors=[
+                    self._tensor("recommendations", recs[start:end]),
+                    self._tensor("scores", scores[start:end]),
+                ]
+            )
+            start = end
+        if clock:
+            clock.lap("respond")
+            self.phases.add(clock, len(good))
         return responses
 
     def finalize(self):

@@ -1,0 +1,518 @@
+"""Host side of GpuEngine: buckets, request grouping, and a dynamic batch's inputs laid out for
+one forward.
+
+A Triton dynamic batch arrives as many small requests. ``FlatBatch`` holds all of them at
+once: each input's values back to back in one ``[4, N]`` int64 array (one concatenate per
+input), so validity, lengths and the packed token layout come from a few numpy operations over
+the whole batch, not a loop over requests. ``Staging`` is the (pinned, on CUDA) host buffer a
+forward's int64/int32 index arrays are written into, so they reach the device in one copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+INPUT_NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
+
+
+# -- buckets and request grouping -------------------------------------------------------------
+USER_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
+
+
+def bucket_users(n: int) -> int:
+    """Users per captured graph: small steps up to 64, then multiples of 32."""
+    for b in USER_BUCKETS:
+        if n <= b:
+            return b
+    return -(-n // 32) * 32
+
+
+def bucket_tokens(n: int, minimum: int = 64) -> int:
+    """Tokens per captured graph: 8 steps per power of two (at most 12.5% spare), >= minimum."""
+    if n <= minimum:
+        return minimum
+    step = 1 << max(0, n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+def previous_token_bucket(nb: int, minimum: int = 64) -> int:
+    """The largest bucket below the bucket ``nb`` (0 below the smallest)."""
+    if nb <= minimum:
+        return 0
+    return max(nb - (1 << max(0, (nb - 1).bit_length() - 4)), minimum)
+
+
+def group_requests(
+    lengths: Sequence[int],
+    max_users: int,
+    max_tokens: int,
+    padded: bool = False,
+    rows: Sequence[int] | None = None,
+    sort: bool = True,
+) -> list[list[int]]:
+    """Split request indices into forwards of at most ``max_users`` users and ``max_tokens`` tokens.
+
+    ``lengths``: each request's tokens per user (packed: valid tokens; padded: its seq_len);
+    ``rows``: its users (default 1). With ``sort`` requests go shortest first, so a padded group
+    pads to a length close to its members' own (bucketing); a packed group costs its sum, a
+    padded one users x longest. A request larger than the limits gets a group of its own.
+    """
+    rows = [1] * len(lengths) if rows is None else list(rows)
+    order = (
+        sorted(range(len(lengths)), key=lambda i: (lengths[i], i)) if sort else range(len(lengths))
+    )
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    users = cost = longest = 0
+    for i in order:
+        n, r = max(int(lengths[i]), 1), int(rows[i])
+        new_cost = (users + r) * max(longest, n) if padded else cost + r * n
+        if cur and (users + r > max_users or new_cost > max_tokens):
+            groups.append(cur)
+            cur, users, longest = [], 0, 0
+            new_cost = r * n
+        cur.append(i)
+        users, cost, longest = users + r, new_cost, max(longest, n)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+# -- token layouts ----------------------------------------------------------------------------
+@dataclass
+class Tokens:
+    """One forward's inputs, already on the device.
+
+    kind "dense": B x T, no padding; "padded": B x T with additive masks; "packed": the valid
+    tokens of S user slots back to back, ``cu``/``cu_mem`` their int32 offsets in the token and
+    memory (null slot + tokens) matrices, ``max_len`` a bound on any slot's length.
+    ``staged``/``layout``: the host copy of every index tensor in one buffer (see ``Staging``),
+    when the layout was built on the host; ``buf`` the device buffer they are views of.
+    """
+
+    kind: str
+    users: int
+    max_len: int
+    ids: torch.Tensor  # [3, N] int64
+    pos: torch.Tensor  # [N] int64
+    cu: torch.Tensor | None = None
+    cu_mem: torch.Tensor | None = None
+    tok_to_mem: torch.Tensor | None = None
+    null_idx: torch.Tensor | None = None
+    cu_beams: dict | None = None  # beams -> [S+1] int32 query offsets for cross-attention
+    lengths: tuple[int, ...] | None = None  # host copy (reference kernel)
+    enc_mask: torch.Tensor | None = None
+    mem_mask: torch.Tensor | None = None
+    key: tuple | None = None  # the CUDA-graph key when the layout is already bucketed
+    staged: torch.Tensor | None = None
+    layout: dict | None = None
+    buf: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.ids, self.pos]
+        for name in ("cu", "cu_mem", "tok_to_mem", "null_idx", "enc_mask", "mem_mask"):
+            if getattr(self, name) is not None:
+                out.append(getattr(self, name))
+        out.extend(self.cu_beams.values() if self.cu_beams else [])
+        return out
+
+
+def valid_tokens(l1, l2, l3, mask, sizes):
+    """Positions the model reads: mask > 0 and every id inside its codebook (numpy or torch)."""
+    valid = mask > 0
+    for ids, size in zip((l1, l2, l3), sizes, strict=True):
+        valid = valid & (ids >= 0) & (ids < size)
+    return valid
+
+
+def packed_index(lengths: Sequence[int], extra: Sequence[int] = ()) -> dict[str, np.ndarray]:
+    """Host-side offsets for user slots of ``lengths`` followed by ``extra`` (dummy) slots."""
+    lens = np.asarray(list(lengths) + list(extra), dtype=np.int64)
+    s = len(lens)
+    cu = np.zeros(s + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    cu_mem = cu + np.arange(s + 1)
+    seq_of_tok = np.repeat(np.arange(s), lens)
+    return {
+        "cu": cu.astype(np.int32),
+        "cu_mem": cu_mem.astype(np.int32),
+        "tok_to_mem": np.arange(int(cu[-1])) + seq_of_tok + 1,
+        "null_idx": cu_mem[:-1].copy(),
+    }
+
+
+def packed_layout(slots: int, tokens: int, beams: int) -> dict:
+    """name -> (offset, length, dtype) of a packed forward's index tensors in one int64 buffer
+    (int32 tensors take half an int64 slot per value). A function of (slots, tokens) alone, so a
+    CUDA graph's static inputs can be views of one buffer that a single copy refills."""
+    fields = [
+        ("ids", 3 * tokens, torch.int64),
+        ("pos", tokens, torch.int64),
+        ("tok_to_mem", tokens, torch.int64),
+        ("null_idx", slots, torch.int64),
+        ("cu", slots + 1, torch.int32),
+        ("cu_mem", slots + 1, torch.int32),
+    ]
+    fields += [(f"cu_beams_{b}", slots + 1, torch.int32) for b in sorted({1, beams})]
+    out, offset = {}, 0
+    for name, n, dtype in fields:
+        out[name] = (offset, n, dtype)
+        offset += n if dtype == torch.int64 else -(-n // 2)
+    out["_total"] = offset
+    return out
+
+
+def dense_layout(users: int, width: int) -> dict:
+    n = users * width
+    return {"ids": (0, 3 * n, torch.int64), "pos": (3 * n, n, torch.int64), "_total": 4 * n}
+
+
+def layout_views(buf: torch.Tensor, layout: dict, as_numpy: bool = False) -> dict:
+    """Views of ``buf`` (int64) per field of ``layout``; numpy views when ``as_numpy``."""
+    out = {}
+    for name, spec in layout.items():
+        if name == "_total":
+            continue
+        offset, n, dtype = spec
+        if dtype == torch.int64:
+            v = buf[offset : offset + n]
+        else:
+            v = buf[offset : offset + -(-n // 2)].view(torch.int32)[:n]
+        out[name] = v.numpy() if as_numpy else v
+    return out
+
+
+class Staging:
+    """A growing host buffer for index arrays; pinned when the engine runs on CUDA, so the copy
+    to the device is one asynchronous transfer. ``take`` waits until the previous transfer out
+    of the buffer has finished before handing it out again."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.buf = torch.empty(0, dtype=torch.int64)
+        self.event = None
+
+    def take(self, n: int) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        if self.buf.numel() < n:
+            size = max(n, 2 * self.buf.numel())
+            self.buf = torch.empty(size, dtype=torch.int64, pin_memory=self.cuda)
+        return self.buf[:n]
+
+    def copy_to(self, staged: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor:
+        """``staged`` on the device (into ``dst`` when given): one copy, asynchronous on CUDA."""
+        if not self.cuda:
+            return staged.clone() if dst is None else dst.copy_(staged)
+        if dst is None:
+            dst = torch.empty_like(staged, device=self.device)
+        dst.copy_(staged, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record(torch.cuda.current_stream(self.device))
+        return dst
+
+
+# -- a dynamic batch --------------------------------------------------------------------------
+@dataclass
+class FlatBatch:
+    """All requests of a dynamic batch: ``values[i]`` holds input i of every request back to back
+    (request-major, then row-major), so row r's tokens are ``values[:, starts[r]:starts[r] +
+    widths[r]]``. ``rows``/``seq`` per request; ``checked``: the caller verified that every id
+    is inside its codebook and every mask value is 0/1 (then validity is the mask alone)."""
+
+    values: np.ndarray  # [4, N] int64
+    rows: np.ndarray  # [R] users per request
+    seq: np.ndarray  # [R] seq_len per request
+    checked: bool = False
+
+    @classmethod
+    def from_requests(cls, requests: Sequence, checked: bool = False) -> FlatBatch:
+        """From per-request inputs: dicts by name or sequences in ``INPUT_NAMES`` order, each a
+        ``[b_i, T_i]`` array. One concatenate per input."""
+        reqs = [[r[k] for k in INPUT_NAMES] if isinstance(r, dict) else list(r) for r in requests]
+        shapes = [np.shape(r[0]) for r in reqs]
+        for r, s in zip(reqs, shapes, strict=True):
+            if len(s) != 2 or any(np.shape(a) != s for a in r[1:]):
+                raise ValueError(
+                    f"each request needs four [batch, seq_len] inputs of one shape, "
+                    f"got {[np.shape(a) for a in r]}"
+                )
+        total = sum(s[0] * s[1] for s in shapes)
+        values = np.empty((4, total), dtype=np.int64)
+        for i in range(4):
+            if len(reqs) == 1:
+                values[i] = np.reshape(reqs[0][i], -1)
+            else:
+                np.concatenate([np.reshape(r[i], -1) for r in reqs], out=values[i])
+        rows = np.fromiter((s[0] for s in shapes), dtype=np.int64, count=len(shapes))
+        seq = np.fromiter((s[1] for s in shapes), dtype=np.int64, count=len(shapes))
+        return cls(values, rows, seq, checked)
+
+    @property
+    def users(self) -> int:
+        return int(self.rows.sum())
+
+    def row_widths(self) -> np.ndarray:
+        return np.repeat(self.seq, self.rows)
+
+    def row_starts(self, widths: np.ndarray | None = None) -> np.ndarray:
+        w = self.row_widths() if widths is None else widths
+        starts = np.zeros(len(w), dtype=np.int64)
+        np.cumsum(w[:-1], out=starts[1:])
+        return starts
+
+    def valid(self, sizes) -> np.ndarray:
+        """[N] bool: the positions the model reads."""
+        if self.checked:
+            return self.values[3] > 0
+        return valid_tokens(*self.values, sizes)
+
+    def row_lengths(self, valid: np.ndarray) -> np.ndarray:
+        """Valid tokens per row (one reduceat over the batch)."""
+        return np.add.reduceat(valid.astype(np.int64), self.row_starts())
+
+    def padded(self, width: int | None = None) -> list[np.ndarray]:
+        """The four inputs as [users, width] arrays, right-padded with 0 (mask 0)."""
+        widths = self.row_widths()
+        width = int(widths.max()) if width is None else width
+        if (widths == width).all():
+            return [v.reshape(-1, width) for v in self.values]
+        starts = self.row_starts(widths)
+        row = np.repeat(np.arange(len(widths)), widths)
+        col = np.arange(self.values.shape[1]) - np.repeat(starts, widths)
+        out = np.zeros((4, len(widths), width), dtype=np.int64)
+        out[:, row, col] = self.values
+        return list(out)
+
+    def subset(self, requests: Sequence[int]) -> FlatBatch:
+        """The batch of these requests only (in this order)."""
+        sizes = self.rows * self.seq
+        starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=starts[1:])
+        parts = [self.values[:, starts[i] : starts[i + 1]] for i in requests]
+        idx = np.asarray(requests, dtype=np.int64)
+        return FlatBatch(np.concatenate(parts, axis=1), self.rows[idx], self.seq[idx], self.checked)
+
+
+# -- GpuEngine's host half: inputs -> device layouts ------------------------------------------
+MASKED = -30000.0  # the reference's additive mask value
+
+
+class TokenLayouts:
+    """Builds ``Tokens`` for GpuEngine (mixed into it; uses its ``device``, ``dtype``, ``k``,
+    ``sizes``, ``config``, ``model_config``, ``graphs_enabled``, ``staging`` and ``m``).
+
+    Two routes: ``tokens_from_arrays`` for [B, T] tensors already anywhere (validity computed
+    where they are), and ``tokens_from_batch`` for a host ``FlatBatch`` (a Triton dynamic batch):
+    the layout is computed on the host, already padded to its CUDA-graph bucket, and written
+    into the staging buffer, so that the whole forward's inputs reach the device in one copy
+    (straight into the graph's static buffer on replay)."""
+
+    # -- device-side route -------------------------------------------------------------------
+    def _device_tokens(
+        self, kind, users, max_len, ids, pos, index=None, lengths=None, valid=None
+    ) -> Tokens:
+        dev = self.device
+        t = Tokens(
+            kind, users, max_len, ids.to(dev, non_blocking=True), pos.to(dev, non_blocking=True)
+        )
+        if kind == "packed":
+            for name, arr in index.items():
+                setattr(t, name, torch.from_numpy(arr).to(dev, non_blocking=True))
+            beams = np.arange(users + 1, dtype=np.int32)
+            t.cu_beams = {
+                1: t.cu_mem.new_tensor(beams),
+                self.k: t.cu_mem.new_tensor(beams * self.k),
+            }
+            t.lengths = tuple(int(n) for n in lengths)
+        elif kind == "padded":
+            valid = valid.to(dev)
+            t.enc_mask = ((~valid).to(self.dtype) * MASKED)[:, None, None, :]
+            mem_valid = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
+            t.mem_mask = ((~mem_valid).to(self.dtype) * MASKED)[:, None, None, :]
+        return t
+
+    def tokens_from_arrays(self, l1, l2, l3, mask) -> tuple[Tokens, int]:
+        """Layout for [B, T] tensors or arrays (any device). Returns (tokens, real users)."""
+        args = [
+            torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a)
+            for a in (l1, l2, l3, mask)
+        ]
+        l1, l2, l3, mask = (a.to(torch.int64) for a in args)
+        self.m.check_inputs(l1, l2, l3, mask)
+        b, t = l1.shape
+        valid = valid_tokens(l1, l2, l3, mask, self.sizes)
+        lengths = valid.sum(1).tolist()  # the one sync: bucketing needs the lengths on the host
+        if self.config.layout == "padded":
+            ids = torch.stack(
+                [torch.where(valid, x, torch.zeros_like(x)) for x in (l1, l2, l3)]
+            ).view(3, -1)
+            pos = torch.arange(t, device=l1.device).repeat(b)
+            return self._device_tokens("padded", b, t, ids, pos, valid=valid), b
+        if self.config.dense_when_full and all(n == t for n in lengths):
+            ids = torch.stack([l1, l2, l3]).view(3, -1)
+            pos = torch.arange(t, device=l1.device).repeat(b)
+            return self._device_tokens("dense", b, t, ids, pos), b
+        rows, cols = valid.nonzero(as_tuple=True)
+        ids = torch.stack([l1[rows, cols], l2[rows, cols], l3[rows, cols]])
+        return self._packed(ids, cols, lengths), b
+
+    def _packed(self, ids, pos, lengths) -> Tokens:
+        max_len = max(max(lengths), 1)
+        if ids.device.type == "cpu" and self.device.type == "cuda":
+            ids, pos = ids.pin_memory(), pos.pin_memory()
+        return self._device_tokens(
+            "packed", len(lengths), max_len, ids, pos, packed_index(lengths), lengths
+        )
+
+    def _graph_key_and_static(self, t: Tokens):
+        """Pad ``t`` to its bucket; returns (key, bucketed tokens)."""
+        if t.key is not None:  # built on the host, already bucketed
+            return t.key, t
+        if t.kind == "dense":
+            return ("dense", t.users, t.max_len), t
+        if t.kind == "padded":
+            # pad-to-longest, then to a (users, length) bucket: extra rows/columns are masked
+            b, n = t.users, t.max_len
+            bb, nb = bucket_users(b), bucket_tokens(n, minimum=16)
+            if (bb, nb) == (b, n):
+                return ("padded", b, n), t
+            ids = t.ids.new_zeros(3, bb, nb)
+            ids[:, :b, :n] = t.ids.view(3, b, n)
+            enc = t.enc_mask.new_full((bb, 1, 1, nb), MASKED)
+            enc[:b, :, :, :n] = t.enc_mask
+            mem = t.mem_mask.new_full((bb, 1, 1, nb + 1), MASKED)
+            mem[:b, :, :, : n + 1] = t.mem_mask
+            mem[:, :, :, 0] = 0.0  # dummy rows attend to the null slot only
+            pos = torch.arange(nb, device=t.pos.device).repeat(bb)
+            tb = Tokens("padded", bb, nb, ids.view(3, -1), pos, enc_mask=enc, mem_mask=mem)
+            return ("padded", bb, nb), tb
+        n, b = t.ids.shape[1], t.users
+        key, extra, nb, max_len = self._packed_bucket(b, n)
+        lengths = list(t.lengths) + extra
+        ids = torch.cat([t.ids, t.ids.new_zeros(3, nb - n)], 1)
+        pos = torch.cat([t.pos, t.pos.new_zeros(nb - n)])
+        padded = self._device_tokens(
+            "packed", len(lengths), max_len, ids, pos, packed_index(lengths), lengths
+        )
+        return key, padded
+
+    def _packed_bucket(self, users: int, tokens: int):
+        """(graph key, dummy slot lengths, bucketed tokens, max_len) for a packed forward: the
+        users round up to a bucket (dummy users of one token), then the tokens, the spare
+        tokens forming one more dummy slot."""
+        bb = bucket_users(users)
+        nb = bucket_tokens(tokens + (bb - users))
+        pad = nb - tokens - (bb - users)
+        extra = [1] * (bb - users) + ([pad] if pad else [])
+        max_len = max(self.model_config.max_seq_length, nb - previous_token_bucket(nb))
+        return ("packed", bb, nb, bool(pad)), extra, nb, max_len
+
+    # -- host-side route (one copy) ------------------------------------------------------------
+    def tokens_from_requests(self, requests: Sequence[dict]) -> tuple[Tokens, list[int]]:
+        """One layout for a list of per-request input dicts of [b_i, T_i] arrays.
+
+        Packed: the valid tokens of every request back to back (no padding at all). Padded
+        (the baseline): every request padded to the longest T_i, as a static-shape engine must.
+        Returns the tokens and each request's number of users (rows), in order.
+        """
+        batch = FlatBatch.from_requests(requests)
+        return self.tokens_from_batch(batch), batch.rows.tolist()
+
+    def tokens_from_batch(self, batch: FlatBatch) -> Tokens:
+        """The layout of one forward over every row of ``batch``, rows in order."""
+        limit = self.model_config.max_seq_length
+        if batch.seq.size == 0 or batch.seq.min() < 1 or batch.seq.max() > limit:
+            raise ValueError(
+                f"each request needs [batch, seq_len] inputs with 1 <= seq_len <= {limit}, "
+                f"got seq_len {batch.seq.tolist()}"
+            )
+        users, width = batch.users, int(batch.seq.max())
+        if self.config.layout == "padded":
+            return self.tokens_from_arrays(*batch.padded(width))[0]
+        valid = batch.valid(self.sizes)
+        if self.config.dense_when_full and (batch.seq == width).all() and valid.all():
+            return self._staged_dense(batch.values, users, width)
+        lengths = batch.row_lengths(valid)
+        widths = batch.row_widths()
+        col = np.arange(valid.size) - np.repeat(batch.row_starts(widths), widths)
+
+        def fill(ids, pos):
+            for i in range(3):
+                np.compress(valid, batch.values[i], out=ids[i])
+            np.compress(valid, col, out=pos)
+
+        return self._staged_packed(lengths, fill)
+
+    def _staged_dense(self, values: np.ndarray, users: int, width: int) -> Tokens:
+        layout = dense_layout(users, width)
+        staged = self.staging.take(layout["_total"])
+        v = layout_views(staged, layout, as_numpy=True)
+        v["ids"][:] = values[:3].reshape(-1)
+        v["pos"].reshape(users, width)[:] = np.arange(width)
+        key = ("dense", users, width) if self.graphs_enabled else None
+        return Tokens("dense", users, width, None, None, key=key, staged=staged, layout=layout)
+
+    def _staged_packed(self, lengths: np.ndarray, fill) -> Tokens:
+        """Packed slots of ``lengths`` (bucketed when graphs run); ``fill(ids [3, n], pos [n])``
+        writes the valid tokens in place."""
+        b, n = len(lengths), int(lengths.sum())
+        if self.graphs_enabled:
+            key, extra, nb, max_len = self._packed_bucket(b, n)
+        else:
+            key, extra, nb, max_len = None, [], n, max(int(lengths.max(initial=0)), 1)
+        lens = np.concatenate([lengths, np.asarray(extra, dtype=np.int64)])
+        s = len(lens)
+        layout = packed_layout(s, nb, self.k)
+        staged = self.staging.take(layout["_total"])
+        v = layout_views(staged, layout, as_numpy=True)
+        ids = v["ids"].reshape(3, nb)
+        fill(ids[:, :n], v["pos"][:n])
+        ids[:, n:] = 0
+        v["pos"][n:] = 0
+        cu = v["cu"]
+        cu[0] = 0
+        np.cumsum(lens, out=cu[1:])
+        slots = np.arange(s + 1, dtype=np.int32)
+        np.add(cu, slots, out=v["cu_mem"])
+        v["null_idx"][:] = v["cu_mem"][:-1]
+        v["tok_to_mem"][:] = np.repeat(slots[1:], lens)
+        v["tok_to_mem"] += np.arange(nb)
+        for beams in {1, self.k}:
+            np.multiply(slots, beams, out=v[f"cu_beams_{beams}"])
+        t = Tokens("packed", s, max_len, None, None, key=key, staged=staged, layout=layout)
+        t.lengths = tuple(lens.tolist())
+        return t
+
+    def _with_buffer(self, t: Tokens, buf: torch.Tensor) -> Tokens:
+        """``t`` with its tensors as views of ``buf`` (a device copy of ``t.staged``)."""
+        v = layout_views(buf, t.layout)
+        out = Tokens(
+            t.kind,
+            t.users,
+            t.max_len,
+            v["ids"].view(3, -1),
+            v["pos"],
+            lengths=t.lengths,
+            key=t.key,
+            staged=t.staged,
+            layout=t.layout,
+            buf=buf,
+        )
+        if t.kind == "packed":
+            for name in ("cu", "cu_mem", "tok_to_mem", "null_idx"):
+                setattr(out, name, v[name])
+            out.cu_beams = {1: v["cu_beams_1"], self.k: v[f"cu_beams_{self.k}"]}
+        return out
+
+    def _materialized(self, t: Tokens) -> Tokens:
+        """``t`` with device tensors (one copy of the staged buffer; no-op if already there)."""
+        if t.ids is not None:
+            return t
+        return self._with_buffer(t, self.staging.copy_to(t.staged))

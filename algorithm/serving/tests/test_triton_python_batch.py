@@ -1,0 +1,202 @@
+"""The python-backend model's by-batch path (torch runner: GpuEngine or eager) without a server.
+
+A stand-in for ``triton_python_backend_utils`` carries tensors both ways (numpy and DLPack), so
+``execute()`` runs exactly as in the stub: a dynamic batch is validated at once, bad requests
+still fail alone with the same INVALID_ARG messages, and every good one gets its own answer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from algorithm.serving.gpu import EngineConfig
+from algorithm.serving.parity import compare_outputs
+from algorithm.serving.runners import INPUT_NAMES, TorchRunner
+from algorithm.ugt import UGTConfig, UGTModel, random_inputs
+
+SMALL = UGTConfig.tiny(codebook_sizes=(64, 128, 256), num_recommendations=10, max_seq_length=64)
+MODEL_PY = Path(__file__).resolve().parents[1] / "triton_python" / "model.py"
+
+
+class _Tensor:
+    def __init__(self, name, array):
+        self._name, self._array = name, array
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._array
+
+    def to_dlpack(self):
+        return torch.utils.dlpack.to_dlpack(torch.from_numpy(self._array))
+
+    @staticmethod
+    def from_dlpack(name, capsule):
+        return _Tensor(name, torch.from_dlpack(capsule).numpy())
+
+
+class _Request:
+    def __init__(self, arrays):
+        self._inputs = [_Tensor(k, v) for k, v in arrays.items()]
+
+    def inputs(self):
+        return self._inputs
+
+
+class _Response:
+    def __init__(self, output_tensors, error=None):
+        self.outputs = {t.name(): t.as_numpy() for t in output_tensors}
+        self.error = error
+
+
+class _Error:
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, message, code=None):
+        self.message, self.code = message, code
+
+
+@pytest.fixture(scope="module")
+def model_py():
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor, fake.InferenceResponse, fake.TritonError = _Tensor, _Response, _Error
+    saved = sys.modules.get(fake.__name__)
+    sys.modules[fake.__name__] = fake
+    try:
+        spec = importlib.util.spec_from_file_location("ugt_triton_model_under_test", MODEL_PY)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        if saved is None:
+            sys.modules.pop(fake.__name__, None)
+        else:
+            sys.modules[fake.__name__] = saved
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = UGTModel(SMALL).eval()
+    with torch.no_grad():
+        for h in m.heads:
+            h.weight.mul_(50)  # scores far from ties
+    return m
+
+
+def _served(model_py, runner, dlpack=False, phase_dir=None):
+    m = model_py.TritonPythonModel()
+    m.name, m.runner, m.dlpack = "ugt", runner, dlpack
+    m.max_seq_length, m.codebook_sizes = SMALL.max_seq_length, SMALL.codebook_sizes
+    m.phases = model_py._Phases(Path(phase_dir) / "ugt.json") if phase_dir else None
+    return m
+
+
+def _reference(model, req):
+    with torch.inference_mode():
+        recs, scores = model(*(torch.as_tensor(req[k]) for k in INPUT_NAMES))
+    return {"recommendations": recs.numpy(), "scores": scores.numpy()}
+
+
+def _batch(rng):
+    good = [random_inputs(1, n, SMALL.codebook_sizes, rng) for n in (5, 12, 30, 64)]
+    good.append(random_inputs(2, 9, SMALL.codebook_sizes, rng, ragged=True))
+    good[1]["attention_mask"][0, :3] = 0  # padding in front
+    bad_id = random_inputs(1, 10, SMALL.codebook_sizes, rng)
+    bad_id["encoder_l3_ids"][0, 4] = 256
+    bad_neg = random_inputs(1, 7, SMALL.codebook_sizes, rng)
+    bad_neg["encoder_l1_ids"][0, 2] = -1
+    bad_mask = random_inputs(1, 6, SMALL.codebook_sizes, rng)
+    bad_mask["attention_mask"][0, 2] = 2
+    too_long = random_inputs(1, 65, SMALL.codebook_sizes, rng)
+    wrong_dtype = {
+        k: v.astype(np.int32) for k, v in random_inputs(1, 4, (64, 128, 256), rng).items()
+    }
+    missing = {
+        k: v for k, v in random_inputs(1, 4, (64, 128, 256), rng).items() if k != "attention_mask"
+    }
+    requests = [good[0], bad_id, good[1], bad_mask, good[2], too_long, bad_neg, good[3]]
+    requests += [wrong_dtype, good[4], missing]
+    expected_errors = {
+        1: "encoder_l3_ids: id 256 at [0, 4] is outside its codebook [0, 256)",
+        3: "attention_mask: value 2 at [0, 2]; only 0 (padding) and 1 (item) are allowed",
+        5: "sequence length 65 outside [1, 64]",
+        6: "encoder_l1_ids: id -1 at [0, 2] is outside its codebook [0, 64)",
+        8: "dtype int32, expected int64",
+        10: "attention_mask: missing",
+    }
+    return requests, expected_errors
+
+
+@pytest.mark.parametrize(
+    "runner_kind,dlpack",
+    [("packed", False), ("packed", True), ("pad", True), ("eager", False)],
+)
+def test_a_batch_is_checked_at_once_and_bad_requests_fail_alone(
+    model_py, model, rng, runner_kind, dlpack
+):
+    if runner_kind == "eager":
+        runner = TorchRunner(model)
+    else:
+        batching = "length_aware" if runner_kind == "packed" else "pad"
+        runner = TorchRunner(model, engine=EngineConfig(dtype="fp32"), batching=batching)
+    requests, expected_errors = _batch(rng)
+    served = _served(model_py, runner, dlpack)
+    responses = served.execute([_Request(r) for r in requests])
+    assert len(responses) == len(requests)
+    for i, (req, resp) in enumerate(zip(requests, responses, strict=True)):
+        if i in expected_errors:
+            assert resp.error is not None and resp.error.code == "INVALID_ARG", i
+            assert expected_errors[i] in resp.error.message, (i, resp.error.message)
+            continue
+        assert resp.error is None, (i, resp.error and resp.error.message)
+        out = resp.outputs
+        rows = req["attention_mask"].shape[0]
+        assert out["recommendations"].shape == (rows, SMALL.num_recommendations, 3)
+        assert out["recommendations"].dtype == np.int64 and out["scores"].dtype == np.float32
+        report = compare_outputs(_reference(model, req), out)
+        assert report["exact_match_rate"] == 1.0 and report["max_score_diff"] < 1e-4, (i, report)
+
+
+def test_a_valid_batch_takes_one_runner_call_and_phases_are_recorded(
+    model_py, model, rng, tmp_path
+):
+    runner = TorchRunner(model, engine=EngineConfig(dtype="fp32"))
+    calls = []
+    infer_batch = runner.infer_batch
+
+    def counting(batch):
+        calls.append((batch.checked, batch.rows.tolist(), batch.seq.tolist()))
+        return infer_batch(batch)
+
+    runner.infer_batch = counting
+    served = _served(model_py, runner, dlpack=True, phase_dir=tmp_path)
+    reqs = [random_inputs(1, n, SMALL.codebook_sizes, rng) for n in (3, 64, 17)]
+    responses = served.execute([_Request(r) for r in reqs])
+    assert all(r.error is None for r in responses)
+    assert calls == [(True, [1, 1, 1], [3, 64, 17])]
+    stats = json.loads((tmp_path / "ugt.json").read_text())
+    assert stats["batches"] == 1 and stats["requests"] == 3
+    assert set(stats["seconds"]) == {"read", "check", "infer", "respond"}
+
+
+def test_a_failing_runner_answers_every_request_with_the_reason(model_py, model, rng):
+    runner = TorchRunner(model, engine=EngineConfig(dtype="fp32"))
+
+    def broken(batch):
+        raise RuntimeError("device lost")
+
+    runner.infer_batch = broken
+    reqs = [random_inputs(1, n, SMALL.codebook_sizes, rng) for n in (3, 8)]
+    responses = _served(model_py, runner).execute([_Request(r) for r in reqs])
+    for r in responses:
+        assert r.error.code == "INTERNAL" and "RuntimeError: device lost" in r.error.message

@@ -1,0 +1,180 @@
+"""Host cost of the python-backend model's by-batch path, without a server (issue 7).
+
+Runs ``TritonPythonModel.execute()`` from algorithm/serving/triton_python/model.py over a
+stand-in ``triton_python_backend_utils`` (tensors through DLPack, as on the GPU machine's numpy
+2) for a dynamic batch of batch-1 requests, and reports microseconds per request:
+
+- ``--stub-forward``: the engine's forward returns at once, so only the host work is timed (on
+  any machine; compare two checkouts with ``PYTHONPATH=<checkout>``);
+- on CUDA: execute() against the engine's own replay of the same layout, so the difference is
+  the host work the GPU waits for (one instance, nothing overlapped).
+
+    PYTHONPATH=. python benchmarks/gpu/host_path.py --device cpu --stub-forward
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import algorithm.serving.runners as runners
+from algorithm.serving.gpu import EngineConfig
+from algorithm.ugt import UGTConfig, UGTModel, random_inputs
+
+NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
+
+
+class _Tensor:
+    def __init__(self, name, array):
+        self._name, self._array = name, array
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._array
+
+    def to_dlpack(self):
+        return torch.utils.dlpack.to_dlpack(torch.from_numpy(self._array))
+
+    @staticmethod
+    def from_dlpack(name, capsule):
+        return _Tensor(name, torch.from_dlpack(capsule))
+
+
+class _Request:
+    def __init__(self, arrays):
+        self._inputs = [_Tensor(k, v) for k, v in arrays.items()]
+
+    def inputs(self):
+        return self._inputs
+
+
+class _Response:
+    def __init__(self, output_tensors, error=None):
+        self.output_tensors, self.error = output_tensors, error
+
+
+class _Error:
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, message, code=None):
+        self.message = message
+
+
+def _get(request, name):
+    for t in request.inputs():
+        if t.name() == name:
+            return t
+    return None
+
+
+def load_model_py():
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor, fake.InferenceResponse, fake.TritonError = _Tensor, _Response, _Error
+    fake.get_input_tensor_by_name = _get
+    sys.modules[fake.__name__] = fake
+    path = Path(runners.__file__).parent / "triton_python" / "model.py"
+    spec = importlib.util.spec_from_file_location("ugt_model_py", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default="base", choices=("base", "tiny"))
+    ap.add_argument("--stub-forward", action="store_true")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    cfg = UGTConfig.base() if args.preset == "base" else UGTConfig.tiny()
+    torch.manual_seed(0)
+    model = UGTModel(cfg).eval()
+    cuda = args.device.startswith("cuda")
+    engine = EngineConfig(dtype="bf16" if cuda else "fp32")
+    runner = runners.TorchRunner(model, device=args.device, engine=engine)
+    k = cfg.num_recommendations
+    if args.stub_forward:
+
+        def forward(t):
+            return (
+                torch.zeros(t.users, k, 3, dtype=torch.int64, device=runner.device),
+                torch.zeros(t.users, k, device=runner.device),
+            )
+
+        runner.engine._forward = forward
+    mp = load_model_py()
+    served = mp.TritonPythonModel()
+    served.name, served.runner, served.dlpack = "ugt", runner, True
+    served.max_seq_length, served.codebook_sizes = cfg.max_seq_length, tuple(cfg.codebook_sizes)
+    import tempfile
+
+    phase_file = Path(tempfile.mkdtemp(prefix="ugt-phases-")) / "ugt.json"
+    served.phases = mp._Phases(phase_file) if hasattr(mp, "_Phases") else None
+    rng = np.random.default_rng(0)
+    seq = min(args.seq, cfg.max_seq_length)
+    lengths = {
+        f"fixed{seq}": np.full(args.batch, seq),
+        "mix": np.clip(np.rint(np.exp(rng.normal(np.log(200), 0.8, args.batch))), 1, seq),
+    }
+    result = {"device": args.device, "stub_forward": args.stub_forward, "batch": args.batch}
+    for name, lens in lengths.items():
+        reqs = [random_inputs(1, int(n), cfg.codebook_sizes, rng) for n in lens]
+        for _ in range(3):
+            served.execute([_Request(r) for r in reqs])
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        times = []
+        for _ in range(args.iters):
+            wrapped = [_Request(r) for r in reqs]
+            sync()
+            t = time.perf_counter()
+            responses = served.execute(wrapped)
+            times.append(time.perf_counter() - t)
+        assert all(r.error is None for r in responses), [r.error.message for r in responses]
+        row = {"execute_ms": 1e3 * float(np.median(times))}
+        if served.phases is not None:  # mean us per request per phase over these calls
+            ph = served.phases
+            row["phases_us_per_request"] = {
+                k: round(1e6 * v / ph.requests, 2) for k, v in ph.seconds.items()
+            }
+            served.phases = mp._Phases(phase_file)
+        if cuda and not args.stub_forward:
+            t, rows = runner.engine.tokens_from_requests(reqs)  # the same layout, prepared once
+            users = sum(rows)
+            runner.engine.run(t, users)
+            sync()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            reps = []
+            for _ in range(args.iters):
+                a.record()
+                runner.engine.run(t, users)
+                b.record()
+                b.synchronize()
+                reps.append(a.elapsed_time(b))
+            row["engine_run_ms"] = float(np.median(reps))
+            row["host_us_per_request"] = (
+                1e3 * (row["execute_ms"] - row["engine_run_ms"]) / args.batch
+            )
+        else:
+            row["us_per_request"] = 1e3 * row["execute_ms"] / args.batch
+        result[name] = row
+        print(name, json.dumps(row), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
