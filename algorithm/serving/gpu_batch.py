@@ -232,24 +232,30 @@ class FlatBatch:
     checked: bool = False
 
     @classmethod
-    def from_requests(cls, requests: Sequence, checked: bool = False) -> FlatBatch:
+    def from_requests(
+        cls, requests: Sequence, checked: bool = False, validate: bool = True
+    ) -> FlatBatch:
         """From per-request inputs: dicts by name or sequences in ``INPUT_NAMES`` order, each a
-        ``[b_i, T_i]`` array. One concatenate per input."""
+        ``[b_i, T_i]`` array. One concatenate per input. ``validate=False``: the caller already
+        checked that each request's four inputs are 2-D arrays of one shape."""
         reqs = [[r[k] for k in INPUT_NAMES] if isinstance(r, dict) else list(r) for r in requests]
-        shapes = [np.shape(r[0]) for r in reqs]
-        for r, s in zip(reqs, shapes, strict=True):
-            if len(s) != 2 or any(np.shape(a) != s for a in r[1:]):
-                raise ValueError(
-                    f"each request needs four [batch, seq_len] inputs of one shape, "
-                    f"got {[np.shape(a) for a in r]}"
-                )
+        if validate:
+            reqs = [[np.asarray(a) for a in r] for r in reqs]
+            for r in reqs:
+                s = r[0].shape
+                if len(s) != 2 or any(a.shape != s for a in r[1:]):
+                    raise ValueError(
+                        f"each request needs four [batch, seq_len] inputs of one shape, "
+                        f"got {[a.shape for a in r]}"
+                    )
+        shapes = [r[0].shape for r in reqs]
         total = sum(s[0] * s[1] for s in shapes)
         values = np.empty((4, total), dtype=np.int64)
         for i in range(4):
             if len(reqs) == 1:
-                values[i] = np.reshape(reqs[0][i], -1)
+                values[i] = reqs[0][i].ravel()
             else:
-                np.concatenate([np.reshape(r[i], -1) for r in reqs], out=values[i])
+                np.concatenate([r[i].ravel() for r in reqs], out=values[i])
         rows = np.fromiter((s[0] for s in shapes), dtype=np.int64, count=len(shapes))
         seq = np.fromiter((s[1] for s in shapes), dtype=np.int64, count=len(shapes))
         return cls(values, rows, seq, checked)

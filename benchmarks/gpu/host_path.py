@@ -98,6 +98,7 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--out", default="")
+    ap.add_argument("--profile", type=int, default=0, help="print the top N functions (cProfile)")
     args = ap.parse_args()
     cfg = UGTConfig.base() if args.preset == "base" else UGTConfig.tiny()
     torch.manual_seed(0)
@@ -135,13 +136,26 @@ def main() -> int:
         for _ in range(3):
             served.execute([_Request(r) for r in reqs])
         sync = torch.cuda.synchronize if cuda else (lambda: None)
+        if served.phases is not None:  # the warm-up calls (captures) stay out of the phases
+            served.phases = mp._Phases(phase_file)
         times = []
+        prof = None
+        if args.profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         for _ in range(args.iters):
             wrapped = [_Request(r) for r in reqs]
             sync()
             t = time.perf_counter()
             responses = served.execute(wrapped)
             times.append(time.perf_counter() - t)
+        if prof is not None:
+            import pstats
+
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
         assert all(r.error is None for r in responses), [r.error.message for r in responses]
         row = {"execute_ms": 1e3 * float(np.median(times))}
         if served.phases is not None:  # mean us per request per phase over these calls

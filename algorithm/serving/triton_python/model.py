@@ -28,6 +28,18 @@ ID_NAMES = INPUT_NAMES[:3]
 # The stub's numpy bridge is built against numpy 1; with numpy 2 tensors cross through DLPack
 # as torch tensors (numpy's own DLPack capsules crash this stub: seen, segfault on CPU).
 _DLPACK = int(np.__version__.split(".")[0]) >= 2
+_TORCH = None  # torch, imported on first use (DLPack transport)
+_FLAT_BATCH = None  # algorithm.serving.gpu_batch.FlatBatch, imported on first use
+
+
+def _torch():
+    global _TORCH
+    if _TORCH is None:
+        import torch
+        import torch.utils.dlpack  # noqa: F401  (torch.utils.dlpack.to_dlpack)
+
+        _TORCH = torch
+    return _TORCH
 
 
 class BadRequest(ValueError):
@@ -183,19 +195,30 @@ class TritonPythonModel:
     def _numpy(self, tensor) -> np.ndarray:
         if not self.dlpack:
             return tensor.as_numpy()
-        import torch
-
-        t = torch.from_dlpack(tensor.to_dlpack())
+        t = (_TORCH or _torch()).from_dlpack(tensor.to_dlpack())
         return (t if t.device.type == "cpu" else t.cpu()).numpy()
 
     def _tensor(self, name: str, array: np.ndarray):
         array = np.ascontiguousarray(array)
         if not self.dlpack:
             return pb_utils.Tensor(name, array)
-        import torch
-        from torch.utils import dlpack
+        torch = _TORCH or _torch()
+        return pb_utils.Tensor.from_dlpack(
+            name, torch.utils.dlpack.to_dlpack(torch.from_numpy(array))
+        )
 
-        return pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(torch.from_numpy(array)))
+    def _row_tensors(self, name: str, array: np.ndarray):
+        """``_tensor`` of row slices of one C-contiguous array, as a function of (start, end):
+        through DLPack the array becomes one torch tensor and each slice costs one capsule."""
+        if not self.dlpack:
+            return lambda start, end: pb_utils.Tensor(name, array[start:end])
+        torch = _TORCH or _torch()
+        whole, capsule, tensor = (
+            torch.from_numpy(array),
+            torch.utils.dlpack.to_dlpack,
+            pb_utils.Tensor,
+        )
+        return lambda start, end: tensor.from_dlpack(name, capsule(whole[start:end]))
 
     def _read(self, request) -> dict[str, np.ndarray]:
         """The request's inputs, checked for presence, dtype and shape; ids and mask values are
@@ -336,9 +359,12 @@ class TritonPythonModel:
         """``gpu_batch.FlatBatch`` of the requests in ``good`` whose values are valid (one
         concatenate per input, one range check per input over the whole batch); as in
         ``_valid_batch``, each request is checked alone only when that fails."""
-        from algorithm.serving.gpu_batch import FlatBatch
-
-        batch = FlatBatch.from_requests([arrays for _, arrays in good])
+        global _FLAT_BATCH
+        if _FLAT_BATCH is None:
+            from algorithm.serving.gpu_batch import FlatBatch as _FLAT_BATCH
+        FlatBatch = _FLAT_BATCH
+        # _read checked dtype and shapes: no second look at them
+        batch = FlatBatch.from_requests([arrays for _, arrays in good], validate=False)
         if self._in_range(dict(zip(INPUT_NAMES, batch.values, strict=True))):
             batch.checked = True
             return batch
@@ -352,7 +378,7 @@ class TritonPythonModel:
         good[:] = kept
         if not kept:
             return None
-        return FlatBatch.from_requests([arrays for _, arrays in kept], checked=True)
+        return FlatBatch.from_requests([arrays for _, arrays in kept], True, validate=False)
 
     def _execute_flat(self, good: list, responses: list, clock: _Clock | None):
         """The whole dynamic batch at once: validated together, one runner call, the responses
@@ -371,15 +397,12 @@ class TritonPythonModel:
             return responses
         if clock:
             clock.lap("infer")
-        start = 0
+        recs_rows = self._row_tensors("recommendations", np.ascontiguousarray(recs, np.int64))
+        scores_rows = self._row_tensors("scores", np.ascontiguousarray(scores, np.float32))
+        response, start = pb_utils.InferenceResponse, 0
         for (i, _), rows in zip(good, batch.rows.tolist(), strict=True):
             end = start + rows
-            responses[i] = pb_utils.InferenceResponse(
-                output_tensors=[
-                    self._tensor("recommendations", recs[start:end]),
-                    self._tensor("scores", scores[start:end]),
-                ]
-            )
+            responses[i] = response(output_tensors=[recs_rows(start, end), scores_rows(start, end)])
             start = end
         if clock:
             clock.lap("respond")
