@@ -6,8 +6,11 @@ GpuEngine, length-aware batching: a dynamic batch's requests are packed, no padd
 asyncio TritonBenchmark each, gRPC) so that the client is not the bottleneck; latencies are
 merged, throughputs added, and GPU utilization is read per GPU through NVML while measuring.
 
-- server: batch-1 requests at seq_len 1024 (concurrency 1, 16, 64) and the realistic length mix
-  (log-normal, median 200, max 1024) on both models.
+- server: for each instance count in ``server_instances`` (1-4), batch-1 requests at seq_len 1024
+  (concurrency 1, 16, 64, 128) and the realistic length mix (log-normal, median 200, max 1024;
+  concurrency 64, 128), the mix also on ``ugt_pad`` at ``pad_instances``. Each point reports
+  the host microseconds per request that model.py spent in each phase of execute() (its
+  ``phase_stats`` files, summed over the instances).
 - scaling (issue 8): the same server on GPU 0 alone, then on GPUs 0 and 1 (instance groups from
   TritonConfigGenerator with gpus [0, 1]); throughput at P99 <= the SLO, one GPU vs two.
 """
@@ -32,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass
 class ServeOptions:
-    instances: int = 2  # per GPU
+    instances: int = 3  # per GPU; run 4 (H100): 3 served the most at c64/c128 with GPU >= 90%
     server_instances: tuple = (1, 2, 3, 4)  # the server part measures each
     pad_instances: tuple = (2,)  # ... and serves ugt_pad (mix points) beside ugt_packed at these
     max_queue_delay_us: int = 100
