@@ -5,10 +5,13 @@ environment found through PATH (the project's virtualenv), so numpy and ``algori
 import from there. ``parameters`` in config.pbtxt name the Runner (``runtime``), the artifact
 file, the device, thread count, the codebook sizes and the longest history accepted.
 
-A dynamic batch holds requests of different lengths (the inputs allow ragged batches): every
-request is validated on its own, a bad one is answered with INVALID_ARG naming the input and
-the problem, and the good ones are right-padded to the longest (mask 0; positions of real
-items do not move), run once, and split back.
+A dynamic batch holds requests of different lengths (the inputs allow ragged batches). Names,
+dtypes and shapes are checked per request; id and mask values once for the whole batch, and per
+request only when that check fails, so a bad request is answered alone with INVALID_ARG naming
+the input and the problem. The good ones run once: right-padded to the longest (mask 0;
+positions of real items do not move) for ``runner.infer``, or, for a runner with
+``infer_batch`` (torch: GpuEngine), handed over flat (``gpu_batch.FlatBatch``, one array per
+input) for the runner to pack or pad; the answers are row slices of one array per output.
 """
 
 from __future__ import annotations
