@@ -77,7 +77,7 @@ class EngineConfig:
     topk_group: int = 16  # > 0 (a power of 2): top-K among the K groups of codes of largest max
     fused_ops: bool = True  # gpu_kernels: fused add+LayerNorm, embeddings, cache attention, lse
     cuda_graphs: bool = True
-    max_graphs: int = 160  # LRU bound on captured graphs
+    max_graphs: int = 512  # LRU bound on captured graphs (64 dense + ~200 mix keys warmed)
     capture_new_shapes: bool = True  # False: shapes first seen after freeze_graphs() run eagerly
     max_users: int = 64  # one forward's users (infer_requests splits larger groups)
     max_tokens: int = 65536  # one forward's packed tokens

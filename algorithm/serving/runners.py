@@ -117,36 +117,45 @@ class TorchRunner:
         """Serve synthetic requests so the shapes they need are captured before real traffic.
 
         ``spec`` items: ``[batch, seq_len]`` (batch single-row full-length requests, as a dynamic
-        batch of them arrives) or ``{"lognormal": [median, sigma, max], "batches": [...],
-        "repeats": n}`` (mixed lengths). Returns the engine's captured graphs (0 when eager).
+        batch of them arrives) or ``{"lognormal": [median, sigma, max], "coverage": c,
+        "max_users": u}`` (mixed lengths: the packed graphs that cover ``c`` of the dynamic
+        batches of 1..u such histories, see ``gpu_batch.mix_warmup_lengths``). Returns the
+        engine's captured graphs (0 when eager).
         """
+        from .gpu_batch import mix_warmup_lengths
+
         rng = np.random.default_rng(0)
         sizes = (1024, 4096, 16384)
         if self.engine is not None:
             sizes = self.engine.sizes
+        config = self.engine.model_config if self.engine is not None else self.model.config
+        limit = config.max_seq_length
         for item in spec or ():
             if isinstance(item, dict):
                 median, sigma, longest = item["lognormal"]
-                batches, repeats = (
-                    item.get("batches", [1, 8, 16, 32, 64]),
-                    int(item.get("repeats", 2)),
+                runs = mix_warmup_lengths(
+                    median,
+                    sigma,
+                    int(longest),
+                    coverage=float(item.get("coverage", 0.995)),
+                    max_users=int(item.get("max_users", 64)),
                 )
-                runs = [
-                    (b, np.clip(np.rint(np.exp(rng.normal(np.log(median), sigma, b))), 1, longest))
-                    for b in batches
-                    for _ in range(repeats)
-                ]
             else:
                 b, n = (int(v) for v in item)
-                runs = [(b, np.full(b, n))]
-            for _, lengths in runs:
+                runs = [[n] * b]
+            for lengths in runs:
+                # A mix's single history gets one masked position after it: a batch without
+                # padding would take the dense route, keyed by its exact width, not the
+                # packed bucket that real single histories of the mix reach once frozen.
+                tail = isinstance(item, dict) and len(lengths) == 1 and lengths[0] < limit
                 reqs = []
-                for n in lengths.astype(int):
+                for n in lengths:
                     req = {
-                        name: rng.integers(0, c, (1, n))
+                        name: rng.integers(0, c, (1, n + tail))
                         for name, c in zip(INPUT_NAMES[:3], sizes, strict=True)
                     }
-                    req["attention_mask"] = np.ones((1, n), dtype=np.int64)
+                    req["attention_mask"] = np.ones((1, n + tail), dtype=np.int64)
+                    req["attention_mask"][0, n:] = 0
                     reqs.append(req)
                 self.infer_requests(reqs)
         if self.engine is None:

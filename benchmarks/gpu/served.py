@@ -142,17 +142,13 @@ def write_repository(
 
 
 def default_warmup(so: ServeOptions, cfg) -> list:
-    """Dense batches 1..max_batch at the fixed length, then mixes for the packed/padded buckets."""
+    """Dense batches 1..max_batch at the fixed length, then the packed buckets of the mix."""
     n = min(so.seq_len, cfg.max_seq_length)
     dense = [[b, n] for b in range(1, so.max_batch + 1)]
     mix = {
         "lognormal": [min(so.median, n), so.sigma, cfg.max_seq_length],
-        "batches": [
-            b
-            for b in (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
-            if b <= so.max_batch
-        ],
-        "repeats": 3,
+        "coverage": 0.995,
+        "max_users": so.max_batch,
     }
     return [*dense, mix]
 

@@ -222,7 +222,7 @@ def test_infer_torch_returns_tensors_on_the_runner_device(model, rng):
 
 
 def test_warmup_serves_dense_and_mixed_requests_then_freezes(model):
-    spec = [[2, 8], {"lognormal": [6, 0.5, 20], "batches": [3], "repeats": 1}]
+    spec = [[2, 8], {"lognormal": [6, 0.5, 20], "coverage": 0.9, "max_users": 3}]
     runner = TorchRunner(
         model, engine=EngineConfig(dtype="fp32", capture_new_shapes=False), warmup=spec
     )
@@ -479,3 +479,33 @@ def test_gpu_host_layouts_replay_their_graphs_from_one_buffer(model, rng):
             assert compare_outputs(ref, got)["recall_overlap"] >= 0.9, trial
     graphs = runner.engine._graphs.values()
     assert len(graphs) >= 2 and all(static.buf is not None for _, static, _ in graphs)
+
+
+# -- warm-up of a realistic mix ------------------------------------------------------------------
+def test_mix_warmup_covers_the_dynamic_batches_of_a_lognormal_mix():
+    from algorithm.serving.gpu_batch import bucket_tokens, bucket_users, mix_warmup_lengths
+
+    def key(lengths):
+        bb = bucket_users(len(lengths))
+        return bb, bucket_tokens(int(sum(lengths)) + bb - len(lengths))
+
+    batches = mix_warmup_lengths(200, 0.8, 1024, coverage=0.995, max_users=64)
+    assert all(min(b) >= 1 and max(b) <= 1024 for b in batches)
+    assert all(len(set(b)) > 1 for b in batches if len(b) > 1)  # unequal: the packed route
+    warmed = {key(b) for b in batches}
+    assert len(warmed) == len(batches) < 260
+    rng = np.random.default_rng(1)
+    seen = [
+        key(np.clip(np.rint(np.exp(rng.normal(np.log(200), 0.8, int(u)))), 1, 1024).astype(int))
+        for u in rng.integers(1, 65, 5000)
+    ]
+    assert np.mean([k in warmed for k in seen]) >= 0.99
+
+
+def test_frozen_engine_routes_an_unwarmed_full_batch_to_packed_graphs(model):
+    engine = GpuEngine(model, EngineConfig(dtype="fp32", capture_new_shapes=False), device="cpu")
+    assert engine._dense_graph_ready(1, 237)  # no graphs on CPU: dense whenever full
+    engine.graphs_enabled, engine.frozen = True, True  # as on a GPU after warm-up
+    engine._graphs[("dense", 64, 1024)] = None
+    assert engine._dense_graph_ready(64, 1024)
+    assert not engine._dense_graph_ready(1, 237)  # a single history of a mix: packed bucket
