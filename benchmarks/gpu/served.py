@@ -57,6 +57,7 @@ class ServeOptions:
     gpus: tuple = (0,)
     timeout_s: float = 30.0
     engine_warmup: list = field(default_factory=list)  # empty: derived from the preset
+    mix_coverage: float = 0.9995  # of the mix's dynamic batches whose packed graph is warmed
     tensor_transport: str = ""  # "dlpack": as with numpy 2 (the GPU machine) also under numpy 1
     phase_stats: bool = True  # model.py writes its host time per phase; points report us/request
 
@@ -147,7 +148,7 @@ def default_warmup(so: ServeOptions, cfg) -> list:
     dense = [[b, n] for b in range(1, so.max_batch + 1)]
     mix = {
         "lognormal": [min(so.median, n), so.sigma, cfg.max_seq_length],
-        "coverage": 0.995,
+        "coverage": so.mix_coverage,
         "max_users": so.max_batch,
     }
     return [*dense, mix]
