@@ -15,11 +15,9 @@ stand-in ``triton_python_backend_utils`` (tensors through DLPack, as on the GPU 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -27,69 +25,18 @@ import torch
 
 import algorithm.serving.runners as runners
 from algorithm.serving.gpu import EngineConfig
+from algorithm.serving.triton_python.standin import Request, model_py_module
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs
 
 NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
 
 
-class _Tensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, array
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-    def to_dlpack(self):
-        return torch.utils.dlpack.to_dlpack(torch.from_numpy(self._array))
-
-    @staticmethod
-    def from_dlpack(name, capsule):
-        return _Tensor(name, torch.from_dlpack(capsule))
-
-
-class _Request:
-    def __init__(self, arrays):
-        self._inputs = [_Tensor(k, v) for k, v in arrays.items()]
-
-    def inputs(self):
-        return self._inputs
-
-
-class _Response:
-    def __init__(self, output_tensors, error=None):
-        self.output_tensors, self.error = output_tensors, error
-
-
-class _Error:
-    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
-
-    def __init__(self, message, code=None):
-        self.message = message
-
-
-def _get(request, name):
-    for t in request.inputs():
-        if t.name() == name:
-            return t
-    return None
-
-
-def load_model_py():
-    fake = types.ModuleType("triton_python_backend_utils")
-    fake.Tensor, fake.InferenceResponse, fake.TritonError = _Tensor, _Response, _Error
-    fake.get_input_tensor_by_name = _get
-    sys.modules[fake.__name__] = fake
-    path = Path(runners.__file__).parent / "triton_python" / "model.py"
-    spec = importlib.util.spec_from_file_location("ugt_model_py", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> int:
+    with model_py_module("ugt_model_py") as mp:
+        return _run(mp)
+
+
+def _run(mp) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", default="base", choices=("base", "tiny"))
@@ -116,7 +63,6 @@ def main() -> int:
             )
 
         runner.engine._forward = forward
-    mp = load_model_py()
     served = mp.TritonPythonModel()
     served.name, served.runner, served.dlpack = "ugt", runner, True
     served.max_seq_length, served.codebook_sizes = cfg.max_seq_length, tuple(cfg.codebook_sizes)
@@ -134,7 +80,7 @@ def main() -> int:
     for name, lens in lengths.items():
         reqs = [random_inputs(1, int(n), cfg.codebook_sizes, rng) for n in lens]
         for _ in range(3):
-            served.execute([_Request(r) for r in reqs])
+            served.execute([Request(r) for r in reqs])
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         if served.phases is not None:  # the warm-up calls (captures) stay out of the phases
             served.phases = mp._Phases(phase_file)
@@ -146,7 +92,7 @@ def main() -> int:
             prof = cProfile.Profile()
             prof.enable()
         for _ in range(args.iters):
-            wrapped = [_Request(r) for r in reqs]
+            wrapped = [Request(r) for r in reqs]
             sync()
             t = time.perf_counter()
             responses = served.execute(wrapped)

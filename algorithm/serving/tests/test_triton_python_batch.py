@@ -7,10 +7,7 @@ still fail alone with the same INVALID_ARG messages, and every good one gets its
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -20,67 +17,16 @@ import torch
 from algorithm.serving.gpu import EngineConfig
 from algorithm.serving.parity import compare_outputs
 from algorithm.serving.runners import INPUT_NAMES, TorchRunner
+from algorithm.serving.triton_python.standin import Request, model_py_module
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs
 
 SMALL = UGTConfig.tiny(codebook_sizes=(64, 128, 256), num_recommendations=10, max_seq_length=64)
-MODEL_PY = Path(__file__).resolve().parents[1] / "triton_python" / "model.py"
-
-
-class _Tensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, array
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-    def to_dlpack(self):
-        return torch.utils.dlpack.to_dlpack(torch.from_numpy(self._array))
-
-    @staticmethod
-    def from_dlpack(name, capsule):
-        return _Tensor(name, torch.from_dlpack(capsule).numpy())
-
-
-class _Request:
-    def __init__(self, arrays):
-        self._inputs = [_Tensor(k, v) for k, v in arrays.items()]
-
-    def inputs(self):
-        return self._inputs
-
-
-class _Response:
-    def __init__(self, output_tensors, error=None):
-        self.outputs = {t.name(): t.as_numpy() for t in output_tensors}
-        self.error = error
-
-
-class _Error:
-    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
-
-    def __init__(self, message, code=None):
-        self.message, self.code = message, code
 
 
 @pytest.fixture(scope="module")
 def model_py():
-    fake = types.ModuleType("triton_python_backend_utils")
-    fake.Tensor, fake.InferenceResponse, fake.TritonError = _Tensor, _Response, _Error
-    saved = sys.modules.get(fake.__name__)
-    sys.modules[fake.__name__] = fake
-    try:
-        spec = importlib.util.spec_from_file_location("ugt_triton_model_under_test", MODEL_PY)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with model_py_module("ugt_triton_model_under_test") as module:
         yield module
-    finally:
-        if saved is None:
-            sys.modules.pop(fake.__name__, None)
-        else:
-            sys.modules[fake.__name__] = saved
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +97,7 @@ def test_a_batch_is_checked_at_once_and_bad_requests_fail_alone(
         runner = TorchRunner(model, engine=EngineConfig(dtype="fp32"), batching=batching)
     requests, expected_errors = _batch(rng)
     served = _served(model_py, runner, dlpack)
-    responses = served.execute([_Request(r) for r in requests])
+    responses = served.execute([Request(r) for r in requests])
     assert len(responses) == len(requests)
     for i, (req, resp) in enumerate(zip(requests, responses, strict=True)):
         if i in expected_errors:
@@ -181,7 +127,7 @@ def test_a_valid_batch_takes_one_runner_call_and_phases_are_recorded(
     runner.infer_batch = counting
     served = _served(model_py, runner, dlpack=True, phase_dir=tmp_path)
     reqs = [random_inputs(1, n, SMALL.codebook_sizes, rng) for n in (3, 64, 17)]
-    responses = served.execute([_Request(r) for r in reqs])
+    responses = served.execute([Request(r) for r in reqs])
     assert all(r.error is None for r in responses)
     assert calls == [(True, [1, 1, 1], [3, 64, 17])]
     stats = json.loads((tmp_path / "ugt.json").read_text())
@@ -197,6 +143,6 @@ def test_a_failing_runner_answers_every_request_with_the_reason(model_py, model,
 
     runner.infer_batch = broken
     reqs = [random_inputs(1, n, SMALL.codebook_sizes, rng) for n in (3, 8)]
-    responses = _served(model_py, runner).execute([_Request(r) for r in reqs])
+    responses = _served(model_py, runner).execute([Request(r) for r in reqs])
     for r in responses:
         assert r.error.code == "INTERNAL" and "RuntimeError: device lost" in r.error.message

@@ -302,6 +302,12 @@ class TritonPythonModel:
         padded = self._pad([arrays for _, arrays in good])
         if self._in_range(padded):
             return padded
+        self._keep_valid(good, responses)
+        return self._pad([arrays for _, arrays in good]) if good else None
+
+    def _keep_valid(self, good: list, responses: list) -> None:
+        """Check each request of ``good`` alone: answer the bad ones (INVALID_ARG) and drop
+        them from ``good``."""
         kept = []
         for i, arrays in good:
             try:
@@ -310,7 +316,6 @@ class TritonPythonModel:
             except BadRequest as e:
                 responses[i] = _error(str(e))
         good[:] = kept
-        return self._pad([arrays for _, arrays in kept]) if kept else None
 
     def execute(self, requests):
         clock = _Clock() if self.phases else None
@@ -371,17 +376,10 @@ class TritonPythonModel:
         if self._in_range(dict(zip(INPUT_NAMES, batch.values, strict=True))):
             batch.checked = True
             return batch
-        kept = []
-        for i, arrays in good:
-            try:
-                self._check_values(arrays)
-                kept.append((i, arrays))
-            except BadRequest as e:
-                responses[i] = _error(str(e))
-        good[:] = kept
-        if not kept:
+        self._keep_valid(good, responses)
+        if not good:
             return None
-        return FlatBatch.from_requests([arrays for _, arrays in kept], True, validate=False)
+        return FlatBatch.from_requests([arrays for _, arrays in good], True, validate=False)
 
     def _execute_flat(self, good: list, responses: list, clock: _Clock | None):
         """The whole dynamic batch at once: validated together, one runner call, the responses
