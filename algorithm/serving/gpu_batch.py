@@ -54,24 +54,32 @@ def mix_warmup_lengths(
     max_users: int = 64,
     samples: int = 2000,
     seed: int = 0,
+    layout: str = "packed",
 ) -> list[list[int]]:
-    """Per-user lengths of warm-up batches whose packed graph keys cover ``coverage`` of the
-    dynamic batches (1..max_users users) that log-normal histories form.
+    """Per-user lengths of warm-up batches whose graph keys cover ``coverage`` of the dynamic
+    batches (1..max_users users) that log-normal histories form.
 
-    Sampling batches finds the frequent (users bucket, tokens bucket) keys but misses the tail:
-    40-60% of a realistic mix then ran eagerly after warm-up (H200, run 4). Here, per users
-    bucket, the token buckets are taken by frequency until ``coverage`` of that bucket's batches,
-    and one batch is built per key (the bucket's users, one token short of the bucket's top, so
-    it carries the spare-token slot that a real batch of that key has).
+    Sampling batches finds the frequent keys but misses the tail: 40-60% of a realistic mix then
+    ran eagerly after warm-up (H200, run 4). Here, per users bucket, the length buckets are taken
+    by frequency until ``coverage`` of that bucket's batches, and one batch is built per key with
+    the bucket's users. Packed (``layout="packed"``): the key's length is the total of tokens; the
+    batch is one token short of the bucket's top, so it carries the spare-token slot that a real
+    batch of that key has. Padded: the key's length is the longest history's; the batch holds one
+    history of the bucket's top length and shorter ones.
     """
     rng = np.random.default_rng(seed)
+    padded = layout == "padded"
     counts: dict[int, dict[int, int]] = {}
     for b in range(1, max_users + 1):
         bb = bucket_users(b)
         lens = np.clip(np.rint(np.exp(rng.normal(np.log(median), sigma, (samples, b)))), 1, longest)
-        for nb in (bucket_tokens(int(t) + bb - b) for t in lens.sum(axis=1)):
-            counts.setdefault(bb, {})
-            counts[bb][nb] = counts[bb].get(nb, 0) + 1
+        if padded:
+            keys = (bucket_tokens(int(n), minimum=16) for n in lens.max(axis=1))
+        else:
+            keys = (bucket_tokens(int(t) + bb - b) for t in lens.sum(axis=1))
+        per_tokens = counts.setdefault(bb, {})
+        for nb in keys:
+            per_tokens[nb] = per_tokens.get(nb, 0) + 1
     batches = []
     for bb, per_tokens in sorted(counts.items()):
         total, taken = sum(per_tokens.values()), 0
@@ -79,15 +87,28 @@ def mix_warmup_lengths(
             if taken >= coverage * total:
                 break
             taken += n
-            tokens = min(nb - 1, bb * longest)
-            if tokens < bb or bucket_tokens(tokens) != nb:
-                continue  # no batch of bb users has this key with a spare-token slot
-            q, r = divmod(tokens, bb)
-            lengths = [q + 1] * r + [q] * (bb - r)
-            if bb > 1 and r == 0 and 1 < q < longest:  # unequal lengths: the packed route
-                lengths[0], lengths[-1] = q + 1, q - 1
-            batches.append(lengths)
+            lengths = _padded_batch(bb, nb, longest) if padded else _packed_batch(bb, nb, longest)
+            if lengths:
+                batches.append(lengths)
     return batches
+
+
+def _packed_batch(users: int, nb: int, longest: int) -> list[int] | None:
+    tokens = min(nb - 1, users * longest)
+    if tokens < users or bucket_tokens(tokens) != nb:
+        return None  # no batch of these users has this key with a spare-token slot
+    q, r = divmod(tokens, users)
+    lengths = [q + 1] * r + [q] * (users - r)
+    if users > 1 and r == 0 and 1 < q < longest:  # unequal lengths: the packed route
+        lengths[0], lengths[-1] = q + 1, q - 1
+    return lengths
+
+
+def _padded_batch(users: int, nb: int, longest: int) -> list[int] | None:
+    top = min(nb, longest)
+    if bucket_tokens(top, minimum=16) != nb:
+        return None
+    return [top] + [max(1, top // 2)] * (users - 1)
 
 
 def group_requests(

@@ -118,9 +118,9 @@ class TorchRunner:
 
         ``spec`` items: ``[batch, seq_len]`` (batch single-row full-length requests, as a dynamic
         batch of them arrives) or ``{"lognormal": [median, sigma, max], "coverage": c,
-        "max_users": u}`` (mixed lengths: the packed graphs that cover ``c`` of the dynamic
-        batches of 1..u such histories, see ``gpu_batch.mix_warmup_lengths``). Returns the
-        engine's captured graphs (0 when eager).
+        "max_users": u}`` (mixed lengths: the graphs of the engine's layout, packed or padded,
+        that cover ``c`` of the dynamic batches of 1..u such histories, see
+        ``gpu_batch.mix_warmup_lengths``). Returns the engine's captured graphs (0 when eager).
         """
         from .gpu_batch import mix_warmup_lengths
 
@@ -139,6 +139,7 @@ class TorchRunner:
                     int(longest),
                     coverage=float(item.get("coverage", 0.995)),
                     max_users=int(item.get("max_users", 64)),
+                    layout=self.engine.config.layout if self.engine is not None else "packed",
                 )
             else:
                 b, n = (int(v) for v in item)

@@ -502,6 +502,22 @@ def test_mix_warmup_covers_the_dynamic_batches_of_a_lognormal_mix():
     assert np.mean([k in warmed for k in seen]) >= 0.99
 
 
+def test_mix_warmup_covers_the_padded_batches_too():
+    from algorithm.serving.gpu_batch import bucket_tokens, bucket_users, mix_warmup_lengths
+
+    def key(lengths):  # the padded layout's graph key: users bucket, longest history's bucket
+        return bucket_users(len(lengths)), bucket_tokens(int(max(lengths)), minimum=16)
+
+    batches = mix_warmup_lengths(200, 0.8, 1024, coverage=0.995, layout="padded")
+    warmed = {key(b) for b in batches}
+    rng = np.random.default_rng(2)
+    seen = [
+        key(np.clip(np.rint(np.exp(rng.normal(np.log(200), 0.8, int(u)))), 1, 1024).astype(int))
+        for u in rng.integers(1, 65, 5000)
+    ]
+    assert np.mean([k in warmed for k in seen]) >= 0.99
+
+
 def test_frozen_engine_routes_an_unwarmed_full_batch_to_packed_graphs(model):
     engine = GpuEngine(model, EngineConfig(dtype="fp32", capture_new_shapes=False), device="cpu")
     assert engine._dense_graph_ready(1, 237)  # no graphs on CPU: dense whenever full
