@@ -167,14 +167,7 @@ def flatten_beam_topk(model) -> int:
         count += 1
 
     if count:
-        kept = []
-        for n in graph.node:
-            if id(n) in replacements:
-                kept.extend(replacements[id(n)])
-            elif id(n) not in removed:
-                kept.append(n)
-        del graph.node[:]
-        graph.node.extend(kept)
+        _splice(graph, replacements, removed)
         _toposort(graph)
         _drop_dead_nodes(graph)
         _drop_unused_initializers(graph)
@@ -378,17 +371,22 @@ def fold_head_bias(model) -> int:
         ]
         drop.add(id(add))
     if replace:
-        kept = []
-        for n in graph.node:
-            if id(n) in replace:
-                kept.extend(replace[id(n)])
-            elif id(n) not in drop:
-                kept.append(n)
-        del graph.node[:]
-        graph.node.extend(kept)
+        _splice(graph, replace, drop)
         _drop_unused_initializers(graph)
         logger.info("folded %d head biases into their MatMuls", len(replace))
     return len(replace)
+
+
+def _splice(graph, replacements: dict[int, list], removed: set[int]) -> None:
+    """Put each node's replacement list in its place (keyed by ``id(node)``) and drop ``removed``."""
+    kept = []
+    for n in graph.node:
+        if id(n) in replacements:
+            kept.extend(replacements[id(n)])
+        elif id(n) not in removed:
+            kept.append(n)
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _drop_dead_nodes(graph) -> None:
