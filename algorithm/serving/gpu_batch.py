@@ -39,6 +39,19 @@ def bucket_tokens(n: int, minimum: int = 64) -> int:
     return -(-n // step) * step
 
 
+def packed_bucket(users: int, tokens: int) -> tuple[int, int, int]:
+    """(users bucket, tokens bucket, spare tokens) of a packed forward of ``users`` histories
+    holding ``tokens`` tokens: the users round up to a bucket (dummy users of one token), then
+    the tokens, with at least one spare token. The spare tokens form one more dummy slot, so
+    every batch of a key has the same slots: a batch landing exactly on a bucket's top with no
+    spare slot had a key of its own that no warm-up captured (1-7% of a log-normal mix's small
+    batches ran eagerly, ~10 ms each, the served mix's P99 tail)."""
+    bb = bucket_users(users)
+    dummies = bb - users
+    nb = bucket_tokens(tokens + dummies + 1)
+    return bb, nb, nb - tokens - dummies
+
+
 def previous_token_bucket(nb: int, minimum: int = 64) -> int:
     """The largest bucket below the bucket ``nb`` (0 below the smallest)."""
     if nb <= minimum:
@@ -62,9 +75,8 @@ def mix_warmup_lengths(
     Sampling batches finds the frequent keys but misses the tail: 40-60% of a realistic mix then
     ran eagerly after warm-up (H200, run 4). Here, per users bucket, the length buckets are taken
     by frequency until ``coverage`` of that bucket's batches, and one batch is built per key with
-    the bucket's users. Packed (``layout="packed"``): the key's length is the total of tokens; the
-    batch is one token short of the bucket's top, so it carries the spare-token slot that a real
-    batch of that key has. Padded: the key's length is the longest history's; the batch holds one
+    the bucket's users. Packed (``layout="packed"``): the key is ``packed_bucket``'s; the batch holds
+    one token fewer than the bucket's top, the spare slot every batch of that key has. Padded: the key's length is the longest history's; the batch holds one
     history of the bucket's top length and shorter ones.
     """
     rng = np.random.default_rng(seed)
@@ -76,7 +88,7 @@ def mix_warmup_lengths(
         if padded:
             keys = (bucket_tokens(int(n), minimum=16) for n in lens.max(axis=1))
         else:
-            keys = (bucket_tokens(int(t) + bb - b) for t in lens.sum(axis=1))
+            keys = (packed_bucket(b, int(t))[1] for t in lens.sum(axis=1))
         per_tokens = counts.setdefault(bb, {})
         for nb in keys:
             per_tokens[nb] = per_tokens.get(nb, 0) + 1
@@ -95,8 +107,8 @@ def mix_warmup_lengths(
 
 def _packed_batch(users: int, nb: int, longest: int) -> list[int] | None:
     tokens = min(nb - 1, users * longest)
-    if tokens < users or bucket_tokens(tokens) != nb:
-        return None  # no batch of these users has this key with a spare-token slot
+    if tokens < users or packed_bucket(users, tokens)[1] != nb:
+        return None  # no batch of these users has this key
     q, r = divmod(tokens, users)
     lengths = [q + 1] * r + [q] * (users - r)
     if users > 1 and r == 0 and 1 < q < longest:  # unequal lengths: the packed route
@@ -476,15 +488,12 @@ class TokenLayouts:
         return key, padded
 
     def _packed_bucket(self, users: int, tokens: int):
-        """(graph key, dummy slot lengths, bucketed tokens, max_len) for a packed forward: the
-        users round up to a bucket (dummy users of one token), then the tokens, the spare
-        tokens forming one more dummy slot."""
-        bb = bucket_users(users)
-        nb = bucket_tokens(tokens + (bb - users))
-        pad = nb - tokens - (bb - users)
-        extra = [1] * (bb - users) + ([pad] if pad else [])
+        """(graph key, dummy slot lengths, bucketed tokens, max_len) for a packed forward
+        (``packed_bucket``: dummy users of one token, then one dummy slot of the spare tokens)."""
+        bb, nb, pad = packed_bucket(users, tokens)
+        extra = [1] * (bb - users) + [pad]
         max_len = max(self.model_config.max_seq_length, nb - previous_token_bucket(nb))
-        return ("packed", bb, nb, bool(pad)), extra, nb, max_len
+        return ("packed", bb, nb), extra, nb, max_len
 
     # -- host-side route (one copy) ------------------------------------------------------------
     def tokens_from_requests(self, requests: Sequence[dict]) -> tuple[Tokens, list[int]]:

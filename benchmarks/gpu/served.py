@@ -273,7 +273,7 @@ def merge(parts: list[dict], concurrency: int, procs: int) -> dict:
 
 def phase_snapshot(phase_dir: Path | None, model: str) -> dict:
     """Summed host seconds per phase over the model's instances (model.py's phase_stats files)."""
-    out = {"batches": 0, "requests": 0, "seconds": {}}
+    out = {"batches": 0, "requests": 0, "eager_runs": 0, "seconds": {}}
     if phase_dir is None:
         return out
     for f in phase_dir.glob(f"{model}_*.json"):
@@ -283,6 +283,7 @@ def phase_snapshot(phase_dir: Path | None, model: str) -> dict:
             continue
         out["batches"] += d["batches"]
         out["requests"] += d["requests"]
+        out["eager_runs"] += d.get("eager_runs", 0)
         for k, v in d["seconds"].items():
             out["seconds"][k] = out["seconds"].get(k, 0.0) + v
     return out
@@ -298,6 +299,7 @@ def phase_delta(before: dict, after: dict) -> dict:
     return {
         "requests": n,
         "batches": after["batches"] - before["batches"],
+        "eager_batches": after["eager_runs"] - before["eager_runs"],  # ran without a graph
         "us_per_request": us,
         "host_us_per_request_outside_infer": host,
     }
@@ -332,6 +334,7 @@ def instance_summary(pts: dict, tag: str, so: ServeOptions, pad: bool) -> dict:
             "host_us_per_request_outside_infer"
         )
         row["avg_batch"] = p.get("server_breakdown_us", {}).get("avg_batch")
+        row["eager_batches"] = p.get("host_phases", {}).get("eager_batches")
         out[name[len(tag) + 1 :]] = row
     if pad:
         packed = best_under_slo(pts, f"{tag}_mix_packed", so.slo_ms)
@@ -414,11 +417,17 @@ def run_server(
             if "error" in p:
                 log(f"[{tag}] {name}: ERROR {p['error'][:200]}")
             else:
-                host = p.get("host_phases", {}).get("host_us_per_request_outside_infer")
+                hp = p.get("host_phases", {})
+                host = hp.get("host_us_per_request_outside_infer")
                 log(
                     f"[{tag}] {name}: {p['throughput']:.0f} req/s p50 {p['p50_ms']:.2f} p99 "
                     f"{p['p99_ms']:.2f} ms gpu {p['gpu_util_per_gpu']}"
                     + (f" host {host:.0f} us/req outside infer" if host is not None else "")
+                    + (
+                        f", {hp['eager_batches']} of {hp['batches']} batches without a graph"
+                        if hp
+                        else ""
+                    )
                 )
         out.setdefault("server_log_tail", {})[tag] = server.log_tail(15)
 

@@ -131,7 +131,7 @@ def test_a_valid_batch_takes_one_runner_call_and_phases_are_recorded(
     assert all(r.error is None for r in responses)
     assert calls == [(True, [1, 1, 1], [3, 64, 17])]
     stats = json.loads((tmp_path / "ugt.json").read_text())
-    assert stats["batches"] == 1 and stats["requests"] == 3
+    assert stats["batches"] == 1 and stats["requests"] == 3 and stats["eager_runs"] == 0
     assert set(stats["seconds"]) == {"read", "check", "infer", "respond"}
 
 

@@ -82,14 +82,17 @@ class _Phases:
     def __init__(self, path: Path):
         self.path = path
         self.seconds: dict[str, float] = {}
-        self.batches = self.requests = 0
+        self.batches = self.requests = self.eager_runs = 0
         self.written = 0.0
 
-    def add(self, clock: _Clock, requests: int) -> None:
+    def add(self, clock: _Clock, requests: int, eager_runs: int) -> None:
+        """One execute(): its laps, its requests, and the engine's count so far of batches that
+        ran without a CUDA graph (a key no warm-up captured)."""
         for k, v in clock.laps.items():
             self.seconds[k] = self.seconds.get(k, 0.0) + v
         self.batches += 1
         self.requests += requests
+        self.eager_runs = eager_runs
         now = time.monotonic()
         if now - self.written >= 0.5:
             self.written = now
@@ -100,6 +103,7 @@ class _Phases:
                         {
                             "batches": self.batches,
                             "requests": self.requests,
+                            "eager_runs": self.eager_runs,
                             "seconds": self.seconds,
                         }
                     )
@@ -407,7 +411,8 @@ class TritonPythonModel:
             start = end
         if clock:
             clock.lap("respond")
-            self.phases.add(clock, len(good))
+            engine = getattr(self.runner, "engine", None)
+            self.phases.add(clock, len(good), getattr(engine, "eager_runs", 0))
         return responses
 
     def finalize(self):
