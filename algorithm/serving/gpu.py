@@ -193,7 +193,8 @@ class GpuEngine(TokenLayouts):
         self.frozen = (
             False  # set by freeze_graphs(): no new captures when capture_new_shapes is False
         )
-        self.eager_runs = 0
+        self.eager_runs = 0  # frozen: batches of a shape without a graph (run eagerly)
+        self.rounded_up = 0  # frozen: packed batches sent to a larger warmed bucket instead
         self._graphs: OrderedDict = OrderedDict()
         self._pool = None
         self.graph_captures = 0
@@ -487,7 +488,7 @@ class GpuEngine(TokenLayouts):
             return self._forward(self._materialized(t))  # host loop over lengths: not capturable
         key, tb = self._graph_key_and_static(t)
         entry = self._graphs.get(key)
-        if entry is None and self.frozen and not self.config.capture_new_shapes:
+        if entry is None and self._graphs_frozen():
             self.eager_runs += 1  # a capture would stall this batch for tens of ms
             return self._forward(self._materialized(tb))
         if entry is None:

@@ -489,11 +489,34 @@ class TokenLayouts:
 
     def _packed_bucket(self, users: int, tokens: int):
         """(graph key, dummy slot lengths, bucketed tokens, max_len) for a packed forward
-        (``packed_bucket``: dummy users of one token, then one dummy slot of the spare tokens)."""
+        (``packed_bucket``: dummy users of one token, then one dummy slot of the spare tokens).
+        A frozen engine without a graph for that bucket takes the smallest larger warmed one
+        whose spare slot stays one history long: a few hundred padded tokens cost far less than
+        an eager run (~10 ms of launches), whatever length mix the warm-up did not foresee."""
         bb, nb, pad = packed_bucket(users, tokens)
+        if self._graphs_frozen() and ("packed", bb, nb) not in self._graphs:
+            used = nb - pad
+            fits = [
+                key[2]
+                for key in self._graphs
+                if key[:2] == ("packed", bb)
+                and key[2] > nb
+                and key[2] - used <= self._packed_max_len(key[2])
+            ]
+            if fits:
+                nb = min(fits)
+                pad = nb - used
+                self.rounded_up += 1
         extra = [1] * (bb - users) + [pad]
-        max_len = max(self.model_config.max_seq_length, nb - previous_token_bucket(nb))
-        return ("packed", bb, nb), extra, nb, max_len
+        return ("packed", bb, nb), extra, nb, self._packed_max_len(nb)
+
+    def _packed_max_len(self, nb: int) -> int:
+        """The longest slot a packed forward of ``nb`` tokens may hold (attention's bound)."""
+        return max(self.model_config.max_seq_length, nb - previous_token_bucket(nb))
+
+    def _graphs_frozen(self) -> bool:
+        """Warm-up is over and a shape without a graph would run eagerly (no new captures)."""
+        return self.graphs_enabled and self.frozen and not self.config.capture_new_shapes
 
     # -- host-side route (one copy) ------------------------------------------------------------
     def tokens_from_requests(self, requests: Sequence[dict]) -> tuple[Tokens, list[int]]:
@@ -540,9 +563,7 @@ class TokenLayouts:
         """Dense attention only where its graph (keyed by the exact width) exists or may still
         be captured: frozen, an unseen width (a single history of a realistic mix, say) runs
         packed in a bucketed graph instead of eagerly."""
-        if not self.graphs_enabled or not self.frozen or self.config.capture_new_shapes:
-            return True
-        return ("dense", users, width) in self._graphs
+        return not self._graphs_frozen() or ("dense", users, width) in self._graphs
 
     def _staged_dense(self, values: np.ndarray, users: int, width: int) -> Tokens:
         layout = dense_layout(users, width)

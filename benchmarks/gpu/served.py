@@ -273,7 +273,7 @@ def merge(parts: list[dict], concurrency: int, procs: int) -> dict:
 
 def phase_snapshot(phase_dir: Path | None, model: str) -> dict:
     """Summed host seconds per phase over the model's instances (model.py's phase_stats files)."""
-    out = {"batches": 0, "requests": 0, "eager_runs": 0, "seconds": {}}
+    out = {"batches": 0, "requests": 0, "eager_runs": 0, "rounded_up": 0, "seconds": {}}
     if phase_dir is None:
         return out
     for f in phase_dir.glob(f"{model}_*.json"):
@@ -283,7 +283,8 @@ def phase_snapshot(phase_dir: Path | None, model: str) -> dict:
             continue
         out["batches"] += d["batches"]
         out["requests"] += d["requests"]
-        out["eager_runs"] += d.get("eager_runs", 0)
+        for k in ("eager_runs", "rounded_up"):
+            out[k] += d.get(k, 0)
         for k, v in d["seconds"].items():
             out["seconds"][k] = out["seconds"].get(k, 0.0) + v
     return out
@@ -300,6 +301,7 @@ def phase_delta(before: dict, after: dict) -> dict:
         "requests": n,
         "batches": after["batches"] - before["batches"],
         "eager_batches": after["eager_runs"] - before["eager_runs"],  # ran without a graph
+        "rounded_up_batches": after["rounded_up"] - before["rounded_up"],  # in a larger graph
         "us_per_request": us,
         "host_us_per_request_outside_infer": host,
     }
@@ -334,7 +336,8 @@ def instance_summary(pts: dict, tag: str, so: ServeOptions, pad: bool) -> dict:
             "host_us_per_request_outside_infer"
         )
         row["avg_batch"] = p.get("server_breakdown_us", {}).get("avg_batch")
-        row["eager_batches"] = p.get("host_phases", {}).get("eager_batches")
+        for k in ("eager_batches", "rounded_up_batches"):
+            row[k] = p.get("host_phases", {}).get(k)
         out[name[len(tag) + 1 :]] = row
     if pad:
         packed = best_under_slo(pts, f"{tag}_mix_packed", so.slo_ms)
@@ -424,7 +427,8 @@ def run_server(
                     f"{p['p99_ms']:.2f} ms gpu {p['gpu_util_per_gpu']}"
                     + (f" host {host:.0f} us/req outside infer" if host is not None else "")
                     + (
-                        f", {hp['eager_batches']} of {hp['batches']} batches without a graph"
+                        f", of {hp['batches']} batches {hp['eager_batches']} without a graph"
+                        f" and {hp['rounded_up_batches']} in a larger bucket's"
                         if hp
                         else ""
                     )

@@ -481,6 +481,26 @@ def test_gpu_host_layouts_replay_their_graphs_from_one_buffer(model, rng):
     assert len(graphs) >= 2 and all(static.buf is not None for _, static, _ in graphs)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_frozen_engine_answers_an_unwarmed_batch_from_a_larger_graph(model, rng):
+    engine = EngineConfig(dtype="bf16", capture_new_shapes=False)
+    runner = TorchRunner(model, device="cuda", dtype="bf16", engine=engine)
+
+    def requests(lengths):
+        inp = random_inputs(len(lengths), max(lengths), SMALL.codebook_sizes, rng)
+        return [{k: v[i : i + 1, :n] for k, v in inp.items()} for i, n in enumerate(lengths)]
+
+    runner.infer_requests(requests([30, 35, 41]))  # captures the (4 users, 112 tokens) graph
+    runner.engine.freeze_graphs()
+    reqs = requests([20, 25, 30])  # its own bucket, 80 tokens, was never captured
+    outs = runner.infer_requests(reqs)
+    e = runner.engine
+    assert (e.rounded_up, e.eager_runs, e.graph_count) == (1, 0, 1)
+    for req, out in zip(reqs, outs, strict=True):
+        assert compare_outputs(_reference(model, req), out)["recall_overlap"] >= 0.9
+
+
 # -- warm-up of a realistic mix ------------------------------------------------------------------
 def test_mix_warmup_covers_the_dynamic_batches_of_a_lognormal_mix(model):
     from algorithm.serving.gpu_batch import mix_warmup_lengths
@@ -546,3 +566,18 @@ def test_frozen_engine_routes_an_unwarmed_full_batch_to_packed_graphs(model):
     engine._graphs[("dense", 64, 1024)] = None
     assert engine._dense_graph_ready(64, 1024)
     assert not engine._dense_graph_ready(1, 237)  # a single history of a mix: packed bucket
+
+
+def test_frozen_engine_pads_an_unwarmed_packed_batch_to_a_larger_warmed_bucket(model):
+    engine = GpuEngine(model, EngineConfig(dtype="fp32", capture_new_shapes=False), device="cpu")
+    assert engine._packed_bucket(3, 150)[:3] == (("packed", 4, 160), [1, 9], 160)
+    engine.graphs_enabled, engine.frozen = True, True  # as on a GPU after warm-up
+    for nb in (128, 176, 208):
+        engine._graphs[("packed", 4, nb)] = None
+    engine._graphs[("packed", 8, 160)] = None
+    key, extra, nb, max_len = engine._packed_bucket(3, 150)
+    assert (key, extra, nb) == (("packed", 4, 176), [1, 25], 176) and engine.rounded_up == 1
+    assert max(extra) <= max_len == SMALL.max_seq_length
+    # each larger bucket would need a spare slot longer than one history: no graph, eager
+    assert engine._packed_bucket(3, 60)[0] == ("packed", 4, 64) and engine.rounded_up == 1
+    assert engine._packed_bucket(3, 120)[0] == ("packed", 4, 128)  # warmed: its own bucket

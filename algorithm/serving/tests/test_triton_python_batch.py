@@ -132,6 +132,7 @@ def test_a_valid_batch_takes_one_runner_call_and_phases_are_recorded(
     assert calls == [(True, [1, 1, 1], [3, 64, 17])]
     stats = json.loads((tmp_path / "ugt.json").read_text())
     assert stats["batches"] == 1 and stats["requests"] == 3 and stats["eager_runs"] == 0
+    assert stats["rounded_up"] == 0
     assert set(stats["seconds"]) == {"read", "check", "infer", "respond"}
 
 

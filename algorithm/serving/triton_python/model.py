@@ -82,17 +82,19 @@ class _Phases:
     def __init__(self, path: Path):
         self.path = path
         self.seconds: dict[str, float] = {}
-        self.batches = self.requests = self.eager_runs = 0
+        self.batches = self.requests = 0
+        self.engine: dict[str, int] = {}
         self.written = 0.0
 
-    def add(self, clock: _Clock, requests: int, eager_runs: int) -> None:
-        """One execute(): its laps, its requests, and the engine's count so far of batches that
-        ran without a CUDA graph (a key no warm-up captured)."""
+    def add(self, clock: _Clock, requests: int, engine) -> None:
+        """One execute(): its laps, its requests, and the GPU engine's counts so far of batches
+        without a CUDA graph of their own (a key no warm-up captured): run eagerly, or sent to a
+        larger warmed bucket."""
         for k, v in clock.laps.items():
             self.seconds[k] = self.seconds.get(k, 0.0) + v
         self.batches += 1
         self.requests += requests
-        self.eager_runs = eager_runs
+        self.engine = {k: getattr(engine, k, 0) for k in ("eager_runs", "rounded_up")}
         now = time.monotonic()
         if now - self.written >= 0.5:
             self.written = now
@@ -103,7 +105,7 @@ class _Phases:
                         {
                             "batches": self.batches,
                             "requests": self.requests,
-                            "eager_runs": self.eager_runs,
+                            **self.engine,
                             "seconds": self.seconds,
                         }
                     )
@@ -411,8 +413,7 @@ class TritonPythonModel:
             start = end
         if clock:
             clock.lap("respond")
-            engine = getattr(self.runner, "engine", None)
-            self.phases.add(clock, len(good), getattr(engine, "eager_runs", 0))
+            self.phases.add(clock, len(good), getattr(self.runner, "engine", None))
         return responses
 
     def finalize(self):
