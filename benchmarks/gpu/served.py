@@ -307,6 +307,31 @@ def phase_delta(before: dict, after: dict) -> dict:
     }
 
 
+def throughput_at_p99(points: dict, prefix: str, slo: float) -> float | None:
+    """Throughput where a load curve (its points in order of concurrency) crosses the P99 budget:
+    linear between the last point within it and the next one past it; the last point's own
+    throughput when every point is within it; None when none is."""
+    curve = sorted(
+        (p["concurrency"], p["p99_ms"], p["throughput"])
+        for k, p in points.items()
+        if k.startswith(prefix) and "error" not in p
+    )
+    for (_, p99_a, x_a), (_, p99_b, x_b) in zip(curve, curve[1:], strict=False):
+        if p99_a <= slo < p99_b:
+            return x_a + (x_b - x_a) * (slo - p99_a) / (p99_b - p99_a)
+    within = [x for _, p99, x in curve if p99 <= slo]
+    return within[-1] if within and curve[-1][1] <= slo else None
+
+
+def _phase_dir(work: Path, tag: str, so: ServeOptions) -> Path | None:
+    """A fresh folder for model.py's phase_stats files of one server (None when off)."""
+    if not so.phase_stats:
+        return None
+    path = work / f"phases_{tag}"
+    path.mkdir()
+    return path
+
+
 def best_under_slo(points: dict, prefix: str, slo: float) -> dict | None:
     ok = [
         (k, p)
@@ -469,9 +494,7 @@ def serve_part(
                 tag = f"i{inst}"
                 so_i = ServeOptions(**{**asdict(so), "instances": inst})
                 repo = work / f"repo_{tag}"
-                phase_dir = (work / f"phases_{tag}") if so.phase_stats else None
-                if phase_dir:
-                    phase_dir.mkdir()
+                phase_dir = _phase_dir(work, tag, so)
                 models = ("packed", "pad") if inst in so.pad_instances else ("packed",)
                 batchings = ("length_aware", "pad") if "pad" in models else ("length_aware",)
                 write_repository(
@@ -513,8 +536,9 @@ def serve_part(
                 tag = f"gpus{''.join(map(str, gpus))}_i{inst}"
                 so_i = ServeOptions(**{**asdict(so), "instances": inst})
                 repo = work / f"repo_{tag}"
+                phase_dir = _phase_dir(work, tag, so)
                 write_repository(
-                    repo, ckpt, engine, so_i, gpus, kind, cfg, dtype, batchings=("length_aware",)
+                    repo, ckpt, engine, so_i, gpus, kind, cfg, dtype, ("length_aware",), phase_dir
                 )
                 spec = [
                     (f"{tag}_mix_c{c * len(gpus)}", "ugt_packed", c * len(gpus), True)
@@ -529,7 +553,9 @@ def serve_part(
                     )
                     for c in so.scaling_fixed_levels
                 ]
-                run_server(tag, repo, spec, so_i, cfg, log, elapsed, args.budget_s, out, write)
+                run_server(
+                    tag, repo, spec, so_i, cfg, log, elapsed, args.budget_s, out, write, phase_dir
+                )
             pts = out["points"]
             summ = {}
             for gpus, inst in configs:
@@ -558,6 +584,16 @@ def serve_part(
                 summ[f"{load}_two_over_one_at_slo"] = (
                     two["throughput"] / one["throughput"] if one and two else None
                 )
+                # the same from each curve read at exactly the P99 budget (linear between the
+                # two measured points around it): less sensitive to where the levels fall
+                at = {
+                    g: throughput_at_p99(pts, f"{g}_i{i}_{load}_", so.slo_ms)
+                    for g, i in (("gpus0", max(so.scaling_instances)),)
+                    + ((("gpus01", max(so.scaling_instances)),) if ngpu >= 2 else ())
+                }
+                summ[f"{load}_throughput_at_slo_interpolated"] = at
+                if at.get("gpus0") and at.get("gpus01"):
+                    summ[f"{load}_two_over_one_at_slo_interpolated"] = at["gpus01"] / at["gpus0"]
                 # at the saturating load (the most each reached, whatever its P99)
                 sat = {}
                 for g in ("gpus0_", "gpus01_"):

@@ -581,3 +581,17 @@ def test_frozen_engine_pads_an_unwarmed_packed_batch_to_a_larger_warmed_bucket(m
     # each larger bucket would need a spare slot longer than one history: no graph, eager
     assert engine._packed_bucket(3, 60)[0] == ("packed", 4, 64) and engine.rounded_up == 1
     assert engine._packed_bucket(3, 120)[0] == ("packed", 4, 128)  # warmed: its own bucket
+
+
+def test_gpu_benchmark_reads_each_load_curve_at_the_p99_budget():
+    from benchmarks.gpu.served import throughput_at_p99
+
+    def pts(*rows):
+        return {f"g_mix_c{c}": {"concurrency": c, "p99_ms": p, "throughput": x} for c, p, x in rows}
+
+    curve = pts((8, 6.0, 1000.0), (16, 12.0, 2000.0), (24, 18.0, 2400.0))
+    assert throughput_at_p99(curve, "g_mix_", 15.0) == pytest.approx(2200.0)
+    assert throughput_at_p99(curve, "g_mix_", 20.0) == 2400.0  # all within: no extrapolation
+    assert throughput_at_p99(pts((8, 16.0, 900.0)), "g_mix_", 15.0) is None
+    curve["g_mix_c32"] = {"error": "timed out"}
+    assert throughput_at_p99(curve, "other_", 15.0) is None
