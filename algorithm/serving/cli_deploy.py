@@ -41,6 +41,18 @@ def _ints(field: str, text: str | None) -> tuple[int, ...] | None:
         raise ConfigError(field, text, "comma-separated integers, e.g. 8,16,32") from None
 
 
+def _length_mix(text: str) -> tuple[float, float] | None:
+    from .errors import ConfigError
+
+    if text.strip().lower() == "none":
+        return None
+    try:
+        median, sigma = (float(t) for t in text.split(","))
+    except ValueError:
+        raise ConfigError("length_mix", text, "median,sigma (e.g. 200,0.8) or none") from None
+    return median, sigma
+
+
 def _instance_kind(kind: str, platform: str) -> str:
     if kind != "auto":
         return kind
@@ -85,6 +97,7 @@ def _configs(model, opts: dict[str, Any]):
         "trt_accelerator_precision": opts["trt_precision"], "version_policy": opts["version_policy"],
         "runtime_threads": opts["threads"],
     }  # fmt: skip
+    triton_fields["length_mix"] = _length_mix(opts["length_mix"])
     gpus = _ints("gpus", opts["gpus"])
     triton_fields["gpus"] = gpus if gpus is not None else ((0,) if kind == "KIND_GPU" else ())
     preferred = _ints("preferred_batch_sizes", opts["preferred_batch_sizes"])
@@ -133,6 +146,11 @@ OPT = {
     ),
     "warmup": typer.Option(True, help="Warm-up samples in config.pbtxt."),
     "response_cache": typer.Option(False, help="Enable Triton's response cache for the model."),
+    "length_mix": typer.Option(
+        "200,0.8",
+        help="torch on GPU: median,sigma of the log-normal history lengths whose CUDA graphs are "
+        "captured at load ('none': full-length batches only).",
+    ),
 }
 
 
@@ -172,6 +190,7 @@ def config(
     threads: int = OPT["threads"],
     warmup: bool = OPT["warmup"],
     response_cache: bool = OPT["response_cache"],
+    length_mix: str = OPT["length_mix"],
 ) -> None:
     """Generate config.pbtxt (Triton's ModelConfig protobuf) for a platform; print or write it."""
     from .triton_config import TritonConfigGenerator, artifact_filename
@@ -234,6 +253,7 @@ def deploy(
     threads: int = OPT["threads"],
     warmup: bool = OPT["warmup"],
     response_cache: bool = OPT["response_cache"],
+    length_mix: str = OPT["length_mix"],
 ) -> None:
     """Checkpoint -> ONNX -> optimized artifact -> model repository (a new version), validated."""
     from .exporter import ServingExporter

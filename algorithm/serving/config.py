@@ -197,6 +197,11 @@ class TritonConfig(_Config):
     trt_accelerator_precision: str | None = None  # onnxruntime_onnx: None, "fp32" or "fp16"
     version_policy: str = "latest"  # "latest" (one), "all"
     runtime_threads: int = 0  # intra-op threads of CPU runtimes; 0 = runtime default
+    # python + torch on KIND_GPU: the history lengths (log-normal median, sigma) whose packed
+    # CUDA graphs are captured at load, covering this share of the dynamic batches; None: only
+    # full-length batches. After warm-up no new graph is captured (no stall mid-traffic).
+    length_mix: tuple[float, float] | None = (200.0, 0.8)
+    warmup_coverage: float = 0.9995
 
     def validate(self) -> TritonConfig:
         _choice("platform", self.platform, PLATFORMS)
@@ -218,6 +223,15 @@ class TritonConfig(_Config):
                 "None, 'fp32' or 'fp16'",
             )
         _choice("version_policy", self.version_policy, ("latest", "all"))
+        if self.length_mix is not None:
+            if not isinstance(self.length_mix, (tuple, list)) or len(self.length_mix) != 2:
+                raise ConfigError(
+                    "length_mix", self.length_mix, "None or (median, sigma) of history lengths"
+                )
+            _float("length_mix median", self.length_mix[0], 1.0)
+            _float("length_mix sigma", self.length_mix[1], 0.01, 3.0)
+            self.length_mix = tuple(float(v) for v in self.length_mix)
+        _float("warmup_coverage", self.warmup_coverage, 0.5, 1.0)
         if self.platform == "tensorrt_plan" and self.instance_kind == "KIND_CPU":
             raise ConfigError(
                 "instance_kind", self.instance_kind, "KIND_GPU for platform tensorrt_plan"

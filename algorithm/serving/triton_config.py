@@ -19,6 +19,7 @@ Platforms and what the version folder holds:
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -223,8 +224,33 @@ class TritonConfigGenerator:
             "num_recommendations": str(ec.num_recommendations),
             "precision": ec.precision,
         }
+        if tc.python_runtime == "torch" and tc.instance_kind == "KIND_GPU":
+            params.update(
+                batching="length_aware",
+                engine=json.dumps({"capture_new_shapes": False}),
+                warmup=json.dumps(self.gpu_warmup()),
+            )
         for key, value in params.items():
             cfg.parameters[key].string_value = value
+
+    def gpu_warmup(self) -> list:
+        """The GPU engine's warm-up (model.py's ``warmup`` parameter): full-length batches of
+        1..max_batch_size histories at the longest warm-up length, then the packed buckets of
+        ``length_mix``. A batch whose bucket was not warmed later borrows a larger warmed one or
+        runs without a graph; none is captured mid-traffic."""
+        ec, tc = self.export_config, self.triton_config
+        n = max(self.warmup_lengths())
+        plan: list = [[b, n] for b in range(1, ec.max_batch_size + 1)]
+        if tc.length_mix is not None:
+            median, sigma = tc.length_mix
+            plan.append(
+                {
+                    "lognormal": [min(median, ec.max_seq_length), sigma, ec.max_seq_length],
+                    "coverage": tc.warmup_coverage,
+                    "max_users": ec.max_batch_size,
+                }
+            )
+        return plan
 
     def _warmup(self, cfg, pb) -> None:
         # Zero ids are valid codes and an all-zero mask is a defined (empty) history, so the

@@ -56,7 +56,7 @@ class ServeOptions:
     sigma: float = 0.8
     gpus: tuple = (0,)
     timeout_s: float = 30.0
-    engine_warmup: list = field(default_factory=list)  # empty: derived from the preset
+    engine_warmup: list = field(default_factory=list)  # empty: TritonConfigGenerator's plan
     mix_coverage: float = 0.9995  # of the mix's dynamic batches whose packed graph is warmed
     tensor_transport: str = ""  # "dlpack": as with numpy 2 (the GPU machine) also under numpy 1
     phase_stats: bool = True  # model.py writes its host time per phase; points report us/request
@@ -102,7 +102,6 @@ def write_repository(
         parse_config,
     )
 
-    warm = so.engine_warmup or default_warmup(so, cfg)
     names = []
     for name, batching in (("ugt_packed", "length_aware"), ("ugt_pad", "pad")):
         if batching not in batchings:
@@ -112,6 +111,7 @@ def write_repository(
             precision=dtype,
             max_batch_size=so.max_batch,
             max_seq_length=cfg.max_seq_length,
+            seq_length_buckets=(min(so.seq_len, cfg.max_seq_length),),
             codebook_sizes=tuple(cfg.codebook_sizes),
             num_recommendations=cfg.num_recommendations,
         )
@@ -124,13 +124,16 @@ def write_repository(
             preferred_batch_sizes=tuple(so.preferred),
             max_queue_delay_us=so.max_queue_delay_us,
             model_warmup=False,
+            length_mix=(so.median, so.sigma),
+            warmup_coverage=so.mix_coverage,
         )
-        gen = TritonConfigGenerator(ec, tc)
+        gen = TritonConfigGenerator(ec, tc)  # on GPUs its warm-up plan: gen.gpu_warmup()
         path = Path(gen.generate(repo, model_file=ckpt))
         msg = gen.build_config(artifact_filename("python", "torch", ckpt))
         msg.parameters["batching"].string_value = batching
         msg.parameters["engine"].string_value = json.dumps(engine)
-        msg.parameters["warmup"].string_value = json.dumps(warm)
+        if so.engine_warmup:
+            msg.parameters["warmup"].string_value = json.dumps(so.engine_warmup)
         if so.tensor_transport:
             msg.parameters["tensor_transport"].string_value = so.tensor_transport
         if phase_dir is not None:
@@ -140,18 +143,6 @@ def write_repository(
         write_text_atomic(path, text)
         names.append(name)
     return names
-
-
-def default_warmup(so: ServeOptions, cfg) -> list:
-    """Dense batches 1..max_batch at the fixed length, then the packed buckets of the mix."""
-    n = min(so.seq_len, cfg.max_seq_length)
-    dense = [[b, n] for b in range(1, so.max_batch + 1)]
-    mix = {
-        "lognormal": [min(so.median, n), so.sigma, cfg.max_seq_length],
-        "coverage": so.mix_coverage,
-        "max_users": so.max_batch,
-    }
-    return [*dense, mix]
 
 
 # -- load ---------------------------------------------------------------------------------------

@@ -329,6 +329,15 @@ def test_cli_config_prints_or_writes_a_schema_valid_config(tmp_path):
     assert bad.exit_code == 1 and "CPU instances only" in bad.output
     bad = _cli("config", "--preferred-batch-sizes", "8,x")
     assert bad.exit_code == 1 and "comma-separated integers" in bad.output
+    gpu = _cli(
+        "config",
+        *("--python-runtime", "torch", "--instance-kind", "KIND_GPU", "--length-mix", "120,0.5"),
+    )
+    assert gpu.exit_code == 0, gpu.output
+    params = parse_config(json.loads(gpu.stdout)["config"]).parameters
+    assert json.loads(params["warmup"].string_value)[-1]["lognormal"] == [120.0, 0.5, 1024]
+    bad = _cli("config", "--length-mix", "200")
+    assert bad.exit_code == 1 and "median,sigma" in bad.output
 
 
 def test_cli_validate_and_versions(valid_repo, tmp_path):

@@ -146,9 +146,39 @@ def test_buckets_give_one_warmup_and_graph_per_length():
     ]
 
 
+def test_gpu_torch_config_warms_the_engine_for_full_and_mixed_lengths():
+    ec = EC.replace(seq_length_buckets=(128, 1024), max_batch_size=4)
+    tc = TritonConfig(platform="python", python_runtime="torch", length_mix=(300, 0.6))
+    params = _strict(TritonConfigGenerator(ec, tc).config_text()).parameters
+    assert params["batching"].string_value == "length_aware"
+    assert json.loads(params["engine"].string_value) == {"capture_new_shapes": False}
+    plan = json.loads(params["warmup"].string_value)
+    assert plan[:4] == [[1, 1024], [2, 1024], [3, 1024], [4, 1024]]
+    assert plan[4] == {"lognormal": [300.0, 0.6, 1024], "coverage": 0.9995, "max_users": 4}
+    plan = TritonConfigGenerator(ec, tc.replace(length_mix=None)).gpu_warmup()
+    assert plan == [[b, 1024] for b in (1, 2, 3, 4)]  # full-length batches only
+    # the model.py side: the torch runner gets the plan (and the engine options) as arguments
+    from algorithm.serving.triton_python.standin import model_py_module
+
+    with model_py_module("ugt_model_py_for_config_test") as model_py:
+        options = model_py.TritonPythonModel._runner_options(
+            "torch", "cuda:0", 0, "bf16", {k: v.string_value for k, v in params.items()}
+        )
+    assert options["warmup"] == plan + [json.loads(params["warmup"].string_value)[-1]]
+    assert options["engine"] == {"capture_new_shapes": False} and options["dtype"] == "bf16"
+    for kind, runtime in (("KIND_CPU", "torch"), ("KIND_GPU", "onnxruntime")):
+        cpu = TritonConfig(platform="python", python_runtime=runtime, instance_kind=kind)
+        cpu = _strict(TritonConfigGenerator(ec, cpu).config_text()).parameters
+        assert "warmup" not in cpu and "engine" not in cpu
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
+        ({"length_mix": (0.5, 0.8)}, "length_mix median"),
+        ({"length_mix": (200, 0)}, "length_mix sigma"),
+        ({"length_mix": (200,)}, "length_mix"),
+        ({"warmup_coverage": 1.5}, "warmup_coverage"),
         ({"platform": "openvino", "instance_kind": "KIND_GPU"}, "instance_kind"),
         ({"platform": "python", "trt_accelerator_precision": "fp16"}, "trt_accelerator_precision"),
         (
