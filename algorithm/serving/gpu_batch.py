@@ -75,9 +75,10 @@ def mix_warmup_lengths(
     Sampling batches finds the frequent keys but misses the tail: 40-60% of a realistic mix then
     ran eagerly after warm-up (H200, run 4). Here, per users bucket, the length buckets are taken
     by frequency until ``coverage`` of that bucket's batches, and one batch is built per key with
-    the bucket's users. Packed (``layout="packed"``): the key is ``packed_bucket``'s; the batch holds
-    one token fewer than the bucket's top, the spare slot every batch of that key has. Padded: the key's length is the longest history's; the batch holds one
-    history of the bucket's top length and shorter ones.
+    the bucket's users. Packed (``layout="packed"``): the key is ``packed_bucket``'s; the batch
+    holds one token fewer than the bucket's top, the spare slot every batch of that key has.
+    Padded: the key's length is the longest history's; the batch holds one history of the
+    bucket's top length and shorter ones.
     """
     rng = np.random.default_rng(seed)
     padded = layout == "padded"

@@ -577,10 +577,10 @@ def serve_part(
                 )
                 # the same from each curve read at exactly the P99 budget (linear between the
                 # two measured points around it): less sensitive to where the levels fall
+                inst = max(so.scaling_instances)
                 at = {
-                    g: throughput_at_p99(pts, f"{g}_i{i}_{load}_", so.slo_ms)
-                    for g, i in (("gpus0", max(so.scaling_instances)),)
-                    + ((("gpus01", max(so.scaling_instances)),) if ngpu >= 2 else ())
+                    g: throughput_at_p99(pts, f"{g}_i{inst}_{load}_", so.slo_ms)
+                    for g in ("gpus0", "gpus01")[: 2 if ngpu >= 2 else 1]
                 }
                 summ[f"{load}_throughput_at_slo_interpolated"] = at
                 if at.get("gpus0") and at.get("gpus01"):
