@@ -38,7 +38,7 @@ from algorithm.serving.parity import compare_outputs
 from algorithm.serving.runners import INPUT_NAMES, TorchRunner, create_runner
 from algorithm.ugt import TrainConfig, UGTModel, train_tiny
 
-from .common import environment, write_result
+from .common import environment, time_call, write_result
 
 SHAPES = [(b, s) for b in (1, 8, 32) for s in (32, 128, 512)]
 # name -> (backend, precision, backend options); the ablation shows what the rewrites buy.
@@ -55,14 +55,8 @@ SECTION = "## CPU optimizers (issue 3)"
 
 
 def _median_seconds(fn, runs: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return float(np.median(samples))
+    """Median seconds of ``runs`` calls after 3 warm-up calls."""
+    return time_call(fn, warmup=3, min_runs=runs, min_seconds=0.0)["median_ms"] / 1e3
 
 
 def gemm_peak_gflops(n: int = 1024) -> dict[str, float]:

@@ -45,7 +45,6 @@ from .result import (  # noqa: F401  (BenchmarkResult is public here, as in the 
     histogram,
     is_stable,
     percentiles,
-    result_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -127,7 +126,7 @@ class TritonBenchmark:
         seq_lengths=None,
         levels=None,
     ) -> dict[str, BenchmarkResult]:
-        """Every batch size x seq_len x load level (concurrency or rate); keys from result_key()."""
+        """Every batch size x seq_len x load level (concurrency or rate); keys from result.result_key()."""
         cfg = self.config
         batch_sizes = tuple(batch_sizes or cfg.test_batch_sizes)
         seq_lengths = (

@@ -282,8 +282,7 @@ class Demo:
             env = {
                 v: str(self.config.runtime_threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
             }
-        # absolute: the server runs in its work folder, so a relative log_dir would point elsewhere
-        logs = (self.out / "logs").resolve()
+        logs = self.out / "logs"
         server = server_cls(repo, http_port=0, grpc_port=0, metrics_port=0, log_dir=logs, env=env)
         server.start()
         self._stage("server", 1, 1, f"ready: grpc {server.grpc_url}")
@@ -431,8 +430,7 @@ def _newer_than_backends(path: Path) -> bool:
     """True when ``path`` is newer than every optimizer source file (a rewrite may have changed)."""
     from . import backends
 
-    sources = Path(backends.__file__).parent.glob("*.py")
-    return path.is_file() and all(path.stat().st_mtime >= f.stat().st_mtime for f in sources)
+    return all(_newer(path, f) for f in Path(backends.__file__).parent.glob("*.py"))
 
 
 def _write_json(path: Path, data: dict) -> None:

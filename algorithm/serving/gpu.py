@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from . import gpu_kernels as fk
 from .errors import ConfigError
 from .gpu_batch import (  # noqa: F401  (re-exported: tests and benchmarks import them from here)
-    USER_BUCKETS,
     FlatBatch,
     Staging,
     TokenLayouts,
@@ -181,10 +180,10 @@ class GpuEngine(TokenLayouts):
         for p in m.parameters():
             p.requires_grad_(False)
         self.m = m
-        head_dtype = torch.float32 if cfg.head_precision != "bf16_fp32_out" else self.dtype
+        self.head_dtype = torch.float32 if cfg.head_precision != "bf16_fp32_out" else self.dtype
         self.heads = [
             (
-                h.weight.detach().to(self.device, head_dtype),
+                h.weight.detach().to(self.device, self.head_dtype),
                 h.bias.detach().to(self.device, torch.float32),
             )
             for h in model.heads
@@ -373,8 +372,9 @@ class GpuEngine(TokenLayouts):
             f = self._ffn(layer.ffn, h)
             if i + 1 < len(layers):
                 y, h = fk.add_layernorm(f, y, layers[i + 1].norm1)
-        head_dtype = self.dtype if self.config.head_precision == "bf16_fp32_out" else torch.float32
-        _, h = fk.add_layernorm(f, y, m.decoder_norm, store_residual=False, out_dtype=head_dtype)
+        _, h = fk.add_layernorm(
+            f, y, m.decoder_norm, store_residual=False, out_dtype=self.head_dtype
+        )
         return h, qkvs
 
     def _head(self, h, level: int):
@@ -399,8 +399,7 @@ class GpuEngine(TokenLayouts):
         g = g if g and c % g == 0 and c // g >= k and self.config.topk != "flat" else 0
         if self.config.fused_ops:
             return fk.logsumexp_groupmax(logits, g)
-        gmax = logits.unflatten(-1, (c // g, g)).amax(-1) if g else None
-        return torch.logsumexp(logits, -1, keepdim=True), gmax
+        return fk.logsumexp_groupmax_torch(logits, g)
 
     @staticmethod
     def _topk(logits, k: int, gmax):

@@ -207,20 +207,30 @@ def valid_tokens(l1, l2, l3, mask, sizes):
     return valid
 
 
-def packed_index(lengths: Sequence[int], extra: Sequence[int] = ()) -> dict[str, np.ndarray]:
-    """Host-side offsets for user slots of ``lengths`` followed by ``extra`` (dummy) slots."""
+def packed_index(
+    lengths: Sequence[int], extra: Sequence[int] = (), out: dict | None = None
+) -> dict[str, np.ndarray]:
+    """Host-side offsets for user slots of ``lengths`` followed by ``extra`` (dummy) slots:
+    ``cu`` / ``cu_mem`` (int32) start each slot's tokens / memory rows (a null row, then its
+    tokens), ``null_idx`` and ``tok_to_mem`` place them in the memory. Written into ``out``'s
+    arrays of those names (views of a staging buffer, say) when given."""
     lens = np.asarray(list(lengths) + list(extra), dtype=np.int64)
-    s = len(lens)
-    cu = np.zeros(s + 1, dtype=np.int64)
+    s, n = len(lens), int(lens.sum())
+    if out is None:
+        out = {
+            "cu": np.empty(s + 1, np.int32),
+            "cu_mem": np.empty(s + 1, np.int32),
+            "tok_to_mem": np.empty(n, np.int64),
+            "null_idx": np.empty(s, np.int64),
+        }
+    cu = out["cu"]
+    cu[0] = 0
     np.cumsum(lens, out=cu[1:])
-    cu_mem = cu + np.arange(s + 1)
-    seq_of_tok = np.repeat(np.arange(s), lens)
-    return {
-        "cu": cu.astype(np.int32),
-        "cu_mem": cu_mem.astype(np.int32),
-        "tok_to_mem": np.arange(int(cu[-1])) + seq_of_tok + 1,
-        "null_idx": cu_mem[:-1].copy(),
-    }
+    slots = np.arange(s + 1, dtype=np.int32)
+    np.add(cu, slots, out=out["cu_mem"])
+    out["null_idx"][:] = out["cu_mem"][:-1]
+    np.add(np.repeat(slots[1:], lens), np.arange(n), out=out["tok_to_mem"])
+    return out
 
 
 def packed_layout(slots: int, tokens: int, beams: int) -> dict:
@@ -357,9 +367,14 @@ class FlatBatch:
             return self.values[3] > 0
         return valid_tokens(*self.values, sizes)
 
-    def row_lengths(self, valid: np.ndarray) -> np.ndarray:
+    def row_lengths(self, valid: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
         """Valid tokens per row (one reduceat over the batch)."""
-        return np.add.reduceat(valid.astype(np.int64), self.row_starts())
+        starts = self.row_starts() if starts is None else starts
+        return np.add.reduceat(valid.astype(np.int64), starts)
+
+    def columns(self, widths: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """[N] each position's column within its row."""
+        return np.arange(self.values.shape[1]) - np.repeat(starts, widths)
 
     def padded(self, width: int | None = None) -> list[np.ndarray]:
         """The four inputs as [users, width] arrays, right-padded with 0 (mask 0)."""
@@ -367,9 +382,8 @@ class FlatBatch:
         width = int(widths.max()) if width is None else width
         if (widths == width).all():
             return [v.reshape(-1, width) for v in self.values]
-        starts = self.row_starts(widths)
         row = np.repeat(np.arange(len(widths)), widths)
-        col = np.arange(self.values.shape[1]) - np.repeat(starts, widths)
+        col = self.columns(widths, self.row_starts(widths))
         out = np.zeros((4, len(widths), width), dtype=np.int64)
         out[:, row, col] = self.values
         return list(out)
@@ -549,9 +563,10 @@ class TokenLayouts:
             and self._dense_graph_ready(users, width)
         ):
             return self._staged_dense(batch.values, users, width)
-        lengths = batch.row_lengths(valid)
         widths = batch.row_widths()
-        col = np.arange(valid.size) - np.repeat(batch.row_starts(widths), widths)
+        starts = batch.row_starts(widths)
+        lengths = batch.row_lengths(valid, starts)
+        col = batch.columns(widths, starts)
 
         def fill(ids, pos):
             for i in range(3):
@@ -592,14 +607,8 @@ class TokenLayouts:
         fill(ids[:, :n], v["pos"][:n])
         ids[:, n:] = 0
         v["pos"][n:] = 0
-        cu = v["cu"]
-        cu[0] = 0
-        np.cumsum(lens, out=cu[1:])
+        packed_index(lens, out=v)
         slots = np.arange(s + 1, dtype=np.int32)
-        np.add(cu, slots, out=v["cu_mem"])
-        v["null_idx"][:] = v["cu_mem"][:-1]
-        v["tok_to_mem"][:] = np.repeat(slots[1:], lens)
-        v["tok_to_mem"] += np.arange(nb)
         for beams in {1, self.k}:
             np.multiply(slots, beams, out=v[f"cu_beams_{beams}"])
         t = Tokens("packed", s, max_len, None, None, key=key, staged=staged, layout=layout)

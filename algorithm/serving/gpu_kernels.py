@@ -312,6 +312,12 @@ def step_attention(qkv, past, parent, beams: int, heads: int):
     return out
 
 
+def logsumexp_groupmax_torch(x: torch.Tensor, group: int = 0):
+    """``logsumexp_groupmax`` in plain torch (CPU, other dtypes, the unfused engine)."""
+    gmax = x.unflatten(-1, (x.shape[-1] // group, group)).amax(-1) if group else None
+    return torch.logsumexp(x, -1, keepdim=True), gmax
+
+
 def logsumexp_groupmax(x: torch.Tensor, group: int = 0):
     """(logsumexp [..., 1], max of each ``group`` columns [..., C / group] or None) of fp32 [..., C].
 
@@ -321,8 +327,7 @@ def logsumexp_groupmax(x: torch.Tensor, group: int = 0):
     if group and (c % group or not _pow2(group)):
         raise ValueError(f"logsumexp_groupmax: group {group} must be a power of 2 dividing {c}")
     if not triton_usable(x) or x.dtype != torch.float32:
-        gmax = x.unflatten(-1, (c // group, group)).amax(-1) if group else None
-        return torch.logsumexp(x, -1, keepdim=True), gmax
+        return logsumexp_groupmax_torch(x, group)
     x = x.contiguous()
     out = torch.empty(*x.shape[:-1], 1, device=x.device, dtype=torch.float32)
     gmax = torch.empty(*x.shape[:-1], c // group, device=x.device) if group else None

@@ -93,7 +93,7 @@ def enforce(report: dict, min_recall: float, max_score_diff: float | None, what:
     # own prefix, so its difference is pure numerical error. Position-wise differences also
     # move when a near-tie prunes a different beam early (a ranking change, which the recall
     # check judges), so they are reported but not enforced.
-    common = worst.get("max_common_item_score_diff", worst["max_score_diff"])
+    common = worst["max_common_item_score_diff"]
     if max_score_diff is not None and common > max_score_diff:
         problems.append(
             f"max |score diff| of items in both lists {common:.3g} > allowed {max_score_diff:.3g}"

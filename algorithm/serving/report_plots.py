@@ -13,14 +13,19 @@ from .result import BenchmarkResult
 logger = logging.getLogger(__name__)
 
 
-def _save(fig, ax, path: Path, plt) -> Path:
-    """Grid, legend, tight layout, PNG, close: the finish the latency plots share."""
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+def _save(fig, path: Path, plt) -> Path:
+    """Tight layout, PNG, close: the finish every plot shares."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _finish(fig, ax, path: Path, plt) -> Path:
+    """Grid and legend of a one-axis latency plot, then ``_save``."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path, plt)
 
 
 def _plt():
@@ -81,10 +86,7 @@ def plot_latency_vs_load(series, path: Path, plt) -> Path:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, plt)
 
 
 def plot_throughput_latency(series, slo_ms: float, slo: dict, path: Path, plt) -> Path:
@@ -114,7 +116,7 @@ def plot_throughput_latency(series, slo_ms: float, slo: dict, path: Path, plt) -
     ax.set_xlabel("throughput (samples/s)")
     ax.set_ylabel("P99 latency (ms)")
     ax.set_title("Throughput vs P99 latency (labels: load)")
-    return _save(fig, ax, path, plt)
+    return _finish(fig, ax, path, plt)
 
 
 def _hist_data(r: BenchmarkResult):
@@ -143,7 +145,7 @@ def plot_histogram(series, path: Path, plt) -> Path:
     ax.set_xlabel("latency (ms, log scale)")
     ax.set_ylabel("requests")
     ax.set_title("Latency distribution")
-    return _save(fig, ax, path, plt)
+    return _finish(fig, ax, path, plt)
 
 
 def _bars(
@@ -196,10 +198,7 @@ def plot_batch_seq(series, path: Path, plt) -> Path:
             "P99 (ms)",
             f"P99 per {what} ({fixed})",
         )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, plt)
 
 
 def plot_breakdown(series, path: Path, plt) -> Path:
@@ -232,10 +231,7 @@ def plot_breakdown(series, path: Path, plt) -> Path:
     ax.set_title("Where a request's time goes (Triton statistics, measured window)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, plt)
 
 
 def draw_all(results, baseline, label, baseline_label, slo_ms, slo, stem: Path) -> list[Path]:

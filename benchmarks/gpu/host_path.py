@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,10 +26,9 @@ import torch
 
 import algorithm.serving.runners as runners
 from algorithm.serving.gpu import EngineConfig
-from algorithm.serving.triton_python.standin import Request, model_py_module
+from algorithm.serving.triton_python.standin import Request, model_py_module, served_model
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs
-
-NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
+from benchmarks.gpu.run_gpu import lognormal_lengths
 
 
 def main() -> int:
@@ -63,18 +63,13 @@ def _run(mp) -> int:
             )
 
         runner.engine._forward = forward
-    served = mp.TritonPythonModel()
-    served.name, served.runner, served.dlpack = "ugt", runner, True
-    served.max_seq_length, served.codebook_sizes = cfg.max_seq_length, tuple(cfg.codebook_sizes)
-    import tempfile
-
     phase_file = Path(tempfile.mkdtemp(prefix="ugt-phases-")) / "ugt.json"
-    served.phases = mp._Phases(phase_file) if hasattr(mp, "_Phases") else None
+    served = served_model(mp, runner, cfg.max_seq_length, cfg.codebook_sizes, True, phase_file)
     rng = np.random.default_rng(0)
     seq = min(args.seq, cfg.max_seq_length)
     lengths = {
         f"fixed{seq}": np.full(args.batch, seq),
-        "mix": np.clip(np.rint(np.exp(rng.normal(np.log(200), 0.8, args.batch))), 1, seq),
+        "mix": lognormal_lengths(rng, args.batch, longest=seq),
     }
     result = {"device": args.device, "stub_forward": args.stub_forward, "batch": args.batch}
     for name, lens in lengths.items():
@@ -82,8 +77,7 @@ def _run(mp) -> int:
         for _ in range(3):
             served.execute([Request(r) for r in reqs])
         sync = torch.cuda.synchronize if cuda else (lambda: None)
-        if served.phases is not None:  # the warm-up calls (captures) stay out of the phases
-            served.phases = mp._Phases(phase_file)
+        served.phases = mp._Phases(phase_file)  # the warm-up calls (captures) stay out
         times = []
         prof = None
         if args.profile:
@@ -104,12 +98,10 @@ def _run(mp) -> int:
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
         assert all(r.error is None for r in responses), [r.error.message for r in responses]
         row = {"execute_ms": 1e3 * float(np.median(times))}
-        if served.phases is not None:  # mean us per request per phase over these calls
-            ph = served.phases
-            row["phases_us_per_request"] = {
-                k: round(1e6 * v / ph.requests, 2) for k, v in ph.seconds.items()
-            }
-            served.phases = mp._Phases(phase_file)
+        ph = served.phases  # mean us per request per phase over these calls
+        row["phases_us_per_request"] = {
+            k: round(1e6 * v / ph.requests, 2) for k, v in ph.seconds.items()
+        }
         if cuda and not args.stub_forward:
             t, rows = runner.engine.tokens_from_requests(reqs)  # the same layout, prepared once
             users = sum(rows)

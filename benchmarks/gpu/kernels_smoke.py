@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_gpu import NAMES, time_fn  # noqa: E402
+from run_gpu import NAMES, kernel_rows, time_fn  # noqa: E402
 
 from algorithm.serving import gpu_kernels as fk  # noqa: E402
 from algorithm.serving.gpu import EngineConfig, GpuEngine  # noqa: E402
@@ -140,9 +140,8 @@ def kernel_count(engine, args) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         engine(*args)
         torch.cuda.synchronize()
-    ev = [e for e in p.key_averages() if e.key and not e.key.startswith(("ProfilerStep", "cuda"))]
-    total = sum(getattr(e, "device_time_total", 0.0) for e in ev)
-    return {"kernels": sum(e.count for e in ev), "kernel_ms": total / 1e3}
+    rows = kernel_rows(p)
+    return {"kernels": sum(c for _, c, _ in rows), "kernel_ms": sum(t for t, _, _ in rows) / 1e3}
 
 
 def engines(out: dict) -> None:

@@ -230,6 +230,17 @@ def trained_model(preset: str, device, steps: int, budget_s: float) -> tuple[UGT
     return model, report
 
 
+def kernel_rows(p) -> list[tuple[float, int, str]]:
+    """(device us, calls, name) of each GPU kernel in a torch profile, slowest first (runtime
+    API rows and profiler steps left out)."""
+    rows = []
+    for e in p.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if t and e.key and not e.key.startswith(("ProfilerStep", "cuda")):
+            rows.append((t, e.count, e.key))
+    return sorted(rows, reverse=True)
+
+
 def lognormal_lengths(rng, count: int, median=200.0, sigma=0.8, longest=1024) -> np.ndarray:
     return np.clip(np.rint(np.exp(rng.normal(np.log(median), sigma, count))), 1, longest).astype(
         np.int64
@@ -538,13 +549,7 @@ def profile(model, opts, device) -> dict:
         with prof(activities=[ProfilerActivity.CUDA]) as p:
             engine(*inp)
             sync(device)
-        rows = []
-        total = 0.0
-        for e in p.key_averages():
-            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-            if t and e.key and not e.key.startswith(("ProfilerStep", "cuda")):
-                rows.append((t, e.count, e.key))
-        rows.sort(reverse=True)
+        rows = kernel_rows(p)
         total = sum(t for t, _, _ in rows)
         out[f"{b}x{n}"] = {
             "kernel_ms_total": total / 1e3,

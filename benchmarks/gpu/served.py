@@ -89,7 +89,7 @@ def write_repository(
     kind: str,
     cfg,
     dtype: str,
-    batchings=("length_aware", "pad"),
+    batchings: tuple[str, ...],
     phase_dir: Path | None = None,
 ) -> list[str]:
     """Two python-backend models over one checkpoint; config.pbtxt from TritonConfigGenerator."""
@@ -427,7 +427,8 @@ def run_server(
                 )
             except Exception as e:
                 p = {"error": f"{type(e).__name__}: {e}"[:500]}
-            time.sleep(0.6 if phase_dir else 0)  # the stubs write their totals twice a second
+            # the stubs write their totals from execute(), at most twice a second: a point's
+            # totals may miss its last 0.5 s of batches (the per-request ratios do not change)
             phases = phase_delta(before, phase_snapshot(phase_dir, model))
             if phases:
                 p["host_phases"] = phases
@@ -553,6 +554,7 @@ def serve_part(
                 tag = f"gpus{''.join(map(str, gpus))}_i{inst}"
                 for load in ("mix", f"fixed{so.seq_len}"):
                     summ[f"{tag}_{load}"] = best_under_slo(pts, f"{tag}_{load}_", so.slo_ms)
+            most = max(so.scaling_instances)
             for load in ("mix", f"fixed{so.seq_len}"):
                 one = max(
                     (
@@ -577,9 +579,8 @@ def serve_part(
                 )
                 # the same from each curve read at exactly the P99 budget (linear between the
                 # two measured points around it): less sensitive to where the levels fall
-                inst = max(so.scaling_instances)
                 at = {
-                    g: throughput_at_p99(pts, f"{g}_i{inst}_{load}_", so.slo_ms)
+                    g: throughput_at_p99(pts, f"{g}_i{most}_{load}_", so.slo_ms)
                     for g in ("gpus0", "gpus01")[: 2 if ngpu >= 2 else 1]
                 }
                 summ[f"{load}_throughput_at_slo_interpolated"] = at

@@ -79,7 +79,7 @@ def flatten_beam_topk(model) -> int:
 
     graph = model.graph
     consts = _constant_ints(graph)
-    shapes = _static_shapes(model)
+    shapes = None  # shape inference only once a pattern matched
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list] = {}
     for n in graph.node:
@@ -129,6 +129,8 @@ def flatten_beam_topk(model) -> int:
         shape_c = f"{p}/codes"
         index = f"{p}/index"
         beam = f"{p}/beam"
+        if shapes is None:
+            shapes = _static_shapes(model)
         codes = (shapes.get(cand) or [None])[-1]
         group = next((g for g in GROUP_SIZES if isinstance(codes, int) and codes % g == 0), None)
         parts = _beam_score_parts(producer, shapes, cand, codes) if group else None
@@ -178,16 +180,21 @@ def flatten_beam_topk(model) -> int:
 GROUP_SIZES = (64, 32, 16, 8)  # the first that divides the code count; 64 measured fastest
 
 
-def _static_shapes(model) -> dict[str, list]:
-    """Tensor name -> dims (int, or None where symbolic) from ONNX shape inference."""
+def _value_infos(model) -> list:
+    """Every tensor's ValueInfo after ONNX shape inference (intermediates, outputs, inputs)."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    return list(inferred.value_info) + list(inferred.output) + list(inferred.input)
+
+
+def _static_shapes(model) -> dict[str, list]:
+    """Tensor name -> dims (int, or None where symbolic) from ONNX shape inference."""
     return {
         v.name: [
             d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim
         ]
-        for v in list(inferred.value_info) + list(inferred.output) + list(inferred.input)
+        for v in _value_infos(model)
     }
 
 
@@ -440,13 +447,8 @@ def scoring_path_nodes(model) -> list[str]:
     import onnx
 
     graph = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-    is_float = {
-        v.name
-        for v in list(inferred.value_info) + list(inferred.output) + list(inferred.input)
-        if v.type.tensor_type.elem_type in float_types
-    }
+    is_float = {v.name for v in _value_infos(model) if v.type.tensor_type.elem_type in float_types}
     consumers: dict[str, list] = {}
     for n in graph.node:
         for i in n.input:

@@ -352,9 +352,7 @@ def test_gpu_frozen_engine_runs_new_shapes_eagerly(model, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
-)
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_gpu_engine_on_a_second_device_captures_there(model, rng):
     """Triton puts instances on cuda:1 while the process's current device stays cuda:0."""
     engine = GpuEngine(model, EngineConfig(dtype="bf16"), device="cuda:1")
@@ -454,7 +452,6 @@ def test_gpu_fused_and_unfused_engines_agree(model, rng, graphs):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_host_layouts_replay_their_graphs_from_one_buffer(model, rng):
     """Dynamic batches of changing shapes through the staged (pinned, one-copy) route: every
     answer stays right while the staging buffer and the graphs' static buffers are reused."""
@@ -469,20 +466,17 @@ def test_gpu_host_layouts_replay_their_graphs_from_one_buffer(model, rng):
             {k: v[i : i + 1, : width if full else 5 + 3 * i] for k, v in inp.items()}
             for i in range(6)
         ]
+        refs = [_reference(model, r) for r in reqs]
+        ref = {k: np.concatenate([r[k] for r in refs]) for k in ("recommendations", "scores")}
         for _ in range(2):  # the second pass replays the graph captured by the first
             outs = runner.infer_requests(reqs)
             got = {k: np.concatenate([o[k] for o in outs]) for k in ("recommendations", "scores")}
-            ref = {
-                k: np.concatenate([_reference(model, r)[k] for r in reqs])
-                for k in ("recommendations", "scores")
-            }
             assert compare_outputs(ref, got)["recall_overlap"] >= 0.9, trial
     graphs = runner.engine._graphs.values()
     assert len(graphs) >= 2 and all(static.buf is not None for _, static, _ in graphs)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_frozen_engine_answers_an_unwarmed_batch_from_a_larger_graph(model, rng):
     engine = EngineConfig(dtype="bf16", capture_new_shapes=False)
     runner = TorchRunner(model, device="cuda", dtype="bf16", engine=engine)
@@ -593,5 +587,6 @@ def test_gpu_benchmark_reads_each_load_curve_at_the_p99_budget():
     assert throughput_at_p99(curve, "g_mix_", 15.0) == pytest.approx(2200.0)
     assert throughput_at_p99(curve, "g_mix_", 20.0) == 2400.0  # all within: no extrapolation
     assert throughput_at_p99(pts((8, 16.0, 900.0)), "g_mix_", 15.0) is None
-    curve["g_mix_c32"] = {"error": "timed out"}
+    curve["g_mix_c32"] = {"error": "timed out"}  # a failed point is left out of the curve
+    assert throughput_at_p99(curve, "g_mix_", 15.0) == pytest.approx(2200.0)
     assert throughput_at_p99(curve, "other_", 15.0) is None

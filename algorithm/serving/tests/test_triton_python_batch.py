@@ -17,7 +17,7 @@ import torch
 from algorithm.serving.gpu import EngineConfig
 from algorithm.serving.parity import compare_outputs
 from algorithm.serving.runners import INPUT_NAMES, TorchRunner
-from algorithm.serving.triton_python.standin import Request, model_py_module
+from algorithm.serving.triton_python.standin import Request, model_py_module, served_model
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs
 
 SMALL = UGTConfig.tiny(codebook_sizes=(64, 128, 256), num_recommendations=10, max_seq_length=64)
@@ -40,11 +40,10 @@ def model():
 
 
 def _served(model_py, runner, dlpack=False, phase_dir=None):
-    m = model_py.TritonPythonModel()
-    m.name, m.runner, m.dlpack = "ugt", runner, dlpack
-    m.max_seq_length, m.codebook_sizes = SMALL.max_seq_length, SMALL.codebook_sizes
-    m.phases = model_py._Phases(Path(phase_dir) / "ugt.json") if phase_dir else None
-    return m
+    phases = Path(phase_dir) / "ugt.json" if phase_dir else None
+    return served_model(
+        model_py, runner, SMALL.max_seq_length, SMALL.codebook_sizes, dlpack, phases
+    )
 
 
 def _reference(model, req):
@@ -145,5 +144,6 @@ def test_a_failing_runner_answers_every_request_with_the_reason(model_py, model,
     runner.infer_batch = broken
     reqs = [random_inputs(1, n, SMALL.codebook_sizes, rng) for n in (3, 8)]
     responses = _served(model_py, runner).execute([Request(r) for r in reqs])
+    assert len(responses) == len(reqs)
     for r in responses:
         assert r.error.code == "INTERNAL" and "RuntimeError: device lost" in r.error.message

@@ -207,17 +207,8 @@ class TritonPythonModel:
         t = (_TORCH or _torch()).from_dlpack(tensor.to_dlpack())
         return (t if t.device.type == "cpu" else t.cpu()).numpy()
 
-    def _tensor(self, name: str, array: np.ndarray):
-        array = np.ascontiguousarray(array)
-        if not self.dlpack:
-            return pb_utils.Tensor(name, array)
-        torch = _TORCH or _torch()
-        return pb_utils.Tensor.from_dlpack(
-            name, torch.utils.dlpack.to_dlpack(torch.from_numpy(array))
-        )
-
     def _row_tensors(self, name: str, array: np.ndarray):
-        """``_tensor`` of row slices of one C-contiguous array, as a function of (start, end):
+        """Output tensors of row slices of one C-contiguous array, as a function of (start, end):
         through DLPack the array becomes one torch tensor and each slice costs one capsule."""
         if not self.dlpack:
             return lambda start, end: pb_utils.Tensor(name, array[start:end])
@@ -346,21 +337,21 @@ class TritonPythonModel:
         except Exception as e:  # the runtime failed: every request of this run gets the reason
             self._failed(e, good, responses)
             return responses
-        # one conversion for the batch (a no-op for ONNX Runtime's int64 / fp32 outputs); row
-        # slices of a C-contiguous array stay contiguous, so _tensor copies nothing
-        recs = np.ascontiguousarray(result["recommendations"], dtype=np.int64)
-        scores = np.ascontiguousarray(result["scores"], dtype=np.float32)
-        start = 0
-        for i, arrays in good:
-            end = start + arrays[INPUT_NAMES[0]].shape[0]
-            responses[i] = pb_utils.InferenceResponse(
-                output_tensors=[
-                    self._tensor("recommendations", recs[start:end]),
-                    self._tensor("scores", scores[start:end]),
-                ]
-            )
-            start = end
+        rows = [arrays[INPUT_NAMES[0]].shape[0] for _, arrays in good]
+        self._respond(good, rows, result["recommendations"], result["scores"], responses)
         return responses
+
+    def _respond(self, good: list, rows, recs, scores, responses: list) -> None:
+        """Answer each request of ``good`` with its ``rows`` rows of the batch's outputs: one
+        conversion per output for the batch (a no-op for int64 / fp32 outputs), then row slices
+        of a C-contiguous array, which copy nothing."""
+        recs_rows = self._row_tensors("recommendations", np.ascontiguousarray(recs, np.int64))
+        scores_rows = self._row_tensors("scores", np.ascontiguousarray(scores, np.float32))
+        response, start = pb_utils.InferenceResponse, 0
+        for (i, _), n in zip(good, rows, strict=True):
+            end = start + n
+            responses[i] = response(output_tensors=[recs_rows(start, end), scores_rows(start, end)])
+            start = end
 
     def _failed(self, e: Exception, good: list, responses: list) -> None:
         _log("error", f"{self.name}: inference failed: {type(e).__name__}: {e}")
@@ -404,13 +395,7 @@ class TritonPythonModel:
             return responses
         if clock:
             clock.lap("infer")
-        recs_rows = self._row_tensors("recommendations", np.ascontiguousarray(recs, np.int64))
-        scores_rows = self._row_tensors("scores", np.ascontiguousarray(scores, np.float32))
-        response, start = pb_utils.InferenceResponse, 0
-        for (i, _), rows in zip(good, batch.rows.tolist(), strict=True):
-            end = start + rows
-            responses[i] = response(output_tensors=[recs_rows(start, end), scores_rows(start, end)])
-            start = end
+        self._respond(good, batch.rows.tolist(), recs, scores, responses)
         if clock:
             clock.lap("respond")
             self.phases.add(clock, len(good), getattr(self.runner, "engine", None))

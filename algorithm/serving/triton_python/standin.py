@@ -59,17 +59,12 @@ class Error:
         self.message, self.code = message, code
 
 
-def _get_input_tensor_by_name(request, name):
-    return next((t for t in request.inputs() if t.name() == name), None)
-
-
 @contextlib.contextmanager
 def model_py_module(name: str = "ugt_triton_model_standin"):
     """model.py loaded as a module over the stand-in (which replaces the real one, if any, in
     ``sys.modules`` until the context ends)."""
     fake = types.ModuleType("triton_python_backend_utils")
     fake.Tensor, fake.InferenceResponse, fake.TritonError = Tensor, Response, Error
-    fake.get_input_tensor_by_name = _get_input_tensor_by_name
     saved = sys.modules.get(fake.__name__)
     sys.modules[fake.__name__] = fake
     try:
@@ -82,3 +77,14 @@ def model_py_module(name: str = "ugt_triton_model_standin"):
             sys.modules.pop(fake.__name__, None)
         else:
             sys.modules[fake.__name__] = saved
+
+
+def served_model(module, runner, max_seq_length: int, codebook_sizes, dlpack=False, phases=None):
+    """``module``'s (model.py's) TritonPythonModel around ``runner`` without initialize() (no
+    config, no artifact): what the tests and the host-path benchmark drive through execute().
+    ``phases``: the file its phase_stats go to (None: not recorded)."""
+    m = module.TritonPythonModel()
+    m.name, m.runner, m.dlpack = "ugt", runner, dlpack
+    m.max_seq_length, m.codebook_sizes = max_seq_length, tuple(codebook_sizes)
+    m.phases = module._Phases(Path(phases)) if phases else None
+    return m
