@@ -156,6 +156,18 @@ def _fire(url, requests, model="ugt"):
     return results
 
 
+def _stats_after(server, before: dict, count: int, model="ugt", timeout=10.0) -> dict:
+    """The model's statistics once they count ``count`` more inferences than ``before`` (or at
+    the timeout): Triton may update them a moment after the client has its answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = model_statistics(server.statistics(model), model)
+        done = after["inference_count"] - before["inference_count"] >= count
+        if done or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
+
+
 @pytest.mark.server
 def test_concurrent_requests_of_different_lengths_are_batched_and_each_answered(served):
     server, _, ref = served
@@ -164,7 +176,7 @@ def test_concurrent_requests_of_different_lengths_are_batched_and_each_answered(
     requests = [random_inputs(1, n, CODEBOOKS, rng) for n in lengths]
     before = model_statistics(server.statistics("ugt"), "ugt")
     results = _fire(server.grpc_url, requests)
-    after = model_statistics(server.statistics("ugt"), "ugt")
+    after = _stats_after(server, before, len(requests))
     for x, (got, error) in zip(requests, results, strict=True):
         assert error is None
         _close(ref.infer(x), got, f"seq {x['attention_mask'].shape[1]}")
@@ -186,7 +198,7 @@ def test_a_bad_request_fails_alone_with_a_clear_message(served):
     requests = [good[0], bad_id, good[1], bad_mask, too_long, good[2]]
     before = model_statistics(server.statistics("ugt"), "ugt")
     results = _fire(server.grpc_url, requests)
-    after = model_statistics(server.statistics("ugt"), "ugt")
+    after = _stats_after(server, before, len(requests))
     messages = {i: str(results[i][1]) for i in (1, 3, 4)}
     assert "encoder_l3_ids: id 16384 at [0, 4] is outside its codebook [0, 16384)" in messages[1]
     assert "attention_mask: value 2 at [0, 2]" in messages[3]
