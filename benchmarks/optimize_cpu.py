@@ -250,7 +250,7 @@ def markdown(result: dict) -> str:
             "Median latency per request (speedup over PyTorch eager fp32, recall@50 overlap with eager on the same inputs). "
             "All runtimes use the machine's default threads; timing rotates through the runtimes in blocks "
             "(>= 0.15 s of consecutive calls each, shuffled order, first call of each run dropped). "
-            "Other helpers' jobs shared these 2 cores: timing blocks (>= 0.3 s) in which other processes "
+            "Other helpers' jobs shared these 2 cores: timing blocks (>= 0.15 s of calls per runtime) in which other processes "
             f"used more than {result['timing']['max_interference_cores']} cores were dropped "
             f"({result['blocks_dropped']} of {result['blocks_total']} dropped; per point in the JSON under `interference`; "
             f"load average {result['load_average_min']:.2f}-{result['load_average_max']:.2f}).",

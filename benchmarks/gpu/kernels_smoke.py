@@ -1,4 +1,5 @@
-"""Fused kernels on the GPU: correctness against torch, then timing against the ops they replace.
+"""Fused kernels on the GPU timed against the ops they replace (their results are tested in
+test_gpu.py).
 
     python3 benchmarks/gpu/kernels_smoke.py --out $OUT/kernels.json
 
