@@ -32,10 +32,10 @@ import psutil
 import torch
 
 from algorithm.serving import ExportConfig, export_to_onnx
-from algorithm.serving.accuracy import demo_catalog
 from algorithm.serving.backends import get_backend, optimize
-from algorithm.serving.parity import compare_outputs
-from algorithm.serving.runners import INPUT_NAMES, TorchRunner, create_runner
+from algorithm.serving.runtime import INPUT_NAMES, TorchRunner, create_runner
+from algorithm.serving.verify.accuracy import demo_catalog
+from algorithm.serving.verify.parity import compare_outputs
 from algorithm.ugt import TrainConfig, UGTModel, train_tiny
 
 from .common import environment, time_call, write_result
@@ -362,7 +362,7 @@ def main() -> None:
     gemm = gemm_peak_gflops()
     peak = max(gemm.values())
     bandwidth = memory_bandwidth_gbs()
-    from algorithm.serving.gpu import count_flops
+    from algorithm.serving.runtime.gpu.engine import count_flops
 
     shapes = [tuple(int(v) for v in p.split("x")) for p in args.shapes.split(",")]
     points, loads = [], []

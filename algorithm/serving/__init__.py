@@ -12,53 +12,53 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     # configs
-    "ExportConfig": "config",
-    "TritonConfig": "config",
-    "BenchmarkConfig": "config",
+    "ExportConfig": ".config",
+    "TritonConfig": ".config",
+    "BenchmarkConfig": ".config",
     # core classes
-    "ServingExporter": "exporter",
-    "ONNXExporter": "export_onnx",
-    "ModelWrapper": "export_onnx",
-    "ModelInputSpec": "export_onnx",
-    "TensorRTOptimizer": "optimize_trt",
-    "TritonConfigGenerator": "triton_config",
-    "TritonBenchmark": "benchmark",
-    "BenchmarkResult": "benchmark",
-    "ModelVersionManager": "repository",
-    "TritonServer": "server",
+    "ServingExporter": ".exporter",
+    "ONNXExporter": ".export_onnx",
+    "ModelWrapper": ".export_onnx",
+    "ModelInputSpec": ".export_onnx",
+    "TensorRTOptimizer": ".optimize_trt",
+    "TritonConfigGenerator": ".triton_config",
+    "TritonBenchmark": ".benchmark",
+    "BenchmarkResult": ".benchmark",
+    "ModelVersionManager": ".triton.repository",
+    "TritonServer": ".triton.server",
     # convenience functions
-    "export_to_onnx": "export_onnx",
-    "build_trt_engine": "optimize_trt",
-    "create_calibration_data_generator": "optimize_trt",
-    "check_plan_compatible": "optimize_trt",
-    "trtexec_command": "optimize_trt",
-    "get_backend": "backends",
-    "available_backends": "backends",
-    "generate_triton_config": "triton_config",
-    "run_benchmark": "benchmark",
-    "write_report": "report",
-    "load_report": "report",
-    "DemoConfig": "demo",
-    "run_demo": "demo",
-    "create_exporter": "exporter",
-    "validate_deployment": "repository",
-    "create_runner": "runners",
-    "ManifestConfig": "manifests",
-    "render_manifests": "manifests",
-    "write_manifests": "manifests",
-    "ServerSupervisor": "supervisor",
-    "RestartPolicy": "supervisor",
+    "export_to_onnx": ".export_onnx",
+    "build_trt_engine": ".optimize_trt",
+    "create_calibration_data_generator": ".optimize_trt",
+    "check_plan_compatible": ".optimize_trt",
+    "trtexec_command": ".optimize_trt",
+    "get_backend": ".backends",
+    "available_backends": ".backends",
+    "generate_triton_config": ".triton_config",
+    "run_benchmark": ".benchmark",
+    "write_report": ".bench.report",
+    "load_report": ".bench.report",
+    "DemoConfig": ".demo",
+    "run_demo": ".demo",
+    "create_exporter": ".exporter",
+    "validate_deployment": ".triton.repository",
+    "create_runner": ".runtime",
+    "ManifestConfig": ".deploy.manifests",
+    "render_manifests": ".deploy.manifests",
+    "write_manifests": ".deploy.manifests",
+    "ServerSupervisor": ".triton.supervisor",
+    "RestartPolicy": ".triton.supervisor",
     # errors
-    "ServingError": "errors",
-    "ConfigError": "errors",
-    "DependencyError": "errors",
-    "ExportError": "errors",
-    "OptimizationError": "errors",
-    "ParityError": "errors",
-    "ServerError": "errors",
-    "BenchmarkError": "errors",
-    "CheckpointError": "errors",
-    "RepositoryError": "errors",
+    "ServingError": "algorithm.errors",
+    "ConfigError": "algorithm.errors",
+    "DependencyError": "algorithm.errors",
+    "ExportError": "algorithm.errors",
+    "OptimizationError": "algorithm.errors",
+    "ParityError": "algorithm.errors",
+    "ServerError": "algorithm.errors",
+    "BenchmarkError": "algorithm.errors",
+    "CheckpointError": "algorithm.errors",
+    "RepositoryError": "algorithm.errors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -68,7 +68,7 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'algorithm.serving' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value
     return value
 
@@ -78,11 +78,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from .backends import available_backends, get_backend
-    from .benchmark import BenchmarkResult, TritonBenchmark, run_benchmark
-    from .config import BenchmarkConfig, ExportConfig, TritonConfig
-    from .demo import DemoConfig, run_demo
-    from .errors import (
+    from algorithm.errors import (
         BenchmarkError,
         CheckpointError,
         ConfigError,
@@ -94,19 +90,28 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         ServerError,
         ServingError,
     )
-    from .export_onnx import ModelInputSpec, ModelWrapper, ONNXExporter, export_to_onnx
-    from .exporter import ServingExporter, create_exporter
-    from .manifests import ManifestConfig, render_manifests, write_manifests
-    from .optimize_trt import (
+    from algorithm.serving.backends import available_backends, get_backend
+    from algorithm.serving.bench.report import load_report, write_report
+    from algorithm.serving.benchmark import BenchmarkResult, TritonBenchmark, run_benchmark
+    from algorithm.serving.config import BenchmarkConfig, ExportConfig, TritonConfig
+    from algorithm.serving.demo import DemoConfig, run_demo
+    from algorithm.serving.deploy.manifests import ManifestConfig, render_manifests, write_manifests
+    from algorithm.serving.export_onnx import (
+        ModelInputSpec,
+        ModelWrapper,
+        ONNXExporter,
+        export_to_onnx,
+    )
+    from algorithm.serving.exporter import ServingExporter, create_exporter
+    from algorithm.serving.optimize_trt import (
         TensorRTOptimizer,
         build_trt_engine,
         check_plan_compatible,
         create_calibration_data_generator,
         trtexec_command,
     )
-    from .report import load_report, write_report
-    from .repository import ModelVersionManager, validate_deployment
-    from .runners import create_runner
-    from .server import TritonServer
-    from .supervisor import RestartPolicy, ServerSupervisor
-    from .triton_config import TritonConfigGenerator, generate_triton_config
+    from algorithm.serving.runtime import create_runner
+    from algorithm.serving.triton.repository import ModelVersionManager, validate_deployment
+    from algorithm.serving.triton.server import TritonServer
+    from algorithm.serving.triton.supervisor import RestartPolicy, ServerSupervisor
+    from algorithm.serving.triton_config import TritonConfigGenerator, generate_triton_config

@@ -25,9 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .config import BenchmarkConfig
-from .errors import BenchmarkError, ConfigError
-from .loadgen import (  # noqa: F401  (re-exported: the load generator's public helpers)
+from algorithm.errors import BenchmarkError, ConfigError
+from algorithm.serving.bench.loadgen import (  # noqa: F401  (re-exported: the load generator's public helpers)
     FAILED,
     OK,
     REJECTED,
@@ -39,13 +38,19 @@ from .loadgen import (  # noqa: F401  (re-exported: the load generator's public 
     make_requests,
     sample_seq_lengths,
 )
-from .monitor import HostCpu, ResourceMonitor, server_breakdown, stats_snapshot
-from .result import (  # noqa: F401  (BenchmarkResult is public here, as in the guide)
+from algorithm.serving.bench.monitor import (
+    HostCpu,
+    ResourceMonitor,
+    server_breakdown,
+    stats_snapshot,
+)
+from algorithm.serving.bench.result import (  # noqa: F401  (BenchmarkResult is public here, as in the guide)
     BenchmarkResult,
     histogram,
     is_stable,
     percentiles,
 )
+from algorithm.serving.config import BenchmarkConfig
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +155,7 @@ class TritonBenchmark:
         self, results: dict[str, BenchmarkResult], path, baseline=None, **kw
     ) -> str:
         """Markdown report at ``path`` plus .json, .csv and PNG plots beside it; returns the text."""
-        from .report import write_report
+        from algorithm.serving.bench.report import write_report
 
         return write_report(results, path, baseline=baseline, config=self.config, **kw)
 

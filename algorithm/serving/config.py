@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from algorithm.errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import BenchmarkConfig, ExportConfig, TritonConfig
-from .errors import CheckpointError, ConfigError, ParityError
+from algorithm.errors import CheckpointError, ConfigError, ParityError
+from algorithm.serving.config import BenchmarkConfig, ExportConfig, TritonConfig
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Demo:
         onnx_path = self._timed("export", self.export, model, ckpt)
         artifact, chosen = self._timed("optimize", self.optimize, model, onnx_path)
         repo, server_cfg = self._timed("repository", self.repository, model, artifact, ckpt)
-        from .server import TritonServer
+        from algorithm.serving.triton.server import TritonServer
 
         server = self._timed("server", self.start_server, TritonServer, repo)
         try:
@@ -160,7 +160,7 @@ class Demo:
         )
 
     def export(self, model, ckpt: Path) -> Path:
-        from .export_onnx import ONNXExporter
+        from algorithm.serving.export_onnx import ONNXExporter
 
         path = self.out / "model.onnx"
         parity = path.with_suffix(".parity.json")
@@ -177,8 +177,8 @@ class Demo:
 
     def optimize(self, model, onnx_path: Path) -> tuple[Path, dict]:
         """Every candidate behind the accuracy gate, timed in-process; returns the one to serve."""
-        from .backends import get_backend
-        from .backends import optimize as build
+        from algorithm.serving.backends import get_backend
+        from algorithm.serving.backends import optimize as build
 
         passed, refused = [], []
         n = len(self.config.candidates)
@@ -246,7 +246,7 @@ class Demo:
         )
 
     def repository(self, model, artifact: Path, ckpt: Path):
-        from .triton_config import TritonConfigGenerator
+        from algorithm.serving.triton_config import TritonConfigGenerator
 
         repo = self.out / "model_repository"
         if repo.exists():
@@ -303,7 +303,7 @@ class Demo:
         )
 
     def benchmark(self, server):
-        from .benchmark import TritonBenchmark
+        from algorithm.serving.benchmark import TritonBenchmark
 
         c = self.config
         models = [c.model_name] + ([c.baseline_name] if c.baseline else [])
@@ -341,7 +341,7 @@ class Demo:
     def report(
         self, results, baseline, chosen, served, train_report, ckpt, onnx_path, artifact, repo
     ) -> dict:
-        from .report import write_report
+        from algorithm.serving.bench.report import write_report
 
         c = self.config
         meta = {
@@ -428,13 +428,13 @@ def _newer(path: Path, than: Path) -> bool:
 
 def _newer_than_backends(path: Path) -> bool:
     """True when ``path`` is newer than every optimizer source file (a rewrite may have changed)."""
-    from . import backends
+    from algorithm.serving import backends
 
     return all(_newer(path, f) for f in Path(backends.__file__).parent.glob("*.py"))
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from .export_onnx import write_json
+    from algorithm.serving.export_onnx import write_json
 
     write_json(path, data)
 
@@ -444,9 +444,8 @@ def _time_runner(runtime: str, artifact: Path, config: DemoConfig, budget_s: flo
 
     score = batch-1 latency + per-sample time at batch 16: one number for the two goals
     (latency at low load, throughput under dynamic batching)."""
+    from algorithm.serving.runtime import create_runner
     from algorithm.ugt.data import random_inputs
-
-    from .runners import create_runner
 
     opts = {"intra_op_threads": config.runtime_threads} if runtime == "onnxruntime" else {}
     if runtime == "openvino":

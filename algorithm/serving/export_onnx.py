@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ExportConfig
-from .errors import ConfigError, ExportError
-from .parity import compare_outputs, enforce, merge_reports
-from .runners import INPUT_NAMES, OUTPUT_NAMES, OnnxRuntimeRunner, TorchRunner
+from algorithm.errors import ConfigError, ExportError
+from algorithm.serving.config import ExportConfig
+from algorithm.serving.runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxRuntimeRunner, TorchRunner
+from algorithm.serving.verify.parity import compare_outputs, enforce, merge_reports
 
 logger = logging.getLogger(__name__)
 

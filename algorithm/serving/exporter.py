@@ -6,8 +6,7 @@ import logging
 from pathlib import Path
 
 from algorithm.interfaces import ServingExporterInterface
-
-from .config import BenchmarkConfig, ExportConfig, TritonConfig
+from algorithm.serving.config import BenchmarkConfig, ExportConfig, TritonConfig
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ class ServingExporter(ServingExporterInterface):
 
     # -- guide 4.2 ---------------------------------------------------------------------------
     def export_onnx(self, model, save_path, config: ExportConfig | None = None) -> str:
-        from .export_onnx import ONNXExporter
+        from algorithm.serving.export_onnx import ONNXExporter
 
         if config is not None:
             return ONNXExporter(config).export(model, save_path)
@@ -53,7 +52,7 @@ class ServingExporter(ServingExporterInterface):
         return self._onnx_exporter.export(model, save_path)
 
     def optimize_tensorrt(self, onnx_path, engine_path, config: ExportConfig | None = None) -> str:
-        from .optimize_trt import TensorRTOptimizer
+        from algorithm.serving.optimize_trt import TensorRTOptimizer
 
         if config is not None:
             return TensorRTOptimizer(config).optimize(onnx_path, engine_path)
@@ -70,7 +69,7 @@ class ServingExporter(ServingExporterInterface):
         calibration_data=None,
     ) -> str:
         """Optimize with a registered backend (tensorrt, onnxruntime, openvino, torch) behind the accuracy gate."""
-        from .backends import optimize
+        from algorithm.serving.backends import optimize
 
         return optimize(
             onnx_path, output_path, backend, config or self.export_config, calibration_data
@@ -83,7 +82,7 @@ class ServingExporter(ServingExporterInterface):
         model_file=None,
         version: int = 1,
     ) -> str:
-        from .triton_config import TritonConfigGenerator
+        from algorithm.serving.triton_config import TritonConfigGenerator
 
         gen = TritonConfigGenerator(
             export_config=config or self.export_config, triton_config=self.triton_config
@@ -91,7 +90,7 @@ class ServingExporter(ServingExporterInterface):
         return gen.generate(model_repository, model_file=model_file, version=version)
 
     def benchmark(self, triton_url, model_name, num_requests: int = 10000) -> dict[str, float]:
-        from .benchmark import TritonBenchmark
+        from algorithm.serving.benchmark import TritonBenchmark
 
         cfg = self.benchmark_config.replace(triton_url=triton_url, num_requests=num_requests)
         result = TritonBenchmark(cfg).run(
@@ -128,11 +127,11 @@ class ServingExporter(ServingExporterInterface):
         ONNX Runtime platform allows it. Python models with ``python_runtime="torch"`` serve
         the checkpoint itself. Raises RepositoryError if the result does not validate.
         """
-        from .backends import get_backend
-        from .backends import optimize as optimize_artifact
-        from .errors import ConfigError, RepositoryError
-        from .repository import ModelVersionManager, validate_deployment
-        from .triton_config import TritonConfigGenerator
+        from algorithm.errors import ConfigError, RepositoryError
+        from algorithm.serving.backends import get_backend
+        from algorithm.serving.backends import optimize as optimize_artifact
+        from algorithm.serving.triton.repository import ModelVersionManager, validate_deployment
+        from algorithm.serving.triton_config import TritonConfigGenerator
 
         cfg, tc = self.export_config, self.triton_config
         repo = Path(model_repository)
@@ -175,7 +174,7 @@ class ServingExporter(ServingExporterInterface):
         }
 
     def validate_deployment(self, model_repository, model_name: str | None = None) -> dict:
-        from .repository import validate_deployment
+        from algorithm.serving.triton.repository import validate_deployment
 
         return validate_deployment(model_repository, model_name)
 

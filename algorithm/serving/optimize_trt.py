@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import ExportConfig
-from .errors import ConfigError, DependencyError, InputFileNotFoundError, OptimizationError
-from .runners import INPUT_NAMES
+from algorithm.errors import ConfigError, DependencyError, InputFileNotFoundError, OptimizationError
+from algorithm.serving.config import ExportConfig
+from algorithm.serving.runtime import INPUT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class CalibrationDataGenerator:
         return self.num_batches
 
     def __iter__(self):
-        from .accuracy import demo_catalog
+        from algorithm.serving.verify.accuracy import demo_catalog
 
         catalog = demo_catalog(self.codebook_sizes)
         rng = np.random.default_rng(self.seed)
@@ -172,7 +172,7 @@ def scoring_layer_names(onnx_path) -> list[str]:
     """ONNX node names of the scoring path; the parser names TensorRT layers after them."""
     import onnx
 
-    from .backends.rewrite import scoring_path_nodes
+    from algorithm.serving.backends.rewrite import scoring_path_nodes
 
     return scoring_path_nodes(onnx.load(str(onnx_path), load_external_data=False))
 
@@ -398,7 +398,7 @@ class TensorRTOptimizer:
         if cfg.precision == "bf16":
             bconf.set_flag(trt.BuilderFlag.BF16)
         if cfg.precision == "int8":
-            from .backends.base import calibration_batches, uniform_batches
+            from algorithm.serving.backends.base import calibration_batches, uniform_batches
 
             bconf.set_flag(trt.BuilderFlag.INT8)
             given = calibration_batches(calibration_data, cfg)
@@ -436,9 +436,9 @@ class TensorRTOptimizer:
         _write_atomic(cache_path, bytes(bconf.get_timing_cache().serialize()))
         _write_atomic(engine_path, bytes(serialized))
 
-        from .backends.base import artifact_sidecar
-        from .backends.tensorrt import TENSORRT
-        from .export_onnx import sidecar_path, write_json
+        from algorithm.serving.backends.base import artifact_sidecar
+        from algorithm.serving.backends.tensorrt import TENSORRT
+        from algorithm.serving.export_onnx import sidecar_path, write_json
 
         env = gpu_environment()
         write_json(
@@ -474,7 +474,7 @@ def check_plan_compatible(plan_path, environment: dict | None = None) -> dict:
     the same compute capability; the sidecar written at build time says which, so the
     mismatch is reported here instead of as an opaque deserialization failure in Triton.
     """
-    from .export_onnx import read_sidecar, sidecar_path
+    from algorithm.serving.export_onnx import read_sidecar, sidecar_path
 
     plan = Path(plan_path)
     if not plan.is_file():

@@ -23,9 +23,9 @@ import json
 import logging
 from pathlib import Path
 
-from .config import NAME_RE, ExportConfig, TritonConfig, check_name
-from .errors import ConfigError, DependencyError, InputFileNotFoundError
-from .runners import INPUT_NAMES
+from algorithm.errors import ConfigError, DependencyError, InputFileNotFoundError
+from algorithm.serving.config import NAME_RE, ExportConfig, TritonConfig, check_name
+from algorithm.serving.runtime import INPUT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,11 @@ class TritonConfigGenerator:
     def generate(self, model_repository, model_file=None, version: int = 1) -> str:
         """Write ``<repo>/<name>/config.pbtxt`` and, with ``model_file``, publish it as
         ``version`` (atomically; replaces that version if present). Returns the config path."""
-        from .repository import ModelVersionManager, make_dirs, write_text_atomic
+        from algorithm.serving.triton.repository import (
+            ModelVersionManager,
+            make_dirs,
+            write_text_atomic,
+        )
 
         check_name("model_name", self.model_name)
         tc = self.triton_config

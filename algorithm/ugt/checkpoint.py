@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
-from algorithm.serving.errors import CheckpointError, InputFileNotFoundError
-
-from .config import UGTConfig
+from algorithm.errors import CheckpointError, InputFileNotFoundError
+from algorithm.ugt.config import UGTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ def _read_torch(path: Path):
 
 
 def load_checkpoint(path, map_location: str = "cpu"):
-    from .model import UGTModel
+    from algorithm.ugt.model import UGTModel
 
     path = Path(path)
     if not path.is_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from algorithm.serving.errors import ConfigError
+from algorithm.errors import ConfigError
 
 
 @dataclass

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithm.serving.errors import ConfigError
-
-from .config import UGTConfig
+from algorithm.errors import ConfigError
+from algorithm.ugt.config import UGTConfig
 
 # Additive mask value: exp() of it is exactly 0 in fp32, and it is finite in fp16/bf16.
 _MASKED = -30000.0
@@ -254,12 +253,12 @@ class UGTModel(nn.Module):
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, path) -> str:
-        from .checkpoint import save_checkpoint
+        from algorithm.ugt.checkpoint import save_checkpoint
 
         return save_checkpoint(self, path)
 
     @classmethod
     def load(cls, path, map_location: str = "cpu") -> UGTModel:
-        from .checkpoint import load_checkpoint
+        from algorithm.ugt.checkpoint import load_checkpoint
 
         return load_checkpoint(path, map_location=map_location)

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .config import UGTConfig
-from .data import SyntheticCatalog
-from .model import UGTModel
+from algorithm.ugt.config import UGTConfig
+from algorithm.ugt.data import SyntheticCatalog
+from algorithm.ugt.model import UGTModel
 
 logger = logging.getLogger(__name__)
 

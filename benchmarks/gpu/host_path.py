@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import algorithm.serving.runners as runners
-from algorithm.serving.gpu import EngineConfig
-from algorithm.serving.triton_python.standin import Request, model_py_module, served_model
+import algorithm.serving.runtime as runners
+from algorithm.serving.runtime.gpu.engine import EngineConfig
+from algorithm.serving.triton.python_model.standin import Request, model_py_module, served_model
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs
 from benchmarks.gpu.run_gpu import lognormal_lengths
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_gpu import NAMES, kernel_rows, time_fn  # noqa: E402
 
-from algorithm.serving import gpu_kernels as fk  # noqa: E402
-from algorithm.serving.gpu import EngineConfig, GpuEngine  # noqa: E402
+from algorithm.serving.runtime.gpu import kernels as fk  # noqa: E402
+from algorithm.serving.runtime.gpu.engine import EngineConfig, GpuEngine  # noqa: E402
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs  # noqa: E402
 
 

@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from algorithm.serving.gpu import EngineConfig, GpuEngine, count_flops  # noqa: E402
-from algorithm.serving.parity import compare_outputs  # noqa: E402
+from algorithm.serving.runtime.gpu.engine import EngineConfig, GpuEngine, count_flops  # noqa: E402
+from algorithm.serving.verify.parity import compare_outputs  # noqa: E402
 from algorithm.ugt import SyntheticCatalog, UGTConfig, UGTModel, random_inputs  # noqa: E402
 
 NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
@@ -565,7 +565,7 @@ def profile(model, opts, device) -> dict:
 
 def runner_overhead(model, opts, device, args) -> dict:
     """TorchRunner.infer_requests (host packing + copies + graph + D2H) vs the engine alone."""
-    from algorithm.serving.runners import TorchRunner
+    from algorithm.serving.runtime import TorchRunner
 
     quick = args.preset == "tiny"
     n = 1024 if not quick else 32

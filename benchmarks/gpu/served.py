@@ -64,7 +64,7 @@ class ServeOptions:
 
 def server_env() -> dict:
     """LD_LIBRARY_PATH for tritonserver and the stub: the wheel's libs and this Python's libpython."""
-    from algorithm.serving.server import find_tritonserver
+    from algorithm.serving.triton.server import find_tritonserver
 
     libs = find_tritonserver().resolve().parents[3] / "nvidia_pytriton.libs"
     paths = [str(libs)] if libs.is_dir() else []
@@ -94,7 +94,7 @@ def write_repository(
 ) -> list[str]:
     """Two python-backend models over one checkpoint; config.pbtxt from TritonConfigGenerator."""
     from algorithm.serving.config import ExportConfig, TritonConfig
-    from algorithm.serving.repository import write_text_atomic
+    from algorithm.serving.triton.repository import write_text_atomic
     from algorithm.serving.triton_config import (
         TritonConfigGenerator,
         artifact_filename,
@@ -400,7 +400,7 @@ def run_server(
     phase_dir: Path | None = None,
 ):
     """Start tritonserver on ``repo``, run ``points_spec`` [(name, model, concurrency, mix)]."""
-    from algorithm.serving.server import TritonServer
+    from algorithm.serving.triton.server import TritonServer
 
     t = time.monotonic()
     with TritonServer(

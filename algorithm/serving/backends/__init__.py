@@ -30,19 +30,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..config import ExportConfig
-from ..errors import (
+from algorithm.errors import (
     ConfigError,
     DependencyError,
     InputFileNotFoundError,
     OptimizationError,
     ParityError,
 )
-from .base import Backend, artifact_sidecar, calibration_batches, load_calibration_file
-from .onnxruntime import ONNXRUNTIME, OnnxRuntimeBackend
-from .openvino import OPENVINO, OpenVINOBackend, OpenVINORunner
-from .tensorrt import TENSORRT, TensorRTBackend
-from .torch_aot import TORCH_AOT, TorchAOTBackend, TorchAOTRunner
+from algorithm.serving.backends.base import (
+    Backend,
+    artifact_sidecar,
+    calibration_batches,
+    load_calibration_file,
+)
+from algorithm.serving.backends.onnxruntime import ONNXRUNTIME, OnnxRuntimeBackend
+from algorithm.serving.backends.openvino import OPENVINO, OpenVINOBackend, OpenVINORunner
+from algorithm.serving.backends.tensorrt import TENSORRT, TensorRTBackend
+from algorithm.serving.backends.torch_aot import TORCH_AOT, TorchAOTBackend, TorchAOTRunner
+from algorithm.serving.config import ExportConfig
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +111,9 @@ def optimize(
     go to the backend (e.g. ``threads`` for openvino). Raises InputFileNotFoundError,
     DependencyError, ConfigError, OptimizationError, or ParityError (gate failed; nothing written).
     """
-    from ..accuracy import evaluate, reference_runner
-    from ..export_onnx import sidecar_path, write_json
-    from ..runners import create_runner
+    from algorithm.serving.export_onnx import sidecar_path, write_json
+    from algorithm.serving.runtime import create_runner
+    from algorithm.serving.verify.accuracy import evaluate, reference_runner
 
     cfg = (config or ExportConfig()).validate()
     b = get_backend(backend)

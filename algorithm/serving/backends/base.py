@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ExportConfig
-from ..errors import ConfigError, InputFileNotFoundError
-from ..runners import INPUT_NAMES
+from algorithm.errors import ConfigError, InputFileNotFoundError
+from algorithm.serving.config import ExportConfig
+from algorithm.serving.runtime import INPUT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Backend:
 
 def artifact_sidecar(onnx_path, backend: Backend, config: ExportConfig, **extra) -> dict[str, Any]:
     """The ONNX model's contract (its sidecar) plus what this backend built, for ``<artifact>.json``."""
-    from ..export_onnx import read_sidecar
+    from algorithm.serving.export_onnx import read_sidecar
 
     base = read_sidecar(onnx_path) if onnx_path else {}
     return {
@@ -162,7 +162,7 @@ def calibration_batches(calibration_data, config: ExportConfig) -> list[dict[str
     iterable of dicts: used as is.
     """
     if calibration_data is None:
-        from ..optimize_trt import create_calibration_data_generator
+        from algorithm.serving.optimize_trt import create_calibration_data_generator
 
         gen = create_calibration_data_generator(
             num_samples=config.calibration_samples,

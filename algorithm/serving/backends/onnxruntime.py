@@ -24,9 +24,15 @@ import logging
 import tempfile
 from pathlib import Path
 
-from ..errors import ConfigError, OptimizationError
-from .base import CALIBRATION_BATCH, Backend, artifact_sidecar, calibration_batches, uniform_batches
-from .rewrite import head_matmuls
+from algorithm.errors import ConfigError, OptimizationError
+from algorithm.serving.backends.base import (
+    CALIBRATION_BATCH,
+    Backend,
+    artifact_sidecar,
+    calibration_batches,
+    uniform_batches,
+)
+from algorithm.serving.backends.rewrite import head_matmuls
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +64,7 @@ def convert_fp16(model):
     """fp16 weights/activations with the scoring path, TopK and the graph I/O kept in fp32."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from .rewrite import scoring_path_nodes
+    from algorithm.serving.backends.rewrite import scoring_path_nodes
 
     return convert_float_to_float16(
         model,
@@ -153,8 +159,8 @@ class OnnxRuntimeBackend(Backend):
     ) -> str:
         import onnx
 
-        from ..export_onnx import sidecar_path, write_json
-        from .rewrite import flatten_beam_topk, fold_head_bias
+        from algorithm.serving.backends.rewrite import flatten_beam_topk, fold_head_bias
+        from algorithm.serving.export_onnx import sidecar_path, write_json
 
         if options:
             raise ConfigError(

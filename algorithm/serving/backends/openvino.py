@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, InputFileNotFoundError, OptimizationError
-from ..runners import INPUT_NAMES, register_runner
-from .base import Backend, artifact_sidecar, calibration_batches
+from algorithm.errors import ConfigError, InputFileNotFoundError, OptimizationError
+from algorithm.serving.backends.base import Backend, artifact_sidecar, calibration_batches
+from algorithm.serving.runtime import INPUT_NAMES, register_runner
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
 
 
 def _openvino():
-    from ..runners import require
+    from algorithm.serving.runtime import require
 
     require("openvino", INSTALL, "the OpenVINO backend")
     import openvino as ov
@@ -44,7 +44,7 @@ def _openvino():
 
 
 def _fp32_node_names(onnx_model) -> list[str]:
-    from .rewrite import head_matmuls, scoring_path_nodes
+    from algorithm.serving.backends.rewrite import head_matmuls, scoring_path_nodes
 
     producer = {o: n for n in onnx_model.graph.node for o in n.output}
     names = set(scoring_path_nodes(onnx_model)) | set(head_matmuls(onnx_model))
@@ -119,8 +119,8 @@ class OpenVINOBackend(Backend):
     ) -> str:
         import onnx
 
-        from ..export_onnx import sidecar_path, write_json
-        from .rewrite import flatten_beam_topk
+        from algorithm.serving.backends.rewrite import flatten_beam_topk
+        from algorithm.serving.export_onnx import sidecar_path, write_json
 
         if options:
             raise ConfigError("options", sorted(options), "rewrite for backend openvino")
@@ -151,7 +151,7 @@ class OpenVINOBackend(Backend):
 
     @staticmethod
     def _quantize(ov_model, batches: list[dict], keep: list[str]):
-        from ..runners import require
+        from algorithm.serving.runtime import require
 
         require("nncf", INSTALL, "OpenVINO int8 (NNCF post-training quantization)")
         import nncf

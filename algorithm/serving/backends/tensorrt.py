@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputFileNotFoundError, OptimizationError
-from ..optimize_trt import (
+from algorithm.errors import InputFileNotFoundError, OptimizationError
+from algorithm.serving.backends.base import Backend
+from algorithm.serving.optimize_trt import (
     TRT_INSTALL,
     CapturingLogger,
     TensorRTOptimizer,
@@ -15,8 +16,7 @@ from ..optimize_trt import (
     import_tensorrt,
     profile_for_shape,
 )
-from ..runners import INPUT_NAMES, OUTPUT_NAMES, register_runner
-from .base import Backend
+from algorithm.serving.runtime import INPUT_NAMES, OUTPUT_NAMES, register_runner
 
 
 class TensorRTBackend(Backend):
@@ -31,7 +31,7 @@ class TensorRTBackend(Backend):
 
     def _optimize(self, onnx_path, output_path, config, calibration_data, **options) -> str:
         if options:
-            from ..errors import ConfigError
+            from algorithm.errors import ConfigError
 
             raise ConfigError(
                 "options", sorted(options), "no extra options for the tensorrt backend"

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, InputFileNotFoundError, OptimizationError
-from ..runners import INPUT_NAMES, register_runner
-from .base import Backend, artifact_sidecar
+from algorithm.errors import ConfigError, InputFileNotFoundError, OptimizationError
+from algorithm.serving.backends.base import Backend, artifact_sidecar
+from algorithm.serving.runtime import INPUT_NAMES, register_runner
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class TorchAOTRunner:
         pkg = Path(path)
         if not pkg.is_file():
             raise InputFileNotFoundError(f"AOTInductor package not found: {pkg}")
-        from ..export_onnx import read_sidecar
+        from algorithm.serving.export_onnx import read_sidecar
 
         self.torch = torch
         built_for = read_sidecar(pkg).get("device")
@@ -111,7 +111,12 @@ class TorchAOTBackend(Backend):
     ) -> str:
         import torch
 
-        from ..export_onnx import ModelInputSpec, ModelWrapper, sidecar_path, write_json
+        from algorithm.serving.export_onnx import (
+            ModelInputSpec,
+            ModelWrapper,
+            sidecar_path,
+            write_json,
+        )
 
         if options:
             raise ConfigError("options", sorted(options), "model, device for backend torch")

@@ -23,7 +23,7 @@ def _cuda() -> bool:
 
 def _tritonserver() -> str | None:
     try:
-        from algorithm.serving.server import find_tritonserver
+        from algorithm.serving.triton.server import find_tritonserver
 
         return str(find_tritonserver())
     except Exception:  # absent module or binary: the marker skips

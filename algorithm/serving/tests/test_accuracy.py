@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from algorithm.serving import ConfigError, ExportConfig, ParityError
-from algorithm.serving.accuracy import (
+from algorithm.serving.runtime import INPUT_NAMES, OnnxRuntimeRunner, TorchRunner
+from algorithm.serving.verify.accuracy import (
     HOLDOUT_SEED,
     demo_catalog,
     evaluate,
@@ -16,7 +17,6 @@ from algorithm.serving.accuracy import (
     run_batched,
     summarize,
 )
-from algorithm.serving.runners import INPUT_NAMES, OnnxRuntimeRunner, TorchRunner
 
 
 class Perturbed:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from algorithm.errors import InputFileNotFoundError
 from algorithm.serving import ConfigError, ExportConfig, ParityError, ServingExporter
-from algorithm.serving.accuracy import demo_catalog
 from algorithm.serving.backends import (
     available_backends,
     calibration_batches,
@@ -27,9 +27,9 @@ from algorithm.serving.backends.rewrite import (
     head_matmuls,
     scoring_path_nodes,
 )
-from algorithm.serving.errors import InputFileNotFoundError
-from algorithm.serving.parity import compare_outputs
-from algorithm.serving.runners import INPUT_NAMES, OnnxRuntimeRunner, TorchRunner, create_runner
+from algorithm.serving.runtime import INPUT_NAMES, OnnxRuntimeRunner, TorchRunner, create_runner
+from algorithm.serving.verify.accuracy import demo_catalog
+from algorithm.serving.verify.parity import compare_outputs
 from algorithm.ugt import UGTConfig, UGTModel
 
 openvino_only = pytest.mark.skipif(

@@ -9,6 +9,14 @@ import threading
 import numpy as np
 import pytest
 
+from algorithm.errors import BenchmarkError, ConfigError, InputFileNotFoundError
+from algorithm.serving.bench.monitor import (
+    parse_metrics,
+    sample_metrics,
+    server_breakdown,
+    stats_snapshot,
+    summarize_samples,
+)
 from algorithm.serving.benchmark import (
     FAILED,
     REJECTED,
@@ -23,14 +31,6 @@ from algorithm.serving.benchmark import (
     sample_seq_lengths,
 )
 from algorithm.serving.config import BenchmarkConfig, ExportConfig, TritonConfig
-from algorithm.serving.errors import BenchmarkError, ConfigError, InputFileNotFoundError
-from algorithm.serving.monitor import (
-    parse_metrics,
-    sample_metrics,
-    server_breakdown,
-    stats_snapshot,
-    summarize_samples,
-)
 
 CB = (1024, 4096, 16384)
 
@@ -182,7 +182,7 @@ def test_host_cpu_splits_server_client_and_others():
     import subprocess
     import sys
 
-    from algorithm.serving.monitor import HostCpu
+    from algorithm.serving.bench.monitor import HostCpu
 
     busy = "import time\nwhile time.process_time() < 0.5: pass\nprint('done', flush=True)\ntime.sleep(60)"
     child = subprocess.Popen([sys.executable, "-c", busy], stdout=subprocess.PIPE, text=True)
@@ -238,7 +238,7 @@ def test_config_rejects_bad_benchmark_fields():
 
 
 def test_unreachable_server_fails_fast_naming_the_url():
-    from algorithm.serving.server import free_port
+    from algorithm.serving.triton.server import free_port
 
     url = f"127.0.0.1:{free_port()}"
     for protocol in ("grpc", "http"):
@@ -281,7 +281,7 @@ def repository(onnx_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repository):
-    from algorithm.serving.server import TritonServer
+    from algorithm.serving.triton.server import TritonServer
 
     with TritonServer(repository, 0, 0, 0) as s:
         yield s
@@ -413,7 +413,7 @@ def test_unknown_model_is_a_clear_error(server):
 @pytest.mark.server
 @pytest.mark.timeout(600)
 def test_stopped_server_gives_failures_and_an_error_not_a_hang(repository):
-    from algorithm.serving.server import TritonServer
+    from algorithm.serving.triton.server import TritonServer
 
     s = TritonServer(repository, 0, 0, 0, load_models=["ugt_ort"], model_control="explicit").start()
     try:

@@ -21,7 +21,7 @@ from algorithm.serving import (
     export_to_onnx,
 )
 from algorithm.serving.export_onnx import check_graph, read_sidecar
-from algorithm.serving.runners import OnnxRuntimeRunner, TorchRunner
+from algorithm.serving.runtime import OnnxRuntimeRunner, TorchRunner
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs
 
 
@@ -69,7 +69,7 @@ def test_sidecar(onnx_model):
 def test_trained_model_parity_on_real_histories(trained, onnx_model, batch, seq):
     """Same items, same scores for the items both lists hold (a near-tie may prune a different
     beam early, which moves position-wise scores: the recall check judges that)."""
-    from algorithm.serving.parity import compare_outputs
+    from algorithm.serving.verify.parity import compare_outputs
 
     model, _, _ = trained
     x = random_inputs(batch, seq, ragged=True, rng=np.random.default_rng(batch * seq))

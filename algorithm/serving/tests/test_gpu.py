@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algorithm.serving import gpu_kernels as fk
-from algorithm.serving.errors import ConfigError
-from algorithm.serving.gpu import (
+from algorithm.errors import ConfigError
+from algorithm.serving.runtime import INPUT_NAMES, TorchRunner
+from algorithm.serving.runtime.gpu import kernels as fk
+from algorithm.serving.runtime.gpu.engine import (
     EngineConfig,
     FlatBatch,
     GpuEngine,
@@ -25,8 +26,7 @@ from algorithm.serving.gpu import (
     packed_index,
     previous_token_bucket,
 )
-from algorithm.serving.parity import compare_outputs
-from algorithm.serving.runners import INPUT_NAMES, TorchRunner
+from algorithm.serving.verify.parity import compare_outputs
 from algorithm.ugt import SyntheticCatalog, UGTConfig, UGTModel, random_inputs
 
 SMALL = UGTConfig.tiny(codebook_sizes=(64, 128, 256), num_recommendations=10, max_seq_length=64)
@@ -497,7 +497,7 @@ def test_gpu_frozen_engine_answers_an_unwarmed_batch_from_a_larger_graph(model, 
 
 # -- warm-up of a realistic mix ------------------------------------------------------------------
 def test_mix_warmup_covers_the_dynamic_batches_of_a_lognormal_mix(model):
-    from algorithm.serving.gpu_batch import mix_warmup_lengths
+    from algorithm.serving.runtime.gpu.batch import mix_warmup_lengths
 
     engine = GpuEngine(model, EngineConfig(dtype="fp32"), device="cpu")
 
@@ -527,7 +527,7 @@ def test_mix_warmup_covers_the_dynamic_batches_of_a_lognormal_mix(model):
 
 
 def test_packed_bucket_gives_every_batch_of_a_key_the_same_slots():
-    from algorithm.serving.gpu_batch import bucket_tokens, packed_bucket
+    from algorithm.serving.runtime.gpu.batch import bucket_tokens, packed_bucket
 
     for users in (1, 3, 8, 17, 64):
         for tokens in range(users, users * 1024 + 1, 7):
@@ -538,7 +538,7 @@ def test_packed_bucket_gives_every_batch_of_a_key_the_same_slots():
 
 
 def test_mix_warmup_covers_the_padded_batches_too():
-    from algorithm.serving.gpu_batch import bucket_tokens, bucket_users, mix_warmup_lengths
+    from algorithm.serving.runtime.gpu.batch import bucket_tokens, bucket_users, mix_warmup_lengths
 
     def key(lengths):  # the padded layout's graph key: users bucket, longest history's bucket
         return bucket_users(len(lengths)), bucket_tokens(int(max(lengths)), minimum=16)

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
+from algorithm.errors import ConfigError
 from algorithm.serving.config import ExportConfig, TritonConfig
-from algorithm.serving.errors import ConfigError
-from algorithm.serving.manifests import ManifestConfig, render_manifests, write_manifests
+from algorithm.serving.deploy.manifests import ManifestConfig, render_manifests, write_manifests
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 # An older Kubernetes release many managed clusters still run, and the newest schema the
@@ -456,7 +456,7 @@ def test_files_are_written_0644_whatever_the_umask(tmp_path):
 
 
 def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
-    import algorithm.serving.manifests as manifests
+    import algorithm.serving.deploy.manifests as manifests
 
     root = tmp_path / "deploy"
     write_manifests(root)

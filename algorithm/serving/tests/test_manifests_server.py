@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from algorithm.serving.manifests import ManifestConfig, render_manifests
-
-from .test_manifests import container, instruction
+from algorithm.serving.deploy.manifests import ManifestConfig, render_manifests
+from algorithm.serving.tests.test_manifests import container, instruction
 
 
 def _binary_env(tmp_path: Path) -> tuple[Path, dict]:
-    from algorithm.serving.server import find_tritonserver
+    from algorithm.serving.triton.server import find_tritonserver
 
     binary = find_tritonserver()
     env = dict(os.environ)
@@ -43,7 +42,7 @@ def _binary_env(tmp_path: Path) -> tuple[Path, dict]:
 
 
 def _ports() -> dict:
-    from algorithm.serving.server import free_port
+    from algorithm.serving.triton.server import free_port
 
     ports = set()
     while len(ports) < 3:

@@ -15,6 +15,7 @@ import shutil
 import numpy as np
 import pytest
 
+from algorithm.errors import InputFileNotFoundError
 from algorithm.serving import (
     ConfigError,
     DependencyError,
@@ -25,7 +26,6 @@ from algorithm.serving import (
     build_trt_engine,
     create_calibration_data_generator,
 )
-from algorithm.serving.errors import InputFileNotFoundError
 from algorithm.serving.optimize_trt import (
     calibration_cache_path,
     check_plan_compatible,
@@ -34,7 +34,7 @@ from algorithm.serving.optimize_trt import (
     scoring_layer_names,
     trtexec_command,
 )
-from algorithm.serving.runners import INPUT_NAMES
+from algorithm.serving.runtime import INPUT_NAMES
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 

@@ -12,8 +12,7 @@ import pytest
 
 from algorithm.serving import BenchmarkConfig, ModelVersionManager, TritonServer
 from algorithm.serving.benchmark import TritonBenchmark
-
-from .reliability_helpers import grpc_inputs, python_model, valid_request
+from algorithm.serving.tests.reliability_helpers import grpc_inputs, python_model, valid_request
 
 MODEL = "ugt_swap"
 

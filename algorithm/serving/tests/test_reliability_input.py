@@ -16,10 +16,8 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from algorithm.serving import TritonServer
-from algorithm.serving.parity import compare_outputs
-from algorithm.serving.runners import INPUT_NAMES, OnnxRuntimeRunner
-
-from .reliability_helpers import (
+from algorithm.serving.runtime import INPUT_NAMES, OnnxRuntimeRunner
+from algorithm.serving.tests.reliability_helpers import (
     CODEBOOKS,
     NP_TO_TRITON,
     fire,
@@ -28,6 +26,7 @@ from .reliability_helpers import (
     server_rss,
     valid_request,
 )
+from algorithm.serving.verify.parity import compare_outputs
 
 MODEL = "ugt_fuzz"
 MAX_BS, MAX_SEQ = 8, 256

@@ -20,8 +20,7 @@ import pytest
 
 from algorithm.serving import BenchmarkConfig, TritonServer
 from algorithm.serving.benchmark import FAILED, REJECTED, TritonBenchmark, classify_error
-
-from .reliability_helpers import fire, python_model, valid_request
+from algorithm.serving.tests.reliability_helpers import fire, python_model, valid_request
 
 MODEL, UNBOUNDED = "ugt_load", "ugt_unbounded"
 MAX_BS, SEQ, INSTANCES = 8, 64, 2

@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 
 from algorithm.serving import ModelVersionManager, TritonServer, validate_deployment
-
-from .reliability_helpers import grpc_inputs, python_model, valid_request
+from algorithm.serving.tests.reliability_helpers import grpc_inputs, python_model, valid_request
 
 MODEL = "ugt_pub"
 PAD_BYTES = 48 << 20  # an unused initializer: a copy that takes a while, still a valid model

@@ -12,11 +12,15 @@ import time
 import numpy as np
 import pytest
 
+from algorithm.errors import ServerError
 from algorithm.serving import TritonServer
-from algorithm.serving.errors import ServerError
-from algorithm.serving.supervisor import RestartPolicy, ServerSupervisor, describe_event
-
-from .reliability_helpers import fire, python_model, server_processes, valid_request
+from algorithm.serving.tests.reliability_helpers import (
+    fire,
+    python_model,
+    server_processes,
+    valid_request,
+)
+from algorithm.serving.triton.supervisor import RestartPolicy, ServerSupervisor, describe_event
 
 # The CLI as the ugt-serving script runs it (`python -m algorithm.serving.cli` runs cli.py as
 # __main__, without the commands of cli_deploy/cli_bench).
@@ -213,7 +217,7 @@ def test_the_supervisor_gives_up_with_the_log_when_restarts_keep_failing(fault_r
 
 
 def test_restart_policy_backs_off_exponentially_up_to_its_cap_and_validates():
-    from algorithm.serving.errors import ConfigError
+    from algorithm.errors import ConfigError
 
     policy = RestartPolicy(initial_backoff_s=0.5, multiplier=2.0, max_backoff_s=3.0)
     assert [policy.backoff(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from algorithm.errors import BenchmarkError, InputFileNotFoundError
+from algorithm.serving.bench.report import compare, load_report, slo_max_load, write_report
 from algorithm.serving.benchmark import BenchmarkResult, histogram, percentiles
 from algorithm.serving.config import BenchmarkConfig
-from algorithm.serving.errors import BenchmarkError, InputFileNotFoundError
-from algorithm.serving.report import compare, load_report, slo_max_load, write_report
 
 
 def _result(

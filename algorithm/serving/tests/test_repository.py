@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from algorithm.errors import ConfigError, InputFileNotFoundError, RepositoryError
 from algorithm.serving import (
     ExportConfig,
     ModelVersionManager,
@@ -15,8 +16,7 @@ from algorithm.serving import (
     TritonConfigGenerator,
     validate_deployment,
 )
-from algorithm.serving.errors import ConfigError, InputFileNotFoundError, RepositoryError
-from algorithm.serving.runners import INPUT_NAMES
+from algorithm.serving.runtime import INPUT_NAMES
 
 EC = ExportConfig(model_name="ugt", max_batch_size=16, num_recommendations=50)
 SIDECAR = {

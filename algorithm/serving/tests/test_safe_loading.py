@@ -17,6 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from algorithm.errors import CheckpointError, ConfigError, RepositoryError
 from algorithm.serving import (
     ExportConfig,
     ModelVersionManager,
@@ -25,7 +26,6 @@ from algorithm.serving import (
     validate_deployment,
 )
 from algorithm.serving.cli import app
-from algorithm.serving.errors import CheckpointError, ConfigError, RepositoryError
 
 # The CLI as the ugt-serving script runs it (`python -m algorithm.serving.cli` runs cli.py as
 # __main__, without the commands of cli_deploy/cli_bench).
@@ -66,7 +66,7 @@ def _evil_files(tmp_path: Path, model) -> dict[str, Path]:
 
 
 def test_pickled_code_is_refused_by_every_loader_without_running(trained, tmp_path):
-    from algorithm.serving.runners import TorchRunner, create_runner
+    from algorithm.serving.runtime import TorchRunner, create_runner
     from algorithm.ugt import UGTModel
 
     model, _, good = trained
@@ -176,7 +176,7 @@ def test_bad_versions_are_refused_before_any_path_is_built(repo, onnx_model, ver
 
 def test_server_and_reload_apis_refuse_traversal_names_before_any_request(repo):
     from algorithm.serving import TritonServer
-    from algorithm.serving.server import request_model_load
+    from algorithm.serving.triton.server import request_model_load
 
     try:
         server = TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0)

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from algorithm.errors import DependencyError, InputFileNotFoundError, ServerError
 from algorithm.serving import (
     ExportConfig,
     ModelVersionManager,
@@ -21,11 +22,10 @@ from algorithm.serving import (
     TritonServer,
     validate_deployment,
 )
-from algorithm.serving.errors import DependencyError, InputFileNotFoundError, ServerError
-from algorithm.serving.parity import compare_outputs
-from algorithm.serving.runners import INPUT_NAMES, TorchRunner
-from algorithm.serving.server import find_tritonserver, model_statistics
+from algorithm.serving.runtime import INPUT_NAMES, TorchRunner
+from algorithm.serving.triton.server import find_tritonserver, model_statistics
 from algorithm.serving.triton_config import config_to_text
+from algorithm.serving.verify.parity import compare_outputs
 from algorithm.ugt.data import random_inputs
 
 CODEBOOKS = (1024, 4096, 16384)
@@ -293,7 +293,7 @@ def test_stop_and_dying_with_the_parent(tmp_path):
     # A parent killed with SIGKILL (no cleanup runs) still takes its server down.
     script = textwrap.dedent(f"""
         import time
-        from algorithm.serving.server import TritonServer
+        from algorithm.serving.triton.server import TritonServer
         s = TritonServer({str(tmp_path / "repo")!r}, http_port=0, grpc_port=0, metrics_port=0).start()
         print(s.process.pid, flush=True)
         time.sleep(600)
@@ -320,7 +320,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_find_tritonserver_honours_the_environment_and_says_how_to_install(monkeypatch, tmp_path):
-    from algorithm.serving import server as server_mod
+    from algorithm.serving.triton import server as server_mod
 
     fake = tmp_path / "tritonserver"
     fake.write_text("#!/bin/sh\n")
@@ -345,7 +345,7 @@ def test_export_script_deploys_validates_and_serves_until_interrupted(trained, t
     artifact -> repository -> validated -> the real server answers like PyTorch; Ctrl-C stops it."""
     from pathlib import Path
 
-    from algorithm.serving.server import free_port
+    from algorithm.serving.triton.server import free_port
 
     model, _, checkpoint = trained
     script = Path(__file__).resolve().parents[1] / "scripts" / "export.sh"

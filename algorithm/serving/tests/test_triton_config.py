@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from google.protobuf import text_format
 
+from algorithm.errors import ConfigError, InputFileNotFoundError
 from algorithm.serving import (
     ExportConfig,
     TritonConfig,
     TritonConfigGenerator,
     generate_triton_config,
 )
-from algorithm.serving.errors import ConfigError, InputFileNotFoundError
-from algorithm.serving.runners import INPUT_NAMES
+from algorithm.serving.runtime import INPUT_NAMES
 from algorithm.serving.triton_config import model_config_pb2, parse_config
 
 pb = model_config_pb2()
@@ -158,7 +158,7 @@ def test_gpu_torch_config_warms_the_engine_for_full_and_mixed_lengths():
     plan = TritonConfigGenerator(ec, tc.replace(length_mix=None)).gpu_warmup()
     assert plan == [[b, 1024] for b in (1, 2, 3, 4)]  # full-length batches only
     # the model.py side: the torch runner gets the plan (and the engine options) as arguments
-    from algorithm.serving.triton_python.standin import model_py_module
+    from algorithm.serving.triton.python_model.standin import model_py_module
 
     with model_py_module("ugt_model_py_for_config_test") as model_py:
         options = model_py.TritonPythonModel._runner_options(

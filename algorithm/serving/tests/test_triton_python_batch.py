@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from algorithm.serving.gpu import EngineConfig
-from algorithm.serving.parity import compare_outputs
-from algorithm.serving.runners import INPUT_NAMES, TorchRunner
-from algorithm.serving.triton_python.standin import Request, model_py_module, served_model
+from algorithm.serving.runtime import INPUT_NAMES, TorchRunner
+from algorithm.serving.runtime.gpu.engine import EngineConfig
+from algorithm.serving.triton.python_model.standin import Request, model_py_module, served_model
+from algorithm.serving.verify.parity import compare_outputs
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs
 
 SMALL = UGTConfig.tiny(codebook_sizes=(64, 128, 256), num_recommendations=10, max_seq_length=64)

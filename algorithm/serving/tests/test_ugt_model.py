@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from algorithm.serving.errors import CheckpointError, ConfigError, InputFileNotFoundError
+from algorithm.errors import CheckpointError, ConfigError, InputFileNotFoundError
 from algorithm.ugt import INPUT_NAMES, UGTConfig, UGTModel, random_inputs
 
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import ExportConfig
-from .errors import ConfigError
-from .parity import compare_outputs, enforce, merge_reports
-from .runners import INPUT_NAMES
+from algorithm.errors import ConfigError
+from algorithm.serving.config import ExportConfig
+from algorithm.serving.runtime import INPUT_NAMES
+from algorithm.serving.verify.parity import compare_outputs, enforce, merge_reports
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def hit_rate(outputs: dict[str, np.ndarray], target: np.ndarray) -> float:
 
 def reference_runner(onnx_path=None, reference_model=None) -> tuple[Any, dict[str, Any]]:
     """The fp32 reference runner and a description of it for the report."""
-    from .runners import OnnxRuntimeRunner, TorchRunner
+    from algorithm.serving.runtime import OnnxRuntimeRunner, TorchRunner
 
     if reference_model is not None:
         return TorchRunner(reference_model, device="cpu", dtype="fp32"), {"kind": "pytorch-fp32"}

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import DependencyError, InputFileNotFoundError
+from algorithm.errors import DependencyError, InputFileNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class TorchRunner:
     ):
         import torch
 
-        from .errors import ConfigError
+        from algorithm.errors import ConfigError
 
         self.torch = torch
         self.device = torch.device(device)
@@ -79,7 +79,7 @@ class TorchRunner:
             engine = self.device.type == "cuda"
         self.engine = None
         if engine is not False:
-            from .gpu import EngineConfig, GpuEngine
+            from algorithm.serving.runtime.gpu.engine import EngineConfig, GpuEngine
 
             if engine is True:
                 engine = EngineConfig(dtype=dtype)
@@ -122,7 +122,7 @@ class TorchRunner:
         that cover ``c`` of the dynamic batches of 1..u such histories, see
         ``gpu_batch.mix_warmup_lengths``). Returns the engine's captured graphs (0 when eager).
         """
-        from .gpu_batch import mix_warmup_lengths
+        from algorithm.serving.runtime.gpu.batch import mix_warmup_lengths
 
         rng = np.random.default_rng(0)
         sizes = (1024, 4096, 16384)
@@ -191,7 +191,7 @@ class TorchRunner:
         """
         if not requests:
             return []
-        from .gpu_batch import FlatBatch
+        from algorithm.serving.runtime.gpu.batch import FlatBatch
 
         batch = FlatBatch.from_requests(requests)
         recs, scores = self._infer_flat(batch, host=output == "numpy")
@@ -243,7 +243,7 @@ class TorchRunner:
 
     def _groups(self, batch) -> list[list[int]]:
         """Request indices per forward (engine.config's max_users / max_tokens)."""
-        from .gpu_batch import group_requests
+        from algorithm.serving.runtime.gpu.batch import group_requests
 
         cfg = self.engine.config
         n, packed = len(batch.rows), self.batching == "length_aware"
@@ -287,7 +287,7 @@ class OnnxRuntimeRunner:
         require("onnxruntime", "pip install onnxruntime", "running ONNX models")
         import onnxruntime as ort
 
-        from .errors import ConfigError
+        from algorithm.errors import ConfigError
 
         if rows_per_run is None:
             cpu_only = not providers or list(providers) == ["CPUExecutionProvider"]
@@ -333,12 +333,12 @@ def register_runner(runtime: str, factory) -> None:
 
 def create_runner(runtime: str, artifact_path, **options) -> Runner:
     """The runner for ``runtime`` over ``artifact_path``; options go to its constructor."""
-    from . import backends  # noqa: F401  (registers the optional runtimes' runners)
+    from algorithm.serving import backends  # noqa: F401  (registers the optional runtimes' runners)
 
     try:
         factory = _RUNNERS[runtime]
     except KeyError:
-        from .errors import ConfigError
+        from algorithm.errors import ConfigError
 
         raise ConfigError("runtime", runtime, f"one of {', '.join(sorted(_RUNNERS))}") from None
     return factory(artifact_path, **options)

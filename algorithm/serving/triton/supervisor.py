@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import _Config, _float, _int
-from .errors import ConfigError, ServerError
-from .server import TritonServer
+from algorithm.errors import ConfigError, ServerError
+from algorithm.serving.config import _Config, _float, _int
+from algorithm.serving.triton.server import TritonServer
 
 logger = logging.getLogger(__name__)
 

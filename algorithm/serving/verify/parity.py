@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ParityError
+from algorithm.errors import ParityError
 
 
 def _keys(recs: np.ndarray) -> np.ndarray:

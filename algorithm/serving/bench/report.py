@@ -20,9 +20,9 @@ import platform
 from collections import defaultdict
 from pathlib import Path
 
-from .config import BenchmarkConfig
-from .errors import BenchmarkError, InputFileNotFoundError
-from .result import BenchmarkResult
+from algorithm.errors import BenchmarkError, InputFileNotFoundError
+from algorithm.serving.bench.result import BenchmarkResult
+from algorithm.serving.config import BenchmarkConfig
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def write_report(
     stem = path.with_suffix("")
     images = []
     if plots:
-        from .report_plots import draw_all
+        from algorithm.serving.bench.plots import draw_all
 
         images = draw_all(results, baseline, label, baseline_label, config.slo_p99_ms, slo, stem)
     data = {
@@ -251,7 +251,7 @@ def write_report(
         "comparison": comparison,
         "plots": [p.name for p in images],
     }
-    from .export_onnx import write_json
+    from algorithm.serving.export_onnx import write_json
 
     write_json(stem.with_suffix(".json"), data)
     with open(stem.with_suffix(".csv"), "w", newline="") as f:

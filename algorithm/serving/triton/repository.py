@@ -32,8 +32,8 @@ import time
 import uuid
 from pathlib import Path
 
-from .config import PYTHON_RUNTIMES, check_name
-from .errors import ConfigError, InputFileNotFoundError, RepositoryError
+from algorithm.errors import ConfigError, InputFileNotFoundError, RepositoryError
+from algorithm.serving.config import PYTHON_RUNTIMES, check_name
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def find_sidecar(model_file) -> Path | None:
 
 
 def _python_model_source() -> Path:
-    return Path(__file__).resolve().parent / "triton_python" / "model.py"
+    return Path(__file__).resolve().parent / "python_model" / "model.py"
 
 
 # -------------------------------------------------------------------------- version manager
@@ -206,7 +206,7 @@ class ModelVersionManager:
         return self.repo / _model_name(model_name)
 
     def _config(self, model_name: str):
-        from .triton_config import parse_config
+        from algorithm.serving.triton_config import parse_config
 
         path = self.model_dir(model_name) / "config.pbtxt"
         if not path.is_file():
@@ -277,7 +277,7 @@ class ModelVersionManager:
         return max(self.list_versions(model_name) + self.retired_versions(model_name) + [0]) + 1
 
     def _artifact_name(self, config, model_file: Path) -> str:
-        from .triton_config import DEFAULT_FILENAMES, artifact_filename
+        from algorithm.serving.triton_config import DEFAULT_FILENAMES, artifact_filename
 
         if config.backend == "python":
             if "artifact" in config.parameters:
@@ -438,7 +438,7 @@ class ModelVersionManager:
 # ------------------------------------------------------------------------------ validation
 def _artifact_problems(config, version_dir: Path) -> tuple[list[str], int]:
     """Errors about one version folder's artifact, and its size in bytes."""
-    from .triton_config import DEFAULT_FILENAMES
+    from algorithm.serving.triton_config import DEFAULT_FILENAMES
 
     errors: list[str] = []
     platform = "python" if config.backend == "python" else (config.platform or config.backend)
@@ -496,7 +496,7 @@ def _format_problems(p: Path) -> list[str]:
 
 
 def _io_problems(config, sidecar: dict) -> list[str]:
-    from .triton_config import model_config_pb2
+    from algorithm.serving.triton_config import model_config_pb2
 
     pb = model_config_pb2()
     errors = []
@@ -526,7 +526,7 @@ def _io_problems(config, sidecar: dict) -> list[str]:
 
 
 def _validate_model(model_dir: Path) -> tuple[list[str], dict]:
-    from .triton_config import model_config_pb2, parse_config
+    from algorithm.serving.triton_config import model_config_pb2, parse_config
 
     name = model_dir.name
     errors: list[str] = []

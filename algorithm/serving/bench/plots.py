@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import BREAKDOWN, _group_label, groups
-from .result import BenchmarkResult
+from algorithm.serving.bench.report import BREAKDOWN, _group_label, groups
+from algorithm.serving.bench.result import BenchmarkResult
 
 logger = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .cli import STATE, app, console, emit, handle_errors, out, progress
+from algorithm.serving.cli.app import STATE, app, console, emit, handle_errors, out, progress
 
 
 def _numbers(field: str, values: list[str] | None, kind=int) -> tuple:
     """Repeatable and/or comma-separated numbers: --concurrency 1 --concurrency 4,16."""
-    from .errors import ConfigError
+    from algorithm.errors import ConfigError
 
     items = [t for v in values or [] for t in str(v).split(",") if t.strip()]
     try:
@@ -121,9 +121,9 @@ def benchmark(
     ),
 ) -> None:
     """Measure a model on a live Triton server: latency percentiles, throughput, server breakdown."""
-    from .benchmark import TritonBenchmark
-    from .config import BenchmarkConfig
-    from .errors import ConfigError
+    from algorithm.errors import ConfigError
+    from algorithm.serving.benchmark import TritonBenchmark
+    from algorithm.serving.config import BenchmarkConfig
 
     if baseline is not None and baseline_model is not None:
         raise ConfigError(
@@ -174,7 +174,7 @@ def benchmark(
         results = bench.run_sweep(url, model)
         base = bench.run_sweep(url, baseline_model) if baseline_model else None
     if baseline is not None:
-        from .report import load_report
+        from algorithm.serving.bench.report import load_report
 
         base, _, _ = load_report(baseline)
     report_path = None
@@ -196,7 +196,7 @@ def benchmark(
     )
     out.print(_results_table(f"{model} @ {url} ({protocol})", groups))
     if base:
-        from .report import compare
+        from algorithm.serving.bench.report import compare
 
         for row in compare(results, base):
             out.print(
@@ -242,7 +242,7 @@ def demo(
     ),
 ) -> None:
     """The main job: train/reuse -> export -> optimize -> repository -> Triton -> benchmark -> report."""
-    from .demo import STAGES, DemoConfig, run_demo
+    from algorithm.serving.demo import STAGES, DemoConfig, run_demo
 
     cfg = DemoConfig(
         output=str(output),

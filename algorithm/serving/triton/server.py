@@ -37,8 +37,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import check_name
-from .errors import ConfigError, DependencyError, InputFileNotFoundError, ServerError
+from algorithm.errors import ConfigError, DependencyError, InputFileNotFoundError, ServerError
+from algorithm.serving.config import check_name
 
 logger = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ExportConfig, TritonConfig, _Config, _int, check_name
-from .errors import ConfigError, DependencyError
+from algorithm.errors import ConfigError, DependencyError
+from algorithm.serving.config import ExportConfig, TritonConfig, _Config, _int, check_name
 
 logger = logging.getLogger(__name__)
 
@@ -463,7 +463,9 @@ def render_manifests(
         triton_config or TritonConfig(),
         manifest_config or ManifestConfig(),
     )
-    from . import k8s as kube  # imports this module: loaded here, not at the top
+    from algorithm.serving.deploy import (
+        k8s as kube,
+    )  # imports this module: loaded here, not at the top
 
     m = plan.m
     k8s = {

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from .cli import (
+from algorithm.serving.cli.app import (
     DEFAULT_CHECKPOINT,
     STATE,
     app,
@@ -31,7 +31,7 @@ app.add_typer(versions_app, name="versions")
 
 
 def _ints(field: str, text: str | None) -> tuple[int, ...] | None:
-    from .errors import ConfigError
+    from algorithm.errors import ConfigError
 
     if text is None:
         return None
@@ -42,7 +42,7 @@ def _ints(field: str, text: str | None) -> tuple[int, ...] | None:
 
 
 def _length_mix(text: str) -> tuple[float, float] | None:
-    from .errors import ConfigError
+    from algorithm.errors import ConfigError
 
     if text.strip().lower() == "none":
         return None
@@ -72,7 +72,7 @@ def _instance_kind(kind: str, platform: str) -> str:
 
 def _configs(model, opts: dict[str, Any]):
     """ExportConfig and TritonConfig from the shared options (and the model's shape)."""
-    from .config import ExportConfig, TritonConfig
+    from algorithm.serving.config import ExportConfig, TritonConfig
 
     export_fields: dict[str, Any] = {
         "model_name": opts["model_name"],
@@ -193,7 +193,7 @@ def config(
     length_mix: str = OPT["length_mix"],
 ) -> None:
     """Generate config.pbtxt (Triton's ModelConfig protobuf) for a platform; print or write it."""
-    from .triton_config import TritonConfigGenerator, artifact_filename
+    from algorithm.serving.triton_config import TritonConfigGenerator, artifact_filename
 
     opts = dict(locals())
     model = load_model(checkpoint) if checkpoint is not None else None
@@ -256,7 +256,7 @@ def deploy(
     length_mix: str = OPT["length_mix"],
 ) -> None:
     """Checkpoint -> ONNX -> optimized artifact -> model repository (a new version), validated."""
-    from .exporter import ServingExporter
+    from algorithm.serving.exporter import ServingExporter
 
     opts = dict(locals())
     model = load_model(checkpoint)
@@ -276,7 +276,7 @@ def validate(
     model_name: str | None = typer.Option(None, "--model", "-m", help="Check only this model."),
 ) -> None:
     """Check a repository the way Triton loads it; exit 1 with the problems if it is invalid."""
-    from .repository import validate_deployment
+    from algorithm.serving.triton.repository import validate_deployment
 
     result = validate_deployment(repository, model_name)
     if STATE.json:
@@ -334,8 +334,8 @@ def serve(
     ),
 ) -> None:
     """Run the real tritonserver on a repository in the foreground; Ctrl-C stops it."""
-    from .errors import ServerError
-    from .supervisor import RestartPolicy, ServerSupervisor, describe_event
+    from algorithm.errors import ServerError
+    from algorithm.serving.triton.supervisor import RestartPolicy, ServerSupervisor, describe_event
 
     def say(event: str, info: dict) -> None:  # every restart is announced on stderr
         console.print(
@@ -396,7 +396,7 @@ def serve(
 def _reload(url: str | None, model_name: str) -> str:
     if not url:
         return "not requested (a server in poll mode picks it up; explicit mode needs --url)"
-    from .server import request_model_load
+    from algorithm.serving.triton.server import request_model_load
 
     request_model_load(url, model_name)
     return f"reloaded on {url}"
@@ -415,7 +415,7 @@ def versions_list(repository: Path = REPO_ARG, model_name: str = MODEL_OPT) -> N
     """Versions of a model: served, available, or retired (by a rollback)."""
     from rich.table import Table
 
-    from .repository import ModelVersionManager
+    from algorithm.serving.triton.repository import ModelVersionManager
 
     rows = ModelVersionManager(repository).describe(model_name)
     if STATE.json:
@@ -441,7 +441,7 @@ def versions_deploy(
     url: str | None = URL_OPT,
 ) -> None:
     """Publish an artifact as a new version (atomically) under the model's existing config."""
-    from .repository import ModelVersionManager
+    from algorithm.serving.triton.repository import ModelVersionManager
 
     v = ModelVersionManager(repository).deploy_version(model_name, model_file, version=version)
     emit({"model": model_name, "version": v, "server": _reload(url, model_name)}, "Published")
@@ -456,7 +456,7 @@ def versions_rollback(
     url: str | None = URL_OPT,
 ) -> None:
     """Serve VERSION again: newer versions move to .retired/ (a later rollback brings them back)."""
-    from .repository import ModelVersionManager
+    from algorithm.serving.triton.repository import ModelVersionManager
 
     result = ModelVersionManager(repository).rollback(model_name, version)
     emit({"model": model_name, **result, "server": _reload(url, model_name)}, "Rolled back")
@@ -474,7 +474,7 @@ def versions_cleanup(
     url: str | None = URL_OPT,
 ) -> None:
     """Remove old versions, keeping the newest --keep and the served one."""
-    from .repository import ModelVersionManager
+    from algorithm.serving.triton.repository import ModelVersionManager
 
     removed = ModelVersionManager(repository).cleanup_old_versions(
         model_name, keep=keep, include_retired=not keep_retired

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import BenchmarkConfig
-from .errors import BenchmarkError, ConfigError, InputFileNotFoundError
-from .runners import INPUT_NAMES
+from algorithm.errors import BenchmarkError, ConfigError, InputFileNotFoundError
+from algorithm.serving.config import BenchmarkConfig
+from algorithm.serving.runtime import INPUT_NAMES
 
 logger = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import gpu_kernels as fk
-from .errors import ConfigError
-from .gpu_batch import (  # noqa: F401  (re-exported: tests and benchmarks import them from here)
+from algorithm.errors import ConfigError
+from algorithm.serving.runtime.gpu import kernels as fk
+from algorithm.serving.runtime.gpu.batch import (  # noqa: F401  (re-exported: tests and benchmarks import them from here)
     FlatBatch,
     Staging,
     TokenLayouts,

@@ -32,7 +32,7 @@ ID_NAMES = INPUT_NAMES[:3]
 # as torch tensors (numpy's own DLPack capsules crash this stub: seen, segfault on CPU).
 _DLPACK = int(np.__version__.split(".")[0]) >= 2
 _TORCH = None  # torch, imported on first use (DLPack transport)
-_FLAT_BATCH = None  # algorithm.serving.gpu_batch.FlatBatch, imported on first use
+_FLAT_BATCH = None  # algorithm.serving.runtime.gpu.batch.FlatBatch, imported on first use
 
 
 def _torch():
@@ -154,7 +154,7 @@ class TritonPythonModel:
         options = self._runner_options(
             runtime, device, int(params.get("threads", "0") or 0), precision, params
         )
-        from algorithm.serving.runners import create_runner
+        from algorithm.serving.runtime import create_runner
 
         self.runner = create_runner(runtime, artifact, **options)
         _log(
@@ -366,7 +366,7 @@ class TritonPythonModel:
         ``_valid_batch``, each request is checked alone only when that fails."""
         global _FLAT_BATCH
         if _FLAT_BATCH is None:
-            from algorithm.serving.gpu_batch import FlatBatch as _FLAT_BATCH
+            from algorithm.serving.runtime.gpu.batch import FlatBatch as _FLAT_BATCH
         FlatBatch = _FLAT_BATCH
         # _read checked dtype and shapes: no second look at them
         batch = FlatBatch.from_requests([arrays for _, arrays in good], validate=False)

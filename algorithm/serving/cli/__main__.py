@@ -1,0 +1,5 @@
+"""`python -m algorithm.serving.cli`."""
+
+from algorithm.serving.cli import app
+
+app()

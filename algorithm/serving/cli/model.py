@@ -1,0 +1,218 @@
+"""`ugt-serving train`, `export` and `optimize`: the model and its artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from algorithm.serving.cli.app import (
+    DEFAULT_CHECKPOINT,
+    STATE,
+    app,
+    emit,
+    handle_errors,
+    load_model,
+    progress,
+    stage,
+)
+
+
+@app.command()
+@handle_errors
+def train(
+    output: Path = typer.Option(
+        DEFAULT_CHECKPOINT, "--output", "-o", help="Checkpoint to write (safetensors)."
+    ),
+    preset: str = typer.Option("tiny", help="Model size: tiny (CPU demo) or base (GPU size)."),
+    steps: int = typer.Option(1000, min=1, help="Training steps."),
+    batch_size: int = typer.Option(64, min=1, help="Users per step."),
+    seed: int = typer.Option(0, help="Random seed (data and weights)."),
+    time_budget: float = typer.Option(
+        0.0, min=0.0, help="Stop after this many seconds (0 = no limit)."
+    ),
+) -> None:
+    """Train a UGT model on synthetic interactions; report held-out recall@K next to chance."""
+    from algorithm.ugt import TrainConfig, UGTConfig, train_tiny
+
+    presets = {"tiny": UGTConfig.tiny, "base": UGTConfig.base}
+    if preset not in presets:
+        from algorithm.errors import ConfigError
+
+        raise ConfigError("preset", preset, "tiny or base")
+    tc = TrainConfig(
+        steps=steps, batch_size=batch_size, seed=seed, time_budget_s=time_budget or None
+    )
+    with progress() as p:
+        task = p.add_task("Training", total=steps)
+        model, report = train_tiny(
+            presets[preset](),
+            tc,
+            lambda s, n, loss: p.update(
+                task, completed=s, description=f"Training (loss {loss:.2f})"
+            ),
+        )
+    report["checkpoint"] = model.save(output)
+    emit(report, "Trained")
+
+
+# -------------------------------------------------------------------------------------- export
+@app.command()
+@handle_errors
+def export(
+    checkpoint: Path = typer.Option(
+        DEFAULT_CHECKPOINT, "--checkpoint", "-c", help="Model checkpoint to export."
+    ),
+    output: Path = typer.Option(
+        Path("demo-output/model.onnx"), "--output", "-o", help="ONNX file to write."
+    ),
+    max_batch_size: int = typer.Option(64, min=1, help="Largest batch the graph accepts."),
+    max_seq_length: int = typer.Option(1024, min=1, help="Longest history the graph accepts."),
+    opset: int = typer.Option(18, help="ONNX opset (18-23)."),
+    model_name: str = typer.Option("ugt_recommend", help="Model name recorded in the sidecar."),
+    verify: bool = typer.Option(True, help="Run the ONNX Runtime vs PyTorch parity check."),
+) -> None:
+    """Export a checkpoint to ONNX (dynamic batch and seq_len) and check parity with PyTorch."""
+    from algorithm.serving.config import ExportConfig
+    from algorithm.serving.export_onnx import ONNXExporter
+
+    model = load_model(checkpoint)
+    cfg = ExportConfig(
+        model_name=model_name,
+        max_batch_size=max_batch_size,
+        max_seq_length=max_seq_length,
+        opset_version=opset,
+        codebook_sizes=tuple(model.config.codebook_sizes),
+        num_recommendations=model.config.num_recommendations,
+        verify=verify,
+    )
+    with stage("Exporting to ONNX and checking parity"):
+        path = ONNXExporter(cfg).export(model, output)
+    result: dict[str, Any] = {"onnx_path": path}
+    parity = Path(path).with_suffix(".parity.json")
+    if verify and parity.is_file():
+        result.update(
+            {f"parity_{k}": v for k, v in json.loads(parity.read_text())["worst"].items()}
+        )
+        result["parity_report"] = str(parity)
+    emit(result, "Exported")
+
+
+# ------------------------------------------------------------------------------------ optimize
+@app.command()
+@handle_errors
+def optimize(
+    onnx: Path = typer.Option(
+        Path("demo-output/model.onnx"), "--onnx", help="Exported ONNX model (from `export`)."
+    ),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Artifact file or folder (default: <onnx folder>/<backend>-<precision>/).",
+    ),
+    backend: str = typer.Option("onnxruntime", help="tensorrt, onnxruntime, openvino or torch."),
+    precision: str = typer.Option(
+        "fp32", help="fp32, fp16, bf16 (openvino, tensorrt, torch) or int8."
+    ),
+    calibration_data: Path | None = typer.Option(
+        None, help="int8: .npz with the 4 inputs [N, seq_len] (default: synthetic histories)."
+    ),
+    calibration_method: str = typer.Option(
+        "entropy", help="int8 calibration: entropy, minmax or percentile (onnxruntime)."
+    ),
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        help="PyTorch checkpoint: the gate's fp32 reference; required by --backend torch.",
+    ),
+    opt_batch_size: int = typer.Option(32, min=1, help="TensorRT: batch size to tune for."),
+    opt_seq_length: int = typer.Option(512, min=1, help="TensorRT: history length to tune for."),
+    seq_length_buckets: str = typer.Option(
+        "", help="TensorRT: one profile per bucket, e.g. 128,512,1024."
+    ),
+    workspace_gb: int = typer.Option(4, min=1, help="TensorRT builder workspace (GiB)."),
+    emit_trtexec: bool = typer.Option(
+        False, "--emit-trtexec", help="TensorRT: print the equivalent trtexec command and exit."
+    ),
+) -> None:
+    """Optimize the ONNX model for a runtime; the artifact is kept only if it passes the accuracy gate."""
+    from algorithm.errors import ConfigError, ParityError
+    from algorithm.serving.backends import get_backend
+    from algorithm.serving.backends import optimize as optimize_artifact
+    from algorithm.serving.config import ExportConfig
+    from algorithm.serving.export_onnx import read_sidecar
+    from algorithm.serving.verify.accuracy import summarize
+
+    b = get_backend(backend)
+    meta = read_sidecar(onnx)
+    try:
+        buckets = tuple(int(s) for s in seq_length_buckets.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(
+            "seq_length_buckets", seq_length_buckets, "comma-separated integers, e.g. 128,512,1024"
+        ) from None
+    contract = {
+        k: meta[k] for k in ("max_batch_size", "max_seq_length", "num_recommendations") if k in meta
+    }
+    if meta.get("codebook_sizes"):
+        contract["codebook_sizes"] = tuple(meta["codebook_sizes"])
+    if meta.get("model_name"):
+        contract["model_name"] = meta["model_name"]
+    cfg = ExportConfig(
+        precision=precision,
+        calibration_method=calibration_method,
+        opt_batch_size=opt_batch_size,
+        opt_seq_length=opt_seq_length,
+        seq_length_buckets=buckets,
+        workspace_size_gb=workspace_gb,
+        **contract,
+    )
+    out = output or onnx.parent / f"{b.name}-{precision}" / b.artifact_name
+    if emit_trtexec:
+        if b.name != "tensorrt":
+            raise ConfigError("--emit-trtexec", backend, "--backend tensorrt")
+        from algorithm.serving.optimize_trt import trtexec_command
+
+        command = trtexec_command(onnx, out, cfg)
+        if STATE.json:
+            emit({"trtexec": command}, "trtexec")
+        else:
+            out_console = Console(soft_wrap=True)
+            out_console.print(command, markup=False, highlight=False)
+        return
+    try:
+        with stage(f"Optimizing with {b.name} ({precision}) and checking accuracy"):
+            path = optimize_artifact(
+                onnx,
+                out,
+                b.name,
+                cfg,
+                str(calibration_data) if calibration_data else None,
+                checkpoint=checkpoint,
+            )
+    except ParityError as e:
+        if e.report.get("worst"):
+            emit(
+                summarize(e.report),
+                f"Accuracy gate: {b.name} {precision} REFUSED (artifact not written)",
+            )
+        raise
+    report = json.loads(Path(f"{path}.accuracy.json").read_text())
+    emit(
+        {
+            "artifact": path,
+            "backend": b.name,
+            "triton_platform": b.triton_platform,
+            "accuracy_report": f"{path}.accuracy.json",
+            **summarize(report),
+        },
+        "Optimized",
+    )
+
+
+# ----------------------------------------------------------------------------------- manifests
