@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from algorithm.serving import ExportConfig, export_to_onnx
-from algorithm.serving.runtime import OnnxRuntimeRunner, TorchRunner
+from algorithm.serving.runtime.onnxruntime import OnnxRuntimeRunner
+from algorithm.serving.runtime.torch import TorchRunner
 from algorithm.serving.verify.parity import compare_outputs
 from algorithm.ugt import SyntheticCatalog, TrainConfig, UGTModel, train_tiny
 

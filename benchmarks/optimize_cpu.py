@@ -33,7 +33,9 @@ import torch
 
 from algorithm.serving import ExportConfig, export_to_onnx
 from algorithm.serving.backends import get_backend, optimize
-from algorithm.serving.runtime import INPUT_NAMES, TorchRunner, create_runner
+from algorithm.serving.contract import INPUT_NAMES
+from algorithm.serving.runtime import create_runner
+from algorithm.serving.runtime.torch import TorchRunner
 from algorithm.serving.verify.accuracy import demo_catalog
 from algorithm.serving.verify.parity import compare_outputs
 from algorithm.ugt import TrainConfig, UGTModel, train_tiny

@@ -18,8 +18,8 @@ _EXPORTS = {
     # core classes
     "ServingExporter": ".exporter",
     "ONNXExporter": ".export_onnx",
-    "ModelWrapper": ".export_onnx",
-    "ModelInputSpec": ".export_onnx",
+    "ModelWrapper": ".runtime.torch",
+    "ModelInputSpec": ".contract",
     "TensorRTOptimizer": ".optimize_trt",
     "TritonConfigGenerator": ".triton_config",
     "TritonBenchmark": ".benchmark",
@@ -94,14 +94,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from algorithm.serving.bench.report import load_report, write_report
     from algorithm.serving.benchmark import BenchmarkResult, TritonBenchmark, run_benchmark
     from algorithm.serving.config import BenchmarkConfig, ExportConfig, TritonConfig
+    from algorithm.serving.contract import ModelInputSpec
     from algorithm.serving.demo import DemoConfig, run_demo
     from algorithm.serving.deploy.manifests import ManifestConfig, render_manifests, write_manifests
-    from algorithm.serving.export_onnx import (
-        ModelInputSpec,
-        ModelWrapper,
-        ONNXExporter,
-        export_to_onnx,
-    )
+    from algorithm.serving.export_onnx import ONNXExporter, export_to_onnx
     from algorithm.serving.exporter import ServingExporter, create_exporter
     from algorithm.serving.optimize_trt import (
         TensorRTOptimizer,
@@ -111,6 +107,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         trtexec_command,
     )
     from algorithm.serving.runtime import create_runner
+    from algorithm.serving.runtime.torch import ModelWrapper
     from algorithm.serving.triton.repository import ModelVersionManager, validate_deployment
     from algorithm.serving.triton.server import TritonServer
     from algorithm.serving.triton.supervisor import RestartPolicy, ServerSupervisor

@@ -167,6 +167,29 @@ class ExportConfig(_Config):
         _int("calibration_samples", self.calibration_samples, 1)
         return self
 
+    @classmethod
+    def for_model(cls, model, **fields) -> ExportConfig:
+        """The model's own contract (codebooks, K, longest history) with ``fields`` on top. A
+        ``max_seq_length`` above the model's is capped at the model's."""
+        mc = model.config
+        fields.setdefault("max_seq_length", mc.max_seq_length)
+        fields["max_seq_length"] = min(fields["max_seq_length"], mc.max_seq_length)
+        return cls(
+            codebook_sizes=tuple(mc.codebook_sizes),
+            num_recommendations=mc.num_recommendations,
+            **fields,
+        )
+
+    @classmethod
+    def from_sidecar(cls, meta: dict, **fields) -> ExportConfig:
+        """The contract an artifact's sidecar records (export_onnx writes it), with ``fields`` on
+        top; what the sidecar does not record keeps its default."""
+        names = ("model_name", "max_batch_size", "max_seq_length", "num_recommendations")
+        contract: dict[str, Any] = {k: meta[k] for k in names if meta.get(k)}
+        if meta.get("codebook_sizes"):
+            contract["codebook_sizes"] = tuple(meta["codebook_sizes"])
+        return cls(**{**contract, **fields})
+
     def min_recall(self, precision: str | None = None) -> float:
         """The accuracy gate's recall@K threshold for a precision (bf16 shares fp16's)."""
         p = precision or self.precision

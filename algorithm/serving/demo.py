@@ -149,14 +149,11 @@ class Demo:
         return model.eval(), path, report
 
     def export_config(self, model, precision: str = "fp32") -> ExportConfig:
-        mc = model.config
-        return ExportConfig(
+        return ExportConfig.for_model(
+            model,
             model_name=self.config.model_name,
             precision=precision,
             max_batch_size=self.config.max_batch_size,
-            max_seq_length=mc.max_seq_length,
-            codebook_sizes=tuple(mc.codebook_sizes),
-            num_recommendations=mc.num_recommendations,
         )
 
     def export(self, model, ckpt: Path) -> Path:
@@ -434,7 +431,7 @@ def _newer_than_backends(path: Path) -> bool:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from algorithm.serving.export_onnx import write_json
+    from algorithm.fsutil import write_json
 
     write_json(path, data)
 

@@ -10,111 +10,33 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import io
-import json
 import logging
 import os
-import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from algorithm.errors import ConfigError, ExportError
+from algorithm.fsutil import copy_atomic, write_json
 from algorithm.serving.config import ExportConfig
-from algorithm.serving.runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxRuntimeRunner, TorchRunner
+from algorithm.serving.contract import (
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    ModelInputSpec,
+    parity_report_path,
+    sidecar_path,
+)
+from algorithm.serving.runtime.onnxruntime import OnnxRuntimeRunner
+from algorithm.serving.runtime.torch import (
+    ModelWrapper,  # noqa: F401  (public here, guide 3.2)
+    TorchRunner,
+)
 from algorithm.serving.verify.parity import compare_outputs, enforce, merge_reports
 
 logger = logging.getLogger(__name__)
 
 FORBIDDEN_OPS = ("Loop", "If", "Scan")
-
-
-@dataclass
-class ModelInputSpec:
-    """Names, dtypes and dynamic axes of the serving contract."""
-
-    input_names: tuple[str, ...] = INPUT_NAMES
-    output_names: tuple[str, ...] = OUTPUT_NAMES
-    input_dtype: str = "int64"
-    dynamic_axes: dict = field(
-        default_factory=lambda: {
-            **{n: {0: "batch", 1: "seq_len"} for n in INPUT_NAMES},
-            "recommendations": {0: "batch"},
-            "scores": {0: "batch"},
-        }
-    )
-
-    def example_inputs(
-        self, batch: int, seq_len: int, codebook_sizes, seed: int = 0, ragged: bool = False
-    ):
-        from algorithm.ugt.data import random_inputs
-
-        return random_inputs(
-            batch, seq_len, codebook_sizes, np.random.default_rng(seed), ragged=ragged
-        )
-
-
-def _torch():
-    import torch
-
-    return torch
-
-
-class ModelWrapper(_torch().nn.Module):
-    """Adapts a model to the flat ONNX signature: 4 int64 tensors in, (int64 recs, fp32 scores) out.
-
-    Accepts models whose forward takes the four tensors and returns a tuple/list or a dict with
-    ``recommendations`` and ``scores``.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, attention_mask):
-        torch = _torch()
-        out = self.model(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, attention_mask)
-        if isinstance(out, dict):
-            recs, scores = out["recommendations"], out["scores"]
-        else:
-            recs, scores = out[0], out[1]
-        return recs.to(torch.int64), scores.to(torch.float32)
-
-
-def _atomic_move(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dst)
-
-
-def write_json(path: Path, data: dict) -> Path:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
-
-
-def sidecar_path(artifact) -> Path:
-    return Path(f"{artifact}.json")
-
-
-def read_sidecar(onnx_path) -> dict:
-    p = sidecar_path(onnx_path)
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        logger.warning("ignoring unreadable sidecar %s", p)
-        return {}
 
 
 def check_graph(model_proto) -> dict:
@@ -186,7 +108,8 @@ class ONNXExporter:
 
     def export(self, model, save_path, verify: bool | None = None) -> str:
         """Export to ``save_path`` (written atomically); returns the path. Raises ExportError/ParityError."""
-        torch = _torch()
+        import torch
+
         cfg = self.config
         verify = cfg.verify if verify is None else verify
         self._check_model_matches(model)
@@ -224,7 +147,7 @@ class ONNXExporter:
             import onnx
 
             info = check_graph(onnx.load(str(final)))
-            _atomic_move(final, save_path)
+            copy_atomic(final, save_path)
         logger.info("wrote %s (%d nodes)", save_path, info["nodes"])
         write_json(sidecar_path(save_path), self._sidecar(model, info))
         if verify:
@@ -249,7 +172,8 @@ class ONNXExporter:
         return out
 
     def _sidecar(self, model, info: dict) -> dict:
-        torch = _torch()
+        import torch
+
         cfg = self.config
         mc = getattr(model, "config", None)
         return {
@@ -301,7 +225,7 @@ class ONNXExporter:
         }
         report = merge_reports(cases)
         report["runtime"] = "onnxruntime"
-        path = Path(onnx_path).with_suffix(".parity.json")
+        path = parity_report_path(onnx_path)
         try:
             enforce(
                 report,

@@ -23,64 +23,21 @@ import json
 import logging
 from pathlib import Path
 
-from algorithm.errors import ConfigError, DependencyError, InputFileNotFoundError
+from algorithm.errors import ConfigError, InputFileNotFoundError
+from algorithm.fsutil import make_dirs, write_text_atomic
 from algorithm.serving.config import NAME_RE, ExportConfig, TritonConfig, check_name
-from algorithm.serving.runtime import INPUT_NAMES
+from algorithm.serving.contract import INPUT_NAMES
+from algorithm.serving.triton.repository import ModelVersionManager
+from algorithm.serving.triton.schema import (  # noqa: F401  (public here too)
+    DEFAULT_FILENAMES,
+    PYTHON_ARTIFACTS,
+    artifact_filename,
+    config_to_text,
+    model_config_pb2,
+    parse_config,
+)
 
 logger = logging.getLogger(__name__)
-
-#: The file Triton looks for in a version folder, per platform.
-DEFAULT_FILENAMES = {
-    "tensorrt_plan": "model.plan",
-    "onnxruntime_onnx": "model.onnx",
-    "openvino": "model.xml",
-    "python": "model.py",
-}
-#: Artifact file names a python-backend model runs, per Runner.
-PYTHON_ARTIFACTS = {
-    "onnxruntime": "model.onnx",
-    "openvino": "model.xml",
-    "tensorrt": "model.plan",
-    "torch_aot": "model.pt2",
-    "torch": "model.safetensors",
-}
-SIDECAR_NAME = "ugt_model.json"
-
-
-def model_config_pb2():
-    """Triton's ModelConfig protobuf module (from tritonclient[grpc])."""
-    try:
-        from tritonclient.grpc import model_config_pb2 as pb
-    except ImportError as e:
-        raise DependencyError(
-            "tritonclient[grpc]", "pip install 'tritonclient[grpc]'", purpose="Triton model configs"
-        ) from e
-    return pb
-
-
-def parse_config(text: str):
-    """Parse config.pbtxt text strictly (unknown fields fail) into a ModelConfig."""
-    from google.protobuf import text_format
-
-    pb = model_config_pb2()
-    return text_format.Parse(text, pb.ModelConfig())
-
-
-def config_to_text(config) -> str:
-    from google.protobuf import text_format
-
-    return text_format.MessageToString(config)
-
-
-def artifact_filename(platform: str, python_runtime: str = "onnxruntime", model_file=None) -> str:
-    """The name of the artifact inside a version folder (for python: the Runner's artifact)."""
-    if platform != "python":
-        return DEFAULT_FILENAMES[platform]
-    if model_file is not None:
-        suffixes = "".join(Path(model_file).suffixes[-1:])
-        if suffixes:
-            return f"model{suffixes}"
-    return PYTHON_ARTIFACTS.get(python_runtime, "model.onnx")
 
 
 class TritonConfigGenerator:
@@ -272,12 +229,6 @@ class TritonConfigGenerator:
     def generate(self, model_repository, model_file=None, version: int = 1) -> str:
         """Write ``<repo>/<name>/config.pbtxt`` and, with ``model_file``, publish it as
         ``version`` (atomically; replaces that version if present). Returns the config path."""
-        from algorithm.serving.triton.repository import (
-            ModelVersionManager,
-            make_dirs,
-            write_text_atomic,
-        )
-
         check_name("model_name", self.model_name)
         tc = self.triton_config
         model_dir = Path(model_repository) / self.model_name
@@ -318,7 +269,6 @@ def generate_triton_config(
 
 __all__ = [
     "DEFAULT_FILENAMES",
-    "SIDECAR_NAME",
     "TritonConfigGenerator",
     "artifact_filename",
     "config_to_text",

@@ -1,21 +1,46 @@
-"""The UGT reference model: config, model, checkpoints, synthetic data and a tiny trainer."""
+"""The UGT reference model: config, model, checkpoints, synthetic data and a tiny trainer.
 
-from algorithm.ugt.checkpoint import load_checkpoint, save_checkpoint
-from algorithm.ugt.config import INPUT_NAMES, OUTPUT_NAMES, UGTConfig
-from algorithm.ugt.data import SyntheticCatalog, random_inputs
-from algorithm.ugt.model import UGTModel
-from algorithm.ugt.train import TrainConfig, recall_at_k, train_tiny
+Names resolve lazily, so ``algorithm.ugt.config`` (the model's I/O names) imports without torch.
+"""
 
-__all__ = [
-    "INPUT_NAMES",
-    "OUTPUT_NAMES",
-    "SyntheticCatalog",
-    "TrainConfig",
-    "UGTConfig",
-    "UGTModel",
-    "load_checkpoint",
-    "random_inputs",
-    "recall_at_k",
-    "save_checkpoint",
-    "train_tiny",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "INPUT_NAMES": ".config",
+    "OUTPUT_NAMES": ".config",
+    "UGTConfig": ".config",
+    "SyntheticCatalog": ".data",
+    "random_inputs": ".data",
+    "UGTModel": ".model",
+    "load_checkpoint": ".model",
+    "save_checkpoint": ".checkpoint",
+    "TrainConfig": ".train",
+    "recall_at_k": ".train",
+    "train_tiny": ".train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'algorithm.ugt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from algorithm.ugt.checkpoint import save_checkpoint
+    from algorithm.ugt.config import INPUT_NAMES, OUTPUT_NAMES, UGTConfig
+    from algorithm.ugt.data import SyntheticCatalog, random_inputs
+    from algorithm.ugt.model import UGTModel, load_checkpoint
+    from algorithm.ugt.train import TrainConfig, recall_at_k, train_tiny

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from algorithm.errors import CheckpointError, InputFileNotFoundError
+from algorithm.fsutil import write_with
 from algorithm.ugt.config import UGTConfig
 
 logger = logging.getLogger(__name__)
@@ -23,23 +22,13 @@ def save_checkpoint(model, path) -> str:
     """Write config + weights as safetensors, atomically (temp file, then rename), mode 0644."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": json.dumps(model.config.to_dict()),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = write_with(path, lambda tmp: save_file(state, tmp, metadata=meta))
     logger.info("saved checkpoint %s", path)
     return str(path)
 
@@ -90,9 +79,8 @@ def _read_torch(path: Path):
     return obj["config"], obj["state_dict"]
 
 
-def load_checkpoint(path, map_location: str = "cpu"):
-    from algorithm.ugt.model import UGTModel
-
+def read_checkpoint(path) -> tuple[UGTConfig, dict]:
+    """The stored config and weights of a checkpoint, without running any of its code."""
     path = Path(path)
     if not path.is_file():
         raise InputFileNotFoundError(f"checkpoint not found: {path}")
@@ -105,10 +93,4 @@ def load_checkpoint(path, map_location: str = "cpu"):
         config = UGTConfig.from_dict(config_dict)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the stored config is invalid: {e}") from e
-    model = UGTModel(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match UGTModel({config}); missing={missing[:5]} unexpected={unexpected[:5]}"
-        )
-    return model.to(map_location).eval()
+    return config, state

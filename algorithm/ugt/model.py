@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithm.errors import ConfigError
+from algorithm.errors import CheckpointError, ConfigError
+from algorithm.ugt.checkpoint import read_checkpoint, save_checkpoint
 from algorithm.ugt.config import UGTConfig
 
 # Additive mask value: exp() of it is exactly 0 in fp32, and it is finite in fp16/bf16.
@@ -253,12 +254,20 @@ class UGTModel(nn.Module):
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, path) -> str:
-        from algorithm.ugt.checkpoint import save_checkpoint
-
         return save_checkpoint(self, path)
 
     @classmethod
     def load(cls, path, map_location: str = "cpu") -> UGTModel:
-        from algorithm.ugt.checkpoint import load_checkpoint
-
         return load_checkpoint(path, map_location=map_location)
+
+
+def load_checkpoint(path, map_location: str = "cpu") -> UGTModel:
+    """A UGTModel from a checkpoint (safetensors, or a weights-only torch file), in eval mode."""
+    config, state = read_checkpoint(path)
+    model = UGTModel(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match UGTModel({config}); missing={missing[:5]} unexpected={unexpected[:5]}"
+        )
+    return model.to(map_location).eval()

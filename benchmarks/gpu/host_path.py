@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import algorithm.serving.runtime as runners
 from algorithm.serving.runtime.gpu.engine import EngineConfig
+from algorithm.serving.runtime.torch import TorchRunner
 from algorithm.serving.triton.python_model.standin import Request, model_py_module, served_model
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs
 from benchmarks.gpu.run_gpu import lognormal_lengths
@@ -52,7 +52,7 @@ def _run(mp) -> int:
     model = UGTModel(cfg).eval()
     cuda = args.device.startswith("cuda")
     engine = EngineConfig(dtype="bf16" if cuda else "fp32")
-    runner = runners.TorchRunner(model, device=args.device, engine=engine)
+    runner = TorchRunner(model, device=args.device, engine=engine)
     k = cfg.num_recommendations
     if args.stub_forward:
 

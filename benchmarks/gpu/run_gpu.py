@@ -565,7 +565,7 @@ def profile(model, opts, device) -> dict:
 
 def runner_overhead(model, opts, device, args) -> dict:
     """TorchRunner.infer_requests (host packing + copies + graph + D2H) vs the engine alone."""
-    from algorithm.serving.runtime import TorchRunner
+    from algorithm.serving.runtime.torch import TorchRunner
 
     quick = args.preset == "tiny"
     n = 1024 if not quick else 32

@@ -93,14 +93,10 @@ def write_repository(
     phase_dir: Path | None = None,
 ) -> list[str]:
     """Two python-backend models over one checkpoint; config.pbtxt from TritonConfigGenerator."""
+    from algorithm.fsutil import write_text_atomic
     from algorithm.serving.config import ExportConfig, TritonConfig
-    from algorithm.serving.triton.repository import write_text_atomic
-    from algorithm.serving.triton_config import (
-        TritonConfigGenerator,
-        artifact_filename,
-        config_to_text,
-        parse_config,
-    )
+    from algorithm.serving.triton.schema import artifact_filename, config_to_text, parse_config
+    from algorithm.serving.triton_config import TritonConfigGenerator
 
     names = []
     for name, batching in (("ugt_packed", "length_aware"), ("ugt_pad", "pad")):

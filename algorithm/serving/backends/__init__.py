@@ -12,13 +12,13 @@ torch          model.pt2       python               torch_aot    torch (AOTInduc
 =============  ==============  ===================  ===========  =============================
 
 ``optimize`` builds the artifact in a staging folder beside the output, runs the accuracy gate
-(``accuracy.evaluate``) on it through the same Runner that serves it, and only then moves it into
+(``verify.accuracy.evaluate``) on it through the same Runner that serves it, and only then moves it into
 place with its sidecar ``<artifact>.json`` and report ``<artifact>.accuracy.json``. An artifact
 that fails the gate raises ParityError (the report is on the exception) and leaves nothing
 behind; an artifact already at the output path stays untouched.
 
-Importing this package registers the openvino, tensorrt and torch_aot runners with
-``runners.create_runner``; it imports no optional library.
+Each backend's runner lives in ``runtime/`` (the registry there finds it by name); importing
+this package imports no optional library.
 """
 
 from __future__ import annotations
@@ -37,17 +37,16 @@ from algorithm.errors import (
     OptimizationError,
     ParityError,
 )
-from algorithm.serving.backends.base import (
-    Backend,
-    artifact_sidecar,
-    calibration_batches,
-    load_calibration_file,
-)
+from algorithm.fsutil import write_json
+from algorithm.serving.backends.base import Backend, artifact_sidecar
+from algorithm.serving.backends.calibration import calibration_batches, load_calibration_file
 from algorithm.serving.backends.onnxruntime import ONNXRUNTIME, OnnxRuntimeBackend
-from algorithm.serving.backends.openvino import OPENVINO, OpenVINOBackend, OpenVINORunner
+from algorithm.serving.backends.openvino import OPENVINO, OpenVINOBackend
 from algorithm.serving.backends.tensorrt import TENSORRT, TensorRTBackend
-from algorithm.serving.backends.torch_aot import TORCH_AOT, TorchAOTBackend, TorchAOTRunner
+from algorithm.serving.backends.torch_aot import TORCH_AOT, TorchAOTBackend
 from algorithm.serving.config import ExportConfig
+from algorithm.serving.contract import accuracy_report_path, sidecar_path
+from algorithm.serving.runtime import create_runner
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +58,11 @@ def register_backend(backend: Backend) -> None:
     if not backend.name:
         raise ConfigError("backend.name", backend.name, "a non-empty name")
     _BACKENDS[backend.name] = backend
+
+
+def all_backends() -> list[Backend]:
+    """Every registered backend (the source of the platform/runner/artifact-file table)."""
+    return list(_BACKENDS.values())
 
 
 def available_backends(installed_only: bool = False) -> list[str]:
@@ -111,8 +115,6 @@ def optimize(
     go to the backend (e.g. ``threads`` for openvino). Raises InputFileNotFoundError,
     DependencyError, ConfigError, OptimizationError, or ParityError (gate failed; nothing written).
     """
-    from algorithm.serving.export_onnx import sidecar_path, write_json
-    from algorithm.serving.runtime import create_runner
     from algorithm.serving.verify.accuracy import evaluate, reference_runner
 
     cfg = (config or ExportConfig()).validate()
@@ -167,7 +169,7 @@ def optimize(
         report.update(
             backend=b.name, artifact=str(out), build_seconds=round(build_s, 2), published=True
         )
-        write_json(staging / f"{out.name}.accuracy.json", report)
+        write_json(accuracy_report_path(staging / out.name), report)
         _publish(staging, out, b.artifact_files(staged))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -183,20 +185,14 @@ def _publish(staging: Path, out: Path, main_files: list[Path]) -> None:
         os.replace(p, out.parent / p.name)
 
 
-def accuracy_report_path(artifact) -> Path:
-    return Path(f"{artifact}.accuracy.json")
-
-
 __all__ = [
     "Backend",
     "OnnxRuntimeBackend",
     "OpenVINOBackend",
-    "OpenVINORunner",
     "TensorRTBackend",
     "TorchAOTBackend",
-    "TorchAOTRunner",
-    "accuracy_report_path",
     "artifact_sidecar",
+    "all_backends",
     "available_backends",
     "calibration_batches",
     "get_backend",

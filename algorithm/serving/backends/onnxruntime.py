@@ -25,10 +25,9 @@ import tempfile
 from pathlib import Path
 
 from algorithm.errors import ConfigError, OptimizationError
-from algorithm.serving.backends.base import (
+from algorithm.serving.backends.base import Backend, artifact_sidecar
+from algorithm.serving.backends.calibration import (
     CALIBRATION_BATCH,
-    Backend,
-    artifact_sidecar,
     calibration_batches,
     uniform_batches,
 )
@@ -159,8 +158,9 @@ class OnnxRuntimeBackend(Backend):
     ) -> str:
         import onnx
 
+        from algorithm.fsutil import write_json
         from algorithm.serving.backends.rewrite import flatten_beam_topk, fold_head_bias
-        from algorithm.serving.export_onnx import sidecar_path, write_json
+        from algorithm.serving.contract import sidecar_path
 
         if options:
             raise ConfigError(

@@ -18,7 +18,7 @@ import numpy as np
 
 from algorithm.errors import BenchmarkError, ConfigError, InputFileNotFoundError
 from algorithm.serving.config import BenchmarkConfig
-from algorithm.serving.runtime import INPUT_NAMES
+from algorithm.serving.contract import INPUT_NAMES
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from algorithm.serving.bench.report import BREAKDOWN, _group_label, groups
-from algorithm.serving.bench.result import BenchmarkResult
+from algorithm.serving.bench.result import BREAKDOWN, BenchmarkResult, group_label, groups
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ def plot_latency_vs_load(series, path: Path, plt) -> Path:
         ax.set_xticks(sorted(set(loads)), [f"{v:g}" for v in sorted(set(loads))])
         ax.set_xlabel(_xlabel(groups(series[0][1])[g]))
         ax.set_ylabel("latency (ms)")
-        ax.set_title(f"Latency percentiles vs load: {_group_label(g)}", fontsize=9)
+        ax.set_title(f"Latency percentiles vs load: {group_label(g)}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys) :]:
@@ -95,13 +94,13 @@ def plot_throughput_latency(series, slo_ms: float, slo: dict, path: Path, plt) -
         for g, rs in groups(results).items():
             x = [r.throughput * r.batch_size for r in rs]
             y = [r.latency_p99 for r in rs]
-            (line,) = ax.plot(x, y, style, marker="o", label=f"{name} {_group_label(g)}")
+            (line,) = ax.plot(x, y, style, marker="o", label=f"{name} {group_label(g)}")
             for r, xi, yi in zip(rs, x, y, strict=True):
                 ax.annotate(
                     f"{r.load:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7
                 )
             if name == series[0][0]:
-                best = slo.get(_group_label(g), {})
+                best = slo.get(group_label(g), {})
                 if best.get("max_load") is not None:
                     ax.scatter(
                         [best["throughput"] * g[0]],

@@ -17,11 +17,15 @@ import json
 import logging
 import os
 import platform
-from collections import defaultdict
 from pathlib import Path
 
 from algorithm.errors import BenchmarkError, InputFileNotFoundError
-from algorithm.serving.bench.result import BenchmarkResult
+from algorithm.serving.bench.result import (
+    BenchmarkResult,
+    group_key,
+    group_label,
+    groups,
+)
 from algorithm.serving.config import BenchmarkConfig
 
 logger = logging.getLogger(__name__)
@@ -73,12 +77,6 @@ CSV_FIELDS = (
     "gpu_utilization",
     "gpu_memory_used_mb",
 )
-BREAKDOWN = (
-    ("queue_us", "queue"),
-    ("compute_input_us", "compute input"),
-    ("compute_infer_us", "compute infer"),
-    ("compute_output_us", "compute output"),
-)
 
 
 # ------------------------------------------------------------------------------- environment
@@ -116,30 +114,6 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-# ---------------------------------------------------------------------------------- analysis
-def _group_key(r: BenchmarkResult) -> tuple:
-    return (
-        r.batch_size,
-        r.seq_length if r.seq_length is not None else r.seq_len_distribution,
-        r.mode,
-    )
-
-
-def _group_label(g: tuple) -> str:
-    return f"batch {g[0]}, seq_len {g[1]}"
-
-
-def groups(results: dict[str, BenchmarkResult]) -> dict[tuple, list[BenchmarkResult]]:
-    """Results by (batch, seq_len, mode), each list sorted by load."""
-    out: dict[tuple, list[BenchmarkResult]] = defaultdict(list)
-    for r in results.values():
-        out[_group_key(r)].append(r)
-    return {
-        g: sorted(rs, key=lambda r: r.load)
-        for g, rs in sorted(out.items(), key=lambda x: str(x[0]))
-    }
-
-
 def slo_max_load(results: dict[str, BenchmarkResult], slo_ms: float) -> dict[str, dict]:
     """Per (batch, seq_len): the highest load whose P99 <= ``slo_ms`` with no failed request."""
     out = {}
@@ -150,7 +124,7 @@ def slo_max_load(results: dict[str, BenchmarkResult], slo_ms: float) -> dict[str
             if r.successful_requests and r.latency_p99 <= slo_ms and not r.failed_requests
         ]
         best = max(ok, key=lambda r: r.load) if ok else None
-        out[_group_label(g)] = {
+        out[group_label(g)] = {
             "slo_p99_ms": slo_ms,
             "max_load": best.load if best else None,
             "mode": g[2],
@@ -251,7 +225,7 @@ def write_report(
         "comparison": comparison,
         "plots": [p.name for p in images],
     }
-    from algorithm.serving.export_onnx import write_json
+    from algorithm.fsutil import write_json
 
     write_json(stem.with_suffix(".json"), data)
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
@@ -319,7 +293,7 @@ def _load_text(r: BenchmarkResult) -> str:
 
 def _result_rows(label: str, results: dict[str, BenchmarkResult]) -> list[list]:
     rows = []
-    for r in sorted(results.values(), key=lambda r: (_group_key(r)[:2], r.load)):
+    for r in sorted(results.values(), key=lambda r: (group_key(r)[:2], r.load)):
         seq = (
             r.seq_length
             if r.seq_length is not None

@@ -8,6 +8,7 @@ mean, for throughput and P99); ``histogram`` keeps a log-binned latency histogra
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -194,3 +195,35 @@ def histogram(lat_ms: np.ndarray, bins: int = 40) -> dict:
     )
     counts, edges = np.histogram(lat_ms, edges)
     return {"edges_ms": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+BREAKDOWN = (
+    ("queue_us", "queue"),
+    ("compute_input_us", "compute input"),
+    ("compute_infer_us", "compute infer"),
+    ("compute_output_us", "compute output"),
+)
+
+
+# ---------------------------------------------------------------------------------- analysis
+def group_key(r: BenchmarkResult) -> tuple:
+    return (
+        r.batch_size,
+        r.seq_length if r.seq_length is not None else r.seq_len_distribution,
+        r.mode,
+    )
+
+
+def group_label(g: tuple) -> str:
+    return f"batch {g[0]}, seq_len {g[1]}"
+
+
+def groups(results: dict[str, BenchmarkResult]) -> dict[tuple, list[BenchmarkResult]]:
+    """Results by (batch, seq_len, mode), each list sorted by load."""
+    out: dict[tuple, list[BenchmarkResult]] = defaultdict(list)
+    for r in results.values():
+        out[group_key(r)].append(r)
+    return {
+        g: sorted(rs, key=lambda r: r.load)
+        for g, rs in sorted(out.items(), key=lambda x: str(x[0]))
+    }

@@ -80,13 +80,12 @@ def export(
     from algorithm.serving.export_onnx import ONNXExporter
 
     model = load_model(checkpoint)
-    cfg = ExportConfig(
+    cfg = ExportConfig.for_model(
+        model,
         model_name=model_name,
         max_batch_size=max_batch_size,
         max_seq_length=max_seq_length,
         opset_version=opset,
-        codebook_sizes=tuple(model.config.codebook_sizes),
-        num_recommendations=model.config.num_recommendations,
         verify=verify,
     )
     with stage("Exporting to ONNX and checking parity"):
@@ -145,7 +144,7 @@ def optimize(
     from algorithm.serving.backends import get_backend
     from algorithm.serving.backends import optimize as optimize_artifact
     from algorithm.serving.config import ExportConfig
-    from algorithm.serving.export_onnx import read_sidecar
+    from algorithm.serving.contract import read_sidecar
     from algorithm.serving.verify.accuracy import summarize
 
     b = get_backend(backend)
@@ -156,21 +155,14 @@ def optimize(
         raise ConfigError(
             "seq_length_buckets", seq_length_buckets, "comma-separated integers, e.g. 128,512,1024"
         ) from None
-    contract = {
-        k: meta[k] for k in ("max_batch_size", "max_seq_length", "num_recommendations") if k in meta
-    }
-    if meta.get("codebook_sizes"):
-        contract["codebook_sizes"] = tuple(meta["codebook_sizes"])
-    if meta.get("model_name"):
-        contract["model_name"] = meta["model_name"]
-    cfg = ExportConfig(
+    cfg = ExportConfig.from_sidecar(
+        meta,
         precision=precision,
         calibration_method=calibration_method,
         opt_batch_size=opt_batch_size,
         opt_seq_length=opt_seq_length,
         seq_length_buckets=buckets,
         workspace_size_gb=workspace_gb,
-        **contract,
     )
     out = output or onnx.parent / f"{b.name}-{precision}" / b.artifact_name
     if emit_trtexec:

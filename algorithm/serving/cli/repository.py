@@ -78,16 +78,8 @@ def _configs(model, opts: dict[str, Any]):
         "model_name": opts["model_name"],
         "precision": opts["precision"],
         "max_batch_size": opts["max_batch_size"],
+        "max_seq_length": opts["max_seq_length"],
     }
-    if model is not None:
-        mc = model.config
-        export_fields.update(
-            codebook_sizes=tuple(mc.codebook_sizes),
-            num_recommendations=mc.num_recommendations,
-            max_seq_length=min(opts["max_seq_length"], mc.max_seq_length),
-        )
-    else:
-        export_fields["max_seq_length"] = opts["max_seq_length"]
     kind = _instance_kind(opts["instance_kind"], opts["platform"])
     triton_fields: dict[str, Any] = {
         "platform": opts["platform"], "python_runtime": opts["python_runtime"], "instance_kind": kind,
@@ -103,7 +95,12 @@ def _configs(model, opts: dict[str, Any]):
     preferred = _ints("preferred_batch_sizes", opts["preferred_batch_sizes"])
     if preferred is not None:
         triton_fields["preferred_batch_sizes"] = preferred
-    return ExportConfig(**export_fields), TritonConfig(**triton_fields)
+    export = (
+        ExportConfig(**export_fields)
+        if model is None
+        else ExportConfig.for_model(model, **export_fields)
+    )
+    return export, TritonConfig(**triton_fields)
 
 
 # Shared options of `config` and `deploy` (typer has no option groups; one definition here).
@@ -193,7 +190,8 @@ def config(
     length_mix: str = OPT["length_mix"],
 ) -> None:
     """Generate config.pbtxt (Triton's ModelConfig protobuf) for a platform; print or write it."""
-    from algorithm.serving.triton_config import TritonConfigGenerator, artifact_filename
+    from algorithm.serving.triton.schema import artifact_filename
+    from algorithm.serving.triton_config import TritonConfigGenerator
 
     opts = dict(locals())
     model = load_model(checkpoint) if checkpoint is not None else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from algorithm.serving.deploy.manifests import ADMIN_KEY_ENV, ADMIN_SECRET_KEY, Plan, triton_args
+from algorithm.serving.deploy.plan import ADMIN_KEY_ENV, ADMIN_SECRET_KEY, Plan, triton_args
 
 
 def _probe(path: str, period: int, failures: int) -> dict:

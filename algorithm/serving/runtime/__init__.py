@@ -1,26 +1,21 @@
-"""One ``Runner`` per runtime: ``infer(dict[str, ndarray]) -> dict[str, ndarray]``.
+"""The Runner protocol and the lazy runner registry, at the bottom of the house.
 
-The accuracy gate and the Triton python-backend model both go through these, so what is
-verified is exactly what is served. Heavy runtimes are imported inside the runner that needs
-them.
+One ``Runner`` per runtime: ``infer(dict[str, ndarray]) -> dict[str, ndarray]``. The accuracy
+gate and the Triton python-backend model both go through these, so what is verified is exactly
+what is served. Each runtime lives in its own module here and is imported only when a runner of
+it is created (heavy runtimes stay unloaded until used).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import importlib.util
-import logging
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from algorithm.errors import DependencyError, InputFileNotFoundError
-
-logger = logging.getLogger(__name__)
-
-INPUT_NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
-OUTPUT_NAMES = ("recommendations", "scores")
+from algorithm.errors import ConfigError, DependencyError, InputFileNotFoundError
 
 
 class Runner(Protocol):
@@ -35,310 +30,42 @@ def require(module: str, install: str, purpose: str = "") -> None:
         raise DependencyError(module, install, purpose=purpose)
 
 
-def _existing(path) -> Path:
+def existing(path) -> Path:
     p = Path(path)
     if not p.exists():
         raise InputFileNotFoundError(f"artifact not found: {p}")
     return p
 
 
-class TorchRunner:
-    """A UGTModel on CPU or CUDA: eager PyTorch (the reference), or the fast GpuEngine.
-
-    ``engine``: None = the engine on CUDA, eager elsewhere; True/False; or a
-    ``gpu.EngineConfig`` (or its dict). ``batching`` says how ``infer_requests`` combines
-    requests of different lengths: "length_aware" packs their valid tokens (no padding; sorted
-    and split by the engine's user/token limits), "pad" pads them all to the longest (the
-    baseline a static-shape engine has). ``warmup`` (batch, seq_len) pairs are run once at load
-    so their CUDA graphs are captured before the first request.
-    """
-
-    name = "torch"
-
-    def __init__(
-        self,
-        model,
-        device: str = "cpu",
-        dtype: str = "fp32",
-        engine=None,
-        batching: str = "length_aware",
-        warmup=(),
-    ):
-        import torch
-
-        from algorithm.errors import ConfigError
-
-        self.torch = torch
-        self.device = torch.device(device)
-        if dtype not in ("fp32", "fp16", "bf16"):
-            raise ConfigError("dtype", dtype, "one of fp32, fp16, bf16")
-        if batching not in ("length_aware", "pad"):
-            raise ConfigError("batching", batching, "'length_aware' or 'pad'")
-        self.batching = batching
-        if engine is None:
-            engine = self.device.type == "cuda"
-        self.engine = None
-        if engine is not False:
-            from algorithm.serving.runtime.gpu.engine import EngineConfig, GpuEngine
-
-            if engine is True:
-                engine = EngineConfig(dtype=dtype)
-            elif isinstance(engine, dict):
-                engine = EngineConfig(**{"dtype": dtype, **engine})
-            if batching == "pad":
-                engine = dataclasses.replace(engine, layout="padded")
-            self.engine = GpuEngine(model, engine, self.device)
-        else:
-            torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-                dtype
-            ]
-            self.model = model.to(self.device, torch_dtype).eval()
-        if warmup:
-            self.warmup(warmup)
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path,
-        device: str = "cpu",
-        dtype: str = "fp32",
-        engine=None,
-        batching: str = "length_aware",
-        warmup=(),
-    ) -> TorchRunner:
-        from algorithm.ugt import UGTModel
-
-        model = UGTModel.load(_existing(path))
-        return cls(
-            model, device=device, dtype=dtype, engine=engine, batching=batching, warmup=warmup
-        )
-
-    def warmup(self, spec) -> int:
-        """Serve synthetic requests so the shapes they need are captured before real traffic.
-
-        ``spec`` items: ``[batch, seq_len]`` (batch single-row full-length requests, as a dynamic
-        batch of them arrives) or ``{"lognormal": [median, sigma, max], "coverage": c,
-        "max_users": u}`` (mixed lengths: the graphs of the engine's layout, packed or padded,
-        that cover ``c`` of the dynamic batches of 1..u such histories, see
-        ``gpu_batch.mix_warmup_lengths``). Returns the engine's captured graphs (0 when eager).
-        """
-        from algorithm.serving.runtime.gpu.batch import mix_warmup_lengths
-
-        rng = np.random.default_rng(0)
-        sizes = (1024, 4096, 16384)
-        if self.engine is not None:
-            sizes = self.engine.sizes
-        config = self.engine.model_config if self.engine is not None else self.model.config
-        limit = config.max_seq_length
-        for item in spec or ():
-            if isinstance(item, dict):
-                median, sigma, longest = item["lognormal"]
-                runs = mix_warmup_lengths(
-                    median,
-                    sigma,
-                    int(longest),
-                    coverage=float(item.get("coverage", 0.995)),
-                    max_users=int(item.get("max_users", 64)),
-                    layout=self.engine.config.layout if self.engine is not None else "packed",
-                )
-            else:
-                b, n = (int(v) for v in item)
-                runs = [[n] * b]
-            for lengths in runs:
-                # A mix's single history gets one masked position after it: a batch without
-                # padding would take the dense route, keyed by its exact width, not the
-                # packed bucket that real single histories of the mix reach once frozen.
-                tail = isinstance(item, dict) and len(lengths) == 1 and lengths[0] < limit
-                reqs = []
-                for n in lengths:
-                    req = {
-                        name: rng.integers(0, c, (1, n + tail))
-                        for name, c in zip(INPUT_NAMES[:3], sizes, strict=True)
-                    }
-                    req["attention_mask"] = np.ones((1, n + tail), dtype=np.int64)
-                    req["attention_mask"][0, n:] = 0
-                    reqs.append(req)
-                self.infer_requests(reqs)
-        if self.engine is None:
-            return 0
-        self.engine.freeze_graphs()
-        return self.engine.graph_count
-
-    def infer_torch(self, inputs: dict) -> dict:
-        """Tensors in (any device), tensors out on the runner's device: no host copies of data.
-
-        (The engine reads the B per-user lengths back to pick its layout; that is the only sync.)
-        """
-        torch = self.torch
-        args = [inputs[k] for k in INPUT_NAMES]
-        if self.engine is not None:
-            recs, scores = self.engine(*args)
-        else:
-            with torch.inference_mode():
-                recs, scores = self.model(*(a.to(self.device, torch.int64) for a in args))
-        return {"recommendations": recs, "scores": scores.float()}
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self.torch
-        args = {k: torch.as_tensor(np.asarray(inputs[k], dtype=np.int64)) for k in INPUT_NAMES}
-        out = self.infer_torch(args)
-        return {k: v.cpu().numpy() for k, v in out.items()}
-
-    def infer_requests(self, requests: list[dict], output: str = "numpy") -> list[dict]:
-        """One output dict per request, in order, for requests of any lengths (Triton's batch).
-
-        ``output``: "numpy" (host arrays) or "torch" (tensors left on the runner's device).
-        """
-        if not requests:
-            return []
-        from algorithm.serving.runtime.gpu.batch import FlatBatch
-
-        batch = FlatBatch.from_requests(requests)
-        recs, scores = self._infer_flat(batch, host=output == "numpy")
-        if output == "numpy":
-            recs, scores = recs.numpy(), scores.numpy()
-        results, start = [], 0
-        for r in batch.rows.tolist():
-            results.append(
-                {"recommendations": recs[start : start + r], "scores": scores[start : start + r]}
-            )
-            start += r
-        return results
-
-    def infer_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
-        """(recs int64 [users, K, 3], scores fp32 [users, K]) on the host for every row of a
-        ``gpu_batch.FlatBatch`` (all requests of a Triton dynamic batch), rows in order: one
-        layout on the host, one copy in, one forward, one copy out per output."""
-        recs, scores = self._infer_flat(batch, host=True)
-        return recs.numpy(), scores.numpy()
-
-    def _infer_flat(self, batch, host: bool):
-        torch = self.torch
-        if self.engine is None:
-            out = self.infer_torch(
-                {k: torch.from_numpy(v) for k, v in zip(INPUT_NAMES, batch.padded(), strict=True)}
-            )
-            recs, scores = out["recommendations"], out["scores"]
-            return (recs.cpu(), scores.cpu()) if host else (recs, scores)
-        engine = self.engine
-        groups = self._groups(batch)
-        if len(groups) == 1:
-            return engine.run(engine.tokens_from_batch(batch), batch.users, host=host)
-        # several forwards (more users or tokens than one takes): rows back in request order
-        first = np.zeros(len(batch.rows) + 1, dtype=np.int64)
-        np.cumsum(batch.rows, out=first[1:])
-        parts, where = [], []
-        for group in groups:
-            sub = batch.subset(group)
-            parts.append(engine.run(engine.tokens_from_batch(sub), sub.users, host=host))
-            where.extend(np.arange(first[i], first[i + 1]) for i in group)
-        index = torch.from_numpy(np.concatenate(where))
-        out = []
-        for k in range(2):
-            cat = torch.cat([p[k] for p in parts])
-            dst = torch.empty_like(cat)
-            dst[index.to(cat.device)] = cat
-            out.append(dst)
-        return out[0], out[1]
-
-    def _groups(self, batch) -> list[list[int]]:
-        """Request indices per forward (engine.config's max_users / max_tokens)."""
-        from algorithm.serving.runtime.gpu.batch import group_requests
-
-        cfg = self.engine.config
-        n, packed = len(batch.rows), self.batching == "length_aware"
-        # an upper bound on the cost (packed: every position valid; padded: users x longest)
-        bound = batch.values.shape[1] if packed else batch.users * int(batch.seq.max())
-        if batch.users <= cfg.max_users and bound <= cfg.max_tokens:
-            return [list(range(n))]
-        if packed:
-            row_len = batch.row_lengths(batch.valid(self.engine.sizes))
-            firsts = np.concatenate([[0], np.cumsum(batch.rows)[:-1]])
-            lengths = np.maximum.reduceat(np.maximum(row_len, 1), firsts).tolist()
-        else:
-            lengths = batch.seq.tolist()
-        return group_requests(
-            lengths,
-            cfg.max_users,
-            cfg.max_tokens,
-            padded=not packed,
-            rows=batch.rows.tolist(),
-            sort=packed,
-        )
-
-
-class OnnxRuntimeRunner:
-    """An ONNX model on ONNX Runtime (CPU by default; CUDA/TensorRT providers when present)."""
-
-    name = "onnxruntime"
-
-    def __init__(
-        self,
-        path,
-        providers: list[str] | None = None,
-        intra_op_threads: int = 0,
-        rows_per_run: int | None = None,
-    ):
-        """``rows_per_run``: histories per ``Session.run``; a larger batch runs in slices of that
-        many. None: 2 on one CPU thread, where a batch gains no parallelism and its
-        ``[rows, 50, 16384]`` beam scores outgrow the caches (tiny model, seq_len 128, ms per
-        history: 1.82 in slices of 2 against 2.12 whole at batch 8, 1.79 against 2.31 at 16),
-        else the whole batch."""
-        require("onnxruntime", "pip install onnxruntime", "running ONNX models")
-        import onnxruntime as ort
-
-        from algorithm.errors import ConfigError
-
-        if rows_per_run is None:
-            cpu_only = not providers or list(providers) == ["CPUExecutionProvider"]
-            rows_per_run = 2 if intra_op_threads == 1 and cpu_only else 0
-        if not isinstance(rows_per_run, int) or rows_per_run < 0:
-            raise ConfigError("rows_per_run", rows_per_run, "an integer >= 0 (0: the whole batch)")
-        self.rows_per_run = rows_per_run
-
-        opts = ort.SessionOptions()
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
-        # The artifact is already optimized offline; don't pay for it again at load time.
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            str(_existing(path)), sess_options=opts, providers=providers or ["CPUExecutionProvider"]
-        )
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feed = {k: np.ascontiguousarray(inputs[k], dtype=np.int64) for k in self.input_names}
-        rows, step = len(feed[self.input_names[0]]), self.rows_per_run
-        if not step or rows <= step:
-            recs, scores = self.session.run(list(OUTPUT_NAMES), feed)
-        else:
-            parts = [
-                self.session.run(list(OUTPUT_NAMES), {k: v[i : i + step] for k, v in feed.items()})
-                for i in range(0, rows, step)
-            ]
-            recs, scores = (np.concatenate(x) for x in zip(*parts, strict=True))
-        return {"recommendations": recs, "scores": scores.astype(np.float32, copy=False)}
-
-
-_RUNNERS = {
-    "torch": TorchRunner.from_checkpoint,
-    "onnxruntime": OnnxRuntimeRunner,
+# runtime -> "module:factory" (resolved on first use; register_runner adds plug-ins).
+_RUNNERS: dict[str, object] = {
+    "torch": "algorithm.serving.runtime.torch:TorchRunner.from_checkpoint",
+    "onnxruntime": "algorithm.serving.runtime.onnxruntime:OnnxRuntimeRunner",
+    "openvino": "algorithm.serving.runtime.openvino:OpenVINORunner",
+    "tensorrt": "algorithm.serving.runtime.tensorrt:TensorRTRunner",
+    "torch_aot": "algorithm.serving.runtime.torch_aot:TorchAOTRunner",
 }
 
 
 def register_runner(runtime: str, factory) -> None:
-    """Backends add their runner here (openvino, tensorrt, torch_aot)."""
+    """Add a runner: ``factory`` is a callable, or ``"module:attr.path"`` resolved on first use."""
     _RUNNERS[runtime] = factory
+
+
+def runner_factory(runtime: str):
+    try:
+        factory = _RUNNERS[runtime]
+    except KeyError:
+        raise ConfigError("runtime", runtime, f"one of {', '.join(sorted(_RUNNERS))}") from None
+    if isinstance(factory, str):
+        module, _, attrs = factory.partition(":")
+        obj = importlib.import_module(module)
+        for attr in attrs.split("."):
+            obj = getattr(obj, attr)
+        factory = _RUNNERS[runtime] = obj
+    return factory
 
 
 def create_runner(runtime: str, artifact_path, **options) -> Runner:
     """The runner for ``runtime`` over ``artifact_path``; options go to its constructor."""
-    from algorithm.serving import backends  # noqa: F401  (registers the optional runtimes' runners)
-
-    try:
-        factory = _RUNNERS[runtime]
-    except KeyError:
-        from algorithm.errors import ConfigError
-
-        raise ConfigError("runtime", runtime, f"one of {', '.join(sorted(_RUNNERS))}") from None
-    return factory(artifact_path, **options)
+    return runner_factory(runtime)(artifact_path, **options)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from algorithm.serving import ExportConfig, TritonConfig, TritonConfigGenerator
-from algorithm.serving.runtime import INPUT_NAMES
+from algorithm.serving.contract import INPUT_NAMES
 
 CODEBOOKS = (1024, 4096, 16384)
 NP_TO_TRITON = {

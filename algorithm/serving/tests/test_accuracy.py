@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from algorithm.serving import ConfigError, ExportConfig, ParityError
-from algorithm.serving.runtime import INPUT_NAMES, OnnxRuntimeRunner, TorchRunner
+from algorithm.serving.contract import INPUT_NAMES
+from algorithm.serving.runtime.onnxruntime import OnnxRuntimeRunner
+from algorithm.serving.runtime.torch import TorchRunner
 from algorithm.serving.verify.accuracy import (
     HOLDOUT_SEED,
     demo_catalog,

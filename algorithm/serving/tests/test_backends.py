@@ -27,7 +27,10 @@ from algorithm.serving.backends.rewrite import (
     head_matmuls,
     scoring_path_nodes,
 )
-from algorithm.serving.runtime import INPUT_NAMES, OnnxRuntimeRunner, TorchRunner, create_runner
+from algorithm.serving.contract import INPUT_NAMES
+from algorithm.serving.runtime import create_runner
+from algorithm.serving.runtime.onnxruntime import OnnxRuntimeRunner
+from algorithm.serving.runtime.torch import TorchRunner
 from algorithm.serving.verify.accuracy import demo_catalog
 from algorithm.serving.verify.parity import compare_outputs
 from algorithm.ugt import UGTConfig, UGTModel

@@ -20,7 +20,8 @@ from algorithm.serving import (
     create_exporter,
     export_to_onnx,
 )
-from algorithm.serving.export_onnx import check_graph, read_sidecar
+from algorithm.serving.contract import read_sidecar
+from algorithm.serving.export_onnx import check_graph
 from algorithm.serving.runtime import OnnxRuntimeRunner, TorchRunner
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs
 

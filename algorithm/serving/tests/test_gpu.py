@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from algorithm.errors import ConfigError
-from algorithm.serving.runtime import INPUT_NAMES, TorchRunner
+from algorithm.serving.contract import INPUT_NAMES
 from algorithm.serving.runtime.gpu import kernels as fk
 from algorithm.serving.runtime.gpu.engine import (
     EngineConfig,
@@ -26,6 +26,7 @@ from algorithm.serving.runtime.gpu.engine import (
     packed_index,
     previous_token_bucket,
 )
+from algorithm.serving.runtime.torch import TorchRunner
 from algorithm.serving.verify.parity import compare_outputs
 from algorithm.ugt import SyntheticCatalog, UGTConfig, UGTModel, random_inputs
 

@@ -26,6 +26,7 @@ from algorithm.serving import (
     build_trt_engine,
     create_calibration_data_generator,
 )
+from algorithm.serving.contract import INPUT_NAMES
 from algorithm.serving.optimize_trt import (
     calibration_cache_path,
     check_plan_compatible,
@@ -34,7 +35,6 @@ from algorithm.serving.optimize_trt import (
     scoring_layer_names,
     trtexec_command,
 )
-from algorithm.serving.runtime import INPUT_NAMES
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from algorithm.serving import TritonServer
-from algorithm.serving.runtime import INPUT_NAMES, OnnxRuntimeRunner
+from algorithm.serving.contract import INPUT_NAMES
+from algorithm.serving.runtime.onnxruntime import OnnxRuntimeRunner
 from algorithm.serving.tests.reliability_helpers import (
     CODEBOOKS,
     NP_TO_TRITON,

@@ -16,7 +16,7 @@ from algorithm.serving import (
     TritonConfigGenerator,
     validate_deployment,
 )
-from algorithm.serving.runtime import INPUT_NAMES
+from algorithm.serving.contract import INPUT_NAMES
 
 EC = ExportConfig(model_name="ugt", max_batch_size=16, num_recommendations=50)
 SIDECAR = {
@@ -291,7 +291,7 @@ def _cli(*args):
 
 
 def test_cli_config_prints_or_writes_a_schema_valid_config(tmp_path):
-    from algorithm.serving.triton_config import parse_config
+    from algorithm.serving.triton.schema import parse_config
 
     printed = _cli(
         "config",

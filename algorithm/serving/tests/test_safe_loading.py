@@ -66,7 +66,8 @@ def _evil_files(tmp_path: Path, model) -> dict[str, Path]:
 
 
 def test_pickled_code_is_refused_by_every_loader_without_running(trained, tmp_path):
-    from algorithm.serving.runtime import TorchRunner, create_runner
+    from algorithm.serving.runtime import create_runner
+    from algorithm.serving.runtime.torch import TorchRunner
     from algorithm.ugt import UGTModel
 
     model, _, good = trained
@@ -231,7 +232,7 @@ def test_the_cli_refuses_traversal_names_with_exit_1(repo, onnx_model, trained, 
 def test_artifact_names_from_a_config_cannot_leave_the_version_folder(
     tmp_path, onnx_model, platform, field, value
 ):
-    from algorithm.serving.triton_config import config_to_text, parse_config
+    from algorithm.serving.triton.schema import config_to_text, parse_config
 
     repo = tmp_path / "repo"
     tc = TritonConfig(platform=platform, instance_kind="KIND_CPU", instance_count=1)

@@ -22,9 +22,10 @@ from algorithm.serving import (
     TritonServer,
     validate_deployment,
 )
-from algorithm.serving.runtime import INPUT_NAMES, TorchRunner
+from algorithm.serving.contract import INPUT_NAMES
+from algorithm.serving.runtime.torch import TorchRunner
+from algorithm.serving.triton.schema import config_to_text
 from algorithm.serving.triton.server import find_tritonserver, model_statistics
-from algorithm.serving.triton_config import config_to_text
 from algorithm.serving.verify.parity import compare_outputs
 from algorithm.ugt.data import random_inputs
 

@@ -16,7 +16,7 @@ from algorithm.serving import (
     TritonConfigGenerator,
     generate_triton_config,
 )
-from algorithm.serving.runtime import INPUT_NAMES
+from algorithm.serving.contract import INPUT_NAMES
 from algorithm.serving.triton_config import model_config_pb2, parse_config
 
 pb = model_config_pb2()

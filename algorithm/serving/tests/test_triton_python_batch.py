@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from algorithm.serving.runtime import INPUT_NAMES, TorchRunner
+from algorithm.serving.contract import INPUT_NAMES
 from algorithm.serving.runtime.gpu.engine import EngineConfig
+from algorithm.serving.runtime.torch import TorchRunner
 from algorithm.serving.triton.python_model.standin import Request, model_py_module, served_model
 from algorithm.serving.verify.parity import compare_outputs
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs

@@ -33,53 +33,26 @@ import uuid
 from pathlib import Path
 
 from algorithm.errors import ConfigError, InputFileNotFoundError, RepositoryError
+from algorithm.fsutil import fsync_dir, fsync_tree, make_dirs, write_text_atomic
 from algorithm.serving.config import PYTHON_RUNTIMES, check_name
+from algorithm.serving.contract import SIDECAR_NAME
+from algorithm.serving.triton.schema import (
+    DEFAULT_FILENAMES,
+    TRITON_DTYPES,
+    artifact_filename,
+    model_config_pb2,
+    parse_config,
+)
 
 logger = logging.getLogger(__name__)
 
 RETIRED = ".retired"
-SIDECAR_NAME = "ugt_model.json"
 # What a publish killed midway leaves behind (hidden from Triton; removed by the next deploy).
 _DEBRIS_DIRS = (".staging-", ".trash-")
 _DEBRIS_FILES = f".{SIDECAR_NAME}."
-_DTYPES = {
-    "int64": "TYPE_INT64",
-    "float32": "TYPE_FP32",
-    "float16": "TYPE_FP16",
-    "int32": "TYPE_INT32",
-}
 
 
 # ------------------------------------------------------------------------------- file helpers
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def write_text_atomic(path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same folder + fsync + rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
 
 
 @contextlib.contextmanager
@@ -119,24 +92,6 @@ def _secure_tree(root: Path) -> None:
             os.chmod(os.path.join(dirpath, d), 0o755)
         for f in files:
             os.chmod(os.path.join(dirpath, f), 0o644)
-
-
-def make_dirs(path) -> Path:
-    """Create ``path`` and its missing parents as 0755 whatever the umask (existing folders are
-    left as they are)."""
-    path = Path(path)
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:
-            continue
-        os.chmod(d, 0o755)
-    return path
 
 
 def check_filename(what: str, name: str) -> str:
@@ -206,8 +161,6 @@ class ModelVersionManager:
         return self.repo / _model_name(model_name)
 
     def _config(self, model_name: str):
-        from algorithm.serving.triton_config import parse_config
-
         path = self.model_dir(model_name) / "config.pbtxt"
         if not path.is_file():
             raise RepositoryError(
@@ -277,8 +230,6 @@ class ModelVersionManager:
         return max(self.list_versions(model_name) + self.retired_versions(model_name) + [0]) + 1
 
     def _artifact_name(self, config, model_file: Path) -> str:
-        from algorithm.serving.triton_config import DEFAULT_FILENAMES, artifact_filename
-
         if config.backend == "python":
             if "artifact" in config.parameters:
                 return check_filename(
@@ -342,11 +293,11 @@ class ModelVersionManager:
             if sidecar is not None:
                 shutil.copyfile(sidecar, staging / SIDECAR_NAME)
             _secure_tree(staging)
-            _fsync_tree(staging)
+            fsync_tree(staging)
             if target.exists():
                 _remove_dir(target)
             os.rename(staging, target)
-            _fsync_dir(model_dir)
+            fsync_dir(model_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -400,8 +351,8 @@ class ModelVersionManager:
             if dst.exists():  # an older retired copy of a number that was redeployed
                 shutil.rmtree(dst)
             os.rename(model_dir / str(v), dst)
-        _fsync_dir(retired_dir)
-        _fsync_dir(model_dir)
+        fsync_dir(retired_dir)
+        fsync_dir(model_dir)
         logger.info("%s: serving version %d, retired %s", model_name, version, newer)
         return {"served": self.default_version(model_name), "retired": newer, "restored": restored}
 
@@ -438,8 +389,6 @@ class ModelVersionManager:
 # ------------------------------------------------------------------------------ validation
 def _artifact_problems(config, version_dir: Path) -> tuple[list[str], int]:
     """Errors about one version folder's artifact, and its size in bytes."""
-    from algorithm.serving.triton_config import DEFAULT_FILENAMES
-
     errors: list[str] = []
     platform = "python" if config.backend == "python" else (config.platform or config.backend)
     if platform not in DEFAULT_FILENAMES:
@@ -496,13 +445,12 @@ def _format_problems(p: Path) -> list[str]:
 
 
 def _io_problems(config, sidecar: dict) -> list[str]:
-    from algorithm.serving.triton_config import model_config_pb2
-
     pb = model_config_pb2()
     errors = []
     for kind, declared in (("input", config.input), ("output", config.output)):
         want = [
-            (x["name"], _DTYPES.get(x.get("dtype", ""), "?")) for x in sidecar.get(f"{kind}s", [])
+            (x["name"], TRITON_DTYPES.get(x.get("dtype", ""), "?"))
+            for x in sidecar.get(f"{kind}s", [])
         ]
         have = [(x.name, pb.DataType.Name(x.data_type)) for x in declared]
         if [n for n, _ in want] != [n for n, _ in have]:
@@ -526,8 +474,6 @@ def _io_problems(config, sidecar: dict) -> list[str]:
 
 
 def _validate_model(model_dir: Path) -> tuple[list[str], dict]:
-    from algorithm.serving.triton_config import model_config_pb2, parse_config
-
     name = model_dir.name
     errors: list[str] = []
     info: dict = {"model_name": name, "versions": [], "warnings": []}

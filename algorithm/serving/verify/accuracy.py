@@ -26,7 +26,7 @@ import numpy as np
 
 from algorithm.errors import ConfigError
 from algorithm.serving.config import ExportConfig
-from algorithm.serving.runtime import INPUT_NAMES
+from algorithm.serving.contract import INPUT_NAMES
 from algorithm.serving.verify.parity import compare_outputs, enforce, merge_reports
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ def hit_rate(outputs: dict[str, np.ndarray], target: np.ndarray) -> float:
 
 def reference_runner(onnx_path=None, reference_model=None) -> tuple[Any, dict[str, Any]]:
     """The fp32 reference runner and a description of it for the report."""
-    from algorithm.serving.runtime import OnnxRuntimeRunner, TorchRunner
+    from algorithm.serving.runtime.onnxruntime import OnnxRuntimeRunner
+    from algorithm.serving.runtime.torch import TorchRunner
 
     if reference_model is not None:
         return TorchRunner(reference_model, device="cpu", dtype="fp32"), {"kind": "pytorch-fp32"}

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-INPUT_NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
-
+from algorithm.serving.contract import INPUT_NAMES
 
 # -- buckets and request grouping -------------------------------------------------------------
 USER_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)

@@ -55,7 +55,6 @@ GELUS = ("exact", "tanh_fused")
 HEAD_PRECISIONS = ("fp32", "tf32", "bf16_fp32_out")
 STEP_ATTENTION = ("elementwise", "einsum")
 TOPK = ("two_stage", "flat")
-INPUT_NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
 
 
 @dataclass

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-INPUT_NAMES = ("encoder_l1_ids", "encoder_l2_ids", "encoder_l3_ids", "attention_mask")
-ID_NAMES = INPUT_NAMES[:3]
+from algorithm.serving.contract import ID_NAMES, INPUT_NAMES, SIDECAR_NAME
+
 # The stub's numpy bridge is built against numpy 1; with numpy 2 tensors cross through DLPack
 # as torch tensors (numpy's own DLPack capsules crash this stub: seen, segfault on CPU).
 _DLPACK = int(np.__version__.split(".")[0]) >= 2
@@ -147,7 +147,7 @@ class TritonPythonModel:
             device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
         # The precision the artifact was built (and accuracy-gated) at, from its sidecar.
         precision = params.get("precision", "fp32")
-        sidecar = version_dir / "ugt_model.json"
+        sidecar = version_dir / SIDECAR_NAME
         if sidecar.is_file():
             with contextlib.suppress(OSError, ValueError):
                 precision = json.loads(sidecar.read_text()).get("precision") or precision
@@ -171,7 +171,8 @@ class TritonPythonModel:
         The torch runner's GPU engine also reads ``batching`` ("length_aware" or "pad"),
         ``engine`` (JSON of gpu.EngineConfig fields) and ``warmup`` (JSON list for
         TorchRunner's ``warmup``) from the parameters, when set."""
-        from algorithm.serving import backends, runners  # noqa: F401  (backends register runners)
+        from algorithm.errors import ServingError
+        from algorithm.serving.runtime import runner_factory
 
         cuda = device.startswith("cuda")
         candidates = {
@@ -192,8 +193,8 @@ class TritonPythonModel:
         if runtime == "onnxruntime" and cuda:
             candidates["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         try:
-            accepted = inspect.signature(runners._RUNNERS[runtime]).parameters
-        except (KeyError, TypeError, ValueError):
+            accepted = inspect.signature(runner_factory(runtime)).parameters
+        except (ImportError, TypeError, ValueError, ServingError):
             return {}
         named = {
             n for n, p in accepted.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
