@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from algorithm.errors import CheckpointError, ConfigError, ParityError
+from algorithm.fsutil import write_json
 from algorithm.serving.config import BenchmarkConfig, ExportConfig, TritonConfig
+from algorithm.serving.contract import accuracy_report_path, parity_report_path
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ class Demo:
         )
         summary["seconds"] = round(time.monotonic() - t0, 1)
         summary["stage_seconds"] = self.times
-        _write_json(self.out / "summary.json", summary)
+        write_json(self.out / "summary.json", summary)
         return summary
 
     # -- stages ------------------------------------------------------------------------------
@@ -157,15 +159,15 @@ class Demo:
         )
 
     def export(self, model, ckpt: Path) -> Path:
-        from algorithm.serving.export_onnx import ONNXExporter
+        from algorithm.serving import pipeline
 
         path = self.out / "model.onnx"
-        parity = path.with_suffix(".parity.json")
+        parity = parity_report_path(path)
         if not self.config.fresh and _newer(path, ckpt) and parity.is_file():
             self._stage("export", 1, 1, f"reused {path} (newer than the checkpoint)")
             return path
         self._stage("export", 0, 1, "torch -> ONNX, parity vs PyTorch")
-        ONNXExporter(self.export_config(model)).export(model, path)
+        pipeline.export(model, self.export_config(model), path)
         worst = json.loads(parity.read_text())["worst"] if parity.is_file() else {}
         self._stage(
             "export", 1, 1, f"parity recall {worst.get('recall_overlap', float('nan')):.3f}"
@@ -174,8 +176,8 @@ class Demo:
 
     def optimize(self, model, onnx_path: Path) -> tuple[Path, dict]:
         """Every candidate behind the accuracy gate, timed in-process; returns the one to serve."""
+        from algorithm.serving import pipeline
         from algorithm.serving.backends import get_backend
-        from algorithm.serving.backends import optimize as build
 
         passed, refused = [], []
         n = len(self.config.candidates)
@@ -183,18 +185,12 @@ class Demo:
             self._stage("optimize", i, n, f"{backend} {precision}")
             folder = self.out / "optimized" / f"{backend}_{precision}"
             artifact = folder / get_backend(backend).artifact_name
-            accuracy = Path(f"{artifact}.accuracy.json")
+            accuracy = accuracy_report_path(artifact)
             try:
                 reusable = _newer(artifact, onnx_path) and _newer_than_backends(artifact)
                 if self.config.fresh or not (reusable and accuracy.is_file()):
-                    artifact = Path(
-                        build(
-                            onnx_path,
-                            artifact,
-                            backend,
-                            self.export_config(model, precision),
-                            reference_model=model,
-                        )
+                    artifact = pipeline.optimize(
+                        model, onnx_path, backend, self.export_config(model, precision), artifact
                     )
             except ParityError as e:
                 refused.append(
@@ -243,14 +239,14 @@ class Demo:
         )
 
     def repository(self, model, artifact: Path, ckpt: Path):
-        from algorithm.serving.triton_config import TritonConfigGenerator
+        from algorithm.serving.pipeline import publish
 
         repo = self.out / "model_repository"
         if repo.exists():
             shutil.rmtree(repo)
         ec = self.export_config(model)
         tc = self.triton_config("onnxruntime")
-        TritonConfigGenerator(ec, tc).generate(repo, model_file=artifact, version=1)
+        publish(repo, ec, tc, artifact, version=1)
         served = {
             self.config.model_name: {
                 "runtime": "onnxruntime",
@@ -260,9 +256,7 @@ class Demo:
         }
         if self.config.baseline:
             tb = self.triton_config("torch")
-            TritonConfigGenerator(ec.replace(model_name=self.config.baseline_name), tb).generate(
-                repo, model_file=ckpt, version=1
-            )
+            publish(repo, ec.replace(model_name=self.config.baseline_name), tb, ckpt, version=1)
             served[self.config.baseline_name] = {
                 "runtime": "torch (PyTorch eager fp32)",
                 "artifact": str(ckpt),
@@ -397,7 +391,7 @@ class Demo:
             record = Path(c.record_dir) / f"cpu_serving-{stamp}.json"
             data = json.loads(path.with_suffix(".json").read_text())
             data["demo"] = {k: v for k, v in summary.items() if k != "paths"}
-            _write_json(record, data)
+            write_json(record, data)
             summary["paths"]["record"] = str(record)
         self._stage("report", 1, 1, str(path))
         return summary
@@ -428,12 +422,6 @@ def _newer_than_backends(path: Path) -> bool:
     from algorithm.serving import backends
 
     return all(_newer(path, f) for f in Path(backends.__file__).parent.glob("*.py"))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from algorithm.fsutil import write_json
-
-    write_json(path, data)
 
 
 def _time_runner(runtime: str, artifact: Path, config: DemoConfig, budget_s: float = 1.5) -> dict:

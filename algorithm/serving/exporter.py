@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from algorithm.interfaces import ServingExporterInterface
 from algorithm.serving.config import BenchmarkConfig, ExportConfig, TritonConfig
 
 logger = logging.getLogger(__name__)
-
-# Which optimizer backend produces the artifact each Triton platform serves.
-PLATFORM_BACKEND = {
-    "tensorrt_plan": "tensorrt",
-    "onnxruntime_onnx": "onnxruntime",
-    "openvino": "openvino",
-}
-PYTHON_RUNTIME_BACKEND = {
-    "onnxruntime": "onnxruntime",
-    "openvino": "openvino",
-    "tensorrt": "tensorrt",
-    "torch_aot": "torch",
-}
 
 
 class ServingExporter(ServingExporterInterface):
@@ -105,11 +91,12 @@ class ServingExporter(ServingExporterInterface):
         }
 
     # -- extensions ----------------------------------------------------------------------------
-    def backend_for_platform(self) -> str:
-        tc = self.triton_config
-        if tc.platform == "python":
-            return PYTHON_RUNTIME_BACKEND.get(tc.python_runtime, "onnxruntime")
-        return PLATFORM_BACKEND[tc.platform]
+    def backend_for_platform(self) -> str | None:
+        """The backend that builds what the TritonConfig serves (None: the torch runner serves
+        the checkpoint)."""
+        from algorithm.serving.pipeline import backend_for
+
+        return backend_for(self.triton_config)
 
     def deploy_full_pipeline(
         self,
@@ -127,51 +114,18 @@ class ServingExporter(ServingExporterInterface):
         ONNX Runtime platform allows it. Python models with ``python_runtime="torch"`` serve
         the checkpoint itself. Raises RepositoryError if the result does not validate.
         """
-        from algorithm.errors import ConfigError, RepositoryError
-        from algorithm.serving.backends import get_backend
-        from algorithm.serving.backends import optimize as optimize_artifact
-        from algorithm.serving.triton.repository import ModelVersionManager, validate_deployment
-        from algorithm.serving.triton_config import TritonConfigGenerator
+        from algorithm.serving.pipeline import deploy
 
-        cfg, tc = self.export_config, self.triton_config
-        repo = Path(model_repository)
-        work = repo.parent / f".{repo.name}-build"
-        onnx_out = None
-        if tc.platform == "python" and tc.python_runtime == "torch":
-            artifact = model.save(Path(engine_path or work / f"{cfg.model_name}.safetensors"))
-        else:
-            onnx_out = Path(onnx_path or work / f"{cfg.model_name}.onnx")
-            self.export_onnx(model, onnx_out)
-            backend_name = self.backend_for_platform()
-            if not optimize:
-                if backend_name != "onnxruntime":
-                    raise ConfigError(
-                        "optimize", False, f"True for {tc.platform} ({backend_name} artifact)"
-                    )
-                artifact = onnx_out
-            else:
-                backend = get_backend(backend_name)
-                # Its own folder: the onnxruntime artifact has the export's suffix.
-                engine_path = Path(engine_path or work / backend.name / backend.artifact_name)
-                artifact = optimize_artifact(
-                    onnx_out, engine_path, backend.name, cfg, reference_model=model
-                )
-        config_path = TritonConfigGenerator(cfg, tc).generate(repo)
-        published = ModelVersionManager(repo).deploy_version(
-            cfg.model_name, artifact, version=version, replace=version is not None
+        return deploy(
+            model,
+            model_repository,
+            self.export_config,
+            self.triton_config,
+            onnx_path=onnx_path,
+            engine_path=engine_path,
+            version=version,
+            optimize_for_platform=optimize,
         )
-        check = validate_deployment(repo, cfg.model_name)
-        if not check["valid"]:
-            raise RepositoryError(
-                "the deployed model does not validate: " + "; ".join(check["errors"])
-            )
-        return {
-            "onnx_path": str(onnx_out) if onnx_out else "",
-            "engine_path": str(artifact),
-            "config_path": str(config_path),
-            "model_repository": str(repo),
-            "version": str(published),
-        }
 
     def validate_deployment(self, model_repository, model_name: str | None = None) -> dict:
         from algorithm.serving.triton.repository import validate_deployment

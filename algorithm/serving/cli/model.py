@@ -19,6 +19,7 @@ from algorithm.serving.cli.app import (
     progress,
     stage,
 )
+from algorithm.serving.contract import accuracy_report_path, parity_report_path
 
 
 @app.command()
@@ -91,7 +92,7 @@ def export(
     with stage("Exporting to ONNX and checking parity"):
         path = ONNXExporter(cfg).export(model, output)
     result: dict[str, Any] = {"onnx_path": path}
-    parity = Path(path).with_suffix(".parity.json")
+    parity = parity_report_path(path)
     if verify and parity.is_file():
         result.update(
             {f"parity_{k}": v for k, v in json.loads(parity.read_text())["worst"].items()}
@@ -194,13 +195,13 @@ def optimize(
                 f"Accuracy gate: {b.name} {precision} REFUSED (artifact not written)",
             )
         raise
-    report = json.loads(Path(f"{path}.accuracy.json").read_text())
+    report = json.loads(accuracy_report_path(path).read_text())
     emit(
         {
             "artifact": path,
             "backend": b.name,
             "triton_platform": b.triton_platform,
-            "accuracy_report": f"{path}.accuracy.json",
+            "accuracy_report": str(accuracy_report_path(path)),
             **summarize(report),
         },
         "Optimized",

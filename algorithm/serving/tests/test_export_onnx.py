@@ -22,7 +22,8 @@ from algorithm.serving import (
 )
 from algorithm.serving.contract import read_sidecar
 from algorithm.serving.export_onnx import check_graph
-from algorithm.serving.runtime import OnnxRuntimeRunner, TorchRunner
+from algorithm.serving.runtime.onnxruntime import OnnxRuntimeRunner
+from algorithm.serving.runtime.torch import TorchRunner
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs
 
 

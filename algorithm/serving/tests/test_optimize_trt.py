@@ -26,15 +26,14 @@ from algorithm.serving import (
     build_trt_engine,
     create_calibration_data_generator,
 )
-from algorithm.serving.contract import INPUT_NAMES
-from algorithm.serving.optimize_trt import (
+from algorithm.serving.backends.tensorrt import (
     calibration_cache_path,
-    check_plan_compatible,
     optimization_profiles,
-    profile_for_shape,
     scoring_layer_names,
-    trtexec_command,
 )
+from algorithm.serving.contract import INPUT_NAMES
+from algorithm.serving.optimize_trt import check_plan_compatible, trtexec_command
+from algorithm.serving.runtime.tensorrt import profile_for_shape
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 

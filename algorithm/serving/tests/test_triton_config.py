@@ -17,7 +17,7 @@ from algorithm.serving import (
     generate_triton_config,
 )
 from algorithm.serving.contract import INPUT_NAMES
-from algorithm.serving.triton_config import model_config_pb2, parse_config
+from algorithm.serving.triton.schema import model_config_pb2, parse_config
 
 pb = model_config_pb2()
 

@@ -38,6 +38,7 @@ from algorithm.serving.config import PYTHON_RUNTIMES, check_name
 from algorithm.serving.contract import SIDECAR_NAME
 from algorithm.serving.triton.schema import (
     DEFAULT_FILENAMES,
+    PYTHON_MODEL_FILE,
     TRITON_DTYPES,
     artifact_filename,
     model_config_pb2,
@@ -321,7 +322,7 @@ class ModelVersionManager:
                     )
                 shutil.copyfile(weights, dst.with_suffix(".bin"))
         if python:
-            shutil.copyfile(_python_model_source(), staging / "model.py")
+            shutil.copyfile(_python_model_source(), staging / PYTHON_MODEL_FILE)
 
     def rollback(self, model_name: str, version: int) -> dict:
         """Make ``version`` the one served: newer versions move to ``.retired/``; a retired

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from algorithm.errors import ConfigError
 from algorithm.serving.config import ExportConfig
-from algorithm.serving.contract import INPUT_NAMES
+from algorithm.serving.contract import INPUT_NAMES, parity_report_path
 from algorithm.serving.verify.parity import compare_outputs, enforce, merge_reports
 
 logger = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ def reference_runner(onnx_path=None, reference_model=None) -> tuple[Any, dict[st
             hint="Pass reference_model=<UGTModel> (CLI: --checkpoint) or the exported ONNX file.",
         )
     info: dict[str, Any] = {"kind": "onnx-fp32", "runtime": "onnxruntime", "path": str(onnx_path)}
-    parity = Path(onnx_path).with_suffix(".parity.json")
+    parity = parity_report_path(onnx_path)
     if parity.is_file():
         try:
             info["export_parity_vs_pytorch"] = json.loads(parity.read_text()).get("worst")
