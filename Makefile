@@ -24,6 +24,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check algorithm benchmarks
+	cd $(CURDIR) && $(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff format --check algorithm benchmarks
 
 format: setup

@@ -15,17 +15,15 @@ import torch.nn.functional as F
 from algorithm.errors import ConfigError
 from algorithm.serving.contract import INPUT_NAMES
 from algorithm.serving.runtime.gpu import kernels as fk
-from algorithm.serving.runtime.gpu.engine import (
-    EngineConfig,
+from algorithm.serving.runtime.gpu.batch import (
     FlatBatch,
-    GpuEngine,
     bucket_tokens,
     bucket_users,
-    count_flops,
     group_requests,
     packed_index,
     previous_token_bucket,
 )
+from algorithm.serving.runtime.gpu.engine import EngineConfig, GpuEngine, count_flops
 from algorithm.serving.runtime.torch import TorchRunner
 from algorithm.serving.verify.parity import compare_outputs
 from algorithm.ugt import SyntheticCatalog, UGTConfig, UGTModel, random_inputs
@@ -149,12 +147,12 @@ def test_host_layout_equals_the_device_route_bucketed(model, rng, full):
     if full:
         inp = random_inputs(5, 20, SMALL.codebook_sizes, rng)
     engine = GpuEngine(model, EngineConfig(dtype="fp32"), device="cpu")
-    engine.graphs_enabled = True  # bucketing on; nothing is captured on a CPU
+    engine.graphs.enabled = True  # bucketing on; nothing is captured on a CPU
     reqs = [{k: v[i : i + 1, : widths[i]] for k, v in inp.items()} for i in range(5)]
     batch = FlatBatch.from_requests(reqs)
-    host = engine._materialized(engine.tokens_from_batch(batch))
+    host = engine.layouts.materialized(engine.tokens_from_batch(batch))
     padded = dict(zip(INPUT_NAMES, batch.padded(), strict=True))
-    key, dev = engine._graph_key_and_static(engine.tokens_from_arrays(*padded.values())[0])
+    key, dev = engine.layouts.graph_key_and_static(engine.tokens_from_arrays(*padded.values())[0])
     assert host.key == key and host.kind == ("dense" if full else "packed")
     assert host.max_len == dev.max_len and host.users == dev.users
     for a, b in zip(host.tensors(), dev.tensors(), strict=True):
@@ -228,7 +226,7 @@ def test_warmup_serves_dense_and_mixed_requests_then_freezes(model):
         model, engine=EngineConfig(dtype="fp32", capture_new_shapes=False), warmup=spec
     )
     assert (
-        runner.engine.graph_count == 0 and runner.engine.frozen
+        runner.engine.graph_count == 0 and runner.engine.graphs.frozen
     )  # no CUDA here: eager, every path ran
 
 
@@ -473,7 +471,7 @@ def test_gpu_host_layouts_replay_their_graphs_from_one_buffer(model, rng):
             outs = runner.infer_requests(reqs)
             got = {k: np.concatenate([o[k] for o in outs]) for k in ("recommendations", "scores")}
             assert compare_outputs(ref, got)["recall_overlap"] >= 0.9, trial
-    graphs = runner.engine._graphs.values()
+    graphs = runner.engine.graphs.values()
     assert len(graphs) >= 2 and all(static.buf is not None for _, static, _ in graphs)
 
 
@@ -503,7 +501,7 @@ def test_mix_warmup_covers_the_dynamic_batches_of_a_lognormal_mix(model):
     engine = GpuEngine(model, EngineConfig(dtype="fp32"), device="cpu")
 
     def key(lengths):  # the engine's own graph key for a packed batch of these histories
-        return engine._packed_bucket(len(lengths), int(sum(lengths)))[0]
+        return engine.layouts.bucket_packed(len(lengths), int(sum(lengths)))[0]
 
     batches = mix_warmup_lengths(200, 0.8, 1024, coverage=0.995, max_users=64)
     assert all(min(b) >= 1 and max(b) <= 1024 for b in batches)
@@ -556,26 +554,26 @@ def test_mix_warmup_covers_the_padded_batches_too():
 
 def test_frozen_engine_routes_an_unwarmed_full_batch_to_packed_graphs(model):
     engine = GpuEngine(model, EngineConfig(dtype="fp32", capture_new_shapes=False), device="cpu")
-    assert engine._dense_graph_ready(1, 237)  # no graphs on CPU: dense whenever full
-    engine.graphs_enabled, engine.frozen = True, True  # as on a GPU after warm-up
-    engine._graphs[("dense", 64, 1024)] = None
-    assert engine._dense_graph_ready(64, 1024)
-    assert not engine._dense_graph_ready(1, 237)  # a single history of a mix: packed bucket
+    assert engine.layouts.dense_graph_ready(1, 237)  # no graphs on CPU: dense whenever full
+    engine.graphs.enabled, engine.graphs.frozen = True, True  # as on a GPU after warm-up
+    engine.graphs[("dense", 64, 1024)] = None
+    assert engine.layouts.dense_graph_ready(64, 1024)
+    assert not engine.layouts.dense_graph_ready(1, 237)  # a single history of a mix: packed bucket
 
 
 def test_frozen_engine_pads_an_unwarmed_packed_batch_to_a_larger_warmed_bucket(model):
     engine = GpuEngine(model, EngineConfig(dtype="fp32", capture_new_shapes=False), device="cpu")
-    assert engine._packed_bucket(3, 150)[:3] == (("packed", 4, 160), [1, 9], 160)
-    engine.graphs_enabled, engine.frozen = True, True  # as on a GPU after warm-up
+    assert engine.layouts.bucket_packed(3, 150)[:3] == (("packed", 4, 160), [1, 9], 160)
+    engine.graphs.enabled, engine.graphs.frozen = True, True  # as on a GPU after warm-up
     for nb in (128, 176, 208):
-        engine._graphs[("packed", 4, nb)] = None
-    engine._graphs[("packed", 8, 160)] = None
-    key, extra, nb, max_len = engine._packed_bucket(3, 150)
+        engine.graphs[("packed", 4, nb)] = None
+    engine.graphs[("packed", 8, 160)] = None
+    key, extra, nb, max_len = engine.layouts.bucket_packed(3, 150)
     assert (key, extra, nb) == (("packed", 4, 176), [1, 25], 176) and engine.rounded_up == 1
     assert max(extra) <= max_len == SMALL.max_seq_length
     # each larger bucket would need a spare slot longer than one history: no graph, eager
-    assert engine._packed_bucket(3, 60)[0] == ("packed", 4, 64) and engine.rounded_up == 1
-    assert engine._packed_bucket(3, 120)[0] == ("packed", 4, 128)  # warmed: its own bucket
+    assert engine.layouts.bucket_packed(3, 60)[0] == ("packed", 4, 64) and engine.rounded_up == 1
+    assert engine.layouts.bucket_packed(3, 120)[0] == ("packed", 4, 128)  # warmed: its own bucket
 
 
 def test_gpu_benchmark_reads_each_load_curve_at_the_p99_budget():

@@ -402,15 +402,22 @@ MASKED = -30000.0  # the reference's additive mask value
 
 
 class TokenLayouts:
-    """Builds ``Tokens`` for GpuEngine (mixed into it; uses its ``device``, ``dtype``, ``k``,
-    ``sizes``, ``config``, ``model_config``, ``graphs_enabled``, ``frozen``, ``_graphs``, ``staging``
-    and ``m``).
+    """Builds ``Tokens`` for GpuEngine (composed into it, with the engine's model copy, config,
+    device and dtype, and its GraphCache, whose keys decide the buckets).
 
     Two routes: ``tokens_from_arrays`` for [B, T] tensors already anywhere (validity computed
     where they are), and ``tokens_from_batch`` for a host ``FlatBatch`` (a Triton dynamic batch):
     the layout is computed on the host, already padded to its CUDA-graph bucket, and written
     into the staging buffer, so that the whole forward's inputs reach the device in one copy
     (straight into the graph's static buffer on replay)."""
+
+    def __init__(self, model, config, device, dtype, graphs):
+        self.m = model
+        self.model_config = mc = model.config
+        self.k, self.sizes = mc.num_recommendations, tuple(mc.codebook_sizes)
+        self.config, self.device, self.dtype = config, device, dtype
+        self.graphs = graphs
+        self.staging = Staging(device)
 
     # -- device-side route -------------------------------------------------------------------
     def _device_tokens(
@@ -469,7 +476,7 @@ class TokenLayouts:
             "packed", len(lengths), max_len, ids, pos, packed_index(lengths), lengths
         )
 
-    def _graph_key_and_static(self, t: Tokens):
+    def graph_key_and_static(self, t: Tokens):
         """Pad ``t`` to its bucket; returns (key, bucketed tokens)."""
         if t.key is not None:  # built on the host, already bucketed
             return t.key, t
@@ -492,7 +499,7 @@ class TokenLayouts:
             tb = Tokens("padded", bb, nb, ids.view(3, -1), pos, enc_mask=enc, mem_mask=mem)
             return ("padded", bb, nb), tb
         n, b = t.ids.shape[1], t.users
-        key, extra, nb, max_len = self._packed_bucket(b, n)
+        key, extra, nb, max_len = self.bucket_packed(b, n)
         lengths = list(t.lengths) + extra
         ids = torch.cat([t.ids, t.ids.new_zeros(3, nb - n)], 1)
         pos = torch.cat([t.pos, t.pos.new_zeros(nb - n)])
@@ -501,18 +508,18 @@ class TokenLayouts:
         )
         return key, padded
 
-    def _packed_bucket(self, users: int, tokens: int):
+    def bucket_packed(self, users: int, tokens: int):
         """(graph key, dummy slot lengths, bucketed tokens, max_len) for a packed forward
         (``packed_bucket``: dummy users of one token, then one dummy slot of the spare tokens).
         A frozen engine without a graph for that bucket takes the smallest larger warmed one
         whose spare slot stays one history long: a few hundred padded tokens cost far less than
         an eager run (~10 ms of launches), whatever length mix the warm-up did not foresee."""
         bb, nb, pad = packed_bucket(users, tokens)
-        if self._graphs_frozen() and ("packed", bb, nb) not in self._graphs:
+        if self.graphs.closed and ("packed", bb, nb) not in self.graphs:
             used = nb - pad
             fits = [
                 key[2]
-                for key in self._graphs
+                for key in self.graphs
                 if key[:2] == ("packed", bb)
                 and key[2] > nb
                 and key[2] - used <= self._packed_max_len(key[2])
@@ -520,17 +527,13 @@ class TokenLayouts:
             if fits:
                 nb = min(fits)
                 pad = nb - used
-                self.rounded_up += 1
+                self.graphs.rounded_up += 1
         extra = [1] * (bb - users) + [pad]
         return ("packed", bb, nb), extra, nb, self._packed_max_len(nb)
 
     def _packed_max_len(self, nb: int) -> int:
         """The longest slot a packed forward of ``nb`` tokens may hold (attention's bound)."""
         return max(self.model_config.max_seq_length, nb - previous_token_bucket(nb))
-
-    def _graphs_frozen(self) -> bool:
-        """Warm-up is over and a shape without a graph would run eagerly (no new captures)."""
-        return self.graphs_enabled and self.frozen and not self.config.capture_new_shapes
 
     # -- host-side route (one copy) ------------------------------------------------------------
     def tokens_from_requests(self, requests: Sequence[dict]) -> tuple[Tokens, list[int]]:
@@ -559,7 +562,7 @@ class TokenLayouts:
             self.config.dense_when_full
             and (batch.seq == width).all()
             and valid.all()
-            and self._dense_graph_ready(users, width)
+            and self.dense_graph_ready(users, width)
         ):
             return self._staged_dense(batch.values, users, width)
         widths = batch.row_widths()
@@ -574,11 +577,11 @@ class TokenLayouts:
 
         return self._staged_packed(lengths, fill)
 
-    def _dense_graph_ready(self, users: int, width: int) -> bool:
+    def dense_graph_ready(self, users: int, width: int) -> bool:
         """Dense attention only where its graph (keyed by the exact width) exists or may still
         be captured: frozen, an unseen width (a single history of a realistic mix, say) runs
         packed in a bucketed graph instead of eagerly."""
-        return not self._graphs_frozen() or ("dense", users, width) in self._graphs
+        return not self.graphs.closed or ("dense", users, width) in self.graphs
 
     def _staged_dense(self, values: np.ndarray, users: int, width: int) -> Tokens:
         layout = dense_layout(users, width)
@@ -586,15 +589,15 @@ class TokenLayouts:
         v = layout_views(staged, layout, as_numpy=True)
         v["ids"][:] = values[:3].reshape(-1)
         v["pos"].reshape(users, width)[:] = np.arange(width)
-        key = ("dense", users, width) if self.graphs_enabled else None
+        key = ("dense", users, width) if self.graphs.enabled else None
         return Tokens("dense", users, width, None, None, key=key, staged=staged, layout=layout)
 
     def _staged_packed(self, lengths: np.ndarray, fill) -> Tokens:
         """Packed slots of ``lengths`` (bucketed when graphs run); ``fill(ids [3, n], pos [n])``
         writes the valid tokens in place."""
         b, n = len(lengths), int(lengths.sum())
-        if self.graphs_enabled:
-            key, extra, nb, max_len = self._packed_bucket(b, n)
+        if self.graphs.enabled:
+            key, extra, nb, max_len = self.bucket_packed(b, n)
         else:
             key, extra, nb, max_len = None, [], n, max(int(lengths.max(initial=0)), 1)
         lens = np.concatenate([lengths, np.asarray(extra, dtype=np.int64)])
@@ -614,7 +617,7 @@ class TokenLayouts:
         t.lengths = tuple(lens.tolist())
         return t
 
-    def _with_buffer(self, t: Tokens, buf: torch.Tensor) -> Tokens:
+    def with_buffer(self, t: Tokens, buf: torch.Tensor) -> Tokens:
         """``t`` with its tensors as views of ``buf`` (a device copy of ``t.staged``)."""
         v = layout_views(buf, t.layout)
         out = Tokens(
@@ -635,8 +638,8 @@ class TokenLayouts:
             out.cu_beams = {1: v["cu_beams_1"], self.k: v[f"cu_beams_{self.k}"]}
         return out
 
-    def _materialized(self, t: Tokens) -> Tokens:
+    def materialized(self, t: Tokens) -> Tokens:
         """``t`` with device tensors (one copy of the staged buffer; no-op if already there)."""
         if t.ids is not None:
             return t
-        return self._with_buffer(t, self.staging.copy_to(t.staged))
+        return self.with_buffer(t, self.staging.copy_to(t.staged))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,17 +32,11 @@ import torch.nn.functional as F
 
 from algorithm.errors import ConfigError
 from algorithm.serving.runtime.gpu import kernels as fk
-from algorithm.serving.runtime.gpu.batch import (  # noqa: F401  (re-exported: tests and benchmarks import them from here)
-    FlatBatch,
-    Staging,
+from algorithm.serving.runtime.gpu.batch import (
     TokenLayouts,
     Tokens,
-    bucket_tokens,
-    bucket_users,
-    group_requests,
-    packed_index,
-    previous_token_bucket,
 )
+from algorithm.serving.runtime.gpu.graphs import GraphCache
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +137,7 @@ def count_flops(config, lengths: Sequence[int], kv_cache: bool = False) -> dict:
     return out
 
 
-class GpuEngine(TokenLayouts):
+class GpuEngine:
     """``engine(l1, l2, l3, mask) -> (recs int64 [B, K, 3], scores fp32 [B, K])`` on any device.
 
     On CPU (tests) it runs in fp32 with a reference attention loop; on CUDA it is the fast path.
@@ -187,16 +180,10 @@ class GpuEngine(TokenLayouts):
             )
             for h in model.heads
         ]
-        self.graphs_enabled = cfg.cuda_graphs and cuda
-        self.frozen = (
-            False  # set by freeze_graphs(): no new captures when capture_new_shapes is False
+        self.graphs = GraphCache(
+            self.device, cfg.cuda_graphs and cuda, cfg.max_graphs, cfg.capture_new_shapes
         )
-        self.eager_runs = 0  # frozen: batches of a shape without a graph (run eagerly)
-        self.rounded_up = 0  # frozen: packed batches sent to a larger warmed bucket instead
-        self._graphs: OrderedDict = OrderedDict()
-        self._pool = None
-        self.graph_captures = 0
-        self.staging = Staging(self.device)  # host layouts (gpu_batch.TokenLayouts)
+        self.layouts = TokenLayouts(m, cfg, self.device, self.dtype, self.graphs)
 
     # -- building blocks ------------------------------------------------------------------
     def _sdpa(self, q, k, v, mask):
@@ -482,60 +469,42 @@ class GpuEngine(TokenLayouts):
 
     # -- CUDA graphs ---------------------------------------------------------------------------
     def _replay(self, t: Tokens):
+        layouts, graphs = self.layouts, self.graphs
         if t.kind == "packed" and self.kernel == "reference":
-            return self._forward(self._materialized(t))  # host loop over lengths: not capturable
-        key, tb = self._graph_key_and_static(t)
-        entry = self._graphs.get(key)
-        if entry is None and self._graphs_frozen():
-            self.eager_runs += 1  # a capture would stall this batch for tens of ms
-            return self._forward(self._materialized(tb))
+            return self._forward(layouts.materialized(t))  # host loop over lengths: not capturable
+        key, tb = layouts.graph_key_and_static(t)
+        entry = graphs.lookup(key)
+        if entry is None and graphs.closed:
+            graphs.eager_runs += 1  # a capture would stall this batch for tens of ms
+            return self._forward(layouts.materialized(tb))
         if entry is None:
-            entry = self._capture(self._materialized(tb))
-            self._graphs[key] = entry
-            while len(self._graphs) > self.config.max_graphs:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
+            static = self._static_inputs(layouts.materialized(tb))
+            label = f"{tb.users} users x {static.ids.shape[1]} tokens"
+            entry = graphs.capture(key, static, self._forward, label)
         graph, static, outs = entry
         if tb.staged is not None and static.buf is not None:
-            self.staging.copy_to(tb.staged, static.buf)  # one host-to-device copy, all inputs
+            layouts.staging.copy_to(tb.staged, static.buf)  # one host-to-device copy, all inputs
         else:
-            tb = self._materialized(tb)
+            tb = layouts.materialized(tb)
             for dst, src in zip(static.tensors(), tb.tensors(), strict=True):
                 dst.copy_(src, non_blocking=True)
         graph.replay()
         return outs
 
-    def _capture(self, t: Tokens):
+    def _static_inputs(self, t: Tokens) -> Tokens:
+        """A private copy of ``t``'s device tensors: the graph's inputs, refilled per replay."""
         if t.buf is not None:  # a host-built layout: static inputs are views of one buffer
-            static = self._with_buffer(t, t.buf.clone())
+            static = self.layouts.with_buffer(t, t.buf.clone())
             static.lengths = static.staged = None
-        else:
-            static = Tokens(**{**t.__dict__, "lengths": None})
-            static.ids, static.pos = t.ids.clone(), t.pos.clone()
-            for name in ("cu", "cu_mem", "tok_to_mem", "null_idx", "enc_mask", "mem_mask"):
-                if getattr(t, name) is not None:
-                    setattr(static, name, getattr(t, name).clone())
-            if t.cu_beams:
-                static.cu_beams = {k: v.clone() for k, v in t.cu_beams.items()}
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._forward(static)  # warm-up: cuBLAS handles, kernel selection
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outs = self._forward(static)
-        self.graph_captures += 1
-        logger.info(
-            "captured CUDA graph %d for %s users x %d tokens",
-            self.graph_captures,
-            t.users,
-            t.ids.shape[1],
-        )
-        return graph, static, outs
+            return static
+        static = Tokens(**{**t.__dict__, "lengths": None})
+        static.ids, static.pos = t.ids.clone(), t.pos.clone()
+        for name in ("cu", "cu_mem", "tok_to_mem", "null_idx", "enc_mask", "mem_mask"):
+            if getattr(t, name) is not None:
+                setattr(static, name, getattr(t, name).clone())
+        if t.cu_beams:
+            static.cu_beams = {k: v.clone() for k, v in t.cu_beams.items()}
+        return static
 
     # -- public ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -543,14 +512,14 @@ class GpuEngine(TokenLayouts):
         """(recs [users, K, 3], scores [users, K]) for a prepared layout; outputs stay on the
         device, or with ``host`` are copied to host memory (one copy per output, no clones)."""
         users = t.users if users is None else users
-        if self.graphs_enabled:
+        if self.graphs.enabled:
             # capture and replay follow the *current* device: make it this engine's (cuda:1 ...)
             with torch.cuda.device(self.device):
                 recs, scores = self._replay(t)
                 if host:
                     return recs[:users].cpu(), scores[:users].cpu()
                 return recs[:users].clone(), scores[:users].clone()
-        recs, scores = self._forward(self._materialized(t))
+        recs, scores = self._forward(self.layouts.materialized(t))
         if host:
             return recs[:users].cpu(), scores[:users].cpu()
         return recs[:users], scores[:users]
@@ -559,18 +528,36 @@ class GpuEngine(TokenLayouts):
         t, b = self.tokens_from_arrays(l1, l2, l3, mask)
         return self.run(t, b)
 
+    # the layouts' public routes, on the engine for its callers (runners, model.py, benchmarks)
+    def tokens_from_arrays(self, l1, l2, l3, mask) -> tuple[Tokens, int]:
+        return self.layouts.tokens_from_arrays(l1, l2, l3, mask)
+
+    def tokens_from_requests(self, requests) -> tuple[Tokens, list[int]]:
+        return self.layouts.tokens_from_requests(requests)
+
+    def tokens_from_batch(self, batch) -> Tokens:
+        return self.layouts.tokens_from_batch(batch)
+
     def freeze_graphs(self) -> None:
         """After warm-up: shapes not captured yet run eagerly if ``capture_new_shapes`` is False."""
-        self.frozen = True
+        self.graphs.freeze()
 
     @property
     def graph_count(self) -> int:
         """CUDA graphs held now (0 without graphs)."""
-        return len(self._graphs)
+        return len(self.graphs)
+
+    @property
+    def eager_runs(self) -> int:
+        return self.graphs.eager_runs
+
+    @property
+    def rounded_up(self) -> int:
+        return self.graphs.rounded_up
 
     def warmup(self, shapes: Sequence[tuple[int, int]]) -> int:
         """Run (and capture) full-length batches of these (batch, seq_len); returns graphs held."""
         for b, n in shapes:
             ids = torch.zeros(b, n, dtype=torch.int64, device=self.device)
             self(ids, ids, ids, torch.ones_like(ids))
-        return len(self._graphs)
+        return len(self.graphs)
