@@ -456,7 +456,7 @@ def test_files_are_written_0644_whatever_the_umask(tmp_path):
 
 
 def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
-    import algorithm.serving.deploy.manifests as manifests
+    import algorithm.fsutil as fsutil
 
     root = tmp_path / "deploy"
     write_manifests(root)
@@ -465,7 +465,7 @@ def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
     def crash(src, dst):  # the process dies between writing the temp file and renaming it
         raise OSError("disk full")
 
-    monkeypatch.setattr(manifests.os, "replace", crash)
+    monkeypatch.setattr(fsutil.os, "replace", crash)
     with pytest.raises(OSError):
         write_manifests(root, ExportConfig(model_name="other"))
     assert (root / "k8s/deployment.yaml").read_text() == before

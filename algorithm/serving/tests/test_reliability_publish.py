@@ -37,7 +37,8 @@ RANDOM_KILLS = 4
 # The child: optionally hold at a hook point (announced on stdout), then deploy.
 CHILD = textwrap.dedent("""
     import os, shutil, sys, time
-    from algorithm.serving import repository, triton_config
+    from algorithm.serving import triton_config
+    from algorithm.serving.triton import repository
     triton_config.model_config_pb2()  # imported before READY: the kills land in the publish
     repo, model, artifact, point = sys.argv[1:5]
 
