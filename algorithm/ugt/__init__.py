@@ -5,8 +5,9 @@ Names resolve lazily, so ``algorithm.ugt.config`` (the model's I/O names) import
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from algorithm.lazy import lazy_exports
 
 _EXPORTS = {
     "INPUT_NAMES": ".config",
@@ -25,17 +26,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'algorithm.ugt' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs

@@ -23,7 +23,7 @@ from algorithm.ugt.checkpoint import read_checkpoint, save_checkpoint
 from algorithm.ugt.config import UGTConfig
 
 # Additive mask value: exp() of it is exactly 0 in fp32, and it is finite in fp16/bf16.
-_MASKED = -30000.0
+MASKED = -30000.0
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -40,7 +40,7 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 
 def additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Key-padding mask [B, L] (True = attend) -> additive [B, 1, 1, L]."""
-    return ((~valid).to(dtype) * _MASKED)[:, None, None, :]
+    return ((~valid).to(dtype) * MASKED)[:, None, None, :]
 
 
 class SelfAttention(nn.Module):

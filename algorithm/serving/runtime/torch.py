@@ -91,7 +91,7 @@ class TorchRunner:
         batch of them arrives) or ``{"lognormal": [median, sigma, max], "coverage": c,
         "max_users": u}`` (mixed lengths: the graphs of the engine's layout, packed or padded,
         that cover ``c`` of the dynamic batches of 1..u such histories, see
-        ``gpu_batch.mix_warmup_lengths``). Returns the engine's captured graphs (0 when eager).
+        ``gpu.batch.mix_warmup_lengths``). Returns the engine's captured graphs (0 when eager).
         """
         from algorithm.serving.runtime.gpu.batch import mix_warmup_lengths
 
@@ -178,7 +178,7 @@ class TorchRunner:
 
     def infer_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
         """(recs int64 [users, K, 3], scores fp32 [users, K]) on the host for every row of a
-        ``gpu_batch.FlatBatch`` (all requests of a Triton dynamic batch), rows in order: one
+        ``gpu.batch.FlatBatch`` (all requests of a Triton dynamic batch), rows in order: one
         layout on the host, one copy in, one forward, one copy out per output."""
         recs, scores = self._infer_flat(batch, host=True)
         return recs.numpy(), scores.numpy()

@@ -23,7 +23,7 @@ from algorithm.serving.tests.reliability_helpers import (
 from algorithm.serving.triton.supervisor import RestartPolicy, ServerSupervisor, describe_event
 
 # The CLI as the ugt-serving script runs it (`python -m algorithm.serving.cli` runs cli.py as
-# __main__, without the commands of cli_deploy/cli_bench).
+# __main__, without the commands of the other cli modules).
 CLI = "from algorithm.serving.cli import app; app()"
 
 MODEL = "ugt_fault"

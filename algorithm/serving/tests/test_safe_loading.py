@@ -28,7 +28,7 @@ from algorithm.serving import (
 from algorithm.serving.cli import app
 
 # The CLI as the ugt-serving script runs it (`python -m algorithm.serving.cli` runs cli.py as
-# __main__, without the commands of cli_deploy/cli_bench).
+# __main__, without the commands of the other cli modules).
 CLI = "from algorithm.serving.cli import app; app()"
 
 TRAVERSALS = ["../x", "a/b", "..", "/etc", "1/../../etc", "x\\..\\y", "", "ugt\0"]

@@ -32,11 +32,9 @@ import torch.nn.functional as F
 
 from algorithm.errors import ConfigError
 from algorithm.serving.runtime.gpu import kernels as fk
-from algorithm.serving.runtime.gpu.batch import (
-    TokenLayouts,
-    Tokens,
-)
+from algorithm.serving.runtime.gpu.batch import Tokens
 from algorithm.serving.runtime.gpu.graphs import GraphCache
+from algorithm.serving.runtime.gpu.layouts import TokenLayouts
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +64,7 @@ class EngineConfig:
     step_attention: str = "elementwise"  # the decoder's <= 3-key self-attention over its cache
     topk: str = "two_stage"  # beam step: per-beam top-K then top-K of K*K, or one top-K of K*C
     topk_group: int = 16  # > 0 (a power of 2): top-K among the K groups of codes of largest max
-    fused_ops: bool = True  # gpu_kernels: fused add+LayerNorm, embeddings, cache attention, lse
+    fused_ops: bool = True  # gpu/kernels.py: fused add+LayerNorm, embeddings, cache attention, lse
     cuda_graphs: bool = True
     max_graphs: int = 512  # LRU bound on captured graphs (64 dense + ~200 mix keys warmed)
     capture_new_shapes: bool = True  # False: shapes first seen after freeze_graphs() run eagerly
