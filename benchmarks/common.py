@@ -8,6 +8,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,12 +35,40 @@ def environment(
     except OSError:
         pass
     return {
+        **git_state(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "versions": versions,
+    }
+
+
+def git_state() -> dict:
+    """The commit the numbers come from and whether the tree had uncommitted changes (from git,
+    or from UGT_GIT_COMMIT / UGT_GIT_DIRTY where the tree travelled without its .git)."""
+    if os.environ.get("UGT_GIT_COMMIT"):
+        dirty = os.environ.get("UGT_GIT_DIRTY")
+        return {
+            "git_commit": os.environ["UGT_GIT_COMMIT"],
+            "git_dirty": dirty == "1" if dirty else None,
+        }
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args) -> str | None:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
     }
 
 

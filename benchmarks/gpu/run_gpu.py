@@ -73,7 +73,11 @@ def environment(device: torch.device) -> dict:
             versions[p] = md.version(p)
         except md.PackageNotFoundError:
             versions[p] = None
+    from benchmarks.common import git_state
+
     env = {
+        **git_state(),
+        "command": " ".join(["benchmarks/gpu/run_gpu.sh", *sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "python": platform.python_version(),
