@@ -60,6 +60,10 @@ class ServeOptions:
     mix_coverage: float = 0.9995  # of the mix's dynamic batches whose packed graph is warmed
     tensor_transport: str = ""  # "dlpack": as with numpy 2 (the GPU machine) also under numpy 1
     phase_stats: bool = True  # model.py writes its host time per phase; points report us/request
+    # Serving configurations compared side by side in one run (the server part): each a name and
+    # ServeOptions fields it overrides (instances, max_queue_delay_us, preferred, max_batch).
+    # Empty: one configuration per entry of server_instances (the earlier runs).
+    server_variants: list = field(default_factory=list)
 
 
 def server_env() -> dict:
@@ -478,9 +482,14 @@ def serve_part(
         }
         try:
             summ = {}
-            for inst in so.server_instances:
-                tag = f"i{inst}"
-                so_i = ServeOptions(**{**asdict(so), "instances": inst})
+            variants = so.server_variants or [
+                {"name": f"i{inst}", "instances": inst} for inst in so.server_instances
+            ]
+            for variant in variants:
+                fields = {k: v for k, v in variant.items() if k != "name"}
+                tag = variant["name"]
+                so_i = ServeOptions(**{**asdict(so), **fields, "server_variants": []})
+                inst = so_i.instances
                 repo = work / f"repo_{tag}"
                 phase_dir = _phase_dir(work, tag, so)
                 models = ("packed", "pad") if inst in so.pad_instances else ("packed",)
