@@ -64,6 +64,9 @@ class ServeOptions:
     # ServeOptions fields it overrides (instances, max_queue_delay_us, preferred, max_batch).
     # Empty: one configuration per entry of server_instances (the earlier runs).
     server_variants: list = field(default_factory=list)
+    # Recorded, not acted on: whether the CUDA MPS daemon ran during the run (run_issue14.sh
+    # starts it), so the python-backend instances' contexts shared the GPU instead of time-slicing.
+    mps: bool = False
 
 
 def server_env() -> dict:
