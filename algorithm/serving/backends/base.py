@@ -27,7 +27,7 @@ class Backend:
     artifact_suffix: str = ""
     artifact_name: str = ""  # Triton's default file name for the platform
     triton_platform: str = ""
-    runtime: str = ""  # the runner name for runners.create_runner
+    runtime: str = ""  # the runner name for runtime.create_runner
     module: str = ""  # the Python package that must be importable
     install: str = ""
     precisions: tuple[str, ...] = ("fp32",)

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 
 import numpy as np
+import torch
 
 from algorithm.errors import ConfigError
 from algorithm.serving.contract import INPUT_NAMES
@@ -37,8 +38,6 @@ class TorchRunner:
         batching: str = "length_aware",
         warmup=(),
     ):
-        import torch
-
         self.torch = torch
         self.device = torch.device(device)
         if dtype not in ("fp32", "fp16", "bf16"):
@@ -238,13 +237,7 @@ class TorchRunner:
         )
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
-class ModelWrapper(_torch().nn.Module):
+class ModelWrapper(torch.nn.Module):
     """Adapts a model to the flat ONNX signature: 4 int64 tensors in, (int64 recs, fp32 scores) out.
 
     Accepts models whose forward takes the four tensors and returns a tuple/list or a dict with
@@ -256,7 +249,6 @@ class ModelWrapper(_torch().nn.Module):
         self.model = model
 
     def forward(self, encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, attention_mask):
-        torch = _torch()
         out = self.model(encoder_l1_ids, encoder_l2_ids, encoder_l3_ids, attention_mask)
         if isinstance(out, dict):
             recs, scores = out["recommendations"], out["scores"]

@@ -10,7 +10,7 @@ dtypes and shapes are checked per request; id and mask values once for the whole
 request only when that check fails, so a bad request is answered alone with INVALID_ARG naming
 the input and the problem. The good ones run once: right-padded to the longest (mask 0;
 positions of real items do not move) for ``runner.infer``, or, for a runner with
-``infer_batch`` (torch: GpuEngine), handed over flat (``gpu_batch.FlatBatch``, one array per
+``infer_batch`` (torch: GpuEngine), handed over flat (``runtime.gpu.batch.FlatBatch``, one array per
 input) for the runner to pack or pad; the answers are row slices of one array per output.
 """
 
@@ -362,7 +362,7 @@ class TritonPythonModel:
             )
 
     def _valid_flat(self, good: list, responses: list):
-        """``gpu_batch.FlatBatch`` of the requests in ``good`` whose values are valid (one
+        """``runtime.gpu.batch.FlatBatch`` of the requests in ``good`` whose values are valid (one
         concatenate per input, one range check per input over the whole batch); as in
         ``_valid_batch``, each request is checked alone only when that fails."""
         global _FLAT_BATCH
