@@ -9,6 +9,13 @@ the stub finds its Python environment through PATH, not PYTHONPATH.
     with TritonServer("model_repository", http_port=0, grpc_port=0, metrics_port=0) as server:
         client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
 
+Off loopback the administrative APIs (repository, model config, statistics, trace, logging,
+shared memory) need the admin key (``admin_key``, else $TRITON_ADMIN_KEY_FILE or
+$TRITON_ADMIN_KEY); on loopback the key is optional. tritonserver only takes the key inside a
+command-line flag, so the flag is handed over out of sight of ``ps`` (``secret_argv.py``), and the
+key is taken out of the environment the server and its python stubs see. ``grpc_tls`` serves
+gRPC over TLS (mutual with a client CA).
+
 The server dies with the thread that started it (``PR_SET_PDEATHSIG`` fires when that *thread*
 ends, so start it from a thread that lives as long as the server, e.g. the main thread), stops
 with SIGINT then SIGKILL, and every failure raises ServerError carrying the tail of the log.
@@ -39,6 +46,27 @@ from pathlib import Path
 
 from algorithm.errors import ConfigError, DependencyError, InputFileNotFoundError, ServerError
 from algorithm.serving.config import check_name
+from algorithm.serving.security import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    ADMIN_KEY_FILE_ENV,
+    DEFAULT_RESTRICTED,
+    KEY_HINT,
+    GrpcTls,
+    admin_headers,
+    check_admin_key,
+    check_apis,
+    check_header,
+    is_loopback,
+    read_admin_key,
+    restriction_args,
+)
+from algorithm.serving.triton.admin import model_statistics, request_model_load
+from algorithm.serving.triton.secret_argv import (
+    PLACEHOLDER,
+    popen_with_secret_args,
+    scrub_secret_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +163,9 @@ class TritonServer:
 
     Ports 0 pick free ports. ``model_control="explicit"`` starts with ``load_models`` (default:
     all) and enables ``load_model``/``unload_model``. ``extra_args`` go to tritonserver as is.
+    ``admin_key`` (else the environment's, see ``security.read_admin_key``) restricts
+    ``restricted_apis`` to requests carrying it in ``admin_header``; it is required when ``host``
+    is not a loopback address. ``grpc_tls`` serves gRPC over TLS.
     """
 
     def __init__(
@@ -154,6 +185,10 @@ class TritonServer:
         response_cache_bytes: int = 0,
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        admin_key: str | None = None,
+        restricted_apis: Sequence[str] = DEFAULT_RESTRICTED,
+        admin_header: str = ADMIN_HEADER,
+        grpc_tls: GrpcTls | None = None,
     ):
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -184,6 +219,20 @@ class TritonServer:
         self.response_cache_bytes = int(response_cache_bytes)
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
+        self._admin_key = check_admin_key(admin_key) if admin_key is not None else read_admin_key()
+        if self._admin_key is None and not is_loopback(host):
+            raise ConfigError(
+                "admin_key",
+                None,
+                f"a key whenever host is not a loopback address (host={host!r}): the "
+                "administrative APIs would answer anyone who reaches the port",
+                hint=f"{KEY_HINT} (or --admin-key-file), or bind 127.0.0.1.",
+            )
+        self.restricted_apis = check_apis("restricted_apis", list(restricted_apis))
+        self.admin_header = check_header("admin_header", admin_header)
+        if grpc_tls is not None and not isinstance(grpc_tls, GrpcTls):
+            raise ConfigError("grpc_tls", grpc_tls, "a security.GrpcTls or None")
+        self.grpc_tls = grpc_tls.validate() if grpc_tls is not None else None
         # absolute: the server runs in its work folder, where a relative path breaks the backend
         self._given_log_dir = Path(log_dir).resolve() if log_dir else None
         self.workdir: Path | None = None
@@ -192,6 +241,11 @@ class TritonServer:
         self._log_file = None
 
     # -- endpoints ---------------------------------------------------------------------------
+    @property
+    def restricted(self) -> bool:
+        """Whether the administrative APIs need the admin key."""
+        return self._admin_key is not None
+
     @property
     def http_url(self) -> str:
         """``host:port`` of the HTTP endpoint (tritonclient.http's ``url`` form)."""
@@ -216,7 +270,8 @@ class TritonServer:
         self.stop()
         return False
 
-    def _command(self, backend_dir: Path | None) -> list[str]:
+    def _command(self, backend_dir: Path | None) -> tuple[list[str], dict[int, str]]:
+        """The command line and, by position, the flags that must stay out of the process list."""
         cmd = [
             str(self.binary),
             f"--model-repository={self.model_repository}",
@@ -241,7 +296,14 @@ class TritonServer:
             caches = self.binary.resolve().parent.parent / "caches"
             if caches.is_dir():
                 cmd.append(f"--cache-directory={caches}")
-        return cmd + self.extra_args
+        if self.grpc_tls is not None:
+            cmd += self.grpc_tls.server_args()
+        secret = {}
+        if self._admin_key is not None:
+            for flag in restriction_args(self.restricted_apis, self.admin_header, self._admin_key):
+                secret[len(cmd)] = flag
+                cmd.append(flag)
+        return cmd + self.extra_args, secret
 
     def _environment(self) -> dict[str, str]:
         env = os.environ.copy()
@@ -254,6 +316,10 @@ class TritonServer:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(
                 p for p in (env.get("LD_LIBRARY_PATH", ""), str(libs)) if p
             )
+        # The key reaches tritonserver through secret_argv only: its python stubs (and whatever
+        # the model's code runs) inherit this environment.
+        for name in (ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV):
+            env.pop(name, None)
         env.update(self.extra_env)
         return env
 
@@ -298,20 +364,24 @@ class TritonServer:
     def _launch(self, backend_dir: Path | None, attempt: int) -> None:
         self.log_path = self.workdir / f"tritonserver{'' if attempt == 0 else f'.{attempt}'}.log"
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in _terminate)
-        cmd = self._command(backend_dir)
-        logger.info("starting %s", " ".join(cmd))
+        cmd, secret = self._command(backend_dir)
+        visible = [PLACEHOLDER.format(i) if i in secret else a for i, a in enumerate(cmd)]
+        logger.info("starting %s", " ".join(visible))
+        popen_args = {
+            "stdout": self._log_file,
+            "stderr": subprocess.STDOUT,
+            "stdin": subprocess.DEVNULL,
+            "env": self._environment(),
+            "cwd": self.workdir,
+            # Own process group: stop() signals the server and its python stubs together.
+            "start_new_session": True,
+            "preexec_fn": _die_with_parent,
+        }
         try:
-            self.process = subprocess.Popen(
-                cmd,
-                stdout=self._log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self._environment(),
-                cwd=self.workdir,
-                # Own process group: stop() signals the server and its python stubs together.
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509
-            )
+            if secret:
+                self.process = popen_with_secret_args(cmd, secret, **popen_args)
+            else:
+                self.process = subprocess.Popen(cmd, **popen_args)  # noqa: PLW1509
         except OSError as e:
             raise ServerError(f"could not execute {self.binary}: {e}") from e
 
@@ -327,6 +397,7 @@ class TritonServer:
                     hint=self._failure_hint(),
                 )
             if self._get("/v2/health/ready", quiet=True) is not None:
+                scrub_secret_args(self.process)  # read at start-up, before the endpoints opened
                 logger.info("tritonserver ready: http %s grpc %s", self.http_url, self.grpc_url)
                 return
             if time.monotonic() > deadline:
@@ -407,12 +478,19 @@ class TritonServer:
         return "\n".join(errors[-lines:] + tail)
 
     # -- HTTP API ----------------------------------------------------------------------------
-    def _request(self, method: str, path: str, body: dict | None = None, timeout: float = 5.0):
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        timeout: float = 5.0,
+        headers: dict | None = None,
+    ):
         url = f"http://{self.host}:{self.http_port}{path}"
         data = (
             json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
         )
-        req = urllib.request.Request(url, data=data, method=method)
+        req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
         with urllib.request.urlopen(req, timeout=timeout) as r:
             payload = r.read()
         return json.loads(payload) if payload else {}
@@ -430,8 +508,9 @@ class TritonServer:
     ):
         if not self.is_alive():
             raise ServerError(f"tritonserver is not running ({what})", self.error_tail())
+        headers = admin_headers(self._admin_key, "http", self.admin_header)
         try:
-            return self._request(method, path, body, timeout)
+            return self._request(method, path, body, timeout, headers)
         except urllib.error.HTTPError as e:
             detail = e.read().decode("utf-8", errors="replace")
             with contextlib.suppress(ValueError):
@@ -526,43 +605,6 @@ class TritonServer:
     def __repr__(self) -> str:
         state = "running" if self.is_alive() else "stopped"
         return f"TritonServer({str(self.model_repository)!r}, http={self.http_url}, grpc={self.grpc_url}, {state})"
-
-
-def request_model_load(http_url: str, model_name: str, timeout_s: float = 120.0) -> None:
-    """Ask a running server (explicit model control) to (re)load ``model_name``: it re-reads
-    the config and the version folders. ``http_url`` is ``host:port`` or ``http://host:port``."""
-    check_name("model_name", model_name)
-    base = http_url if "://" in http_url else f"http://{http_url}"
-    req = urllib.request.Request(
-        f"{base}/v2/repository/models/{model_name}/load", data=b"", method="POST"
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            r.read()
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode("utf-8", errors="replace")
-        with contextlib.suppress(ValueError):
-            detail = json.loads(detail).get("error", detail)
-        raise ServerError(
-            f"{base} refused to load {model_name!r}: {detail}",
-            hint="The server must run with --model-control-mode=explicit.",
-        ) from e
-    except (urllib.error.URLError, OSError) as e:
-        raise ServerError(f"no Triton server answers at {base}: {e}") from e
-
-
-def model_statistics(stats: dict, model_name: str) -> dict[str, int]:
-    """Sum of counts over the versions of ``model_name`` in a statistics() answer."""
-    total = {"inference_count": 0, "execution_count": 0, "success": 0, "fail": 0}
-    for m in stats.get("model_stats", []):
-        if m.get("name") != model_name:
-            continue
-        total["inference_count"] += int(m.get("inference_count", 0))
-        total["execution_count"] += int(m.get("execution_count", 0))
-        s = m.get("inference_stats", {})
-        total["success"] += int(s.get("success", {}).get("count", 0))
-        total["fail"] += int(s.get("fail", {}).get("count", 0))
-    return total
 
 
 __all__ = [
