@@ -207,18 +207,6 @@ class TritonServer:
         ):
             if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
                 raise ConfigError(name, port, "0 (pick a free port) or a port in [1, 65535]")
-        self.binary = find_tritonserver(triton_bin)
-        self.requested_ports = (http_port, grpc_port, metrics_port)
-        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
-        self.model_control = model_control
-        self.load_models = [check_name("load_models", m) for m in (load_models or [])]
-        self.log_verbose = int(log_verbose)
-        self.startup_timeout_s = float(startup_timeout_s)
-        self.stop_timeout_s = float(stop_timeout_s)
-        self.host = host
-        self.response_cache_bytes = int(response_cache_bytes)
-        self.extra_args = list(extra_args)
-        self.extra_env = dict(env or {})
         self._admin_key = check_admin_key(admin_key) if admin_key is not None else read_admin_key()
         if self._admin_key is None and not is_loopback(host):
             raise ConfigError(
@@ -233,6 +221,18 @@ class TritonServer:
         if grpc_tls is not None and not isinstance(grpc_tls, GrpcTls):
             raise ConfigError("grpc_tls", grpc_tls, "a security.GrpcTls or None")
         self.grpc_tls = grpc_tls.validate() if grpc_tls is not None else None
+        self.binary = find_tritonserver(triton_bin)
+        self.requested_ports = (http_port, grpc_port, metrics_port)
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.model_control = model_control
+        self.load_models = [check_name("load_models", m) for m in (load_models or [])]
+        self.log_verbose = int(log_verbose)
+        self.startup_timeout_s = float(startup_timeout_s)
+        self.stop_timeout_s = float(stop_timeout_s)
+        self.host = host
+        self.response_cache_bytes = int(response_cache_bytes)
+        self.extra_args = list(extra_args)
+        self.extra_env = dict(env or {})
         # absolute: the server runs in its work folder, where a relative path breaks the backend
         self._given_log_dir = Path(log_dir).resolve() if log_dir else None
         self.workdir: Path | None = None
