@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from algorithm.errors import ConfigError, InputFileNotFoundError
@@ -182,9 +182,9 @@ class ClientTls:
     key_file: str | None = None
 
     def validate(self) -> ClientTls:
-        for field in ("ca_file", "cert_file", "key_file"):
-            if getattr(self, field) is not None:
-                object.__setattr__(self, field, _file(field, getattr(self, field)))
+        for name in ("ca_file", "cert_file", "key_file"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _file(name, getattr(self, name)))
         if (self.cert_file is None) != (self.key_file is None):
             raise ConfigError(
                 "cert_file" if self.cert_file is None else "key_file",
@@ -212,6 +212,63 @@ class ClientTls:
         return ctx
 
 
+@dataclass(frozen=True)
+class ServerSecurity:
+    """What a tritonserver enforces, resolved and checked: the admin key (None: the admin APIs
+    are open, allowed on loopback only), which APIs it guards, and gRPC TLS."""
+
+    admin_key: str | None = field(default=None, repr=False)
+    restricted_apis: tuple[str, ...] = DEFAULT_RESTRICTED
+    admin_header: str = ADMIN_HEADER
+    grpc_tls: GrpcTls | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        host: str,
+        admin_key: str | None = None,
+        restricted_apis=DEFAULT_RESTRICTED,
+        admin_header: str = ADMIN_HEADER,
+        grpc_tls: GrpcTls | None = None,
+    ) -> ServerSecurity:
+        """``admin_key``, else the environment's (``read_admin_key``); a server bound off
+        loopback without one is refused: its admin APIs would answer anyone reaching the port."""
+        key = check_admin_key(admin_key) if admin_key is not None else read_admin_key()
+        if key is None and not is_loopback(host):
+            raise ConfigError(
+                "admin_key",
+                None,
+                f"a key whenever host is not a loopback address (host={host!r}): the "
+                "administrative APIs would answer anyone who reaches the port",
+                hint=f"{KEY_HINT} (or --admin-key-file), or bind 127.0.0.1.",
+            )
+        if grpc_tls is not None and not isinstance(grpc_tls, GrpcTls):
+            raise ConfigError("grpc_tls", grpc_tls, "a security.GrpcTls or None")
+        return cls(
+            key,
+            check_apis("restricted_apis", list(restricted_apis)),
+            check_header("admin_header", admin_header),
+            grpc_tls.validate() if grpc_tls is not None else None,
+        )
+
+    @property
+    def restricted(self) -> bool:
+        return self.admin_key is not None
+
+    def public_args(self) -> list[str]:
+        """Flags that may show in the process list (TLS file paths)."""
+        return self.grpc_tls.server_args() if self.grpc_tls is not None else []
+
+    def secret_args(self) -> list[str]:
+        """Flags that carry the key: they must stay out of the process list."""
+        if self.admin_key is None:
+            return []
+        return restriction_args(self.restricted_apis, self.admin_header, self.admin_key)
+
+    def client_headers(self, protocol: str) -> dict | None:
+        return admin_headers(self.admin_key, protocol, self.admin_header)
+
+
 def max_request_bytes(max_batch_size: int, max_seq_length: int) -> int:
     """The largest valid request on the wire: 4 int64 inputs of [max_batch, max_seq] plus
     framing. A proxy in front of the server refuses anything larger."""
@@ -230,6 +287,7 @@ __all__ = [
     "RESTRICTABLE_APIS",
     "ClientTls",
     "GrpcTls",
+    "ServerSecurity",
     "admin_headers",
     "check_admin_key",
     "check_apis",

@@ -342,6 +342,12 @@ def serve(
     grpc_tls_client_ca: Path | None = typer.Option(
         None, help="Mutual TLS: accept only clients with a certificate from this CA."
     ),
+    grpc_request_pool: int | None = typer.Option(
+        None,
+        min=0,
+        help="gRPC request objects Triton keeps for reuse (default 8); 0: an oversized "
+        "request's buffers are freed, not kept (lower throughput: benchmarks/RESULTS.md).",
+    ),
 ) -> None:
     """Run the real tritonserver on a repository in the foreground; Ctrl-C stops it.
 
@@ -389,6 +395,7 @@ def serve(
         extra_args=extra,
         admin_key=read_admin_key(admin_key_file),
         grpc_tls=tls,
+        grpc_request_pool=grpc_request_pool,
     )
     # SIGTERM (docker stop, kubectl) stops it like Ctrl-C does; SIGINT is set explicitly
     # because a shell starts background jobs with it ignored.

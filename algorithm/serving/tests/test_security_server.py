@@ -133,6 +133,15 @@ def test_an_exposed_server_without_a_key_is_refused_before_it_starts(repo, monke
         TritonServer(repo, host="0.0.0.0")
     assert e.value.field == "admin_key" and "openssl rand" in e.value.hint
     assert TritonServer(repo, host=LOCAL).restricted is False  # loopback: optional
+    cmd, secret = TritonServer(repo, admin_key=KEY, grpc_request_pool=0)._command(None)
+    assert "--grpc-infer-allocation-pool-size=0" in cmd
+    assert sorted(cmd[i].split("=", 1)[0] for i in secret) == [
+        "--grpc-restricted-protocol",
+        "--http-restricted-api",
+    ]
+    with pytest.raises(ConfigError) as e:
+        TritonServer(repo, grpc_request_pool=-1)
+    assert e.value.field == "grpc_request_pool"
 
 
 def test_every_admin_http_api_needs_the_key(locked):

@@ -51,15 +51,8 @@ from algorithm.serving.security import (
     ADMIN_KEY_ENV,
     ADMIN_KEY_FILE_ENV,
     DEFAULT_RESTRICTED,
-    KEY_HINT,
     GrpcTls,
-    admin_headers,
-    check_admin_key,
-    check_apis,
-    check_header,
-    is_loopback,
-    read_admin_key,
-    restriction_args,
+    ServerSecurity,
 )
 from algorithm.serving.triton.admin import model_statistics, request_model_load
 from algorithm.serving.triton.secret_argv import (
@@ -165,7 +158,10 @@ class TritonServer:
     all) and enables ``load_model``/``unload_model``. ``extra_args`` go to tritonserver as is.
     ``admin_key`` (else the environment's, see ``security.read_admin_key``) restricts
     ``restricted_apis`` to requests carrying it in ``admin_header``; it is required when ``host``
-    is not a loopback address. ``grpc_tls`` serves gRPC over TLS.
+    is not a loopback address. ``grpc_tls`` serves gRPC over TLS. ``grpc_request_pool`` is how
+    many gRPC request objects Triton keeps for reuse (None: its default, 8); each keeps the input
+    buffer of the largest request it carried, so 0 stops an oversized request's memory from
+    staying (benchmarks/oversized.py measured that, and lower closed-loop throughput with it).
     """
 
     def __init__(
@@ -189,6 +185,7 @@ class TritonServer:
         restricted_apis: Sequence[str] = DEFAULT_RESTRICTED,
         admin_header: str = ADMIN_HEADER,
         grpc_tls: GrpcTls | None = None,
+        grpc_request_pool: int | None = None,
     ):
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -207,20 +204,16 @@ class TritonServer:
         ):
             if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
                 raise ConfigError(name, port, "0 (pick a free port) or a port in [1, 65535]")
-        self._admin_key = check_admin_key(admin_key) if admin_key is not None else read_admin_key()
-        if self._admin_key is None and not is_loopback(host):
-            raise ConfigError(
-                "admin_key",
-                None,
-                f"a key whenever host is not a loopback address (host={host!r}): the "
-                "administrative APIs would answer anyone who reaches the port",
-                hint=f"{KEY_HINT} (or --admin-key-file), or bind 127.0.0.1.",
-            )
-        self.restricted_apis = check_apis("restricted_apis", list(restricted_apis))
-        self.admin_header = check_header("admin_header", admin_header)
-        if grpc_tls is not None and not isinstance(grpc_tls, GrpcTls):
-            raise ConfigError("grpc_tls", grpc_tls, "a security.GrpcTls or None")
-        self.grpc_tls = grpc_tls.validate() if grpc_tls is not None else None
+        self.security = ServerSecurity.resolve(
+            host, admin_key, restricted_apis, admin_header, grpc_tls
+        )
+        if grpc_request_pool is not None and (
+            isinstance(grpc_request_pool, bool)
+            or not isinstance(grpc_request_pool, int)
+            or grpc_request_pool < 0
+        ):
+            raise ConfigError("grpc_request_pool", grpc_request_pool, "None or an integer >= 0")
+        self.grpc_request_pool = grpc_request_pool
         self.binary = find_tritonserver(triton_bin)
         self.requested_ports = (http_port, grpc_port, metrics_port)
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
@@ -244,7 +237,7 @@ class TritonServer:
     @property
     def restricted(self) -> bool:
         """Whether the administrative APIs need the admin key."""
-        return self._admin_key is not None
+        return self.security.restricted
 
     @property
     def http_url(self) -> str:
@@ -296,13 +289,13 @@ class TritonServer:
             caches = self.binary.resolve().parent.parent / "caches"
             if caches.is_dir():
                 cmd.append(f"--cache-directory={caches}")
-        if self.grpc_tls is not None:
-            cmd += self.grpc_tls.server_args()
+        cmd += self.security.public_args()
+        if self.grpc_request_pool is not None:
+            cmd.append(f"--grpc-infer-allocation-pool-size={self.grpc_request_pool}")
         secret = {}
-        if self._admin_key is not None:
-            for flag in restriction_args(self.restricted_apis, self.admin_header, self._admin_key):
-                secret[len(cmd)] = flag
-                cmd.append(flag)
+        for flag in self.security.secret_args():
+            secret[len(cmd)] = flag
+            cmd.append(flag)
         return cmd + self.extra_args, secret
 
     def _environment(self) -> dict[str, str]:
@@ -508,7 +501,7 @@ class TritonServer:
     ):
         if not self.is_alive():
             raise ServerError(f"tritonserver is not running ({what})", self.error_tail())
-        headers = admin_headers(self._admin_key, "http", self.admin_header)
+        headers = self.security.client_headers("http")
         try:
             return self._request(method, path, body, timeout, headers)
         except urllib.error.HTTPError as e:
