@@ -346,7 +346,7 @@ def serve(
         None,
         min=0,
         help="gRPC request objects Triton keeps for reuse (default 8); 0: an oversized "
-        "request's buffers are freed, not kept (lower throughput: benchmarks/RESULTS.md).",
+        "request's buffers are freed, not kept (its throughput cost: benchmarks/RESULTS.md).",
     ),
 ) -> None:
     """Run the real tritonserver on a repository in the foreground; Ctrl-C stops it.

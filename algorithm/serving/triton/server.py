@@ -161,7 +161,7 @@ class TritonServer:
     is not a loopback address. ``grpc_tls`` serves gRPC over TLS. ``grpc_request_pool`` is how
     many gRPC request objects Triton keeps for reuse (None: its default, 8); each keeps the input
     buffer of the largest request it carried, so 0 stops an oversized request's memory from
-    staying (benchmarks/oversized.py measured that, and lower closed-loop throughput with it).
+    staying (measured: benchmarks/RESULTS.md, which also says its throughput cost is unsettled).
     """
 
     def __init__(
