@@ -166,7 +166,7 @@ class TritonBenchmark:
         pool_rows = batch_size * (16 if cfg.seq_len_distribution == "fixed" else 256)
         lengths = sample_seq_lengths(cfg, pool_rows, rng, fixed=seq_fixed)
         pool_arrays = make_requests(batch_size, lengths, cfg.codebook_sizes, rng)
-        client = Client(url, cfg.protocol, level or 64, cfg.timeout_s)
+        client = Client(url, cfg.protocol, level or 64, cfg.timeout_s, cfg)
         try:
             await self._check_server(client, model, url)
             pool = [client.inputs(a) for a in pool_arrays]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from algorithm.errors import ConfigError
+from algorithm.serving.security import ClientTls
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -293,6 +294,13 @@ class BenchmarkConfig(_Config):
     metrics_url: str | None = (
         None  # e.g. http://localhost:8002/metrics: CPU/GPU use while measuring
     )
+    # --- added: a server with restricted admin APIs or gRPC TLS (reports record this config,
+    # so it names the key's file, never the key: None = $TRITON_ADMIN_KEY_FILE/$TRITON_ADMIN_KEY)
+    admin_key_file: str | None = None
+    tls: bool = False  # gRPC over TLS (HTTP: an https ingress)
+    tls_ca_file: str | None = None  # None = the system's roots
+    tls_cert_file: str | None = None  # mutual TLS: this client's certificate and key
+    tls_key_file: str | None = None
 
     def validate(self) -> BenchmarkConfig:
         if not isinstance(self.triton_url, str) or not self.triton_url:
@@ -338,7 +346,19 @@ class BenchmarkConfig(_Config):
             and self.metrics_url.startswith(("http://", "https://"))
         ):
             raise ConfigError("metrics_url", self.metrics_url, "None or http://host:port/metrics")
+        if not isinstance(self.tls, bool):
+            raise ConfigError("tls", self.tls, "True or False")
+        files = ("tls_ca_file", "tls_cert_file", "tls_key_file")
+        if not self.tls and any(getattr(self, f) is not None for f in files):
+            raise ConfigError("tls", self.tls, "True when a TLS file is given")
+        self.client_tls()
         return self
+
+    def client_tls(self) -> ClientTls | None:
+        """The client's TLS files, checked; None without TLS."""
+        if not self.tls:
+            return None
+        return ClientTls(self.tls_ca_file, self.tls_cert_file, self.tls_key_file).validate()
 
     @property
     def levels(self) -> tuple:

@@ -19,6 +19,7 @@ import numpy as np
 from algorithm.errors import BenchmarkError, ConfigError, InputFileNotFoundError
 from algorithm.serving.config import BenchmarkConfig
 from algorithm.serving.contract import INPUT_NAMES
+from algorithm.serving.security import admin_headers, read_admin_key
 
 logger = logging.getLogger(__name__)
 
@@ -111,20 +112,38 @@ def _strip_scheme(url: str) -> str:
 
 
 class Client:
-    """The async tritonclient of one protocol behind the few calls the load generator makes."""
+    """The async tritonclient of one protocol behind the few calls the load generator makes.
 
-    def __init__(self, url: str, protocol: str, concurrency: int, timeout_s: float):
+    ``config`` brings the client's TLS files and where its admin key comes from; the key goes
+    only with admin calls (statistics), never with inference requests."""
+
+    def __init__(
+        self,
+        url: str,
+        protocol: str,
+        concurrency: int,
+        timeout_s: float,
+        config: BenchmarkConfig | None = None,
+    ):
         self.url, self.protocol, self.timeout_s = _strip_scheme(url), protocol, timeout_s
+        cfg = config or BenchmarkConfig()
+        self.admin_headers = admin_headers(read_admin_key(cfg.admin_key_file), protocol)
+        tls = cfg.client_tls()
         try:
             if protocol == "grpc":
                 import tritonclient.grpc.aio as mod
 
-                self.client = mod.InferenceServerClient(self.url)
+                self.client = mod.InferenceServerClient(
+                    self.url, **(tls.grpc_kwargs() if tls else {})
+                )
             else:
                 import tritonclient.http.aio as mod
 
                 self.client = mod.InferenceServerClient(
-                    self.url, conn_limit=max(100, 2 * concurrency)
+                    self.url,
+                    conn_limit=max(100, 2 * concurrency),
+                    ssl=tls is not None,
+                    ssl_context=tls.ssl_context() if tls else None,
                 )
         except Exception as e:
             raise BenchmarkError(f"cannot create a {protocol} client for {url}: {e}") from e
@@ -150,8 +169,10 @@ class Client:
     async def statistics(self, model: str) -> dict:
         try:
             if self.protocol == "grpc":
-                return await self.call("get_inference_statistics", model, "", None, True)
-            return await self.call("get_inference_statistics", model)
+                return await self.call(
+                    "get_inference_statistics", model, "", self.admin_headers, True
+                )
+            return await self.call("get_inference_statistics", model, "", self.admin_headers)
         except Exception as e:  # statistics are an extra; the latency numbers stand without them
             logger.warning("no inference statistics from %s: %s", self.url, e)
             return {}

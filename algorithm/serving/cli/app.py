@@ -131,4 +131,25 @@ def load_model(checkpoint: Path):
         return UGTModel.load(checkpoint)
 
 
+# Where a command gets the admin key and, as a client, its TLS files (serve, versions, benchmark,
+# and any command that talks to a server). The key itself is never an option: ps shows arguments.
+ADMIN_KEY_FILE_OPT = typer.Option(
+    None,
+    "--admin-key-file",
+    help="File holding the admin key (default: $TRITON_ADMIN_KEY_FILE, then $TRITON_ADMIN_KEY).",
+)
+TLS_CA_OPT = typer.Option(
+    None, "--tls-ca", help="gRPC over TLS: the CA that signed the server's certificate."
+)
+TLS_CERT_OPT = typer.Option(None, "--tls-cert", help="Mutual TLS: this client's certificate.")
+TLS_KEY_OPT = typer.Option(None, "--tls-key", help="Mutual TLS: this client's private key.")
+
+
+def client_security(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None) -> dict:
+    """BenchmarkConfig fields for a client's TLS files (TLS is on when any is given)."""
+    paths = {"tls_ca_file": tls_ca, "tls_cert_file": tls_cert, "tls_key_file": tls_key}
+    fields = {k: str(v) for k, v in paths.items() if v is not None}
+    return {"tls": bool(fields), **fields}
+
+
 # --------------------------------------------------------------------------------------- train

@@ -7,7 +7,20 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from algorithm.serving.cli.app import STATE, app, console, emit, handle_errors, out, progress
+from algorithm.serving.cli.app import (
+    ADMIN_KEY_FILE_OPT,
+    STATE,
+    TLS_CA_OPT,
+    TLS_CERT_OPT,
+    TLS_KEY_OPT,
+    app,
+    client_security,
+    console,
+    emit,
+    handle_errors,
+    out,
+    progress,
+)
 
 
 def _numbers(field: str, values: list[str] | None, kind=int) -> tuple:
@@ -119,6 +132,10 @@ def benchmark(
     baseline_model: str | None = typer.Option(
         None, help="Compare with another model on the same server (same points)."
     ),
+    admin_key_file: Path | None = ADMIN_KEY_FILE_OPT,
+    tls_ca: Path | None = TLS_CA_OPT,
+    tls_cert: Path | None = TLS_CERT_OPT,
+    tls_key: Path | None = TLS_KEY_OPT,
 ) -> None:
     """Measure a model on a live Triton server: latency percentiles, throughput, server breakdown."""
     from algorithm.errors import ConfigError
@@ -153,6 +170,8 @@ def benchmark(
         timeout_s=timeout,
         slo_p99_ms=slo,
         metrics_url=metrics_url,
+        admin_key_file=str(admin_key_file) if admin_key_file else None,
+        **client_security(tls_ca, tls_cert, tls_key),
     )
     seqs = len(cfg.test_seq_lengths) if seq_dist == "fixed" else 1
     points = len(cfg.test_batch_sizes) * seqs * len(cfg.levels)

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from algorithm.serving.cli.app import (
+    ADMIN_KEY_FILE_OPT,
     DEFAULT_CHECKPOINT,
     STATE,
     app,
@@ -305,7 +306,10 @@ def serve(
     http_port: int = typer.Option(8000, min=0, max=65535, help="HTTP port (0 = a free one)."),
     grpc_port: int = typer.Option(8001, min=0, max=65535, help="gRPC port (0 = a free one)."),
     metrics_port: int = typer.Option(8002, min=0, max=65535, help="Metrics port (0 = a free one)."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 for every interface)."),
+    host: str = typer.Option(
+        "127.0.0.1",
+        help="Address to bind (0.0.0.0 for every interface: then the admin key is required).",
+    ),
     model_control: str = typer.Option(
         "none", help="none, explicit (load/unload via the API; `versions` --url), or poll."
     ),
@@ -330,9 +334,27 @@ def serve(
     max_restarts: int = typer.Option(
         0, min=0, help="Give up (exit 1) after this many failed restarts in a row (0 = never)."
     ),
+    admin_key_file: Path | None = ADMIN_KEY_FILE_OPT,
+    grpc_tls_cert: Path | None = typer.Option(
+        None, help="Serve gRPC over TLS with this certificate (PEM; with --grpc-tls-key)."
+    ),
+    grpc_tls_key: Path | None = typer.Option(None, help="The gRPC certificate's private key."),
+    grpc_tls_client_ca: Path | None = typer.Option(
+        None, help="Mutual TLS: accept only clients with a certificate from this CA."
+    ),
+    grpc_request_pool: int | None = typer.Option(
+        None,
+        min=0,
+        help="gRPC request objects Triton keeps for reuse (default 8); 0: an oversized "
+        "request's buffers are freed, not kept (its throughput cost: benchmarks/RESULTS.md).",
+    ),
 ) -> None:
-    """Run the real tritonserver on a repository in the foreground; Ctrl-C stops it."""
-    from algorithm.errors import ServerError
+    """Run the real tritonserver on a repository in the foreground; Ctrl-C stops it.
+
+    Off 127.0.0.1 the admin APIs (repository, model config, statistics, trace, logging, shared
+    memory) need the admin key; inference, health and metadata stay open."""
+    from algorithm.errors import ConfigError, ServerError
+    from algorithm.serving.security import GrpcTls, read_admin_key
     from algorithm.serving.triton.supervisor import RestartPolicy, ServerSupervisor, describe_event
 
     def say(event: str, info: dict) -> None:  # every restart is announced on stderr
@@ -341,6 +363,17 @@ def serve(
         )
 
     extra = [f"--repository-poll-secs={poll_secs}"] if model_control == "poll" else []
+    tls = None
+    if grpc_tls_cert or grpc_tls_key or grpc_tls_client_ca:
+        if not (grpc_tls_cert and grpc_tls_key):
+            raise ConfigError(
+                "grpc_tls_cert" if not grpc_tls_cert else "grpc_tls_key",
+                None,
+                "both --grpc-tls-cert and --grpc-tls-key for gRPC TLS",
+            )
+        tls = GrpcTls(
+            str(grpc_tls_cert), str(grpc_tls_key), grpc_tls_client_ca and str(grpc_tls_client_ca)
+        )
     policy = RestartPolicy(
         initial_backoff_s=restart_backoff,
         max_backoff_s=max(60.0, restart_backoff),
@@ -360,6 +393,9 @@ def serve(
         host=host,
         response_cache_bytes=response_cache_bytes,
         extra_args=extra,
+        admin_key=read_admin_key(admin_key_file),
+        grpc_tls=tls,
+        grpc_request_pool=grpc_request_pool,
     )
     # SIGTERM (docker stop, kubectl) stops it like Ctrl-C does; SIGINT is set explicitly
     # because a shell starts background jobs with it ignored.
@@ -371,6 +407,8 @@ def serve(
         emit(
             {
                 **server.urls(),
+                "admin_apis": "need the admin key" if server.restricted else "open (loopback)",
+                "grpc_tls": "off" if tls is None else ("mutual" if tls.mutual else "on"),
                 "models": models,
                 "log": str(server.log_path),
                 "pid": server.process.pid,
@@ -391,12 +429,13 @@ def serve(
 
 
 # --------------------------------------------------------------------------------------- versions
-def _reload(url: str | None, model_name: str) -> str:
+def _reload(url: str | None, model_name: str, admin_key_file: Path | None) -> str:
     if not url:
         return "not requested (a server in poll mode picks it up; explicit mode needs --url)"
-    from algorithm.serving.triton.server import request_model_load
+    from algorithm.serving.security import read_admin_key
+    from algorithm.serving.triton.admin import request_model_load
 
-    request_model_load(url, model_name)
+    request_model_load(url, model_name, admin_key=read_admin_key(admin_key_file))
     return f"reloaded on {url}"
 
 
@@ -437,12 +476,16 @@ def versions_deploy(
     model_name: str = MODEL_OPT,
     version: int | None = typer.Option(None, min=1, help="Version number (default: the next one)."),
     url: str | None = URL_OPT,
+    admin_key_file: Path | None = ADMIN_KEY_FILE_OPT,
 ) -> None:
     """Publish an artifact as a new version (atomically) under the model's existing config."""
     from algorithm.serving.triton.repository import ModelVersionManager
 
     v = ModelVersionManager(repository).deploy_version(model_name, model_file, version=version)
-    emit({"model": model_name, "version": v, "server": _reload(url, model_name)}, "Published")
+    emit(
+        {"model": model_name, "version": v, "server": _reload(url, model_name, admin_key_file)},
+        "Published",
+    )
 
 
 @versions_app.command("rollback")
@@ -452,12 +495,16 @@ def versions_rollback(
     repository: Path = REPO_ARG,
     model_name: str = MODEL_OPT,
     url: str | None = URL_OPT,
+    admin_key_file: Path | None = ADMIN_KEY_FILE_OPT,
 ) -> None:
     """Serve VERSION again: newer versions move to .retired/ (a later rollback brings them back)."""
     from algorithm.serving.triton.repository import ModelVersionManager
 
     result = ModelVersionManager(repository).rollback(model_name, version)
-    emit({"model": model_name, **result, "server": _reload(url, model_name)}, "Rolled back")
+    emit(
+        {"model": model_name, **result, "server": _reload(url, model_name, admin_key_file)},
+        "Rolled back",
+    )
 
 
 @versions_app.command("cleanup")
@@ -470,6 +517,7 @@ def versions_cleanup(
     ),
     keep_retired: bool = typer.Option(False, help="Keep versions retired by rollbacks."),
     url: str | None = URL_OPT,
+    admin_key_file: Path | None = ADMIN_KEY_FILE_OPT,
 ) -> None:
     """Remove old versions, keeping the newest --keep and the served one."""
     from algorithm.serving.triton.repository import ModelVersionManager
@@ -481,7 +529,7 @@ def versions_cleanup(
         {
             "model": model_name,
             "removed": removed,
-            "server": _reload(url, model_name) if removed else "unchanged",
+            "server": _reload(url, model_name, admin_key_file) if removed else "unchanged",
         },
         "Cleaned up",
     )

@@ -4,14 +4,28 @@ Every function takes the resolved ``Plan`` (validated configs) and returns one A
 a Deployment whose pod passes the "restricted" Pod Security Standard, the client and metrics
 Services, an autoscaling/v2 HPA on Triton's average queue time (served by the Prometheus
 Adapter rule in ``adapter_values``), a PodDisruptionBudget, a NetworkPolicy, the model repository
-PVC and the Namespace.
+PVC, the Namespace, and the ingresses that cap the request size (HTTP, and gRPC behind TLS).
 """
 
 from __future__ import annotations
 
 import math
 
-from algorithm.serving.deploy.plan import ADMIN_KEY_ENV, ADMIN_SECRET_KEY, Plan, triton_args
+from algorithm.serving.deploy.plan import (
+    ADMIN_KEY_ENV,
+    ADMIN_SECRET_KEY,
+    TLS_MOUNT_PATH,
+    Plan,
+    triton_args,
+)
+
+# What the gRPC ingress routes: inference, health and metadata. The admin RPCs (repository,
+# config, statistics, trace, logging, shared memory) are not reachable from outside at all.
+GRPC_SERVICE = "/inference.GRPCInferenceService/"
+GRPC_PUBLIC_RPCS = ("ModelInfer", "ServerLive", "ServerReady", "ModelReady")
+GRPC_PUBLIC_RPCS += ("ServerMetadata", "ModelMetadata")
+# HTTP: the same, by path prefix (/v2/models/<name>/config and /stats still need the key).
+HTTP_PUBLIC_PATHS = (("/v2", "Exact"), ("/v2/health", "Prefix"), ("/v2/models", "Prefix"))
 
 
 def _probe(path: str, period: int, failures: int) -> dict:
@@ -27,8 +41,8 @@ def deployment(plan: Plan) -> dict:
     m = plan.m
     uses_pvc = m.model_pvc != ""
     resources = {
-        "requests": {"cpu": m.cpu_request, "memory": m.memory_request},
-        "limits": {"memory": m.memory_limit, **({"cpu": m.cpu_limit} if m.cpu_limit else {})},
+        "requests": {"cpu": m.cpu_request, "memory": plan.memory_request},
+        "limits": {"memory": plan.memory_limit, **({"cpu": m.cpu_limit} if m.cpu_limit else {})},
     }
     if plan.gpus:
         resources["requests"]["nvidia.com/gpu"] = resources["limits"]["nvidia.com/gpu"] = plan.gpus
@@ -37,6 +51,11 @@ def deployment(plan: Plan) -> dict:
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": m.shm_size}},
         {"name": "tmp", "emptyDir": {"sizeLimit": m.tmp_size}},
     ]
+    if m.grpc_tls_secret is not None:
+        mounts.append({"name": "grpc-tls", "mountPath": TLS_MOUNT_PATH, "readOnly": True})
+        volumes.append(
+            {"name": "grpc-tls", "secret": {"secretName": m.grpc_tls_secret, "defaultMode": 0o440}}
+        )
     if uses_pvc:
         mounts.append(
             {"name": "model-repository", "mountPath": m.model_mount_path, "readOnly": True}
@@ -122,6 +141,7 @@ def deployment(plan: Plan) -> dict:
         "prometheus.io/port": str(m.metrics_port),
         "prometheus.io/path": "/metrics",
         "ugt-serving/model": plan.model,
+        "ugt-serving/memory-limit": plan.memory_formula,
     }
     spec = {
         "revisionHistoryLimit": 5,
@@ -207,17 +227,27 @@ def pdb(plan: Plan) -> dict:
     }
 
 
+def _namespace(name: str) -> dict:
+    return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+
+
 def network_policy(plan: Plan) -> dict:
     m = plan.m
-    monitoring = {
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": m.metrics_namespace}}
-    }
+    clients = {"ports": [{"port": "http", "protocol": "TCP"}, {"port": "grpc", "protocol": "TCP"}]}
+    if m.ingress:  # through the ingress (and its body limit) only, unless a namespace is trusted
+        clients = {
+            "from": [_namespace(n) for n in (m.ingress_namespace, *m.client_namespaces)],
+            **clients,
+        }
     spec = {
         "podSelector": {"matchLabels": plan.selector},
         "policyTypes": ["Ingress", "Egress"],
         "ingress": [
-            {"ports": [{"port": "http", "protocol": "TCP"}, {"port": "grpc", "protocol": "TCP"}]},
-            {"from": [monitoring], "ports": [{"port": "metrics", "protocol": "TCP"}]},
+            clients,
+            {
+                "from": [_namespace(m.metrics_namespace)],
+                "ports": [{"port": "metrics", "protocol": "TCP"}],
+            },
         ],
         "egress": [{}] if m.allow_egress else [],  # [] denies all outbound traffic
     }
@@ -227,6 +257,34 @@ def network_policy(plan: Plan) -> dict:
         "metadata": plan.meta(),
         "spec": spec,
     }
+
+
+def ingress(plan: Plan, grpc: bool) -> dict:
+    """ingress-nginx in front of the Service: bodies over the largest valid request are refused
+    (413) before they reach Triton, which has no request-size limit of its own. HTTP TLS ends
+    here (``ingress_tls_secret``); gRPC needs it (nginx speaks HTTP/2 to clients over TLS only)
+    and is passed on as GRPCS when Triton serves TLS itself."""
+    m = plan.m
+    port = "grpc" if grpc else "http"
+    backend = {"service": {"name": plan.name, "port": {"name": port}}}
+    routes = (
+        [(GRPC_SERVICE + rpc, "Exact") for rpc in GRPC_PUBLIC_RPCS] if grpc else HTTP_PUBLIC_PATHS
+    )
+    rule = {"http": {"paths": [{"path": p, "pathType": t, "backend": backend} for p, t in routes]}}
+    if m.ingress_host is not None:
+        rule = {"host": m.ingress_host, **rule}
+    annotations = {
+        "nginx.ingress.kubernetes.io/proxy-body-size": str(plan.request_bytes),
+        "nginx.ingress.kubernetes.io/backend-protocol": (
+            ("GRPCS" if m.grpc_tls_secret else "GRPC") if grpc else "HTTP"
+        ),
+    }
+    spec: dict = {"ingressClassName": m.ingress_class, "rules": [rule]}
+    if m.ingress_tls_secret is not None:
+        tls = {"secretName": m.ingress_tls_secret}
+        spec["tls"] = [{"hosts": [m.ingress_host], **tls} if m.ingress_host else tls]
+    meta = plan.meta("-grpc" if grpc else "", annotations=annotations)
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": meta, "spec": spec}
 
 
 def pvc(plan: Plan) -> dict:

@@ -10,7 +10,10 @@
     k8s/service-metrics.yaml         the metrics port, kept off the client Service
     k8s/hpa.yaml                     autoscaling/v2 on Triton's average queue time per request
     k8s/pdb.yaml                     PodDisruptionBudget
-    k8s/networkpolicy.yaml           clients reach http/grpc only; metrics only from monitoring
+    k8s/networkpolicy.yaml           clients reach http/grpc through the ingress; metrics only from
+                                     monitoring
+    k8s/ingress.yaml                 HTTP: the request-size limit, TLS at the ingress
+    k8s/ingress-grpc.yaml            gRPC (with ingress_tls_secret): the same limit, public RPCs only
     k8s/pvc.yaml                     the model repository volume (when not baked into the image)
     k8s/kustomization.yaml           `kubectl apply -k deploy/k8s`
     prometheus-adapter/values.yaml   the custom-metrics rule the HPA needs (Helm values)
@@ -19,7 +22,12 @@
 
 Model control stays "none" (no load/unload at run time), and Triton's administrative APIs
 (model-repository, model-config, shared-memory, statistics, trace, logging) answer only requests
-carrying the admin header whose value comes from a Secret. The restricted-API flag syntax was
+carrying the admin header whose value comes from a Secret. What that leaves visible: the kubelet
+expands ``$(TRITON_ADMIN_KEY)`` into tritonserver's arguments, so the key is in the container's
+process list (seen by the container's own processes and by root on the node, which can read the
+Secret anyway; the pod API shows only the reference), and in the environment of the python
+stubs. The embedded server (``triton/secret_argv.py``) avoids both; the official image runs
+``tritonserver`` directly, without this project's launcher. The restricted-API flag syntax was
 checked against the tritonserver 2.51 binary that nvidia-pytriton ships (the 24.10 container's
 version), which is why 24.10 is the default image.
 
@@ -43,6 +51,7 @@ from algorithm.serving.deploy.plan import (  # noqa: F401  (ManifestConfig is pu
     DEFAULT_TRITON_IMAGE,
     GENERATED_NOTE,
     KNOWN_FILES,
+    TLS_MOUNT_PATH,
     ManifestConfig,
     Plan,
     healthcheck_command,
@@ -74,6 +83,14 @@ def dockerfile(plan: Plan) -> str:
         f" -e {ADMIN_KEY_ENV}=$(openssl rand -hex 32) -p {m.http_port}:{m.http_port}"
         f" -p {m.grpc_port}:{m.grpc_port} -p {m.metrics_port}:{m.metrics_port} <image>",
         "# A tensorrt_plan engine only loads on the TensorRT version of this base image: build it there.",
+        *(
+            [
+                f"# gRPC TLS: mount tls.crt and tls.key{' and ca.crt' if m.grpc_tls_mutual else ''} "
+                f"at {TLS_MOUNT_PATH} (-v <dir>:{TLS_MOUNT_PATH}:ro)."
+            ]
+            if m.grpc_tls_secret
+            else []
+        ),
         f"ARG TRITON_IMAGE={m.triton_image}",
         "FROM ${TRITON_IMAGE}",
         "LABEL "
@@ -160,6 +177,10 @@ def render_manifests(
         k8s["hpa.yaml"] = kube.hpa(plan)
     k8s["pdb.yaml"] = kube.pdb(plan)
     k8s["networkpolicy.yaml"] = kube.network_policy(plan)
+    if m.ingress:
+        k8s["ingress.yaml"] = kube.ingress(plan, grpc=False)
+        if m.ingress_tls_secret is not None:
+            k8s["ingress-grpc.yaml"] = kube.ingress(plan, grpc=True)
     if m.model_pvc:
         k8s["pvc.yaml"] = kube.pvc(plan)
     kustomization = {
@@ -175,7 +196,9 @@ def render_manifests(
         "k8s/kustomization.yaml": _yaml(
             kustomization,
             f"{GENERATED_NOTE}\n# Needs the Secret "
-            f"{m.admin_secret} (key {ADMIN_SECRET_KEY}) in {m.namespace}; see the README.",
+            f"{m.admin_secret} (key {ADMIN_SECRET_KEY}) in {m.namespace}"
+            + (f", the TLS Secret {m.grpc_tls_secret}" if m.grpc_tls_secret else "")
+            + "; see the README.",
         ),
     }
     if m.autoscale:

@@ -24,6 +24,13 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 # installed kubernetes-validate bundles: a manifest must be valid for both.
 K8S_VERSIONS = ("1.30.0", latest_version())
 ADMIN_APIS = {"model-repository", "model-config", "shared-memory", "statistics", "trace", "logging"}
+TLS_CONFIG = ManifestConfig(
+    grpc_tls_secret="ugt-grpc-tls",
+    grpc_tls_mutual=True,
+    ingress_tls_secret="ugt-web-tls",
+    ingress_host="recs.example.com",
+    client_namespaces=("shop",),
+)
 
 
 def docs(files: dict[str, str]) -> dict[str, dict]:
@@ -83,8 +90,9 @@ def default_files():
                 storage_class="fast-rwx",
             ),
         },
+        {"manifest": TLS_CONFIG},
     ],
-    ids=["defaults", "cpu-fixed-replicas", "baked-image-2gpu"],
+    ids=["defaults", "cpu-fixed-replicas", "baked-image-2gpu", "tls-ingress"],
 )
 def test_every_manifest_validates_against_the_kubernetes_schema(configs, version):
     import kubernetes_validate
@@ -262,10 +270,18 @@ def test_admin_endpoints_are_restricted_and_model_control_is_off(default_files):
     )
 
 
+def _namespaces(rule: dict) -> list[str]:
+    return [
+        f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for f in rule["from"]
+    ]
+
+
 def test_network_policy_keeps_metrics_off_the_client_path(default_files):
     policy = by_kind(default_files, "NetworkPolicy")
-    open_rule, metrics_rule = policy["spec"]["ingress"]
-    assert {p["port"] for p in open_rule["ports"]} == {"http", "grpc"} and "from" not in open_rule
+    client_rule, metrics_rule = policy["spec"]["ingress"]
+    assert {p["port"] for p in client_rule["ports"]} == {"http", "grpc"}
+    # clients come through the ingress controller, whose body limit they cannot bypass
+    assert _namespaces(client_rule) == ["ingress-nginx"]
     assert [p["port"] for p in metrics_rule["ports"]] == ["metrics"]
     assert metrics_rule["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
@@ -400,8 +416,13 @@ def test_too_few_gpus_for_the_model_config_is_refused():
         ({"http_port": 8001}, "grpc_port"),  # collides with the default grpc_port
         ({"metrics_port": 70000}, "metrics_port"),
         ({"run_as_user": 0}, "run_as_user"),
-        ({"memory_request": "32Gi"}, "memory_request"),
-        ({"shm_size": "16Gi"}, "shm_size"),
+        ({"memory_request": "32Gi", "memory_limit": "16Gi"}, "memory_request"),
+        ({"shm_size": "16Gi", "memory_limit": "16Gi"}, "shm_size"),
+        ({"base_memory": "lots"}, "base_memory"),
+        ({"grpc_tls_mutual": True}, "grpc_tls_mutual"),  # mutual TLS needs the TLS Secret
+        ({"grpc_tls_secret": "tls/../x"}, "grpc_tls_secret"),
+        ({"ingress_host": "a host"}, "ingress_host"),
+        ({"client_namespaces": ("ok", "Not OK")}, "client_namespaces"),
         ({"cpu_limit": "2"}, "cpu_limit"),
         ({"cpu_request": "four"}, "cpu_request"),
         ({"restricted_apis": ("statistics",)}, "restricted_apis"),
@@ -602,3 +623,91 @@ def test_dockerfile_structure(default_files):
         ]
         == k8s_args
     )
+
+
+# ------------------------------------------------------------ request size, memory and TLS
+def test_ingress_caps_the_body_at_the_largest_valid_request(default_files):
+    from algorithm.serving.security import max_request_bytes
+
+    ing = by_kind(default_files, "Ingress")
+    limit = 64 * 1024 * 4 * 8 + (64 << 10)  # max_batch x max_seq x 4 int64 inputs + framing
+    assert limit == max_request_bytes(64, 1024)
+    annotations = ing["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == str(limit)
+    assert annotations["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTP"
+    assert ing["spec"]["ingressClassName"] == "nginx" and "tls" not in ing["spec"]
+    (rule,) = ing["spec"]["rules"]
+    assert "host" not in rule
+    paths = {(p["path"], p["pathType"]) for p in rule["http"]["paths"]}
+    # inference, health and metadata only: /v2/repository, /v2/logging, /v2/trace and the
+    # shared-memory APIs are not routed at all
+    assert paths == {("/v2", "Exact"), ("/v2/health", "Prefix"), ("/v2/models", "Prefix")}
+    assert {p["backend"]["service"]["port"]["name"] for p in rule["http"]["paths"]} == {"http"}
+    assert "k8s/ingress-grpc.yaml" not in default_files  # gRPC through nginx needs TLS there
+    # the limit follows the export config
+    small = render_manifests(ExportConfig(max_batch_size=8, max_seq_length=256))
+    assert by_kind(small, "Ingress")["metadata"]["annotations"][
+        "nginx.ingress.kubernetes.io/proxy-body-size"
+    ] == str(8 * 256 * 32 + (64 << 10))
+
+
+def test_memory_limit_is_derived_from_the_largest_request_and_what_can_be_in_flight():
+    from algorithm.serving.deploy.plan import REQUEST_MEMORY_FACTOR, resolve_plan
+    from algorithm.serving.security import max_request_bytes
+
+    ec, tc = ExportConfig(), TritonConfig()  # 2 instances on GPU 0, max_batch 64, no queue limit
+    plan = resolve_plan(ec, tc, ManifestConfig())
+    assert plan.in_flight == 2 * 64 * 2  # every instance's largest batch, and as many queued
+    request = max_request_bytes(64, 1024)
+    expected = 12 * 2**30 + 2 * 2**30 + plan.in_flight * request * REQUEST_MEMORY_FACTOR
+    assert plan.memory_limit == f"{-(-expected // 2**20)}Mi"
+    files = render_manifests(ec, tc, ManifestConfig())
+    resources = container(files)["resources"]
+    assert resources["limits"]["memory"] == resources["requests"]["memory"] == plan.memory_limit
+    annotation = by_kind(files, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert str(request) in annotation["ugt-serving/memory-limit"]
+    # a queue limit bounds what waits; a given limit is kept as is
+    queued = resolve_plan(ec, tc.replace(max_queue_size=16), ManifestConfig())
+    assert queued.in_flight == 2 * 64 + 16
+    given = resolve_plan(ec, tc, ManifestConfig(memory_limit="20Gi", memory_request="8Gi"))
+    assert (given.memory_limit, given.memory_request) == ("20Gi", "8Gi")
+    with pytest.raises(ConfigError) as e:
+        resolve_plan(ec, tc, ManifestConfig(memory_request="64Gi"))
+    assert e.value.field == "memory_request"
+
+
+def test_grpc_tls_mounts_the_secret_and_the_ingresses_terminate_https():
+    files = render_manifests(manifest_config=TLS_CONFIG)
+    c = container(files)
+    assert {
+        "--grpc-use-ssl=true",
+        "--grpc-server-cert=/etc/triton/tls/tls.crt",
+        "--grpc-server-key=/etc/triton/tls/tls.key",
+        "--grpc-use-ssl-mutual=true",
+        "--grpc-root-cert=/etc/triton/tls/ca.crt",
+    } <= set(c["args"])
+    assert c["args"][-2].startswith("--http-restricted-api=")  # the keyed flags stay last
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/triton/tls"]
+    assert mount["readOnly"] is True
+    volumes = by_kind(files, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    (vol,) = [v for v in volumes if v["name"] == mount["name"]]
+    assert vol["secret"]["secretName"] == "ugt-grpc-tls"
+    http = by_kind(files, "Ingress", "ugt-recommend")
+    assert http["spec"]["tls"] == [{"hosts": ["recs.example.com"], "secretName": "ugt-web-tls"}]
+    grpc = by_kind(files, "Ingress", "-grpc")
+    annotations = grpc["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPCS"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == str(64 * 1024 * 32 + 65536)
+    paths = {p["path"] for p in grpc["spec"]["rules"][0]["http"]["paths"]}
+    assert "/inference.GRPCInferenceService/ModelInfer" in paths
+    assert not {p for p in paths if "Repository" in p or "Statistics" in p or "Config" in p}
+    assert all(p["pathType"] == "Exact" for p in grpc["spec"]["rules"][0]["http"]["paths"])
+    policy = by_kind(files, "NetworkPolicy")
+    assert _namespaces(policy["spec"]["ingress"][0]) == ["ingress-nginx", "shop"]
+    assert "ugt-grpc-tls" in files["k8s/kustomization.yaml"]
+    assert "/etc/triton/tls" in files["docker/Dockerfile"]
+    # without the ingress, clients may come from anywhere (the old behaviour)
+    open_policy = by_kind(
+        render_manifests(manifest_config=ManifestConfig(ingress=False)), "NetworkPolicy"
+    )
+    assert "from" not in open_policy["spec"]["ingress"][0]

@@ -9,6 +9,13 @@ the stub finds its Python environment through PATH, not PYTHONPATH.
     with TritonServer("model_repository", http_port=0, grpc_port=0, metrics_port=0) as server:
         client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
 
+Off loopback the administrative APIs (repository, model config, statistics, trace, logging,
+shared memory) need the admin key (``admin_key``, else $TRITON_ADMIN_KEY_FILE or
+$TRITON_ADMIN_KEY); on loopback the key is optional. tritonserver only takes the key inside a
+command-line flag, so the flag is handed over out of sight of ``ps`` (``secret_argv.py``), and the
+key is taken out of the environment the server and its python stubs see. ``grpc_tls`` serves
+gRPC over TLS (mutual with a client CA).
+
 The server dies with the thread that started it (``PR_SET_PDEATHSIG`` fires when that *thread*
 ends, so start it from a thread that lives as long as the server, e.g. the main thread), stops
 with SIGINT then SIGKILL, and every failure raises ServerError carrying the tail of the log.
@@ -39,6 +46,20 @@ from pathlib import Path
 
 from algorithm.errors import ConfigError, DependencyError, InputFileNotFoundError, ServerError
 from algorithm.serving.config import check_name
+from algorithm.serving.security import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    ADMIN_KEY_FILE_ENV,
+    DEFAULT_RESTRICTED,
+    GrpcTls,
+    ServerSecurity,
+)
+from algorithm.serving.triton.admin import model_statistics, request_model_load
+from algorithm.serving.triton.secret_argv import (
+    PLACEHOLDER,
+    popen_with_secret_args,
+    scrub_secret_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +156,12 @@ class TritonServer:
 
     Ports 0 pick free ports. ``model_control="explicit"`` starts with ``load_models`` (default:
     all) and enables ``load_model``/``unload_model``. ``extra_args`` go to tritonserver as is.
+    ``admin_key`` (else the environment's, see ``security.read_admin_key``) restricts
+    ``restricted_apis`` to requests carrying it in ``admin_header``; it is required when ``host``
+    is not a loopback address. ``grpc_tls`` serves gRPC over TLS. ``grpc_request_pool`` is how
+    many gRPC request objects Triton keeps for reuse (None: its default, 8); each keeps the input
+    buffer of the largest request it carried, so 0 stops an oversized request's memory from
+    staying (measured: benchmarks/RESULTS.md, which also says its throughput cost is unsettled).
     """
 
     def __init__(
@@ -154,6 +181,11 @@ class TritonServer:
         response_cache_bytes: int = 0,
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        admin_key: str | None = None,
+        restricted_apis: Sequence[str] = DEFAULT_RESTRICTED,
+        admin_header: str = ADMIN_HEADER,
+        grpc_tls: GrpcTls | None = None,
+        grpc_request_pool: int | None = None,
     ):
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -172,6 +204,16 @@ class TritonServer:
         ):
             if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
                 raise ConfigError(name, port, "0 (pick a free port) or a port in [1, 65535]")
+        self.security = ServerSecurity.resolve(
+            host, admin_key, restricted_apis, admin_header, grpc_tls
+        )
+        if grpc_request_pool is not None and (
+            isinstance(grpc_request_pool, bool)
+            or not isinstance(grpc_request_pool, int)
+            or grpc_request_pool < 0
+        ):
+            raise ConfigError("grpc_request_pool", grpc_request_pool, "None or an integer >= 0")
+        self.grpc_request_pool = grpc_request_pool
         self.binary = find_tritonserver(triton_bin)
         self.requested_ports = (http_port, grpc_port, metrics_port)
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
@@ -192,6 +234,11 @@ class TritonServer:
         self._log_file = None
 
     # -- endpoints ---------------------------------------------------------------------------
+    @property
+    def restricted(self) -> bool:
+        """Whether the administrative APIs need the admin key."""
+        return self.security.restricted
+
     @property
     def http_url(self) -> str:
         """``host:port`` of the HTTP endpoint (tritonclient.http's ``url`` form)."""
@@ -216,7 +263,8 @@ class TritonServer:
         self.stop()
         return False
 
-    def _command(self, backend_dir: Path | None) -> list[str]:
+    def _command(self, backend_dir: Path | None) -> tuple[list[str], dict[int, str]]:
+        """The command line and, by position, the flags that must stay out of the process list."""
         cmd = [
             str(self.binary),
             f"--model-repository={self.model_repository}",
@@ -241,7 +289,14 @@ class TritonServer:
             caches = self.binary.resolve().parent.parent / "caches"
             if caches.is_dir():
                 cmd.append(f"--cache-directory={caches}")
-        return cmd + self.extra_args
+        cmd += self.security.public_args()
+        if self.grpc_request_pool is not None:
+            cmd.append(f"--grpc-infer-allocation-pool-size={self.grpc_request_pool}")
+        secret = {}
+        for flag in self.security.secret_args():
+            secret[len(cmd)] = flag
+            cmd.append(flag)
+        return cmd + self.extra_args, secret
 
     def _environment(self) -> dict[str, str]:
         env = os.environ.copy()
@@ -254,6 +309,10 @@ class TritonServer:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(
                 p for p in (env.get("LD_LIBRARY_PATH", ""), str(libs)) if p
             )
+        # The key reaches tritonserver through secret_argv only: its python stubs (and whatever
+        # the model's code runs) inherit this environment.
+        for name in (ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV):
+            env.pop(name, None)
         env.update(self.extra_env)
         return env
 
@@ -298,20 +357,24 @@ class TritonServer:
     def _launch(self, backend_dir: Path | None, attempt: int) -> None:
         self.log_path = self.workdir / f"tritonserver{'' if attempt == 0 else f'.{attempt}'}.log"
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in _terminate)
-        cmd = self._command(backend_dir)
-        logger.info("starting %s", " ".join(cmd))
+        cmd, secret = self._command(backend_dir)
+        visible = [PLACEHOLDER.format(i) if i in secret else a for i, a in enumerate(cmd)]
+        logger.info("starting %s", " ".join(visible))
+        popen_args = {
+            "stdout": self._log_file,
+            "stderr": subprocess.STDOUT,
+            "stdin": subprocess.DEVNULL,
+            "env": self._environment(),
+            "cwd": self.workdir,
+            # Own process group: stop() signals the server and its python stubs together.
+            "start_new_session": True,
+            "preexec_fn": _die_with_parent,
+        }
         try:
-            self.process = subprocess.Popen(
-                cmd,
-                stdout=self._log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self._environment(),
-                cwd=self.workdir,
-                # Own process group: stop() signals the server and its python stubs together.
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509
-            )
+            if secret:
+                self.process = popen_with_secret_args(cmd, secret, **popen_args)
+            else:
+                self.process = subprocess.Popen(cmd, **popen_args)  # noqa: PLW1509
         except OSError as e:
             raise ServerError(f"could not execute {self.binary}: {e}") from e
 
@@ -327,6 +390,7 @@ class TritonServer:
                     hint=self._failure_hint(),
                 )
             if self._get("/v2/health/ready", quiet=True) is not None:
+                scrub_secret_args(self.process)  # read at start-up, before the endpoints opened
                 logger.info("tritonserver ready: http %s grpc %s", self.http_url, self.grpc_url)
                 return
             if time.monotonic() > deadline:
@@ -407,12 +471,19 @@ class TritonServer:
         return "\n".join(errors[-lines:] + tail)
 
     # -- HTTP API ----------------------------------------------------------------------------
-    def _request(self, method: str, path: str, body: dict | None = None, timeout: float = 5.0):
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        timeout: float = 5.0,
+        headers: dict | None = None,
+    ):
         url = f"http://{self.host}:{self.http_port}{path}"
         data = (
             json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
         )
-        req = urllib.request.Request(url, data=data, method=method)
+        req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
         with urllib.request.urlopen(req, timeout=timeout) as r:
             payload = r.read()
         return json.loads(payload) if payload else {}
@@ -430,8 +501,9 @@ class TritonServer:
     ):
         if not self.is_alive():
             raise ServerError(f"tritonserver is not running ({what})", self.error_tail())
+        headers = self.security.client_headers("http")
         try:
-            return self._request(method, path, body, timeout)
+            return self._request(method, path, body, timeout, headers)
         except urllib.error.HTTPError as e:
             detail = e.read().decode("utf-8", errors="replace")
             with contextlib.suppress(ValueError):
@@ -526,43 +598,6 @@ class TritonServer:
     def __repr__(self) -> str:
         state = "running" if self.is_alive() else "stopped"
         return f"TritonServer({str(self.model_repository)!r}, http={self.http_url}, grpc={self.grpc_url}, {state})"
-
-
-def request_model_load(http_url: str, model_name: str, timeout_s: float = 120.0) -> None:
-    """Ask a running server (explicit model control) to (re)load ``model_name``: it re-reads
-    the config and the version folders. ``http_url`` is ``host:port`` or ``http://host:port``."""
-    check_name("model_name", model_name)
-    base = http_url if "://" in http_url else f"http://{http_url}"
-    req = urllib.request.Request(
-        f"{base}/v2/repository/models/{model_name}/load", data=b"", method="POST"
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            r.read()
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode("utf-8", errors="replace")
-        with contextlib.suppress(ValueError):
-            detail = json.loads(detail).get("error", detail)
-        raise ServerError(
-            f"{base} refused to load {model_name!r}: {detail}",
-            hint="The server must run with --model-control-mode=explicit.",
-        ) from e
-    except (urllib.error.URLError, OSError) as e:
-        raise ServerError(f"no Triton server answers at {base}: {e}") from e
-
-
-def model_statistics(stats: dict, model_name: str) -> dict[str, int]:
-    """Sum of counts over the versions of ``model_name`` in a statistics() answer."""
-    total = {"inference_count": 0, "execution_count": 0, "success": 0, "fail": 0}
-    for m in stats.get("model_stats", []):
-        if m.get("name") != model_name:
-            continue
-        total["inference_count"] += int(m.get("inference_count", 0))
-        total["execution_count"] += int(m.get("execution_count", 0))
-        s = m.get("inference_stats", {})
-        total["success"] += int(s.get("success", {}).get("count", 0))
-        total["fail"] += int(s.get("fail", {}).get("count", 0))
-    return total
 
 
 __all__ = [
