@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -c requirements.lock -e ".[dev,openvino,server,k8s]"
+	$(PIP) install -q -c requirements.lock -e ".[dev,openvino,server,k8s,gpu]"
 	touch $(STAMP)
 
 run: setup

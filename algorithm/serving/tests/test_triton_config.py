@@ -253,5 +253,7 @@ def test_exporter_facade_generates_the_same_config(tmp_path):
     from algorithm.serving import ServingExporter
 
     tc = TritonConfig(platform="python", instance_kind="KIND_CPU")
-    path = ServingExporter(EC, tc).generate_triton_config(tmp_path)
-    assert Path(path).read_text() == TritonConfigGenerator(EC, tc).config_text()
+    onnx = tmp_path / "exported.onnx"
+    onnx.write_bytes(b"\x08\x09fake-onnx")
+    path = ServingExporter(EC, tc).generate_triton_config(tmp_path / "repo", model_file=onnx)
+    assert Path(path).read_text() == TritonConfigGenerator(EC, tc).config_text("model.onnx")
