@@ -36,8 +36,10 @@ _REJECT_MARKERS = ("maximum queue size", "request timeout expired", "exceeds max
 def sample_seq_lengths(
     config: BenchmarkConfig, count: int, rng: np.random.Generator, fixed: int | None = None
 ) -> np.ndarray:
-    """``count`` history lengths from the configured distribution (fixed uses ``fixed``)."""
-    dist, lo, hi = config.seq_len_distribution, config.seq_len_min, config.seq_len_max
+    """``count`` history lengths from the configured distribution (fixed uses ``fixed``); an
+    unset ``seq_len_max`` is the default 1024 here (the benchmark sets the served model's)."""
+    dist, lo = config.seq_len_distribution, config.seq_len_min
+    hi = config.seq_len_max if config.seq_len_max is not None else DEFAULT_MAX_SEQ
     if dist == "fixed":
         n = fixed if fixed is not None else config.seq_len_median
         return np.full(count, int(n), dtype=np.int64)

@@ -258,6 +258,7 @@ def plot_gpu(series, path: Path, plt) -> Path:
                         *zip(*pts, strict=True), style, marker="o", label=f"{name} {group_label(g)}"
                     )
         ax.set_title(title, fontsize=9)
+        ax.set_ylim(bottom=0, top=100 if field == "gpu_utilization_avg" else None)
         ax.set_xlabel(_xlabel(next(iter(groups(series[0][1]).values()), [])))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
