@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml requirements.lock
 run: setup
 	$(VENV)/bin/ugt-serving demo --output demo-output
 
+# The whole suite under coverage; then each stage module against the guide's 7.4 target.
 test: setup
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q --cov --cov-report=term \
+		--cov-report=json:.coverage.json
+	$(PY) .ci/check_coverage.py .coverage.json
 
 lint: setup
 	$(VENV)/bin/ruff check algorithm benchmarks
