@@ -14,6 +14,8 @@
   Embeddings (Gather), layer norms, the output heads, LogSoftmax and TopK stay float: the
   heads' logits decide the ranking directly. The QDQ file is what is saved; ONNX Runtime fuses
   it into integer kernels at load time, and TensorRT's execution provider reads QDQ as well.
+- ``ExportConfig.fp32_layers``: the ONNX nodes matching these name patterns stay float in fp16
+  (blocked from the conversion) and int8 (excluded from quantization).
 """
 
 from __future__ import annotations

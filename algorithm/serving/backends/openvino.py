@@ -11,7 +11,9 @@
   set from Python changed nothing, seen), so the accuracy gate is the safeguard. On this CPU
   (AVX512-BF16, no native fp16) the f16 hint ran exactly as bf16 (seen).
 - int8: NNCF post-training quantization (``nncf.quantize``, transformer preset) calibrated on
-  the same histories as the other backends, with the heads and the scoring path ignored.
+  the same histories as the other backends, with the heads, the scoring path and the nodes
+  matching ``ExportConfig.fp32_layers`` ignored. fp16/bf16 refuse ``fp32_layers`` (no per-layer
+  pin, see above) instead of ignoring it.
 """
 
 from __future__ import annotations

@@ -182,11 +182,14 @@ def test_cli_emits_the_trtexec_command(onnx_model, tmp_path):
             "fp16",
             "--output",
             str(tmp_path / "m.plan"),
+            "--fp32-layers",
+            "node_MatMul_8?",
             "--emit-trtexec",
         ],
     )
     assert result.exit_code == 0, result.output
     assert result.output.startswith("trtexec ") and "--fp16" in result.output
+    assert "node_MatMul_8" in result.output.split("--layerPrecisions=")[1]
     assert not (tmp_path / "m.plan").exists()
 
 
