@@ -66,11 +66,4 @@ class OpenVINOOptimizer:
         return path
 
 
-def optimize_openvino(
-    onnx_path, output_dir, config: ExportConfig | None = None, calibration_data=None
-) -> str:
-    """Convenience: ``OpenVINOOptimizer(config).optimize(onnx_path, output_dir)``."""
-    return OpenVINOOptimizer(config).optimize(onnx_path, output_dir, calibration_data)
-
-
-__all__ = ["OpenVINOOptimizer", "optimize_openvino"]
+__all__ = ["OpenVINOOptimizer"]
