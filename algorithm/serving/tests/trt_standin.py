@@ -48,122 +48,53 @@ MAGIC = b"UGT-TENSORRT-STANDIN-PLAN\n"  # what a stand-in "plan" starts with: ne
 CALIB_MAGIC = b"TRT-STANDIN-CALIBRATION\n"
 
 
-class DataType(enum.IntEnum):
-    FLOAT = 0
-    HALF = 1
-    INT8 = 2
-    INT32 = 3
-    BOOL = 4
-    UINT8 = 5
-    FP8 = 6
-    BF16 = 7
-    INT64 = 8
+# TensorRT's enums, with the members (and values) of the 10.x Python bindings that matter here.
+DataType = enum.IntEnum(
+    "DataType", dict(FLOAT=0, HALF=1, INT8=2, INT32=3, BOOL=4, UINT8=5, FP8=6, BF16=7, INT64=8)
+)
+BuilderFlag = enum.IntEnum(
+    "BuilderFlag",
+    dict(FP16=0, INT8=1, DEBUG=2, GPU_FALLBACK=3, REFIT=4, DISABLE_TIMING_CACHE=5, TF32=6,
+         SPARSE_WEIGHTS=7, OBEY_PRECISION_CONSTRAINTS=9, PREFER_PRECISION_CONSTRAINTS=10, BF16=17),
+)  # fmt: skip
+MemoryPoolType = enum.IntEnum(
+    "MemoryPoolType",
+    dict(WORKSPACE=0, DLA_MANAGED_SRAM=1, DLA_LOCAL_DRAM=2, DLA_GLOBAL_DRAM=3, TACTIC_DRAM=4),
+)
+# EXPLICIT_BATCH: deprecated and the default in TensorRT 10, still accepted
+NetworkDefinitionCreationFlag = enum.IntEnum(
+    "NetworkDefinitionCreationFlag", dict(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
+)
+LayerType = enum.IntEnum(
+    "LayerType",
+    dict(ACTIVATION=2, ELEMENTWISE=5, SOFTMAX=8, CONCATENATION=9, UNARY=11, SHUFFLE=12, REDUCE=14,
+         TOPK=15, GATHER=16, MATRIX_MULTIPLY=17, CONSTANT=19, IDENTITY=20, SLICE=21, SHAPE=22,
+         SELECT=27, FILL=28, CAST=41, NORMALIZATION=42),
+)  # fmt: skip
+ErrorCode = enum.IntEnum(
+    "ErrorCode",
+    dict(SUCCESS=0, INTERNAL_ERROR=1, MEM_ALLOC_FAILED=2, MODEL_DESERIALIZE_FAILED=3,
+         INVALID_VALUE=4, INVALID_GRAPH=5, INVALID_NODE=6, UNSUPPORTED_GRAPH=7, UNSUPPORTED_NODE=8),
+)  # fmt: skip
+_Severity = enum.IntEnum("Severity", dict(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4))
 
-
-class BuilderFlag(enum.IntEnum):
-    FP16 = 0
-    INT8 = 1
-    DEBUG = 2
-    GPU_FALLBACK = 3
-    REFIT = 4
-    DISABLE_TIMING_CACHE = 5
-    TF32 = 6
-    SPARSE_WEIGHTS = 7
-    OBEY_PRECISION_CONSTRAINTS = 9
-    PREFER_PRECISION_CONSTRAINTS = 10
-    BF16 = 17
-
-
-class MemoryPoolType(enum.IntEnum):
-    WORKSPACE = 0
-    DLA_MANAGED_SRAM = 1
-    DLA_LOCAL_DRAM = 2
-    DLA_GLOBAL_DRAM = 3
-    TACTIC_DRAM = 4
-
-
-class NetworkDefinitionCreationFlag(enum.IntEnum):
-    EXPLICIT_BATCH = 0  # deprecated and the default in TensorRT 10; still accepted
-    STRONGLY_TYPED = 1
-
-
-class LayerType(enum.IntEnum):
-    CONVOLUTION = 0
-    ACTIVATION = 2
-    ELEMENTWISE = 5
-    SOFTMAX = 8
-    CONCATENATION = 9
-    UNARY = 11
-    SHUFFLE = 12
-    REDUCE = 14
-    TOPK = 15
-    GATHER = 16
-    MATRIX_MULTIPLY = 17
-    CONSTANT = 19
-    IDENTITY = 20
-    SLICE = 21
-    SHAPE = 22
-    SELECT = 27
-    FILL = 28
-    CAST = 41
-    NORMALIZATION = 42
-
-
-class ErrorCode(enum.IntEnum):
-    SUCCESS = 0
-    INTERNAL_ERROR = 1
-    MEM_ALLOC_FAILED = 2
-    MODEL_DESERIALIZE_FAILED = 3
-    INVALID_VALUE = 4
-    INVALID_GRAPH = 5
-    INVALID_NODE = 6
-    UNSUPPORTED_GRAPH = 7
-    UNSUPPORTED_NODE = 8
-
-
+# The layer type the parser's importer of each ONNX op makes (its main layer); others ELEMENTWISE.
 _OP_LAYER = {
-    "MatMul": LayerType.MATRIX_MULTIPLY,
-    "Gemm": LayerType.MATRIX_MULTIPLY,
-    "TopK": LayerType.TOPK,
-    "Softmax": LayerType.SOFTMAX,
-    "LogSoftmax": LayerType.SOFTMAX,
-    "Gather": LayerType.GATHER,
-    "GatherElements": LayerType.GATHER,
-    "Reshape": LayerType.SHUFFLE,
-    "Transpose": LayerType.SHUFFLE,
-    "Unsqueeze": LayerType.SHUFFLE,
-    "Squeeze": LayerType.SHUFFLE,
-    "Cast": LayerType.CAST,
-    "Constant": LayerType.CONSTANT,
-    "Shape": LayerType.SHAPE,
-    "Concat": LayerType.CONCATENATION,
-    "Slice": LayerType.SLICE,
-    "Where": LayerType.SELECT,
-    "LayerNormalization": LayerType.NORMALIZATION,
-    "ReduceMean": LayerType.REDUCE,
-    "ReduceMax": LayerType.REDUCE,
-    "ReduceSum": LayerType.REDUCE,
-    "Relu": LayerType.ACTIVATION,
-    "Gelu": LayerType.ACTIVATION,
-    "Sqrt": LayerType.UNARY,
-    "Exp": LayerType.UNARY,
-    "Log": LayerType.UNARY,
-    "Identity": LayerType.IDENTITY,
-    "Expand": LayerType.SLICE,
-    "ConstantOfShape": LayerType.FILL,
-}
+    op: LayerType[kind]
+    for kind, ops in {
+        "MATRIX_MULTIPLY": "MatMul Gemm", "TOPK": "TopK", "SOFTMAX": "Softmax LogSoftmax",
+        "GATHER": "Gather GatherElements", "SHUFFLE": "Reshape Transpose Unsqueeze Squeeze",
+        "CAST": "Cast", "CONSTANT": "Constant", "SHAPE": "Shape", "CONCATENATION": "Concat",
+        "SLICE": "Slice Expand", "SELECT": "Where", "NORMALIZATION": "LayerNormalization",
+        "REDUCE": "ReduceMean ReduceMax ReduceSum", "ACTIVATION": "Relu Gelu",
+        "UNARY": "Sqrt Exp Log", "IDENTITY": "Identity", "FILL": "ConstantOfShape",
+    }.items()
+    for op in ops.split()
+}  # fmt: skip
 _ONNX_DTYPES = {1: DataType.FLOAT, 10: DataType.HALF, 16: DataType.BF16, 6: DataType.INT32,
                 7: DataType.INT64, 9: DataType.BOOL, 3: DataType.INT8, 2: DataType.UINT8}  # fmt: skip
 _STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 _FLOATS = (DataType.FLOAT, DataType.HALF, DataType.BF16)
-
-
-class _Severity(enum.IntEnum):
-    INTERNAL_ERROR = 0
-    ERROR = 1
-    WARNING = 2
-    INFO = 3
-    VERBOSE = 4
 
 
 class ILogger:
@@ -177,16 +108,6 @@ class ILogger:
 
     def log(self, severity, msg):  # pragma: no cover - overridden by the project's logger
         raise NotImplementedError
-
-
-class Logger(ILogger):
-    def __init__(self, min_severity=_Severity.WARNING):
-        super().__init__()
-        self.min_severity = min_severity
-        self.messages: list[tuple] = []
-
-    def log(self, severity, msg):
-        self.messages.append((severity, msg))
 
 
 def _log(logger, severity, msg: str) -> None:
@@ -281,15 +202,6 @@ class ParserError:
 
     def node_operator(self) -> str:
         return self._op
-
-    def file(self) -> str:
-        return "ModelImporter.cpp"
-
-    def line(self) -> int:
-        return 0
-
-    def func(self) -> str:
-        return "parseGraph"
 
     def __str__(self) -> str:
         return self._desc
@@ -507,9 +419,6 @@ class Builder:
         self.logger = logger
         CALLS.append(("Builder", "__init__", ()))
 
-    platform_has_fast_fp16 = True
-    platform_has_fast_int8 = True
-
     def create_network(self, flags: int = 0) -> INetworkDefinition:
         CALLS.append(("Builder", "create_network", (flags,)))
         return INetworkDefinition(flags)
@@ -674,13 +583,6 @@ class Runtime:
         return ICudaEngine(json.loads(data[len(MAGIC) :]))
 
 
-def nptype(dtype):
-    import numpy as np
-
-    return {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT32: np.int32,
-            DataType.INT64: np.int64, DataType.BOOL: np.bool_, DataType.INT8: np.int8}[DataType(dtype)]  # fmt: skip
-
-
 # ------------------------------------------------------------------------------ the module
 __version__ = "10.8.0.43"
 CALLS: list[tuple] = []
@@ -695,36 +597,13 @@ def make_module(version: str = "10.8.0.43") -> types.ModuleType:
     CALLS.clear()
     spec = importlib.util.spec_from_loader("tensorrt", loader=None)
     mod = importlib.util.module_from_spec(spec)
-    names = [
-        "DataType",
-        "BuilderFlag",
-        "MemoryPoolType",
-        "NetworkDefinitionCreationFlag",
-        "LayerType",
-        "ErrorCode",
-        "ILogger",
-        "Logger",
-        "ITensor",
-        "ILayer",
-        "INetworkDefinition",
-        "ParserError",
-        "OnnxParser",
-        "IOptimizationProfile",
-        "IHostMemory",
-        "ITimingCache",
-        "IBuilderConfig",
-        "IInt8Calibrator",
-        "IInt8EntropyCalibrator2",
-        "IInt8MinMaxCalibrator",
-        "Builder",
-        "ICudaEngine",
-        "Runtime",
-        "nptype",
-        "MAGIC",
-        "CALIB_MAGIC",
-        "CALLS",
-    ]
-    for n in names:
+    names = (
+        "DataType BuilderFlag MemoryPoolType NetworkDefinitionCreationFlag LayerType ErrorCode "
+        "ILogger ITensor ILayer INetworkDefinition ParserError OnnxParser IOptimizationProfile "
+        "IHostMemory ITimingCache IBuilderConfig IInt8Calibrator IInt8EntropyCalibrator2 "
+        "IInt8MinMaxCalibrator Builder ICudaEngine Runtime MAGIC CALIB_MAGIC CALLS"
+    )
+    for n in names.split():
         setattr(mod, n, getattr(sys.modules[__name__], n))
     mod.__version__ = version
     mod.__standin__ = True
