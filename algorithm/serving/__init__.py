@@ -25,6 +25,10 @@ _EXPORTS = {
     "TritonConfigGenerator": ".triton_config",
     "TritonBenchmark": ".benchmark",
     "BenchmarkResult": ".benchmark",
+    "GPUMonitoredBenchmark": ".benchmark",
+    "ExtendedBenchmarkResult": ".benchmark",
+    "GPUMonitor": ".bench.gpu_monitor",
+    "OpenVINOOptimizer": ".optimize_openvino",
     "ModelVersionManager": ".triton.repository",
     "TritonServer": ".triton.server",
     # convenience functions
@@ -82,14 +86,22 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         ServingError,
     )
     from algorithm.serving.backends import available_backends, get_backend
+    from algorithm.serving.bench.gpu_monitor import GPUMonitor
     from algorithm.serving.bench.report import load_report, write_report
-    from algorithm.serving.benchmark import BenchmarkResult, TritonBenchmark, run_benchmark
+    from algorithm.serving.benchmark import (
+        BenchmarkResult,
+        ExtendedBenchmarkResult,
+        GPUMonitoredBenchmark,
+        TritonBenchmark,
+        run_benchmark,
+    )
     from algorithm.serving.config import BenchmarkConfig, ExportConfig, TritonConfig
     from algorithm.serving.contract import ModelInputSpec
     from algorithm.serving.demo import DemoConfig, run_demo
     from algorithm.serving.deploy.manifests import ManifestConfig, render_manifests, write_manifests
     from algorithm.serving.export_onnx import ONNXExporter, export_to_onnx
     from algorithm.serving.exporter import ServingExporter, create_exporter
+    from algorithm.serving.optimize_openvino import OpenVINOOptimizer
     from algorithm.serving.optimize_trt import (
         TensorRTOptimizer,
         build_trt_engine,

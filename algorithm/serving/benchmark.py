@@ -13,6 +13,12 @@ large one on a slow server runs for ``num_requests / throughput`` seconds. Every
 successful, failed (timed-out ones included) or rejected by the server's queue policy;
 percentiles are over every measured request. The server-side breakdown is the delta of Triton's
 statistics API over the measured window.
+
+Requests follow the served model's contract: the codebooks, the longest history and the largest
+batch come from its config on the server (``config.pbtxt``) wherever the BenchmarkConfig leaves
+them unset, and a setting the model would reject is refused before anything is sent (the
+result's ``request_contract`` says what was used and where it came from).
+``GPUMonitoredBenchmark`` adds the GPUs' utilization, memory and power (guide 10.2).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import Callable
 import numpy as np
 
 from algorithm.errors import BenchmarkError, ConfigError
+from algorithm.serving.bench.gpu_monitor import GPUMonitor
 from algorithm.serving.bench.loadgen import (  # noqa: F401  (re-exported: the load generator's public helpers)
     FAILED,
     OK,
@@ -36,7 +43,9 @@ from algorithm.serving.bench.loadgen import (  # noqa: F401  (re-exported: the l
     classify_error,
     load_histogram,
     make_requests,
+    request_contract,
     sample_seq_lengths,
+    served_contract,
 )
 from algorithm.serving.bench.monitor import (
     HostCpu,
@@ -46,6 +55,7 @@ from algorithm.serving.bench.monitor import (
 )
 from algorithm.serving.bench.result import (  # noqa: F401  (BenchmarkResult is public here, as in the guide)
     BenchmarkResult,
+    ExtendedBenchmarkResult,
     histogram,
     is_stable,
     percentiles,
@@ -115,7 +125,7 @@ class TritonBenchmark:
         seq_fixed = seq_length if cfg.seq_len_distribution == "fixed" else None
         try:
             return _run_coroutine(self._run(url, model_name, batch_size, seq_fixed, level, rate))
-        except BenchmarkError:
+        except (BenchmarkError, ConfigError):
             raise
         except Exception as e:  # an unexpected client failure still names the server
             raise BenchmarkError(
@@ -162,13 +172,31 @@ class TritonBenchmark:
     # -- the measurement -----------------------------------------------------------------------
     async def _run(self, url, model, batch_size, seq_fixed, level, rate) -> BenchmarkResult:
         cfg = self.config
-        rng = np.random.default_rng(cfg.seed)
-        pool_rows = batch_size * (16 if cfg.seq_len_distribution == "fixed" else 256)
-        lengths = sample_seq_lengths(cfg, pool_rows, rng, fixed=seq_fixed)
-        pool_arrays = make_requests(batch_size, lengths, cfg.codebook_sizes, rng)
         client = Client(url, cfg.protocol, level or 64, cfg.timeout_s, cfg)
         try:
             await self._check_server(client, model, url)
+            # The requests follow the served model's own contract where the config is silent.
+            contract = request_contract(
+                cfg,
+                served_contract(await client.model_config(model)),
+                batch_size,
+                seq_fixed,
+                repr(model),
+            )
+            logger.info(
+                "%s: codebooks %s (%s), longest history %d (%s)",
+                model,
+                contract["codebook_sizes"],
+                contract["source"]["codebook_sizes"],
+                contract["seq_len_max"],
+                contract["source"]["seq_len_max"],
+            )
+            rng = np.random.default_rng(cfg.seed)
+            pool_rows = batch_size * (16 if cfg.seq_len_distribution == "fixed" else 256)
+            lengths = sample_seq_lengths(
+                cfg.replace(seq_len_max=contract["seq_len_max"]), pool_rows, rng, fixed=seq_fixed
+            )
+            pool_arrays = make_requests(batch_size, lengths, contract["codebook_sizes"], rng)
             pool = [client.inputs(a) for a in pool_arrays]
             rpc_floor = await self._rpc_floor(client)
             first = await self._warmup(client, model, pool, level or 2, batch_size, url)
@@ -197,6 +225,7 @@ class TritonBenchmark:
             rpc_floor,
             load_avg,
         )
+        result.request_contract = contract
         for k, v in HostCpu.delta(cpu_before, cpu_after, result.successful_requests).items():
             setattr(result, k, v)
         if after is not None and after["success"][0] >= before["success"][0]:
@@ -492,6 +521,59 @@ class TritonBenchmark:
             latency_histogram=histogram(lat),
             latencies_ms=[float(x) for x in lat],
         )
+
+
+class GPUMonitoredBenchmark(TritonBenchmark):
+    """TritonBenchmark that samples the GPUs while each load point is measured (guide 10.2).
+
+    ``run`` and ``run_sweep`` return ExtendedBenchmarkResult: utilization, peak memory and power
+    (plus per-GPU lists) over the measured window, warm-up excluded. GPUs are read through NVML
+    (nvidia-ml-py, else nvidia-smi) for a server on this machine, and through the server's
+    ``nv_gpu_*`` metrics for a remote one: ``config.metrics_url``, else Triton's default metrics
+    port 8002 on the server's host. Without a GPU the fields are None and the result's
+    ``gpu_monitor_note`` says why; nothing fails.
+    """
+
+    def __init__(
+        self,
+        config: BenchmarkConfig | None = None,
+        progress: ProgressFn | None = None,
+        server_pid: int | None = None,
+        *,
+        gpus=None,
+        interval_s: float = 0.2,
+    ):
+        super().__init__(config, progress, server_pid)
+        self.gpus, self.interval_s = gpus, interval_s
+        self._gpu: dict | None = None
+
+    def monitor_for(self, url: str) -> GPUMonitor:
+        """The GPUMonitor for a server at ``url``: NVML here, its metrics page when remote."""
+        return GPUMonitor.for_server(url, self.config.metrics_url, self.gpus, self.interval_s)
+
+    def run(self, triton_url=None, model_name="ugt_recommend", batch_size=1, seq_length=100, **kw):
+        self._gpu = None
+        try:
+            result = super().run(triton_url, model_name, batch_size, seq_length, **kw)
+        except BenchmarkError as e:
+            if getattr(e, "result", None) is not None:
+                e.result = self._extend(e.result)
+            raise
+        return self._extend(result)
+
+    def run_sweep(self, *args, **kwargs) -> dict[str, ExtendedBenchmarkResult]:
+        return super().run_sweep(*args, **kwargs)
+
+    async def _measure(self, client, model, pool, level, rate, url):
+        with self.monitor_for(url) as monitor:
+            try:
+                return await super()._measure(client, model, pool, level, rate, url)
+            finally:
+                self._gpu = monitor.stop().summary()
+
+    def _extend(self, result: BenchmarkResult) -> ExtendedBenchmarkResult:
+        gpu = self._gpu or {"gpu_monitor_note": "the benchmark stopped before measuring"}
+        return ExtendedBenchmarkResult.extend(result, gpu)
 
 
 def _run_coroutine(coro):

@@ -8,12 +8,15 @@ is allowed, and returns the config so calls can be chained.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from algorithm.errors import ConfigError
 from algorithm.serving.security import ClientTls
+
+logger = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -72,6 +75,17 @@ def _ints(
     return tuple(value)
 
 
+def _fit_hint(field: str, value: int, lo: int, hi: int, default: int) -> int:
+    """An ``opt_*`` tuning hint moved into ``[lo, hi]``. A value the user chose that lies
+    outside is logged as a warning naming the field, the value given and the value used; the
+    guide's default (32 or 512) is fitted quietly under a smaller maximum."""
+    used = min(max(value, lo), hi)
+    if used != value:
+        log = logger.debug if value == default else logger.warning
+        log("%s=%d is outside [%d, %d]; using %d", field, value, lo, hi, used)
+    return used
+
+
 class _Config:
     def __post_init__(self):
         self.validate()
@@ -128,6 +142,12 @@ class ExportConfig(_Config):
     calibration_method: str = "entropy"
     calibration_samples: int = 64
     timing_cache_path: str | None = None
+    # Layer-name patterns (fnmatch: "*" and "?", e.g. "node_MatMul_12*") kept in fp32 when the
+    # precision is lower (guide 9.2), on top of the scoring path that is always pinned: TensorRT
+    # pins the matching layers with precision constraints obeyed; ONNX Runtime fp16/int8 and
+    # OpenVINO int8 leave the matching ONNX nodes in float. A pattern matching no layer fails
+    # the build with ConfigError (a typo does not disappear).
+    fp32_layers: tuple[str, ...] = ()
 
     def validate(self) -> ExportConfig:
         check_name("model_name", self.model_name)
@@ -135,15 +155,16 @@ class ExportConfig(_Config):
         _int("max_batch_size", self.max_batch_size, 1, 4096)
         _int("min_batch_size", self.min_batch_size, 1, self.max_batch_size)
         _int("opt_batch_size", self.opt_batch_size, 1)
-        # opt_* are tuning hints: keep them inside [min, max] instead of failing a smaller max.
-        self.opt_batch_size = min(
-            max(self.opt_batch_size, self.min_batch_size), self.max_batch_size
+        # opt_* are tuning hints: moved inside [min, max] (with a warning when the user chose
+        # the value) instead of failing every config with a smaller max than the default hint.
+        self.opt_batch_size = _fit_hint(
+            "opt_batch_size", self.opt_batch_size, self.min_batch_size, self.max_batch_size, 32
         )
         _int("max_seq_length", self.max_seq_length, 1, 65536)
         _int("min_seq_length", self.min_seq_length, 1, self.max_seq_length)
         _int("opt_seq_length", self.opt_seq_length, 1)
-        self.opt_seq_length = min(
-            max(self.opt_seq_length, self.min_seq_length), self.max_seq_length
+        self.opt_seq_length = _fit_hint(
+            "opt_seq_length", self.opt_seq_length, self.min_seq_length, self.max_seq_length, 512
         )
         _int("opset_version", self.opset_version, 18, 23)
         if not isinstance(self.do_constant_folding, bool):
@@ -166,6 +187,16 @@ class ExportConfig(_Config):
         self.seq_length_buckets = buckets
         _choice("calibration_method", self.calibration_method, CALIBRATION_METHODS)
         _int("calibration_samples", self.calibration_samples, 1)
+        layers = self.fp32_layers
+        if isinstance(layers, str):
+            layers = (layers,)
+        if not isinstance(layers, (tuple, list)) or not all(
+            isinstance(p, str) and p.strip() for p in layers
+        ):
+            raise ConfigError(
+                "fp32_layers", self.fp32_layers, "a tuple of layer-name patterns ('*' and '?')"
+            )
+        self.fp32_layers = tuple(layers)
         return self
 
     @classmethod
@@ -282,7 +313,8 @@ class BenchmarkConfig(_Config):
     seq_len_median: int = 200  # lognormal
     seq_len_sigma: float = 0.8  # lognormal
     seq_len_min: int = 1
-    seq_len_max: int = 1024
+    # None: the served model's longest history (its config.pbtxt), 1024 when it does not say
+    seq_len_max: int | None = None
     seq_len_histogram_file: str | None = None  # JSON {"lengths": [...], "counts": [...]}
     measurement_window_s: float = 2.0
     stability_percent: float = 10.0
@@ -290,7 +322,9 @@ class BenchmarkConfig(_Config):
     timeout_s: float = 10.0  # per request
     slo_p99_ms: float = 30.0
     seed: int = 0
-    codebook_sizes: tuple[int, int, int] = (1024, 4096, 16384)  # ids of the generated histories
+    # ids of the generated histories; None: the served model's codebooks (read from its
+    # config.pbtxt), the guide's (1024, 4096, 16384) when the server does not state them
+    codebook_sizes: tuple[int, int, int] | None = None
     metrics_url: str | None = (
         None  # e.g. http://localhost:8002/metrics: CPU/GPU use while measuring
     )
@@ -325,7 +359,8 @@ class BenchmarkConfig(_Config):
             raise ConfigError("request_rates", rates, "at least one rate when mode='request_rate'")
         _choice("seq_len_distribution", self.seq_len_distribution, SEQ_LEN_DISTRIBUTIONS)
         _int("seq_len_min", self.seq_len_min, 1)
-        _int("seq_len_max", self.seq_len_max, self.seq_len_min)
+        if self.seq_len_max is not None:
+            _int("seq_len_max", self.seq_len_max, self.seq_len_min)
         _int("seq_len_median", self.seq_len_median, 1)
         _float("seq_len_sigma", self.seq_len_sigma, 0.0)
         if self.seq_len_distribution == "histogram" and not self.seq_len_histogram_file:
@@ -338,9 +373,10 @@ class BenchmarkConfig(_Config):
         _float("timeout_s", self.timeout_s, 0.001)
         _float("slo_p99_ms", self.slo_p99_ms, 0.001)
         cb = self.codebook_sizes
-        if not isinstance(cb, (tuple, list)) or len(cb) != 3:
-            raise ConfigError("codebook_sizes", cb, "three integers >= 2")
-        self.codebook_sizes = _ints("codebook_sizes", cb, 2)
+        if cb is not None:
+            if not isinstance(cb, (tuple, list)) or len(cb) != 3:
+                raise ConfigError("codebook_sizes", cb, "None or three integers >= 2")
+            self.codebook_sizes = _ints("codebook_sizes", cb, 2)
         if self.metrics_url is not None and not (
             isinstance(self.metrics_url, str)
             and self.metrics_url.startswith(("http://", "https://"))

@@ -169,16 +169,25 @@ class TritonConfigGenerator:
 
     def _parameters(self, cfg, artifact_name: str | None) -> None:
         ec, tc = self.export_config, self.triton_config
+        # The model's contract, on every platform: model.py validates requests with it, and a
+        # client (the benchmark) reads it through the model-config API to send only requests
+        # the model accepts. Triton's other backends read their parameters by name and leave
+        # these alone.
+        params = {
+            "max_seq_length": str(ec.max_seq_length),
+            "codebook_sizes": ",".join(str(c) for c in ec.codebook_sizes),
+            "num_recommendations": str(ec.num_recommendations),
+        }
         if tc.platform != "python":
+            for key, value in params.items():
+                cfg.parameters[key].string_value = value
             return
         params = {
             "runtime": tc.python_runtime,
             "artifact": artifact_name or artifact_filename("python", tc.python_runtime),
             "device": "auto",  # model.py: the instance's GPU for KIND_GPU, else CPU
             "threads": str(tc.runtime_threads),
-            "max_seq_length": str(ec.max_seq_length),
-            "codebook_sizes": ",".join(str(c) for c in ec.codebook_sizes),
-            "num_recommendations": str(ec.num_recommendations),
+            **params,
             "precision": ec.precision,
         }
         if tc.python_runtime == "torch" and tc.instance_kind == "KIND_GPU":
@@ -226,6 +235,33 @@ class TritonConfigGenerator:
         return text
 
     # -- the repository ------------------------------------------------------------------------
+    def served_artifact(self) -> str:
+        """The file name the version folder holds for this platform (python: the runner's)."""
+        tc = self.triton_config
+        if tc.platform == "python":
+            return PYTHON_ARTIFACTS.get(tc.python_runtime, "model.onnx")
+        return DEFAULT_FILENAMES[tc.platform]
+
+    def check_artifact(self, model_file) -> None:
+        """ConfigError when ``model_file`` is not what this platform serves (a .plan for an
+        ONNX Runtime model, an .onnx for tensorrt_plan ...): Triton would fail to load it."""
+        tc = self.triton_config
+        path = Path(model_file)
+        want = Path(self.served_artifact()).suffix
+        if path.is_dir() or (tc.platform == "python" and tc.python_runtime == "torch"):
+            return  # a folder artifact, or a checkpoint in any format the torch runner reads
+        if path.suffix != want:
+            runtime = (
+                f" with python_runtime={tc.python_runtime!r}" if tc.platform == "python" else ""
+            )
+            raise ConfigError(
+                "model_file",
+                str(path),
+                f"a {want} file: platform {tc.platform!r}{runtime} serves {self.served_artifact()}",
+                hint="Build the artifact for this platform (optimize with its backend) or set "
+                "TritonConfig.platform to the one that serves this file.",
+            )
+
     def generate(self, model_repository, model_file=None, version: int = 1) -> str:
         """Write ``<repo>/<name>/config.pbtxt`` and, with ``model_file``, publish it as
         ``version`` (atomically; replaces that version if present). Returns the config path."""
@@ -237,6 +273,7 @@ class TritonConfigGenerator:
             model_file = Path(model_file)
             if not model_file.exists():
                 raise InputFileNotFoundError(f"model file not found: {model_file}")
+            self.check_artifact(model_file)
             artifact_name = artifact_filename(tc.platform, tc.python_runtime, model_file)
         make_dirs(model_dir)  # 0755 whatever the umask: the server runs what is in here
         path = write_text_atomic(model_dir / "config.pbtxt", self.config_text(artifact_name))

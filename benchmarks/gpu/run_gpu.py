@@ -14,6 +14,9 @@ Parts (each writes its section of the one JSON as soon as it ends, so a later fa
   realistic mix.
 - server / scaling: the real tritonserver (nvidia-pytriton) with the python backend on the GPU
   (benchmarks/gpu/served.py).
+- monitored: one short GPUMonitoredBenchmark sweep of the served model with the GPU's
+  utilization, peak memory and power per point (benchmarks/gpu/monitored.py; issue 17):
+  ``benchmarks/gpu/run_gpu.sh --parts monitored --out $OUT/gpu_monitored_h100.json``.
 
 ``--device cpu --preset tiny`` runs every code path on a CPU with small shapes (no numbers).
 """
@@ -778,6 +781,12 @@ def main(argv=None) -> int:
         "--budget-s", type=float, default=560.0, help="skip later load points past this"
     )
     ap.add_argument("--server-config", default="", help="JSON overrides for served.ServeOptions")
+    ap.add_argument(
+        "--monitored-levels",
+        type=lambda v: tuple(int(x) for x in v.split(",") if x.strip()),
+        default=(1, 16, 64),
+        help="concurrency levels of the monitored part (comma list)",
+    )
     ap.add_argument("--compile-child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.compile_child:
@@ -832,6 +841,15 @@ def main(argv=None) -> int:
         serve_part(
             args, device, model, opts or {"dtype": "bf16"}, result, write, log, elapsed, parts
         )
+    if "monitored" in parts:
+        from monitored import monitored_part  # benchmarks/gpu/monitored.py
+
+        if model is None:
+            model, train = trained_model(
+                args.preset, device, steps=args.train_steps, budget_s=args.train_seconds
+            )
+            result["model"] = {"preset": args.preset, "training": train}
+        monitored_part(args, device, model, opts or {"dtype": "bf16"}, result, write, log)
     if "extras" in parts and data is not None and device.type == "cuda":
         extras_part(args, device, model, opts, data, result, write)
     write()
@@ -900,6 +918,16 @@ def summary(result: dict) -> None:
             )
         for k, v in s.get("summary", {}).items():
             print(f"  {k}: {v}")
+    mon = result.get("monitored")
+    if mon:
+        if mon.get("error"):
+            print(f"monitored: ERROR {mon['error'][:300]}")
+        for k, r in mon.get("results", {}).items():
+            print(
+                f"  monitored {k:<16} {r['throughput']:8.0f} req/s  p99 {r['latency_p99']:6.2f} ms  "
+                f"GPU util {r['gpu_utilization_avg']} %  memory peak {r['gpu_memory_peak_mb']} MB  "
+                f"power {r['power_consumption_avg_w']} W  {r['gpu_monitor'] or r['gpu_monitor_note']}"
+            )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ serves it, the runner that runs it for the accuracy gate, and whether its librar
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import importlib.util
 import logging
 from pathlib import Path
@@ -105,3 +106,24 @@ def artifact_sidecar(onnx_path, backend: Backend, config: ExportConfig, **extra)
         "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+def match_layers(names, patterns, where: str = "the network") -> list[str]:
+    """The names matching any of ``patterns`` (``ExportConfig.fp32_layers``: fnmatch's "*" and
+    "?"), in their order. A pattern that matches no name raises ConfigError naming it, with a
+    few of the names it could have meant: a typo must not silently leave a layer in fp16."""
+    names = list(names)
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            sample = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise ConfigError(
+                "fp32_layers",
+                pattern,
+                f"a pattern ('*', '?') matching a layer name of {where}, e.g. {sample}",
+                hint='List the names with `python -c "import onnx; '
+                "print([n.name for n in onnx.load('model.onnx').graph.node])\"`.",
+            )
+        matched.update(hits)
+    return [n for n in names if n in matched]

@@ -14,18 +14,21 @@
   Embeddings (Gather), layer norms, the output heads, LogSoftmax and TopK stay float: the
   heads' logits decide the ranking directly. The QDQ file is what is saved; ONNX Runtime fuses
   it into integer kernels at load time, and TensorRT's execution provider reads QDQ as well.
+- ``ExportConfig.fp32_layers``: the ONNX nodes matching these name patterns stay float in fp16
+  (blocked from the conversion) and int8 (excluded from quantization).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import io
 import logging
 import tempfile
 from pathlib import Path
 
 from algorithm.errors import ConfigError, OptimizationError
-from algorithm.serving.backends.base import Backend, artifact_sidecar
+from algorithm.serving.backends.base import Backend, artifact_sidecar, match_layers
 from algorithm.serving.backends.calibration import (
     CALIBRATION_BATCH,
     calibration_batches,
@@ -59,8 +62,9 @@ def optimize_offline(src: Path, dst: Path, level: str = "extended") -> None:
         raise OptimizationError(f"ONNX Runtime could not optimize {src}: {e}") from e
 
 
-def convert_fp16(model):
-    """fp16 weights/activations with the scoring path, TopK and the graph I/O kept in fp32."""
+def convert_fp16(model, keep_fp32=()):
+    """fp16 weights/activations with the scoring path, TopK, the graph I/O and the nodes named
+    in ``keep_fp32`` kept in fp32."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     from algorithm.serving.backends.rewrite import scoring_path_nodes
@@ -69,12 +73,15 @@ def convert_fp16(model):
         model,
         keep_io_types=True,
         op_block_list=["LogSoftmax", "TopK", "Softmax", "ReduceLogSumExp"],
-        node_block_list=scoring_path_nodes(model),
+        node_block_list=[*scoring_path_nodes(model), *keep_fp32],
     )
 
 
-def quantize_int8(src: Path, dst: Path, batches: list[dict], method: str, work: Path) -> dict:
-    """Static QDQ quantization of the non-head MatMuls; returns what was quantized."""
+def quantize_int8(
+    src: Path, dst: Path, batches: list[dict], method: str, work: Path, fp32_layers=()
+) -> dict:
+    """Static QDQ quantization of the non-head MatMuls (those matching ``fp32_layers`` stay
+    float too); returns what was quantized."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -104,10 +111,13 @@ def quantize_int8(src: Path, dst: Path, batches: list[dict], method: str, work: 
             pre = src
         model = onnx.load(str(pre))
         heads = head_matmuls(model)
+        # The patterns were checked against the export; pre-processing may rename a few nodes.
+        names = [n.name for n in model.graph.node]
+        kept = sorted({n for p in fp32_layers for n in fnmatch.filter(names, p)} - set(heads))
         matmuls = [
             n.name
             for n in model.graph.node
-            if n.op_type in ("MatMul", "Gemm") and n.name not in heads
+            if n.op_type in ("MatMul", "Gemm") and n.name not in heads and n.name not in kept
         ]
         try:
             quantize_static(
@@ -116,7 +126,7 @@ def quantize_int8(src: Path, dst: Path, batches: list[dict], method: str, work: 
                 Reader(),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["MatMul", "Gemm"],
-                nodes_to_exclude=heads,
+                nodes_to_exclude=heads + kept,
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
@@ -130,6 +140,7 @@ def quantize_int8(src: Path, dst: Path, batches: list[dict], method: str, work: 
     return {
         "quantized_matmuls": len(matmuls),
         "float_heads": heads,
+        "fp32_layers_kept": kept,
         "calibration_method": method,
         "calibration_batches": len(batches),
     }
@@ -177,8 +188,14 @@ class OnnxRuntimeBackend(Backend):
             model = onnx.load(str(onnx_path))
             info["flattened_beam_topk"] = flatten_beam_topk(model) if rewrite else 0
             info["folded_head_biases"] = fold_head_bias(model) if rewrite else 0
+            keep = []
+            if precision != "fp32" and config.fp32_layers:
+                names = [n.name for n in model.graph.node]
+                keep = match_layers(names, config.fp32_layers, Path(onnx_path).name)
+                info["fp32_layers"] = list(config.fp32_layers)
             if precision == "fp16":
-                model = convert_fp16(model)
+                model = convert_fp16(model, keep)
+                info["fp32_layers_kept"] = keep
             stage = work / "stage.onnx"
             onnx.save(model, str(stage))
             if precision == "int8":
@@ -187,7 +204,14 @@ class OnnxRuntimeBackend(Backend):
                 )
                 quantized = work / "int8.onnx"
                 info.update(
-                    quantize_int8(stage, quantized, batches, config.calibration_method, work)
+                    quantize_int8(
+                        stage,
+                        quantized,
+                        batches,
+                        config.calibration_method,
+                        work,
+                        config.fp32_layers,
+                    )
                 )
                 # Keep QDQ in the file (portable to the CUDA/TensorRT providers); fusing it into
                 # integer kernels is a load-time step.

@@ -11,7 +11,9 @@
   set from Python changed nothing, seen), so the accuracy gate is the safeguard. On this CPU
   (AVX512-BF16, no native fp16) the f16 hint ran exactly as bf16 (seen).
 - int8: NNCF post-training quantization (``nncf.quantize``, transformer preset) calibrated on
-  the same histories as the other backends, with the heads and the scoring path ignored.
+  the same histories as the other backends, with the heads, the scoring path and the nodes
+  matching ``ExportConfig.fp32_layers`` ignored. fp16/bf16 refuse ``fp32_layers`` (no per-layer
+  pin, see above) instead of ignoring it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from algorithm.errors import ConfigError, OptimizationError
-from algorithm.serving.backends.base import Backend, artifact_sidecar
+from algorithm.serving.backends.base import Backend, artifact_sidecar, match_layers
 from algorithm.serving.backends.calibration import calibration_batches
 from algorithm.serving.contract import INPUT_NAMES
 from algorithm.serving.runtime.openvino import HINTS, INSTALL, _openvino
@@ -87,6 +89,18 @@ class OpenVINOBackend(Backend):
         model = onnx.load(str(onnx_path))
         info["flattened_beam_topk"] = flatten_beam_topk(model) if rewrite else 0
         keep = _fp32_node_names(model) if precision == "int8" else []
+        if config.fp32_layers and precision in ("fp16", "bf16"):
+            raise ConfigError(
+                "fp32_layers",
+                config.fp32_layers,
+                f"empty for OpenVINO {precision}: its CPU plugin honours no per-layer precision "
+                "(int8 keeps the named layers float, as does the TensorRT or ONNX Runtime backend)",
+            )
+        if config.fp32_layers and precision == "int8":
+            names = [n.name for n in model.graph.node]
+            user = match_layers(names, config.fp32_layers, Path(onnx_path).name)
+            keep = sorted(set(keep) | set(user))
+            info["fp32_layers"] = list(config.fp32_layers)
         with tempfile.TemporaryDirectory(prefix="ugt-ov-") as tmp:
             src = Path(tmp) / "model.onnx"
             onnx.save(model, str(src))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from algorithm.errors import ConfigError, InputFileNotFoundError, OptimizationError
 from algorithm.fsutil import write_atomic, write_json
-from algorithm.serving.backends.base import Backend, artifact_sidecar
+from algorithm.serving.backends.base import Backend, artifact_sidecar, match_layers
 from algorithm.serving.backends.calibration import calibration_batches, uniform_batches
 from algorithm.serving.config import ExportConfig
 from algorithm.serving.contract import INPUT_NAMES, sidecar_path
@@ -91,6 +91,13 @@ def _shape_spec(shape: tuple[int, int]) -> str:
 
 
 # ------------------------------------------------------------------------------ scoring path
+def _user_fp32_layers(onnx_path, patterns) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return match_layers([n.name for n in graph.node], patterns, Path(onnx_path).name)
+
+
 def scoring_layer_names(onnx_path) -> list[str]:
     """ONNX node names of the scoring path; the parser names TensorRT layers after them."""
     import onnx
@@ -107,14 +114,16 @@ def _is_scoring_layer(layer, trt, names: set[str]) -> bool:
     return any(name == n or name.startswith((f"{n}_", f"{n}/", f"{n}:")) for n in names)
 
 
-def pin_scoring_layers(network, trt, names) -> list[str]:
-    """Force fp32 compute and outputs on the scoring layers; returns the pinned layer names."""
+def pin_scoring_layers(network, trt, names, patterns=()) -> list[str]:
+    """Force fp32 compute and outputs on the scoring layers and on the layers whose names match
+    ``patterns`` (``ExportConfig.fp32_layers``); returns the pinned layer names."""
     names = set(names)
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    chosen = set(match_layers([layer.name or "" for layer in layers], patterns, "the network"))
     pinned = []
     floats = {trt.float32, trt.float16, getattr(trt, "bfloat16", trt.float16)}
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if not _is_scoring_layer(layer, trt, names):
+    for layer in layers:
+        if (layer.name or "") not in chosen and not _is_scoring_layer(layer, trt, names):
             continue
         layer.precision = trt.float32
         for j in range(layer.num_outputs):
@@ -161,10 +170,18 @@ def calibration_cache_path(onnx_path, config: ExportConfig, engine_path, method:
     return folder / f"{Path(engine_path).stem}.{method}-{file_digest(onnx_path)}.calib"
 
 
-def _make_calibrator(trt, batches: list[dict], cache_file: Path, method: str):
+def to_device(array):
+    """(the array in GPU memory, its device pointer): torch owns the memory, kept alive by the
+    calibrator until TensorRT asks for the next batch."""
     import torch
 
+    t = torch.from_numpy(array).cuda()
+    return t, int(t.data_ptr())
+
+
+def _make_calibrator(trt, batches: list[dict], cache_file: Path, method: str, copy=None):
     base = getattr(trt, TRT_CALIBRATORS[method])
+    copy = copy or to_device
 
     class Calibrator(base):
         def __init__(self):
@@ -179,10 +196,8 @@ def _make_calibrator(trt, batches: list[dict], cache_file: Path, method: str):
                 return None
             batch = self.batches[self.index]
             self.index += 1
-            self.device = {
-                n: torch.from_numpy(batch[n]).cuda() for n in names
-            }  # kept alive until next call
-            return [int(self.device[n].data_ptr()) for n in names]
+            self.device = {n: copy(batch[n]) for n in names}  # kept alive until the next call
+            return [self.device[n][1] for n in names]
 
         def read_calibration_cache(self):
             return cache_file.read_bytes() if cache_file.is_file() else None
@@ -228,6 +243,10 @@ def trtexec_command(onnx_path, engine_path, config: ExportConfig | None = None) 
         args += ["--int8", f"--calib={cache}"]
     if cfg.precision != "fp32":
         names = scoring_layer_names(onnx_path) if Path(onnx_path).is_file() else []
+        if cfg.fp32_layers and Path(onnx_path).is_file():
+            # trtexec takes exact layer names: the patterns resolved against the ONNX node names
+            # (the parser names layers after them).
+            names += [n for n in _user_fp32_layers(onnx_path, cfg.fp32_layers) if n not in names]
         # TopK layers are pinned by type in Python; trtexec matches names, so list them too.
         specs = [f"{n}:fp32" for n in names]
         args += ["--precisionConstraints=obey"]
@@ -305,9 +324,9 @@ def build_engine(onnx_path, engine_path, config: ExportConfig, calibration_data=
         calib_cache = calibration_cache_path(onnx_path, cfg, engine_path, cfg.calibration_method)
         bconf.int8_calibrator = _make_calibrator(trt, batches, calib_cache, cfg.calibration_method)
     if cfg.precision != "fp32":
-        pinned = pin_scoring_layers(network, trt, scoring_layer_names(onnx_path))
+        pinned = pin_scoring_layers(network, trt, scoring_layer_names(onnx_path), cfg.fp32_layers)
         bconf.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        logger.info("pinned %d scoring layers to fp32", len(pinned))
+        logger.info("pinned %d layers to fp32 (scoring path + fp32_layers)", len(pinned))
 
     cache_path = timing_cache_path(cfg, engine_path)
     timing_cache = bconf.create_timing_cache(
@@ -340,6 +359,7 @@ def build_engine(onnx_path, engine_path, config: ExportConfig, calibration_data=
             profiles=profiles,
             build_seconds=round(build_s, 2),
             pinned_fp32_layers=len(pinned),
+            fp32_layers=list(cfg.fp32_layers),
             calibration_cache=str(calib_cache) if calib_cache else None,
             timing_cache=str(cache_path),
             workspace_gb=cfg.workspace_size_gb,

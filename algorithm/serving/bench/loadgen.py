@@ -2,8 +2,11 @@
 
 Histories hold valid ids drawn from the codebooks with lengths from the configured
 distribution (fixed, uniform, log-normal clipped to [min, max], or an empirical histogram);
-``Client`` hides the gRPC/HTTP asyncio clients behind the few calls the benchmark makes;
-``classify_error`` tells a failure from a queue-policy rejection and a timeout.
+``request_contract`` decides the codebooks, the longest history and the largest batch from the
+served model's own config (read from the server) wherever the BenchmarkConfig leaves them
+unset, and refuses a setting the model would reject; ``Client`` hides the gRPC/HTTP asyncio
+clients behind the few calls the benchmark makes; ``classify_error`` tells a failure from a
+queue-policy rejection and a timeout.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from algorithm.serving.security import admin_headers, read_admin_key
 logger = logging.getLogger(__name__)
 
 OK, FAILED, REJECTED, TIMED_OUT = 0, 1, 2, 3
+DEFAULT_CODEBOOKS = (1024, 4096, 16384)  # the guide's, when neither config nor server says
+DEFAULT_MAX_SEQ = 1024
 # Triton answers these when its queue policy turns a request away (max_queue_size, queue timeout).
 _REJECT_MARKERS = ("maximum queue size", "request timeout expired", "exceeds maximum queue")
 
@@ -32,8 +37,10 @@ _REJECT_MARKERS = ("maximum queue size", "request timeout expired", "exceeds max
 def sample_seq_lengths(
     config: BenchmarkConfig, count: int, rng: np.random.Generator, fixed: int | None = None
 ) -> np.ndarray:
-    """``count`` history lengths from the configured distribution (fixed uses ``fixed``)."""
-    dist, lo, hi = config.seq_len_distribution, config.seq_len_min, config.seq_len_max
+    """``count`` history lengths from the configured distribution (fixed uses ``fixed``); an
+    unset ``seq_len_max`` is the default 1024 here (the benchmark sets the served model's)."""
+    dist, lo = config.seq_len_distribution, config.seq_len_min
+    hi = config.seq_len_max if config.seq_len_max is not None else DEFAULT_MAX_SEQ
     if dist == "fixed":
         n = fixed if fixed is not None else config.seq_len_median
         return np.full(count, int(n), dtype=np.int64)
@@ -103,6 +110,102 @@ def make_requests(
     return reqs
 
 
+# ------------------------------------------------------------------------------ served contract
+def _param(config: dict, key: str) -> str | None:
+    value = (config.get("parameters") or {}).get(key)
+    if isinstance(value, dict):
+        value = value.get("string_value")
+    return str(value) if value not in (None, "") else None
+
+
+def served_contract(model_config: dict | None) -> dict:
+    """What a served model accepts, from its config (the JSON form of Triton's ModelConfig):
+    ``max_batch_size`` (0: no batching dimension), and from the parameters that
+    ``TritonConfigGenerator`` writes, ``max_seq_length``, ``codebook_sizes`` and
+    ``num_recommendations``. A value the config does not state is None."""
+    cfg = (model_config or {}).get("config", model_config) or {}
+    out: dict = {
+        "max_batch_size": None,
+        "max_seq_length": None,
+        "codebook_sizes": None,
+        "num_recommendations": None,
+    }
+    try:
+        if cfg.get("max_batch_size") is not None:
+            out["max_batch_size"] = int(cfg["max_batch_size"])
+        if _param(cfg, "max_seq_length"):
+            out["max_seq_length"] = int(_param(cfg, "max_seq_length"))
+        if _param(cfg, "codebook_sizes"):
+            sizes = tuple(int(v) for v in _param(cfg, "codebook_sizes").split(","))
+            out["codebook_sizes"] = sizes if len(sizes) == 3 else None
+        if _param(cfg, "num_recommendations"):
+            out["num_recommendations"] = int(_param(cfg, "num_recommendations"))
+    except (TypeError, ValueError, AttributeError) as e:  # a foreign config: use what parsed
+        logger.warning("could not read the served model's contract from its config: %s", e)
+    return out
+
+
+def request_contract(
+    config: BenchmarkConfig,
+    served: dict,
+    batch_size: int,
+    seq_length: int | None,
+    model: str = "the model",
+) -> dict:
+    """The codebooks, longest history and largest batch the generated requests use, and where
+    each came from ("config", "server" or "default").
+
+    An unset BenchmarkConfig field takes the served model's value; a set one that the model
+    would reject (a larger codebook, a longer history, a bigger batch than its config allows)
+    raises ConfigError naming the field, so no request the model rejects is ever sent.
+    """
+    source: dict[str, str] = {}
+    mbs = served.get("max_batch_size")
+    if mbs and batch_size > mbs:
+        raise ConfigError(
+            "batch_size", batch_size, f"<= {mbs}, the max_batch_size {model} is served with"
+        )
+    source["max_batch_size"] = "server" if mbs is not None else "default"
+
+    cb_served = served.get("codebook_sizes")
+    if config.codebook_sizes is not None:
+        codebooks = tuple(config.codebook_sizes)
+        if cb_served and any(c > s for c, s in zip(codebooks, cb_served, strict=True)):
+            raise ConfigError(
+                "codebook_sizes",
+                codebooks,
+                f"at most the served codebooks {tuple(cb_served)} of {model} "
+                "(larger ids are rejected; leave codebook_sizes unset to use the server's)",
+            )
+        source["codebook_sizes"] = "config"
+    elif cb_served:
+        codebooks, source["codebook_sizes"] = tuple(cb_served), "server"
+    else:
+        codebooks, source["codebook_sizes"] = DEFAULT_CODEBOOKS, "default"
+
+    seq_served = served.get("max_seq_length")
+    limit = seq_served or DEFAULT_MAX_SEQ
+    why = f"the max_seq_length {model} is served with" if seq_served else "the default limit"
+    if seq_length is not None and seq_served and seq_length > seq_served:
+        raise ConfigError("seq_length", seq_length, f"<= {seq_served}, {why}")
+    if config.seq_len_max is not None:
+        if config.seq_len_max > limit and seq_served:
+            raise ConfigError("seq_len_max", config.seq_len_max, f"<= {limit}, {why}")
+        seq_max, source["seq_len_max"] = config.seq_len_max, "config"
+    else:
+        seq_max = limit
+        source["seq_len_max"] = "server" if seq_served else "default"
+    if config.seq_len_distribution != "fixed" and config.seq_len_min > seq_max:
+        raise ConfigError("seq_len_min", config.seq_len_min, f"<= seq_len_max={seq_max}")
+    return {
+        "codebook_sizes": list(codebooks),
+        "seq_len_max": int(seq_max),
+        "max_batch_size": mbs,
+        "num_recommendations": served.get("num_recommendations"),
+        "source": source,
+    }
+
+
 # ------------------------------------------------------------------------------------- client
 def _strip_scheme(url: str) -> str:
     for prefix in ("grpc://", "http://", "https://"):
@@ -165,6 +268,16 @@ class Client:
 
     async def call(self, name: str, *args, timeout: float = 3.0):
         return await asyncio.wait_for(getattr(self.client, name)(*args), timeout)
+
+    async def model_config(self, model: str) -> dict | None:
+        """The served model's config (JSON form), None when the server does not answer."""
+        try:
+            if self.protocol == "grpc":
+                return await self.call("get_model_config", model, "", None, True)
+            return await self.call("get_model_config", model)
+        except Exception as e:  # an old or foreign server: the benchmark's defaults apply
+            logger.warning("no model config for %s from %s: %s", model, self.url, e)
+            return None
 
     async def statistics(self, model: str) -> dict:
         try:

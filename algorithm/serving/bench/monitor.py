@@ -3,14 +3,14 @@
 ``stats_snapshot`` / ``server_breakdown`` turn two reads of Triton's statistics API into the
 per-request queue / compute_input / compute_infer / compute_output times and the batch sizes
 the dynamic batcher formed. ``ResourceMonitor`` samples the server's metrics endpoint
-(nv_cpu_utilization, nv_gpu_utilization, nv_gpu_memory_used_bytes) or, without one, NVML
-through pynvml when it is importable; on a machine without a GPU the GPU fields stay None.
+(nv_cpu_utilization, nv_gpu_utilization, nv_gpu_memory_used_bytes) or, without one, this
+machine's GPUs through ``gpu_monitor``'s sources (NVML, else nvidia-smi); on a machine without a
+GPU the GPU fields stay None. Power and per-GPU detail are ``gpu_monitor.GPUMonitor``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import re
 import urllib.request
@@ -93,7 +93,8 @@ def parse_metrics(text: str) -> dict[str, list[tuple[dict, float]]]:
     return out
 
 
-def _fetch(url: str, timeout: float = 1.0) -> str:
+def fetch_metrics(url: str, timeout: float = 1.0) -> str:
+    """The text of a Prometheus metrics page (Triton's, usually port 8002)."""
     with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (the user's own server)
         return r.read().decode("utf-8", "replace")
 
@@ -112,15 +113,6 @@ def sample_metrics(text: str) -> dict:
     return {"cpu": cpu[0][1] if cpu else None, "gpus": {i: tuple(v) for i, v in gpus.items()}}
 
 
-def _nvml_sample(nvml) -> dict:
-    gpus = {}
-    for i in range(nvml.nvmlDeviceGetCount()):
-        h = nvml.nvmlDeviceGetHandleByIndex(i)
-        util = nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100.0
-        gpus[i] = (util, float(nvml.nvmlDeviceGetMemoryInfo(h).used))
-    return {"cpu": None, "gpus": gpus}
-
-
 class ResourceMonitor:
     """Samples CPU/GPU use every ``interval`` seconds while a measurement runs (asyncio task)."""
 
@@ -128,21 +120,28 @@ class ResourceMonitor:
         self.metrics_url, self.interval = metrics_url, interval
         self.samples: list[dict] = []
         self._task: asyncio.Task | None = None
-        self._nvml = None
+        self._gpu = None
 
     def _source(self):
         if self.metrics_url:
-            return lambda: sample_metrics(_fetch(self.metrics_url))
-        if importlib.util.find_spec("pynvml") is not None:
-            try:
-                import pynvml
+            return lambda: sample_metrics(fetch_metrics(self.metrics_url))
+        from algorithm.serving.bench.gpu_monitor import open_source
 
-                pynvml.nvmlInit()
-                self._nvml = pynvml
-                return lambda: _nvml_sample(pynvml)
-            except Exception as e:  # no driver / no GPU: GPU fields stay None
-                logger.debug("NVML unavailable: %s", e)
-        return None
+        self._gpu, why = open_source()
+        if self._gpu is None:  # no driver / no GPU: GPU fields stay None
+            logger.debug("no GPU to sample: %s", why)
+            return None
+
+        def sample():
+            gpus = self._gpu.sample()
+            return {
+                "cpu": None,
+                "gpus": {
+                    i: (u / 100 if u is not None else None, m) for i, (u, m, _) in gpus.items()
+                },
+            }
+
+        return sample
 
     def start(self) -> None:
         source = self._source()
@@ -162,11 +161,9 @@ class ResourceMonitor:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            except Exception:  # shutdown failure changes nothing measured
-                logger.debug("nvmlShutdown failed", exc_info=True)
+        if self._gpu is not None:
+            self._gpu.close()
+            self._gpu = None
         return summarize_samples(self.samples)
 
 

@@ -233,6 +233,38 @@ def plot_breakdown(series, path: Path, plt) -> Path:
     return _save(fig, path, plt)
 
 
+GPU_PANELS = (
+    ("gpu_utilization_avg", "GPU utilization (%)"),
+    ("gpu_memory_peak_mb", "GPU memory peak (MB)"),
+    ("power_consumption_avg_w", "GPU power (W)"),
+)
+
+
+def has_gpu_figures(series) -> bool:
+    return any(getattr(r, "gpu_samples", 0) for _, results, _ in series for r in results.values())
+
+
+def plot_gpu(series, path: Path, plt) -> Path:
+    """Utilization, peak memory and power against load side by side, one line per (batch,
+    seq_len) and series (GPUMonitoredBenchmark's figures)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), squeeze=False)
+    for ax, (field, title) in zip(axes.flat, GPU_PANELS, strict=True):
+        for name, results, style in series:
+            for g, rs in groups(results).items():
+                pts = [(r.load, getattr(r, field, None)) for r in rs]
+                pts = [(x, y) for x, y in pts if y is not None]
+                if pts:
+                    ax.plot(
+                        *zip(*pts, strict=True), style, marker="o", label=f"{name} {group_label(g)}"
+                    )
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(bottom=0, top=100 if field == "gpu_utilization_avg" else None)
+        ax.set_xlabel(_xlabel(next(iter(groups(series[0][1]).values()), [])))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    return _save(fig, path, plt)
+
+
 def draw_all(results, baseline, label, baseline_label, slo_ms, slo, stem: Path) -> list[Path]:
     """Every plot as ``<stem>_<name>.png``; returns the paths written."""
     plt = _plt()
@@ -245,6 +277,8 @@ def draw_all(results, baseline, label, baseline_label, slo_ms, slo, stem: Path) 
         ("batch_seq", lambda p: plot_batch_seq(series, p, plt)),
         ("server_breakdown", lambda p: plot_breakdown(series, p, plt)),
     ]
+    if has_gpu_figures(series):
+        jobs.append(("gpu", lambda p: plot_gpu(series, p, plt)))
     out = []
     for name, draw in jobs:
         path = stem.parent / f"{stem.name}_{name}.png"

@@ -76,6 +76,10 @@ CSV_FIELDS = (
     "host_load_average",
     "gpu_utilization",
     "gpu_memory_used_mb",
+    "gpu_utilization_avg",
+    "gpu_memory_peak_mb",
+    "power_consumption_avg_w",
+    "energy_j",
 )
 
 
@@ -323,6 +327,76 @@ def _result_rows(label: str, results: dict[str, BenchmarkResult]) -> list[list]:
     return rows
 
 
+def contract_text(contract: dict) -> str:
+    """What the generated requests used and where it came from, in one line."""
+    if not contract:
+        return "-"
+    src = contract.get("source", {})
+    cb = ", ".join(str(c) for c in contract.get("codebook_sizes", []))
+    text = (
+        f"codebooks {cb} ({src.get('codebook_sizes', '?')}), longest history "
+        f"{contract.get('seq_len_max')} ({src.get('seq_len_max', '?')})"
+    )
+    if contract.get("max_batch_size") is not None:
+        text += f", max batch {contract['max_batch_size']} (server)"
+    return text
+
+
+def _gpu_section(series) -> list[str]:
+    """GPU utilization, memory and power per point: GPUMonitoredBenchmark's figures where there
+    are any (with the reason where they are missing), else the plain benchmark's samples."""
+    pairs = [(lab, r) for lab, rs in series for r in rs.values()]
+    extended = [(lab, r) for lab, r in pairs if hasattr(r, "gpu_utilization_avg")]
+    measured = [(lab, r) for lab, r in extended if r.gpu_samples]
+    if measured:
+        rows = []
+        for lab, r in measured:
+            per_gpu = "; ".join(
+                f"{i} {name}: {_f(u, 0)}%, {_f(m, 0)} MB, {_f(w, 0)} W"
+                for i, name, u, m, w in zip(
+                    r.gpu_indices,
+                    r.gpu_names or [""] * len(r.gpu_indices),
+                    r.gpu_utilization_avg_per_gpu,
+                    r.gpu_memory_peak_mb_per_gpu,
+                    r.power_consumption_avg_w_per_gpu,
+                    strict=False,
+                )
+            )
+            per_req = r.energy_per_request_j
+            rows.append(
+                [
+                    lab,
+                    r.key,
+                    _f(r.gpu_utilization_avg, 1),
+                    _f(r.gpu_memory_peak_mb, 0),
+                    _f(r.power_consumption_avg_w, 1),
+                    None if per_req is None else f"{per_req * 1e3:.2f}",
+                    per_gpu,
+                    r.gpu_monitor,
+                ]
+            )
+        header = ["model", "point", "util %", "memory peak MB", "power W", "mJ/request"]
+        lines = _table(header + ["per GPU (util, memory, power)", "source"], rows)
+        missing = sorted({r.gpu_monitor_note for _, r in extended if not r.gpu_samples})
+        if missing:
+            lines += ["", f"Not measured at some points: {'; '.join(missing)}."]
+        return lines
+    if extended:
+        notes = sorted({r.gpu_monitor_note or "no GPU sample" for _, r in extended})
+        return [f"GPU not measured: {'; '.join(notes)}. The GPU fields are empty (None)."]
+    rows = [
+        [lab, r.key, r.gpu_utilization, r.gpu_memory_used_mb, json.dumps(r.per_gpu)]
+        for lab, r in pairs
+        if r.gpu_utilization is not None
+    ]
+    if rows:
+        return _table(["model", "point", "utilization (0-1)", "memory used MB", "per GPU"], rows)
+    return [
+        "No GPU on the server (or no metrics endpoint / NVML): GPU fields are empty. "
+        "GPUMonitoredBenchmark (`ugt-serving benchmark --gpu-monitor`) also measures power."
+    ]
+
+
 def render_markdown(data: dict, results, baseline, config, title=None) -> str:
     """The markdown report of ``data`` (the report's JSON as ``write_report`` builds it) with
     the results as objects."""
@@ -344,6 +418,7 @@ def render_markdown(data: dict, results, baseline, config, title=None) -> str:
             ],
             ["server", f"{first.url} ({first.protocol})"],
             ["mode", first.mode],
+            ["requests", contract_text(first.request_contract)],
             ["versions", versions],
             [
                 "measurement",
@@ -496,24 +571,8 @@ def render_markdown(data: dict, results, baseline, config, title=None) -> str:
         ],
         brows,
     )
-    gpu_rows = [
-        [
-            lab,
-            r.key,
-            r.gpu_utilization,
-            r.gpu_memory_used_mb,
-            json.dumps({str(k): v for k, v in r.per_gpu.items()}),
-        ]
-        for lab, rs in ((label, results), (baseline_label, baseline or {}))
-        for r in rs.values()
-        if r.gpu_utilization is not None
-    ]
     lines += ["", "## GPU", ""]
-    lines += (
-        _table(["model", "point", "utilization (0-1)", "memory used MB", "per GPU"], gpu_rows)
-        if gpu_rows
-        else ["No GPU on the server (or no metrics endpoint / NVML): GPU fields are empty."]
-    )
+    lines += _gpu_section(((label, results), (baseline_label, baseline or {})))
     if images:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({p.name})" for p in images]

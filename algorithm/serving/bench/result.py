@@ -1,4 +1,5 @@
-"""BenchmarkResult (one measured load point) and the statistics it is built from.
+"""BenchmarkResult (one measured load point), ExtendedBenchmarkResult (the same with the GPU's
+utilization, memory and power, guide 10.2) and the statistics they are built from.
 
 Latencies in ms, throughput in requests/s. ``percentiles`` covers every measured request;
 ``is_stable`` is perf_analyzer's rule (the last 3 windows within ``stability_percent`` of their
@@ -71,6 +72,9 @@ class BenchmarkResult:
     gpu_memory_used_mb: float | None = None  # peak over samples, summed over GPUs
     per_gpu: dict = field(default_factory=dict)  # {index: {"utilization", "memory_used_mb"}}
     errors: dict = field(default_factory=dict)  # first distinct error messages -> count
+    # what the generated requests used and where it came from (served model config, the
+    # BenchmarkConfig, or the default): codebook_sizes, seq_len_max, max_batch_size, source
+    request_contract: dict = field(default_factory=dict)
     latency_histogram: dict = field(default_factory=dict)  # {"edges_ms": [...], "counts": [...]}
     latencies_ms: list[float] = field(default_factory=list, repr=False)  # every measured success
 
@@ -139,11 +143,68 @@ class BenchmarkResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> BenchmarkResult:
+        """The result a ``to_dict`` wrote; an ExtendedBenchmarkResult where the data has its
+        GPU fields (whichever class it is called on)."""
+        if cls is BenchmarkResult and "gpu_utilization_avg" in data:
+            cls = ExtendedBenchmarkResult
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in data.items() if k in names}
         d["batch_sizes_formed"] = {int(k): v for k, v in d.get("batch_sizes_formed", {}).items()}
         d["per_gpu"] = {int(k): v for k, v in d.get("per_gpu", {}).items()}
         return cls(**d)
+
+
+@dataclass
+class ExtendedBenchmarkResult(BenchmarkResult):
+    """A BenchmarkResult with what the GPUs did while it was measured (guide 10.2).
+
+    None where nothing was measured (no GPU, no NVML/nvidia-smi, a server whose metrics have no
+    GPU series); ``gpu_monitor_note`` then says why. Per-GPU lists follow ``gpu_indices``.
+    """
+
+    gpu_memory_peak_mb: float | None = None  # largest memory in use, summed over GPUs (MiB)
+    gpu_utilization_avg: float | None = None  # percent (0-100), mean over GPUs and samples
+    power_consumption_avg_w: float | None = None  # mean power drawn, summed over GPUs (W)
+    energy_j: float | None = None  # that power integrated over the measured window (J)
+    gpu_indices: list[int] = field(default_factory=list)
+    gpu_names: list[str] = field(default_factory=list)
+    gpu_memory_peak_mb_per_gpu: list = field(default_factory=list)
+    gpu_utilization_avg_per_gpu: list = field(default_factory=list)
+    power_consumption_avg_w_per_gpu: list = field(default_factory=list)
+    gpu_samples: int = 0
+    gpu_monitor: str = ""  # where the numbers come from: nvml, nvidia-smi, metrics <url>
+    gpu_monitor_note: str = ""  # why the GPU fields are None
+
+    @classmethod
+    def extend(cls, result: BenchmarkResult, gpu: dict) -> ExtendedBenchmarkResult:
+        """``result`` with the GPU fields of ``gpu`` (``GPUMonitor.summary()``)."""
+        base = {f.name: getattr(result, f.name) for f in dataclasses.fields(BenchmarkResult)}
+        return cls(**base, **gpu)
+
+    @property
+    def energy_per_request_j(self) -> float | None:
+        if self.energy_j is None or not self.successful_requests:
+            return None
+        return self.energy_j / self.successful_requests
+
+    def summary(self) -> str:
+        lines = [super().summary()]
+        if self.gpu_utilization_avg is None and self.gpu_memory_peak_mb is None:
+            lines.append(f"  gpu         not measured: {self.gpu_monitor_note or 'no GPU'}")
+            return "\n".join(lines)
+        parts = [f"util {_num(self.gpu_utilization_avg, '.0f')}%"]
+        parts.append(f"memory peak {_num(self.gpu_memory_peak_mb, '.0f')} MB")
+        parts.append(f"power {_num(self.power_consumption_avg_w, '.0f')} W")
+        if self.energy_per_request_j is not None:
+            parts.append(f"{self.energy_per_request_j * 1e3:.1f} mJ/request")
+        lines.append(
+            f"  gpu         {', '.join(parts)} ({len(self.gpu_indices)} GPU(s), {self.gpu_monitor})"
+        )
+        return "\n".join(lines)
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 def result_key(batch_size: int, seq_length, distribution: str, mode: str, load: float) -> str:

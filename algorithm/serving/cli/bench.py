@@ -70,6 +70,31 @@ def _results_table(title: str, groups: list[tuple[str, dict]]) -> Table:
     return t
 
 
+def _gpu_table(groups: list[tuple[str, dict]]) -> Table | str:
+    """GPU utilization, memory peak and power per point, or why they were not measured."""
+    rows = [(label, r) for label, results in groups for r in results.values()]
+    if not any(r.gpu_samples for _, r in rows):
+        notes = sorted({r.gpu_monitor_note for _, r in rows})
+        return f"GPU not measured: {'; '.join(notes)}"
+    t = Table(title="GPU (measured window)", title_justify="left")
+    for col in ("model", "point", "util %", "memory peak MB", "power W", "source"):
+        t.add_column(col, justify="left" if col in ("model", "point", "source") else "right")
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for label, r in rows:
+        t.add_row(
+            label,
+            r.key,
+            num(r.gpu_utilization_avg, ".0f"),
+            num(r.gpu_memory_peak_mb, ".0f"),
+            num(r.power_consumption_avg_w, ".0f"),
+            r.gpu_monitor or r.gpu_monitor_note,
+        )
+    return t
+
+
 # -------------------------------------------------------------------------------- benchmark
 @app.command()
 @handle_errors
@@ -103,7 +128,15 @@ def benchmark(
     seq_median: int = typer.Option(200, min=1, help="lognormal median length."),
     seq_sigma: float = typer.Option(0.8, min=0.0, help="lognormal sigma."),
     seq_min: int = typer.Option(1, min=1, help="Shortest history (uniform/lognormal/histogram)."),
-    seq_max: int = typer.Option(1024, min=1, help="Longest history (uniform/lognormal/histogram)."),
+    seq_max: int | None = typer.Option(
+        None,
+        min=1,
+        help="Longest history (uniform/lognormal/histogram); default: the served model's.",
+    ),
+    codebook_sizes: str | None = typer.Option(
+        None,
+        help="Codebook sizes of the generated ids, e.g. 1024,4096,16384; default: the served model's.",
+    ),
     seq_hist: Path | None = typer.Option(
         None, help='JSON {"lengths": [...], "counts": [...]} for --seq-dist histogram.'
     ),
@@ -125,6 +158,12 @@ def benchmark(
     metrics_url: str | None = typer.Option(
         None, help="Server metrics page, e.g. http://localhost:8002/metrics (CPU/GPU use)."
     ),
+    gpu_monitor: bool = typer.Option(
+        False,
+        "--gpu-monitor",
+        help="Sample GPU utilization, memory and power per point (NVML here, the server's "
+        "nv_gpu_* metrics when remote; install 'ugt-serving[gpu]').",
+    ),
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Write report.md/.json/.csv and plots here."
     ),
@@ -139,7 +178,7 @@ def benchmark(
 ) -> None:
     """Measure a model on a live Triton server: latency percentiles, throughput, server breakdown."""
     from algorithm.errors import ConfigError
-    from algorithm.serving.benchmark import TritonBenchmark
+    from algorithm.serving.benchmark import GPUMonitoredBenchmark, TritonBenchmark
     from algorithm.serving.config import BenchmarkConfig
 
     if baseline is not None and baseline_model is not None:
@@ -172,6 +211,7 @@ def benchmark(
         metrics_url=metrics_url,
         admin_key_file=str(admin_key_file) if admin_key_file else None,
         **client_security(tls_ca, tls_cert, tls_key),
+        codebook_sizes=_numbers("codebook_sizes", [codebook_sizes]) if codebook_sizes else None,
     )
     seqs = len(cfg.test_seq_lengths) if seq_dist == "fixed" else 1
     points = len(cfg.test_batch_sizes) * seqs * len(cfg.levels)
@@ -189,7 +229,8 @@ def benchmark(
             else:
                 p.advance(task)
 
-        bench = TritonBenchmark(cfg, progress=on_event)
+        kind = GPUMonitoredBenchmark if gpu_monitor else TritonBenchmark
+        bench = kind(cfg, progress=on_event)
         results = bench.run_sweep(url, model)
         base = bench.run_sweep(url, baseline_model) if baseline_model else None
     if baseline is not None:
@@ -214,6 +255,12 @@ def benchmark(
         [(baseline_model or f"baseline ({baseline})", base)] if base else []
     )
     out.print(_results_table(f"{model} @ {url} ({protocol})", groups))
+    from algorithm.serving.bench.report import contract_text
+
+    first = next(iter(results.values()))
+    out.print(f"requests: {contract_text(first.request_contract)}", highlight=False)
+    if gpu_monitor:
+        out.print(_gpu_table(groups))
     if base:
         from algorithm.serving.bench.report import compare
 

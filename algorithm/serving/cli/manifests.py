@@ -43,6 +43,11 @@ def manifests(
     model_pvc: str | None = typer.Option(
         None, help="PVC holding the model repository; '' = baked into --image."
     ),
+    service_type: str | None = typer.Option(
+        None,
+        help="Type of the inference Service: ClusterIP (default), NodePort or LoadBalancer "
+        "(guide 8.5: an external load balancer in front of the gRPC/HTTP ports).",
+    ),
 ) -> None:
     """Write the Dockerfile and Kubernetes manifests (Deployment, Service, HPA, PDB, NetworkPolicy)."""
     from algorithm.errors import ConfigError, InputFileNotFoundError
@@ -71,7 +76,8 @@ def manifests(
         sections["triton"]["instance_kind"] = "KIND_GPU" if gpus else "KIND_CPU"
         sections["manifest"]["gpus_per_pod"] = gpus
     flags = {"image": image, "triton_image": triton_image, "replicas": replicas,
-             "max_replicas": max_replicas, "namespace": namespace, "model_pvc": model_pvc}  # fmt: skip
+             "max_replicas": max_replicas, "namespace": namespace, "model_pvc": model_pvc,
+             "service_type": service_type}  # fmt: skip
     sections["manifest"].update({k: v for k, v in flags.items() if v is not None})
     try:
         triton = TritonConfig.from_dict(sections["triton"])

@@ -136,6 +136,11 @@ def optimize(
         "", help="TensorRT: one profile per bucket, e.g. 128,512,1024."
     ),
     workspace_gb: int = typer.Option(4, min=1, help="TensorRT builder workspace (GiB)."),
+    fp32_layers: str = typer.Option(
+        "",
+        help="Layer-name patterns kept in fp32 below fp32 precision, comma list ('*', '?'), "
+        "e.g. 'node_MatMul_8?' (tensorrt; onnxruntime fp16/int8; openvino int8).",
+    ),
     emit_trtexec: bool = typer.Option(
         False, "--emit-trtexec", help="TensorRT: print the equivalent trtexec command and exit."
     ),
@@ -164,6 +169,7 @@ def optimize(
         opt_seq_length=opt_seq_length,
         seq_length_buckets=buckets,
         workspace_size_gb=workspace_gb,
+        fp32_layers=tuple(p.strip() for p in fp32_layers.split(",") if p.strip()),
     )
     out = output or onnx.parent / f"{b.name}-{precision}" / b.artifact_name
     if emit_trtexec:

@@ -75,3 +75,24 @@ def onnx_model(trained, tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def trt_standin(monkeypatch):
+    """The TensorRT stand-in (``trt_standin.py``, never an engine) installed as ``tensorrt``
+    (guide 7.3's mock import), its call record empty. The INT8 calibrator's copy to GPU memory
+    becomes a host copy with a real pointer: the stand-in has no GPU."""
+    import sys
+
+    from algorithm.serving.backends import tensorrt as trt_backend
+    from algorithm.serving.tests import trt_standin as standin
+
+    module = standin.make_module()
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+
+    def host_copy(array):
+        host = np.ascontiguousarray(array)
+        return host, int(host.ctypes.data)
+
+    monkeypatch.setattr(trt_backend, "to_device", host_copy)
+    return module

@@ -321,6 +321,32 @@ def test_onnxruntime_fp16_keeps_the_scoring_path_in_fp32(onnx_model, tmp_path):
     assert dtype["scores"] == onnx.TensorProto.FLOAT
 
 
+def test_fp32_layers_stay_float_in_the_onnx_runtime_fp16_graph(onnx_model, tmp_path):
+    """Guide 9.2's "keep named layers in FP32" on ONNX Runtime: the matching nodes are blocked
+    from the fp16 conversion (int8 excludes them from quantization the same way); a pattern
+    matching nothing fails before anything is written."""
+    import fnmatch
+
+    from algorithm.serving.backends.onnxruntime import convert_fp16
+
+    proto = onnx.load(onnx_model)
+    keep = fnmatch.filter([n.name for n in proto.graph.node], "node_MatMul_8?")
+    assert keep
+    converted = convert_fp16(proto, keep)
+    inits = {i.name: i.data_type for i in converted.graph.initializer}
+    nodes = {n.name: n for n in converted.graph.node}
+    for name in keep:  # their weights are still fp32 initializers
+        weights = [i for i in nodes[name].input if i in inits]
+        assert weights and all(inits[w] == onnx.TensorProto.FLOAT for w in weights)
+    others = [n for n in converted.graph.node if n.op_type == "MatMul" and n.name not in keep]
+    assert any(inits.get(i) == onnx.TensorProto.FLOAT16 for n in others for i in n.input)
+    with pytest.raises(ConfigError) as e:
+        cfg = config("fp16").replace(fp32_layers=("nope*",))
+        optimize(onnx_model, tmp_path / "model.onnx", "onnxruntime", cfg)
+    assert e.value.field == "fp32_layers" and e.value.value == "nope*"
+    assert not list(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------------------ the gate refuses
 def damage(onnx_model, path: Path, scale: float = 0.5) -> Path:
     """Perturb the encoder's weight matrices: a plausible broken conversion."""

@@ -276,6 +276,17 @@ def repository(onnx_model, tmp_path_factory):
         ec.replace(model_name="ugt_small_queue"),
         base.replace(max_queue_size=1, preferred_batch_sizes=(), max_queue_delay_us=0),
     ).generate(repo, model_file=onnx_model)
+    # served with a smaller contract than the benchmark's defaults: codebooks of 64/128/256 ids
+    # (model.py refuses larger ids), histories up to 48, batches up to 4
+    TritonConfigGenerator(
+        ec.replace(
+            model_name="ugt_small_cb",
+            codebook_sizes=(64, 128, 256),
+            max_seq_length=48,
+            max_batch_size=4,
+        ),
+        base.replace(preferred_batch_sizes=(4,)),
+    ).generate(repo, model_file=onnx_model)
     return repo
 
 
@@ -437,3 +448,109 @@ def test_stopped_server_gives_failures_and_an_error_not_a_hang(repository):
         partial.successful_requests + partial.failed_requests + partial.rejected_requests
         == partial.total_requests
     )
+
+
+# ------------------------------------------------------------------------------ the served contract
+def test_the_contract_is_read_from_either_protocols_config_form():
+    from algorithm.serving.bench.loadgen import request_contract, served_contract
+
+    params = {
+        "max_seq_length": {"string_value": "48"},
+        "codebook_sizes": {"string_value": "64,128,256"},
+        "num_recommendations": {"string_value": "50"},
+    }
+    grpc_form = {"config": {"name": "m", "max_batch_size": 4, "parameters": params}}
+    http_form = {"name": "m", "max_batch_size": 4, "parameters": params}
+    want = {"max_batch_size": 4, "max_seq_length": 48, "codebook_sizes": (64, 128, 256),
+            "num_recommendations": 50}  # fmt: skip
+    assert served_contract(grpc_form) == served_contract(http_form) == want
+    bare = served_contract({"config": {"name": "m", "max_batch_size": 8}})
+    assert bare["codebook_sizes"] is None and bare["max_seq_length"] is None
+    c = request_contract(BenchmarkConfig(), bare, 8, 1000)
+    assert c["codebook_sizes"] == [1024, 4096, 16384] and c["seq_len_max"] == 1024
+    assert c["source"] == {
+        "max_batch_size": "server",
+        "codebook_sizes": "default",
+        "seq_len_max": "default",
+    }
+    c = request_contract(BenchmarkConfig(codebook_sizes=(8, 8, 8), seq_len_max=16), want, 2, None)
+    assert c["codebook_sizes"] == [8, 8, 8] and c["seq_len_max"] == 16
+    assert c["source"]["codebook_sizes"] == c["source"]["seq_len_max"] == "config"
+
+
+@pytest.mark.server
+@pytest.mark.timeout(600)
+def test_requests_follow_the_served_models_contract(server):
+    cfg = BenchmarkConfig(**FAST)  # codebooks and longest history left unset
+    r = TritonBenchmark(cfg).run(server.grpc_url, "ugt_small_cb", batch_size=2, seq_length=32)
+    assert r.failed_requests == 0 and r.successful_requests >= cfg.num_requests
+    assert r.request_contract == {
+        "codebook_sizes": [64, 128, 256],
+        "seq_len_max": 48,
+        "max_batch_size": 4,
+        "num_recommendations": 50,
+        "source": {"max_batch_size": "server", "codebook_sizes": "server", "seq_len_max": "server"},
+    }
+    mix = TritonBenchmark(
+        cfg.replace(seq_len_distribution="lognormal", seq_len_median=40, protocol="http")
+    ).run(server.http_url, "ugt_small_cb", batch_size=1, seq_length=None)
+    assert mix.failed_requests == 0 and mix.seq_len_max <= 48  # capped at the server's 48
+    # What the model would reject is refused before anything is sent.
+    for kw, field in (
+        ({"batch_size": 8, "seq_length": 16}, "batch_size"),
+        ({"batch_size": 1, "seq_length": 64}, "seq_length"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            TritonBenchmark(cfg).run(server.grpc_url, "ugt_small_cb", **kw)
+        assert e.value.field == field and "ugt_small_cb" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        TritonBenchmark(cfg.replace(codebook_sizes=CB)).run(server.grpc_url, "ugt_small_cb", 1, 16)
+    assert e.value.field == "codebook_sizes" and "(64, 128, 256)" in str(e.value)
+
+
+# ------------------------------------------------------------------------------ GPU monitoring
+@pytest.mark.server
+@pytest.mark.timeout(600)
+def test_gpu_monitored_benchmark_without_a_gpu_reports_why(server, tmp_path):
+    from algorithm.serving import ExtendedBenchmarkResult, GPUMonitoredBenchmark
+    from algorithm.serving.bench.report import load_report
+
+    bench = GPUMonitoredBenchmark(BenchmarkConfig(metrics_url=server.metrics_url, **FAST))
+    results = bench.run_sweep(
+        server.grpc_url, "ugt_ort", batch_sizes=(1,), seq_lengths=(16,), levels=(1, 2)
+    )
+    assert set(results) == {"bs1_seq16_c1", "bs1_seq16_c2"}
+    for r in results.values():
+        assert isinstance(r, ExtendedBenchmarkResult) and r.failed_requests == 0
+        assert r.gpu_utilization_avg is r.gpu_memory_peak_mb is r.power_consumption_avg_w is None
+        # the CPU-only server's metrics page has no nv_gpu_* series, and it says so
+        assert "no nv_gpu_* series" in r.gpu_monitor_note and r.gpu_samples == 0
+        assert r.host_cpu_utilization is not None  # the plain benchmark's samples still there
+    text = bench.generate_report(results, tmp_path / "report.md")
+    assert "GPU not measured:" in text and "no nv_gpu_* series" in text
+    loaded, _, _ = load_report(tmp_path / "report.json")
+    assert all(isinstance(r, ExtendedBenchmarkResult) for r in loaded.values())
+    # a local server without metrics_url: this machine's GPUs through NVML, absent here
+    local = GPUMonitoredBenchmark(BenchmarkConfig(**FAST)).run(server.grpc_url, "ugt_ort", 1, 16)
+    assert "NVML could not start" in local.gpu_monitor_note
+
+
+@pytest.mark.server
+@pytest.mark.timeout(600)
+def test_cli_gpu_monitor_flag(server, tmp_path):
+    from typer.testing import CliRunner
+
+    from algorithm.serving.cli import app
+
+    args = ["--json", "benchmark", "--url", server.grpc_url, "--model", "ugt_small_cb",
+            "--requests", "20", "--warmup", "5", "--window", "0.3", "--max-trials", "3",
+            "--seq-lengths", "16", "--gpu-monitor", "--output", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    (r,) = data["results"].values()
+    assert r["gpu_utilization_avg"] is None and "NVML" in r["gpu_monitor_note"]
+    assert r["request_contract"]["codebook_sizes"] == [64, 128, 256]
+    assert "GPU not measured" in (tmp_path / "report.md").read_text()
+    plain = CliRunner().invoke(app, args[1:-3] + ["--seq-lengths", "200"])  # longer than served
+    assert plain.exit_code == 1 and "seq_length=200" in plain.output and "48" in plain.output

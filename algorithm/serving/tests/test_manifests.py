@@ -562,6 +562,28 @@ def test_cli_writes_manifests_from_flags(tmp_path):
     assert by_kind(files, "HorizontalPodAutoscaler")["spec"]["minReplicas"] == 3
 
 
+def test_cli_service_type_load_balancer(tmp_path):
+    """Guide 8.5's Service of type LoadBalancer from the command line; the metrics Service stays
+    inside the cluster."""
+    from typer.testing import CliRunner
+
+    from algorithm.serving.cli import app
+
+    out = tmp_path / "deploy"
+    args = ["manifests", "--output", str(out), "--service-type", "LoadBalancer"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    files = {str(p.relative_to(out)): p.read_text() for p in out.rglob("*") if p.is_file()}
+    services = [d for d in docs(files).values() if d["kind"] == "Service"]
+    types = {d["metadata"]["name"]: d["spec"]["type"] for d in services}
+    assert sorted(types.values()) == ["ClusterIP", "LoadBalancer"], types
+    lb = next(d for d in services if d["spec"]["type"] == "LoadBalancer")
+    assert {p["port"] for p in lb["spec"]["ports"]} >= {8001}
+    bad = CliRunner().invoke(app, [*args[:3], "--service-type", "Ingress"])
+    assert bad.exit_code == 1 and "service_type='Ingress'" in bad.output
+    assert "one of ClusterIP, NodePort, LoadBalancer" in " ".join(bad.output.split())
+
+
 def test_cli_reads_a_json_config_and_refuses_bad_names(tmp_path):
     from typer.testing import CliRunner
 

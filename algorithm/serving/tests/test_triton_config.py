@@ -253,5 +253,49 @@ def test_exporter_facade_generates_the_same_config(tmp_path):
     from algorithm.serving import ServingExporter
 
     tc = TritonConfig(platform="python", instance_kind="KIND_CPU")
-    path = ServingExporter(EC, tc).generate_triton_config(tmp_path)
-    assert Path(path).read_text() == TritonConfigGenerator(EC, tc).config_text()
+    onnx = tmp_path / "exported.onnx"
+    onnx.write_bytes(b"\x08\x09fake-onnx")
+    path = ServingExporter(EC, tc).generate_triton_config(tmp_path / "repo", model_file=onnx)
+    assert Path(path).read_text() == TritonConfigGenerator(EC, tc).config_text("model.onnx")
+
+
+def test_every_platform_states_the_models_contract_for_clients():
+    """The benchmark (any client) reads codebooks, longest history and max batch from the
+    config; Triton's other backends read their parameters by name and leave these alone."""
+    ec = EC.replace(codebook_sizes=(64, 128, 256), max_seq_length=48, max_batch_size=4)
+    for platform, kind in (
+        ("tensorrt_plan", "KIND_GPU"),
+        ("onnxruntime_onnx", "KIND_CPU"),
+        ("openvino", "KIND_CPU"),
+        ("python", "KIND_CPU"),
+    ):
+        cfg = _strict(
+            TritonConfigGenerator(
+                ec, TritonConfig(platform=platform, instance_kind=kind)
+            ).config_text()
+        )
+        params = {k: v.string_value for k, v in cfg.parameters.items()}
+        assert params["codebook_sizes"] == "64,128,256" and params["max_seq_length"] == "48"
+        assert params["num_recommendations"] == str(ec.num_recommendations)
+        assert cfg.max_batch_size == 4
+        if platform != "python":
+            assert "runtime" not in params and "artifact" not in params
+
+
+def test_an_artifact_of_another_platform_is_refused(tmp_path):
+    plan = tmp_path / "engine.plan"
+    plan.write_bytes(b"engine")
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx")
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(b"weights")
+    py = TritonConfig(platform="python", instance_kind="KIND_CPU")
+    with pytest.raises(ConfigError) as e:
+        TritonConfigGenerator(EC, py).generate(tmp_path / "repo", model_file=plan)
+    assert e.value.field == "model_file" and "serves model.onnx" in str(e.value)
+    with pytest.raises(ConfigError, match="platform 'tensorrt_plan' serves model.plan"):
+        TritonConfigGenerator(EC, TritonConfig()).generate(tmp_path / "repo", model_file=onnx)
+    assert not (tmp_path / "repo").exists()
+    torch_py = py.replace(python_runtime="torch")  # the torch runner reads any checkpoint form
+    TritonConfigGenerator(EC, torch_py).generate(tmp_path / "repo", model_file=ckpt)
+    assert (tmp_path / "repo" / "ugt_test" / "1" / "model.safetensors").is_file()
