@@ -165,7 +165,7 @@ class TritonBenchmark:
         rng = np.random.default_rng(cfg.seed)
         pool_rows = batch_size * (16 if cfg.seq_len_distribution == "fixed" else 256)
         lengths = sample_seq_lengths(cfg, pool_rows, rng, fixed=seq_fixed)
-        pool_arrays = make_requests(batch_size, lengths, cfg.codebook_sizes, rng)
+        pool_arrays = make_requests(batch_size, lengths, cfg.codebook_sizes, rng, cfg.user_ids)
         client = Client(url, cfg.protocol, level or 64, cfg.timeout_s)
         try:
             await self._check_server(client, model, url)

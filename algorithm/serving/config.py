@@ -295,6 +295,7 @@ class BenchmarkConfig(_Config):
     metrics_url: str | None = (
         None  # e.g. http://localhost:8002/metrics: CPU/GPU use while measuring
     )
+    user_ids: int = 0  # > 0: each row also sends `user_id`, one of this many (an A/B router)
 
     def validate(self) -> BenchmarkConfig:
         if not isinstance(self.triton_url, str) or not self.triton_url:
@@ -340,6 +341,7 @@ class BenchmarkConfig(_Config):
             and self.metrics_url.startswith(("http://", "https://"))
         ):
             raise ConfigError("metrics_url", self.metrics_url, "None or http://host:port/metrics")
+        _int("user_ids", self.user_ids, 0)
         return self
 
     @property

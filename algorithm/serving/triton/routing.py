@@ -49,6 +49,7 @@ from algorithm.serving.triton.schema import (
 logger = logging.getLogger(__name__)
 
 ROLE_PARAMETER = "ugt_role"
+ARM_MAX_BATCH = "arm_max_batch_size"  # the router's python_model/router.py reads it
 ROLE_ROUTER = "router"
 HISTORY_FILE = "experiment.json"
 ROUTER_VERSION = 1
@@ -117,9 +118,15 @@ def router_config(exp: ExperimentConfig, arm_config):
     """The router's ModelConfig: A's inputs + user_id, A's outputs + arm, CPU instances, the
     experiment as parameters. Parsed back strictly by the caller's write."""
     pb = model_config_pb2()
+    # The router's batch is the requests it forwards at once (``workers`` histories): its
+    # batcher gathers what queued while the last requests were forwarded. Each request keeps
+    # to the arms' own limit (checked by the router).
     cfg = pb.ModelConfig(
-        name=exp.router_name, backend="python", max_batch_size=arm_config.max_batch_size
+        name=exp.router_name,
+        backend="python",
+        max_batch_size=max(exp.workers, arm_config.max_batch_size),
     )
+    cfg.dynamic_batching.max_queue_delay_microseconds = 0
     for t in arm_config.input:
         cfg.input.add().CopyFrom(t)
     cfg.input.add(name=USER_ID_INPUT, data_type=pb.TYPE_STRING, dims=[1])
@@ -129,6 +136,7 @@ def router_config(exp: ExperimentConfig, arm_config):
     cfg.instance_group.add(count=exp.instance_count, kind=pb.ModelInstanceGroup.KIND_CPU)
     cfg.version_policy.latest.num_versions = 1
     cfg.parameters[ROLE_PARAMETER].string_value = ROLE_ROUTER
+    cfg.parameters[ARM_MAX_BATCH].string_value = str(arm_config.max_batch_size)
     for key, value in exp.to_parameters().items():
         cfg.parameters[key].string_value = value
     return cfg
@@ -264,11 +272,14 @@ def update_router(repository, router_name: str, action: str, **changes) -> Exper
                 f"unchanged ({getattr(old, fixed[0])}): the arms make the experiment; create a new one",
             )
         exp = old.replace(**changes)
+        arm_batch = config.parameters[ARM_MAX_BATCH].string_value
         config.ClearField("parameters")
         config.parameters[ROLE_PARAMETER].string_value = ROLE_ROUTER
+        config.parameters[ARM_MAX_BATCH].string_value = arm_batch
         for key, value in exp.to_parameters().items():
             config.parameters[key].string_value = value
         config.instance_group[0].count = exp.instance_count
+        config.max_batch_size = max(exp.workers, int(arm_batch or 1))
         write_text_atomic(model_dir / "config.pbtxt", _config_text(config))
         _append_history(model_dir, exp, _event(exp, action))
     logger.info("router %s: %s (%s)", router_name, action, changes)
@@ -299,8 +310,13 @@ def validate_router(model_dir: Path, config) -> tuple[list[str], dict]:
                 f"{name}: inputs/outputs {_signature(config)} differ from the arms' plus "
                 f"{USER_ID_INPUT}/{ARM_OUTPUT} {want}; re-create the router"
             )
-    if config.HasField("dynamic_batching"):
-        info["warnings"].append(f"{name}: a router needs no dynamic batcher (the arms batch)")
+    if arm_config is not None:
+        wanted = router_config(exp, arm_config)
+        for field in ("max_batch_size", "parameters"):
+            if getattr(config, field) != getattr(wanted, field):
+                errors.append(f"{name}: {field} differs from what the arms need; re-create it")
+        if not config.HasField("dynamic_batching"):
+            errors.append(f"{name}: no dynamic batcher: the router forwards one request at a time")
     versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
     info["versions"] = versions
     if not versions:

@@ -11,17 +11,23 @@ The experiment is the config's ``parameters`` (``ExperimentConfig``); the arm of
 
 Nothing in the router waits for anything but the arm that answers:
 
-- ``execute`` hands each request to a thread of this instance and returns at once; the thread
-  makes the BLS call and sends the answer through the request's response sender (allowed for a
-  non-decoupled model: exactly one response, flagged final). So requests in flight overlap
-  and reach the arm's dynamic batcher together, as if the clients called the arm directly.
+- The router's dynamic batcher hands ``execute`` every request that queued meanwhile; each
+  goes to a thread of this instance that makes its BLS call and sends the answer through the
+  request's response sender (allowed for a non-decoupled model: exactly one response, flagged
+  final) as soon as its arm answers. The calls of one execute reach the arms' batchers
+  together, as if the clients called the arms directly. ``execute`` returns once every answer
+  is sent: answering after it returned raced with the next execute inside the python backend
+  and crashed the server (seen, Triton 2.51), so a request arriving meanwhile waits for the
+  slowest answer of the current batch (``instance_count`` > 1 overlaps batches).
 - Shadow mode: A's answer is sent first. Only then are the mirrored rows (inputs and A's
   outputs, copied) put on a bounded queue that two shadow threads drain: B's call (with its own
-  timeout), the comparison (``verify.parity.compare_outputs``), the counters. A failing or slow
-  B fills that queue at worst; further mirrors are dropped and counted, and A never waits.
+  timeout, which B's queue applies when its queue policy allows it), the comparison
+  (``verify.parity.compare_outputs``), the counters. A failing or slow B fills that queue at
+  worst; further mirrors are dropped and counted, and A never waits.
 
 Counters and latency histograms go to Triton's metrics endpoint (custom metrics, shared by the
-router's instances and kept across a reload): ``ugt_router_*``, read by ``ugt-serving abtest``.
+router's instances and kept across a reload; handed over by one thread every 0.2 s):
+``ugt_router_*``, read by ``ugt-serving abtest``.
 A request the router cannot route (user_id of the wrong shape, empty, too long, not UTF-8) gets
 INVALID_ARG naming the problem; an arm's error goes back with the arm's code, named.
 """
@@ -40,6 +46,8 @@ import triton_python_backend_utils as pb_utils
 
 from algorithm.serving.config import ExperimentConfig
 from algorithm.serving.traffic import ARM_OUTPUT, USER_ID_INPUT, UserIdError, bucket, user_key
+
+ARM_MAX_BATCH = "arm_max_batch_size"  # parameter: the most histories the arms take at once
 
 #: Latency histogram bounds (microseconds): a factor of 1.25 from 100 us to 60 s, so a
 #: percentile read from the buckets is off by at most one bucket's width (~25 %).
@@ -64,7 +72,14 @@ def _error_response(message: str, code=None):
 
 class _Metrics:
     """The router's counters on Triton's metrics endpoint (one family per name, shared by the
-    router's instances; a label set's metric is created once and cached)."""
+    router's instances; a label set's metric is created once and cached).
+
+    Requests only add to Python dicts; one thread hands the sums to Triton every
+    ``FLUSH_S`` (and at finalize): metric calls from several threads at once crashed the server
+    (seen, Triton 2.51), and each call is an IPC round trip that has no place on a request's
+    path. So the counters trail the requests by up to ``FLUSH_S``."""
+
+    FLUSH_S = 0.2
 
     def __init__(self, router: str):
         family, counter, histogram = (
@@ -95,29 +110,30 @@ class _Metrics:
             ),
         }
         self._metrics: dict = {}
+        self._counts: dict = {}
+        self._latencies: list = []
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{router}-metrics", daemon=True)
+        self._thread.start()
 
-    def _get(self, family: str, **labels):
-        key = (family, *sorted(labels.items()))
-        m = self._metrics.get(key)
-        if m is None:
-            with self._lock:
-                m = self._metrics.get(key)
-                if m is None:
-                    kw = {"buckets": LATENCY_BUCKETS_US} if family == "latency" else {}
-                    m = self.families[family].Metric(labels={"router": self.router, **labels}, **kw)
-                    self._metrics[key] = m
-        return m
+    # -- on the request path: Python only ------------------------------------------------------
+    def _add(self, family: str, value: float, **labels) -> None:
+        key = (family, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0.0) + value
 
     def call(self, arm: str, model: str, path: str, outcome: str, users: int, us: float):
         labels = {"arm": arm, "model": model, "path": path}
-        self._get("requests", outcome=outcome, **labels).increment(1)
+        self._add("requests", 1, outcome=outcome, **labels)
         if outcome == "success":
-            self._get("users", **labels).increment(users)
-            self._get("latency", **labels).observe(us)
+            self._add("users", users, **labels)
+            key = ("latency", tuple(sorted(labels.items())))
+            with self._lock:
+                self._latencies.append((key, us))
 
     def dropped(self, model: str):
-        self._get("requests", arm="b", model=model, path="shadow", outcome="dropped").increment(1)
+        self._add("requests", 1, arm="b", model=model, path="shadow", outcome="dropped")
 
     def compared(self, report: dict):
         n = report["users"]
@@ -127,7 +143,39 @@ class _Metrics:
             ("top1_agreement", report["top1_agreement"] * n),
             ("mean_score_diff", report["mean_score_diff"] * n),
         ):
-            self._get("shadow", stat=stat).increment(float(value))
+            self._add("shadow", float(value), stat=stat)
+
+    # -- the one thread that talks to Triton ---------------------------------------------------
+    def _metric(self, key):
+        m = self._metrics.get(key)
+        if m is None:
+            family, labels = key
+            kw = {"buckets": LATENCY_BUCKETS_US} if family == "latency" else {}
+            m = self.families[family].Metric(labels={"router": self.router, **dict(labels)}, **kw)
+            self._metrics[key] = m
+        return m
+
+    def flush(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, {}
+            latencies, self._latencies = self._latencies, []
+        for key, value in counts.items():
+            self._metric(key).increment(value)
+        for key, us in latencies:
+            self._metric(key).observe(us)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.FLUSH_S):
+            try:
+                self.flush()
+            except Exception as e:  # counters are an extra: never let them stop the router
+                pb_utils.Logger.log_warn(f"{self.router}: metrics not updated: {e}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self.flush()
 
 
 class TritonPythonModel:
@@ -142,6 +190,7 @@ class TritonPythonModel:
         self.output_names = [o["name"] for o in config["output"] if o["name"] != ARM_OUTPUT]
         self.metrics = _Metrics(self.name)
         self.pool = ThreadPoolExecutor(self.exp.workers, thread_name_prefix=f"{self.name}-route")
+        self.arm_max_batch_size = int(params.get(ARM_MAX_BATCH, config["max_batch_size"]))
         self.mirrors: queue.Queue = queue.Queue(self.exp.shadow_queue)
         self.shadow_threads = [
             threading.Thread(target=self._shadow_loop, name=f"{self.name}-shadow", daemon=True)
@@ -157,11 +206,49 @@ class TritonPythonModel:
 
     # -- requests -------------------------------------------------------------------------
     def execute(self, requests):
-        # Each request is answered by its own thread through its response sender; returning
-        # None tells the backend so. execute itself never waits for an arm.
+        # The dynamic batcher hands over every request that queued meanwhile; each goes to its
+        # own thread (BLS calls to the arms run concurrently and reach the arms' batchers
+        # together) and is answered through its response sender as soon as its arm answers.
+        # execute returns (None: the answers went through the senders) once all are sent:
+        # answering after execute returned raced with the next execute inside the python
+        # backend and crashed the server (seen, Triton 2.51).
+        futures = []
         for request in requests:
-            self.pool.submit(self._serve, request)
+            sender = request.get_response_sender()
+            try:
+                job = self._read(request)
+            except BadRequest as e:
+                self._send(sender, _error_response(str(e), _code("INVALID_ARG")))
+                continue
+            except Exception as e:  # a bug: this request fails alone, with the reason
+                pb_utils.Logger.log_error(f"{self.name}: {type(e).__name__}: {e}")
+                self._send(sender, _error_response(f"router {self.name}: {e}"))
+                continue
+            futures.append(self.pool.submit(self._serve, sender, *job))
+        for f in futures:
+            f.result()  # _serve answers every failure itself
         return None
+
+    @staticmethod
+    def _send(sender, response) -> None:
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _read(self, request) -> tuple[dict, list[bytes]]:
+        """(the arms' inputs, the user keys): BadRequest when the ids do not fit. The tensors
+        are the request's own (valid while execute runs)."""
+        tensors = {t.name(): t for t in request.inputs()}
+        missing = [n for n in self.input_names if n not in tensors]
+        if missing:
+            raise BadRequest(
+                f"{missing[0]}: missing; the router needs {', '.join(self.input_names)}"
+            )
+        rows = int(tensors[self.input_names[0]].shape()[0])
+        if rows > self.arm_max_batch_size:
+            raise BadRequest(
+                f"{self.input_names[0]}: batch of {rows} histories; the arms take at most "
+                f"{self.arm_max_batch_size} per request"
+            )
+        return {n: tensors[n] for n in self.input_names}, self._user_ids(tensors, rows)
 
     def _user_ids(self, tensors: dict, rows: int) -> list[bytes]:
         t = tensors.get(USER_ID_INPUT)
@@ -191,47 +278,39 @@ class TritonPythonModel:
             return places >= exp.traffic_split, np.zeros(n, bool)
         return np.zeros(n, bool), places >= 1.0 - exp.shadow_fraction
 
-    def _call(self, model: str, inputs: list, timeout_us: int = 0):
+    def _call(self, model: str, inputs: dict, timeout_us: int = 0):
+        """BLS call of ``model`` with ``inputs`` (name -> pb_utils.Tensor or numpy array)."""
         kw = {"timeout": timeout_us} if timeout_us else {}
+        tensors = [
+            t if isinstance(t, pb_utils.Tensor) else pb_utils.Tensor(n, t)
+            for n, t in inputs.items()
+        ]
         return pb_utils.InferenceRequest(
-            model_name=model,
-            requested_output_names=self.output_names,
-            inputs=inputs,
-            **kw,
+            model_name=model, requested_output_names=self.output_names, inputs=tensors, **kw
         ).exec()
 
-    def _serve(self, request) -> None:
-        sender = request.get_response_sender()
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    def _serve(self, sender, tensors: dict, keys: list[bytes]) -> None:
         try:
-            response, mirror = self._route(request)
-        except BadRequest as e:
-            response, mirror = _error_response(str(e), _code("INVALID_ARG")), None
-        except Exception as e:  # a bug or a dead arm: this request fails alone, with the reason
+            response, mirror = self._route(tensors, keys)
+        except Exception as e:  # a bug or a dead arm: this request fails alone, named
             pb_utils.Logger.log_error(f"{self.name}: {type(e).__name__}: {e}")
-            response, mirror = _error_response(f"router {self.name}: {type(e).__name__}: {e}"), None
-        sender.send(response, flags=final)
+            response, mirror = _error_response(f"router {self.name}: {e}"), None
+        self._send(sender, response)
         if mirror is not None:
             self._enqueue(*mirror)
 
-    def _route(self, request):
-        """(response, mirror or None): the arms' answer for every row, and what to mirror."""
-        tensors = {t.name(): t for t in request.inputs()}
-        first = tensors.get(self.input_names[0])
-        if first is None:
-            raise BadRequest(f"{self.input_names[0]}: missing")
-        rows = int(first.shape()[0])
-        keys = self._user_ids(tensors, rows)
+    def _route(self, tensors: dict, keys: list[bytes]):
+        """(response, mirror or None): the arms' answer for every row, and what to mirror
+        (copies: the shadow threads use them after execute has returned)."""
+        rows = len(keys)
         to_b, mirror = self._plan(keys)
         arms = ("b",) if to_b.all() else ("a",) if not to_b.any() else ("a", "b")
         answers = {}
         for arm in arms:
             idx = None if len(arms) == 1 else np.flatnonzero(to_b == (arm == "b"))
-            inputs = [tensors[n] for n in self.input_names]
-            if idx is not None:
-                inputs = [pb_utils.Tensor(t.name(), t.as_numpy()[idx]) for t in inputs]
+            part = tensors if idx is None else {n: t.as_numpy()[idx] for n, t in tensors.items()}
             t0 = time.perf_counter()
-            answer = self._call(self.arms[arm], inputs)
+            answer = self._call(self.arms[arm], part)
             us = (time.perf_counter() - t0) * 1e6
             users = rows if idx is None else len(idx)
             if answer.has_error():
@@ -254,8 +333,8 @@ class TritonPythonModel:
         idx = np.flatnonzero(mirror)  # shadow mode: A answered every row
         a = {n: pb_utils.get_output_tensor_by_name(answers["a"][1], n) for n in self.output_names}
         return response, (
-            {n: np.array(tensors[n].as_numpy()[idx]) for n in self.input_names},
-            {n: np.array(t.as_numpy()[idx]) for n, t in a.items()},
+            {n: t.as_numpy()[idx] for n, t in tensors.items()},  # indexing copies
+            {n: t.as_numpy()[idx] for n, t in a.items()},
         )
 
     def _code(self, message: str):
@@ -299,9 +378,7 @@ class TritonPythonModel:
             rows = len(next(iter(inputs.values())))
             t0 = time.perf_counter()
             try:
-                answer = self._call(
-                    model, [pb_utils.Tensor(n, a) for n, a in inputs.items()], timeout_us
-                )
+                answer = self._call(model, inputs, timeout_us)
             except Exception as e:  # B unreachable: counted; A answered long ago
                 self.metrics.call("b", model, "shadow", "error", rows, 0.0)
                 pb_utils.Logger.log_warn(f"{self.name}: shadow call to {model}: {e}")
@@ -336,3 +413,4 @@ class TritonPythonModel:
                 self.mirrors.put_nowait(None)
         for t in self.shadow_threads:
             t.join(timeout=self.exp.shadow_timeout_ms / 1000 + 1)
+        self.metrics.close()
