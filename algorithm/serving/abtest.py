@@ -13,9 +13,10 @@ answers with the serving arm's outputs plus ``arm``. The in-server router and
 
     exp = ABExperiment.create("model_repository", ExperimentConfig(
         router_name="ugt_router", model_a="ugt_recommend", model_b="ugt_candidate",
-        mode="shadow", shadow_fraction=0.2), url="localhost:8000")
+        mode="shadow", shadow_fraction=0.2),
+        url="localhost:8000", metrics_url="http://localhost:8002/metrics")
     exp.set_split(traffic_split=0.9, mode="ab")   # 90 % of users on A, 10 % on B
-    exp.report("abtest-report", metrics_url="http://localhost:8002/metrics")
+    exp.report("abtest-report")                    # report.md, report.json, report.png
     exp.promote()                                   # everyone on B; or exp.stop(): everyone on A
 
 Each change is one atomic rewrite of the router's config.pbtxt; with ``url`` (a server in
