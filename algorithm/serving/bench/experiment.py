@@ -208,7 +208,7 @@ def render_markdown(exp, history: dict, live: dict | None) -> str:
         return "\n".join([*lines, "", "No live results (no server URL given).", ""])
     lines += [
         "",
-        "## Per arm (router's counters, since the router loaded)",
+        "## Per arm (router's counters since the router was first loaded on this server)",
         "",
         "| arm | model | path | requests | users | errors | timeouts | dropped | "
         "P50 ms | P90 ms | P99 ms | mean ms |",

@@ -190,6 +190,7 @@ class TritonPythonModel:
         self.output_names = [o["name"] for o in config["output"] if o["name"] != ARM_OUTPUT]
         self.metrics = _Metrics(self.name)
         self.pool = ThreadPoolExecutor(self.exp.workers, thread_name_prefix=f"{self.name}-route")
+        self.part_pool = ThreadPoolExecutor(self.exp.workers, thread_name_prefix=f"{self.name}-b")
         self.arm_max_batch_size = int(params.get(ARM_MAX_BATCH, config["max_batch_size"]))
         self.mirrors: queue.Queue = queue.Queue(self.exp.shadow_queue)
         self.shadow_threads = [
@@ -289,6 +290,13 @@ class TritonPythonModel:
             model_name=model, requested_output_names=self.output_names, inputs=tensors, **kw
         ).exec()
 
+    def _ask(self, arm: str, tensors: dict, idx):
+        """(answer, microseconds) of one arm for the rows ``idx`` (None: all rows)."""
+        part = tensors if idx is None else {n: t.as_numpy()[idx] for n, t in tensors.items()}
+        t0 = time.perf_counter()
+        answer = self._call(self.arms[arm], part)
+        return answer, (time.perf_counter() - t0) * 1e6
+
     def _serve(self, sender, tensors: dict, keys: list[bytes]) -> None:
         try:
             response, mirror = self._route(tensors, keys)
@@ -305,13 +313,19 @@ class TritonPythonModel:
         rows = len(keys)
         to_b, mirror = self._plan(keys)
         arms = ("b",) if to_b.all() else ("a",) if not to_b.any() else ("a", "b")
+        parts = {
+            arm: None if len(arms) == 1 else np.flatnonzero(to_b == (arm == "b")) for arm in arms
+        }
+        # A request whose rows belong to both arms asks them at once (B's part on a thread of
+        # its own pool: those threads never wait for anything but B).
+        pending = {
+            arm: self.part_pool.submit(self._ask, arm, tensors, parts[arm]) for arm in arms[1:]
+        }
+        calls = {arms[0]: self._ask(arms[0], tensors, parts[arms[0]])}
+        calls.update({arm: f.result() for arm, f in pending.items()})
         answers = {}
         for arm in arms:
-            idx = None if len(arms) == 1 else np.flatnonzero(to_b == (arm == "b"))
-            part = tensors if idx is None else {n: t.as_numpy()[idx] for n, t in tensors.items()}
-            t0 = time.perf_counter()
-            answer = self._call(self.arms[arm], part)
-            us = (time.perf_counter() - t0) * 1e6
+            idx, (answer, us) = parts[arm], calls[arm]
             users = rows if idx is None else len(idx)
             if answer.has_error():
                 self.metrics.call(arm, self.arms[arm], "served", "error", users, us)
@@ -405,6 +419,7 @@ class TritonPythonModel:
         # In-flight requests are answered before the instance goes (a reload swaps instances
         # under load); waiting mirrors are dropped.
         self.pool.shutdown(wait=True)
+        self.part_pool.shutdown(wait=True)
         with contextlib.suppress(queue.Empty):
             while True:
                 self.mirrors.get_nowait()
