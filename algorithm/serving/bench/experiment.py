@@ -268,10 +268,11 @@ def plot(live: dict, path):
             label = f"{arm.upper()} {s['model'] or ''} ({p})"
             buckets = s.get("latency_buckets_us") or []
             total = buckets[-1][1] if buckets else 0
-            if total:
-                ax1.step(
-                    [b / 1e3 for b, _ in buckets], [c / total for _, c in buckets], label=label
-                )
+            if total:  # the buckets from just below the fastest request to the slowest
+                first = next(i for i, (_, c) in enumerate(buckets) if c > 0)
+                last = next(i for i, (_, c) in enumerate(buckets) if c >= total)
+                shown = buckets[max(0, first - 1) : last + 2]
+                ax1.step([b / 1e3 for b, _ in shown], [c / total for _, c in shown], label=label)
             labels.append(label)
             counts.append(s["requests"].get("success", 0))
             errors.append(s["requests"].get("total", 0) - s["requests"].get("success", 0))
