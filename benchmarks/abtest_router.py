@@ -172,26 +172,21 @@ def main() -> None:
             ]
     summary = {}
     for level in levels:
+        direct = {
+            p["repeat"]: p for p in points if p["model"] == "ugt_a" and p["concurrency"] == level
+        }
         for model in routed:
-            added = [
-                p["p99_ms"] - d["p99_ms"]
-                for p in points
-                for d in points
-                if p["model"] == model
-                and d["model"] == "ugt_a"
-                and p["concurrency"] == d["concurrency"] == level
-                and p["repeat"] == d["repeat"]
-            ]
-            direct = [
-                p["p99_ms"] for p in points if p["model"] == "ugt_a" and p["concurrency"] == level
-            ]
-            via = [p["p99_ms"] for p in points if p["model"] == model and p["concurrency"] == level]
-            summary[f"{model} c{level}"] = {
-                "direct_p99_ms_median": statistics.median(direct),
-                "routed_p99_ms_median": statistics.median(via),
-                "added_p99_ms_median": statistics.median(added),
-                "added_p99_ms_each_repeat": added,
+            via = {
+                p["repeat"]: p for p in points if p["model"] == model and p["concurrency"] == level
             }
+            row = {}
+            for key in ("p50_ms", "p99_ms", "throughput_rps"):
+                added = [via[r][key] - direct[r][key] for r in sorted(via)]
+                row[f"direct_{key}_median"] = statistics.median(d[key] for d in direct.values())
+                row[f"routed_{key}_median"] = statistics.median(v[key] for v in via.values())
+                row[f"added_{key}_median"] = statistics.median(added)
+                row[f"added_{key}_each_repeat"] = added
+            summary[f"{model} c{level}"] = row
     data = {
         "benchmark": "abtest_router",
         "environment": environment(),
@@ -212,14 +207,19 @@ def main() -> None:
         "router_request_counters": router_metrics,
     }
     path = write_result("abtest_router", data)
-    print("\n| path | concurrency | direct P99 ms | routed P99 ms | added P99 ms (each repeat) |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n| path | concurrency | direct p50 / P99 ms | routed p50 / P99 ms "
+        "| added p50 ms | added P99 ms (each repeat) | req/s direct -> routed |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for key, s in summary.items():
         model, level = key.rsplit(" c", 1)
         each = ", ".join(f"{v:+.2f}" for v in s["added_p99_ms_each_repeat"])
         print(
-            f"| {model} | {level} | {s['direct_p99_ms_median']:.2f} | {s['routed_p99_ms_median']:.2f} "
-            f"| {s['added_p99_ms_median']:+.2f} ({each}) |"
+            f"| {model} | {level} | {s['direct_p50_ms_median']:.2f} / {s['direct_p99_ms_median']:.2f} "
+            f"| {s['routed_p50_ms_median']:.2f} / {s['routed_p99_ms_median']:.2f} "
+            f"| {s['added_p50_ms_median']:+.2f} | {s['added_p99_ms_median']:+.2f} ({each}) "
+            f"| {s['direct_throughput_rps_median']:.0f} -> {s['routed_throughput_rps_median']:.0f} |"
         )
     print(f"\nwrote {path}")
 
