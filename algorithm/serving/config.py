@@ -376,7 +376,7 @@ class ExperimentConfig(_Config):
     shadow_timeout_ms: int = 1000  # B's request timeout for a mirrored request
     shadow_queue: int = 64  # mirrored requests waiting for B per router instance; more: dropped
     workers: int = 64  # requests one router instance has in flight to the arms at once
-    instance_count: int = 1  # router instances (CPU: the router only forwards)
+    instance_count: int = 2  # router instances (CPU): one forwards while the other waits
 
     def validate(self) -> ExperimentConfig:
         for name in ("router_name", "model_a", "model_b"):

@@ -55,7 +55,9 @@ def create(
     experiment: str = typer.Option("", help="Experiment name (default: the router's name)."),
     salt: str = typer.Option("", help="Hash salt (default: the experiment's name)."),
     shadow_timeout_ms: int = typer.Option(1000, min=1, help="B's timeout for a mirror."),
-    instances: int = typer.Option(1, min=1, help="Router instances (CPU)."),
+    instances: int = typer.Option(
+        2, min=1, help="Router instances (CPU): one forwards while another waits for the arms."
+    ),
     repository: Path = REPO_OPT,
     url: str | None = URL_OPT,
 ) -> None:
