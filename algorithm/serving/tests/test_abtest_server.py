@@ -43,18 +43,35 @@ from algorithm.serving.verify.parity import compare_outputs
 
 K, MAX_SEQ = 8, 64
 ARMS = ("ugt_a", "ugt_b", "ugt_b_short", "ugt_b_slow", "ugt_b_gone")
+# one router instance each (fewer processes on 2 cores), but rt_swap keeps the default (2)
 ROUTERS = {
-    "rt_ab": {"model_b": "ugt_b", "mode": "ab", "traffic_split": 0.3},
-    "rt_shadow": {"model_b": "ugt_b", "mode": "shadow", "shadow_fraction": 0.3},
-    "rt_broken": {"model_b": "ugt_b_short", "mode": "shadow", "shadow_fraction": 1.0},
-    "rt_gone": {"model_b": "ugt_b_gone", "mode": "shadow", "shadow_fraction": 1.0},
+    "rt_ab": {"model_b": "ugt_b", "mode": "ab", "traffic_split": 0.3, "instance_count": 1},
+    "rt_shadow": {
+        "model_b": "ugt_b",
+        "mode": "shadow",
+        "shadow_fraction": 0.3,
+        "instance_count": 1,
+    },
+    "rt_broken": {
+        "model_b": "ugt_b_short",
+        "mode": "shadow",
+        "shadow_fraction": 1.0,
+        "instance_count": 1,
+    },
+    "rt_gone": {
+        "model_b": "ugt_b_gone",
+        "mode": "shadow",
+        "shadow_fraction": 1.0,
+        "instance_count": 1,
+    },
     "rt_slow": {
         "model_b": "ugt_b_slow",
         "mode": "shadow",
         "shadow_fraction": 1.0,
         "shadow_timeout_ms": 200,
+        "instance_count": 1,
     },
-    "rt_swap": {"model_b": "ugt_b", "mode": "ab", "traffic_split": 0.5, "instance_count": 2},
+    "rt_swap": {"model_b": "ugt_b", "mode": "ab", "traffic_split": 0.5},
 }
 
 
