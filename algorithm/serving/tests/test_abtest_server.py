@@ -500,5 +500,9 @@ def test_a_missing_or_malformed_user_id_is_invalid_arg(ab):
     bad["encoder_l1_ids"][0, 0] = 10**6
     status, message = error(_router_inputs(bad, ["u1"]))
     assert "INVALID_ARGUMENT" in status and "encoder_l1_ids" in message
+    # more histories in one request than the arms take: refused by the router, named
+    big = valid_request(np.random.default_rng(3), 9, 4)
+    status, message = error(_router_inputs(big, [f"u{i}" for i in range(9)]))
+    assert "INVALID_ARGUMENT" in status and "at most 8" in message
     # the router still answers good requests
     assert client.infer("rt_ab", _router_inputs(x, ["u1"])).as_numpy("scores").shape == (1, K)

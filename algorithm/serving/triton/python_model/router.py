@@ -303,7 +303,11 @@ class TritonPythonModel:
         except Exception as e:  # a bug or a dead arm: this request fails alone, named
             pb_utils.Logger.log_error(f"{self.name}: {type(e).__name__}: {e}")
             response, mirror = _error_response(f"router {self.name}: {e}"), None
-        self._send(sender, response)
+        try:
+            self._send(sender, response)
+        except Exception as e:  # the client is gone: nothing left to answer, nothing to mirror
+            pb_utils.Logger.log_warn(f"{self.name}: answer not sent: {e}")
+            return
         if mirror is not None:
             self._enqueue(*mirror)
 
