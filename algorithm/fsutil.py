@@ -9,6 +9,7 @@ decide), rename over the target (a symlink there is replaced, not followed), fsy
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -33,6 +34,18 @@ def fsync_tree(root) -> None:
             with open(os.path.join(dirpath, f), "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(dirpath)
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """One writer of ``folder`` at a time, across processes: an flock on the folder itself, so
+    no lock file is left behind, and a killed holder releases it."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def make_dirs(path) -> Path:

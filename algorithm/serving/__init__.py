@@ -16,6 +16,7 @@ _EXPORTS = {
     "ExportConfig": ".config",
     "TritonConfig": ".config",
     "BenchmarkConfig": ".config",
+    "ExperimentConfig": ".config",
     # core classes
     "ServingExporter": ".exporter",
     "ONNXExporter": ".export_onnx",
@@ -53,6 +54,8 @@ _EXPORTS = {
     "write_manifests": ".deploy.manifests",
     "ServerSupervisor": ".triton.supervisor",
     "RestartPolicy": ".triton.supervisor",
+    "ABTestingRouter": ".abtest",
+    "ABExperiment": ".abtest",
     # errors
     "ServingError": "algorithm.errors",
     "ConfigError": "algorithm.errors",
@@ -85,6 +88,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         ServerError,
         ServingError,
     )
+    from algorithm.serving.abtest import ABExperiment, ABTestingRouter
     from algorithm.serving.backends import available_backends, get_backend
     from algorithm.serving.bench.gpu_monitor import GPUMonitor
     from algorithm.serving.bench.report import load_report, write_report
@@ -95,7 +99,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         TritonBenchmark,
         run_benchmark,
     )
-    from algorithm.serving.config import BenchmarkConfig, ExportConfig, TritonConfig
+    from algorithm.serving.config import (
+        BenchmarkConfig,
+        ExperimentConfig,
+        ExportConfig,
+        TritonConfig,
+    )
     from algorithm.serving.contract import ModelInputSpec
     from algorithm.serving.demo import DemoConfig, run_demo
     from algorithm.serving.deploy.manifests import ManifestConfig, render_manifests, write_manifests

@@ -196,7 +196,9 @@ class TritonBenchmark:
             lengths = sample_seq_lengths(
                 cfg.replace(seq_len_max=contract["seq_len_max"]), pool_rows, rng, fixed=seq_fixed
             )
-            pool_arrays = make_requests(batch_size, lengths, contract["codebook_sizes"], rng)
+            pool_arrays = make_requests(
+                batch_size, lengths, contract["codebook_sizes"], rng, cfg.user_ids
+            )
             pool = [client.inputs(a) for a in pool_arrays]
             rpc_floor = await self._rpc_floor(client)
             first = await self._warmup(client, model, pool, level or 2, batch_size, url)

@@ -25,6 +25,8 @@ PYTHON_RUNTIMES = ("onnxruntime", "openvino", "torch", "tensorrt", "torch_aot")
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
 SEQ_LEN_DISTRIBUTIONS = ("fixed", "uniform", "lognormal", "histogram")
+EXPERIMENT_MODES = ("ab", "shadow")
+EXPERIMENT_STATUSES = ("running", "promoted", "stopped")
 
 
 def check_name(field: str, value: Any) -> str:
@@ -335,6 +337,7 @@ class BenchmarkConfig(_Config):
     tls_ca_file: str | None = None  # None = the system's roots
     tls_cert_file: str | None = None  # mutual TLS: this client's certificate and key
     tls_key_file: str | None = None
+    user_ids: int = 0  # > 0: each row also sends `user_id`, one of this many (an A/B router)
 
     def validate(self) -> BenchmarkConfig:
         if not isinstance(self.triton_url, str) or not self.triton_url:
@@ -388,6 +391,7 @@ class BenchmarkConfig(_Config):
         if not self.tls and any(getattr(self, f) is not None for f in files):
             raise ConfigError("tls", self.tls, "True when a TLS file is given")
         self.client_tls()
+        _int("user_ids", self.user_ids, 0)
         return self
 
     def client_tls(self) -> ClientTls | None:
@@ -402,3 +406,90 @@ class BenchmarkConfig(_Config):
         if self.mode == "request_rate":
             return self.request_rates
         return self.concurrency_levels or (self.concurrency,)
+
+
+@dataclass
+class ExperimentConfig(_Config):
+    """An A/B test or shadow run between two served models, routed inside Triton by a router
+    model (``abtest.py``; the hash is ``traffic.py``'s).
+
+    ``mode="ab"``: each user goes to ``model_a`` or ``model_b``; ``traffic_split`` is A's share
+    of users (module guide 10.4). ``mode="shadow"``: A answers every request; the requests of
+    ``shadow_fraction`` of the users are also sent to B (after A's answer is sent), and the
+    two answers are compared. ``status`` "promoted" sends everyone to B, "stopped" everyone to A
+    (and mirrors nothing), whatever the mode.
+    """
+
+    router_name: str = "ugt_router"
+    model_a: str = "ugt_recommend"
+    model_b: str = "ugt_candidate"
+    mode: str = "ab"
+    traffic_split: float = 0.5
+    shadow_fraction: float = 0.1
+    experiment: str = ""  # the experiment's name; "" = router_name
+    salt: str = ""  # "" = the experiment's name: two experiments split users independently
+    status: str = "running"
+    shadow_timeout_ms: int = 1000  # B's request timeout for a mirrored request
+    shadow_queue: int = 64  # mirrored requests waiting for B per router instance; more: dropped
+    workers: int = 64  # requests one router instance has in flight to the arms at once
+    instance_count: int = 2  # router instances (CPU): one forwards while the other waits
+
+    def validate(self) -> ExperimentConfig:
+        for name in ("router_name", "model_a", "model_b"):
+            check_name(name, getattr(self, name))
+        if self.model_a == self.model_b:
+            raise ConfigError(
+                "model_b", self.model_b, f"a model other than model_a ({self.model_a})"
+            )
+        if self.router_name in (self.model_a, self.model_b):
+            raise ConfigError(
+                "router_name", self.router_name, "a name of its own (not one of the two arms)"
+            )
+        _choice("mode", self.mode, EXPERIMENT_MODES)
+        _choice("status", self.status, EXPERIMENT_STATUSES)
+        _float("traffic_split", self.traffic_split, 0.0, 1.0)
+        _float("shadow_fraction", self.shadow_fraction, 0.0, 1.0)
+        self.traffic_split, self.shadow_fraction = (
+            float(self.traffic_split),
+            float(self.shadow_fraction),
+        )
+        if self.experiment:
+            check_name("experiment", self.experiment)
+        if not isinstance(self.salt, str) or len(self.salt) > 128 or not self.salt.isprintable():
+            raise ConfigError("salt", self.salt, "printable text of at most 128 characters")
+        _int("shadow_timeout_ms", self.shadow_timeout_ms, 1, 3_600_000)
+        _int("shadow_queue", self.shadow_queue, 1, 100_000)
+        _int("workers", self.workers, 1, 1024)
+        _int("instance_count", self.instance_count, 1, 64)
+        return self
+
+    @property
+    def name(self) -> str:
+        """The experiment's name (the router's unless set)."""
+        return self.experiment or self.router_name
+
+    @property
+    def hash_salt(self) -> str:
+        """What the user ids are hashed with (the experiment's name unless ``salt`` is set)."""
+        return self.salt or self.name
+
+    def to_parameters(self) -> dict[str, str]:
+        """The fields as config.pbtxt ``parameters`` (string values): the router model reads
+        its experiment from there."""
+        return {k: repr(v) if isinstance(v, float) else str(v) for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_parameters(cls, params: dict) -> ExperimentConfig:
+        """The experiment a router config's ``parameters`` hold (keys of other meaning are
+        ignored); ConfigError naming the field when a value does not parse."""
+        fields = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in params:
+                continue
+            text = params[f.name]
+            kind = type(getattr(cls, f.name))
+            try:
+                fields[f.name] = kind(text) if kind in (int, float) else text
+            except (TypeError, ValueError):
+                raise ConfigError(f.name, text, f"a {kind.__name__}") from None
+        return cls(**fields)

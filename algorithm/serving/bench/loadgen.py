@@ -23,6 +23,7 @@ from algorithm.errors import BenchmarkError, ConfigError, InputFileNotFoundError
 from algorithm.serving.config import BenchmarkConfig
 from algorithm.serving.contract import INPUT_NAMES
 from algorithm.serving.security import admin_headers, read_admin_key
+from algorithm.serving.traffic import USER_ID_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +94,11 @@ def load_histogram(path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_requests(
-    batch_size: int, lengths: np.ndarray, codebook_sizes, rng: np.random.Generator
+    batch_size: int, lengths: np.ndarray, codebook_sizes, rng: np.random.Generator, users: int = 0
 ) -> list[dict]:
-    """Requests of ``batch_size`` histories each; rows of one request are padded to its longest."""
+    """Requests of ``batch_size`` histories each; rows of one request are padded to its longest.
+    With ``users`` each request also carries ``user_id`` (one of that many users per row), the
+    extra input of an experiment's router model."""
     reqs = []
     for start in range(0, len(lengths) - batch_size + 1, batch_size):
         rows = lengths[start : start + batch_size]
@@ -107,6 +110,9 @@ def make_requests(
         }
         req["attention_mask"] = mask
         reqs.append({k: np.ascontiguousarray(req[k], dtype=np.int64) for k in INPUT_NAMES})
+        if users:
+            ids = rng.integers(0, users, batch_size)
+            reqs[-1][USER_ID_INPUT] = np.array([[f"user-{i}".encode()] for i in ids], np.object_)
     return reqs
 
 
@@ -257,6 +263,11 @@ class Client:
         for name in INPUT_NAMES:
             x = arrays[name]
             inp = self.mod.InferInput(name, list(x.shape), "INT64")
+            inp.set_data_from_numpy(x)
+            out.append(inp)
+        if USER_ID_INPUT in arrays:  # a router model's extra input
+            x = arrays[USER_ID_INPUT]
+            inp = self.mod.InferInput(USER_ID_INPUT, list(x.shape), "BYTES")
             inp.set_data_from_numpy(x)
             out.append(inp)
         return out

@@ -22,8 +22,6 @@ mode picks the change up on ``load_model(name)``; in poll mode on its next poll.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -33,9 +31,11 @@ import uuid
 from pathlib import Path
 
 from algorithm.errors import ConfigError, InputFileNotFoundError, RepositoryError
+from algorithm.fsutil import folder_lock as _model_lock  # one writer per model folder
 from algorithm.fsutil import fsync_dir, fsync_tree, make_dirs, write_text_atomic
 from algorithm.serving.config import PYTHON_RUNTIMES, check_name
 from algorithm.serving.contract import SIDECAR_NAME
+from algorithm.serving.triton.routing import is_router, validate_router
 from algorithm.serving.triton.schema import (
     DEFAULT_FILENAMES,
     PYTHON_MODEL_FILE,
@@ -54,18 +54,6 @@ _DEBRIS_FILES = f".{SIDECAR_NAME}."
 
 
 # ------------------------------------------------------------------------------- file helpers
-
-
-@contextlib.contextmanager
-def _model_lock(model_dir: Path):
-    """One writer per model folder at a time, across processes (flock on the folder itself,
-    so no lock file is left behind)."""
-    fd = os.open(model_dir, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock, also when the process is killed
 
 
 def _remove_debris(model_dir: Path) -> list[str]:
@@ -489,6 +477,9 @@ def _validate_model(model_dir: Path) -> tuple[list[str], dict]:
         ], info
     if config.name and config.name != name:
         errors.append(f"{name}: config name {config.name!r} differs from the folder name")
+    if is_router(config):  # an experiment's router: no artifact, two arms
+        router_errors, info = validate_router(model_dir, config)
+        return errors + router_errors, info
     platform = "python" if config.backend == "python" else (config.platform or config.backend)
     info.update(
         platform=platform,
