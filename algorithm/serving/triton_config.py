@@ -25,7 +25,13 @@ from pathlib import Path
 
 from algorithm.errors import ConfigError, InputFileNotFoundError
 from algorithm.fsutil import make_dirs, write_text_atomic
-from algorithm.serving.config import NAME_RE, ExportConfig, TritonConfig, check_name
+from algorithm.serving.config import (
+    NAME_RE,
+    ExportConfig,
+    TritonConfig,
+    check_name,
+    check_output_path,
+)
 from algorithm.serving.contract import INPUT_NAMES
 from algorithm.serving.triton.repository import ModelVersionManager
 from algorithm.serving.triton.schema import (  # noqa: F401  (public here too)
@@ -230,6 +236,7 @@ class TritonConfigGenerator:
         """Write ``<repo>/<name>/config.pbtxt`` and, with ``model_file``, publish it as
         ``version`` (atomically; replaces that version if present). Returns the config path."""
         check_name("model_name", self.model_name)
+        check_output_path("model_repository", model_repository)
         tc = self.triton_config
         model_dir = Path(model_repository) / self.model_name
         artifact_name = None
@@ -238,12 +245,14 @@ class TritonConfigGenerator:
             if not model_file.exists():
                 raise InputFileNotFoundError(f"model file not found: {model_file}")
             artifact_name = artifact_filename(tc.platform, tc.python_runtime, model_file)
+        text = self.config_text(artifact_name)
+        manager = ModelVersionManager(model_repository)
+        if model_file is not None:  # refused before anything is written
+            manager.check_artifact(parse_config(text), model_file)
         make_dirs(model_dir)  # 0755 whatever the umask: the server runs what is in here
-        path = write_text_atomic(model_dir / "config.pbtxt", self.config_text(artifact_name))
+        path = write_text_atomic(model_dir / "config.pbtxt", text)
         if model_file is not None:
-            ModelVersionManager(model_repository).deploy_version(
-                self.model_name, model_file, version=version, replace=True
-            )
+            manager.deploy_version(self.model_name, model_file, version=version, replace=True)
         logger.info("wrote %s", path)
         return str(path)
 
