@@ -263,6 +263,32 @@ class HostCpu:
         return out
 
 
+def local_server_pid(url: str) -> int | None:
+    """The pid listening on ``url``'s port when the server runs on this host (else None), so a
+    benchmark of a local server measures its CPU without being told its pid."""
+    import socket
+
+    host, _, port = url.rpartition(":")
+    host = host.strip("[]") or "localhost"
+    if not port.isdigit():
+        return None
+    try:
+        local = {"localhost", "0.0.0.0", "::", "::1", socket.gethostname()}
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        if host not in local and not any(a.startswith("127.") or a == "::1" for a in addresses):
+            return None
+        import psutil
+
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == int(port) and c.pid:
+                return c.pid
+    except (OSError, ImportError) as e:
+        logger.debug("no local server pid for %s: %s", url, e)
+    except Exception as e:  # psutil.AccessDenied where other users' sockets are hidden
+        logger.debug("no local server pid for %s: %s", url, e)
+    return None
+
+
 def _monotonic() -> float:
     import time
 

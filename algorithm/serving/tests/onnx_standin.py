@@ -40,6 +40,7 @@ def write_standin_onnx(path, tag: bytes = b"", k: int = 50, size: int = 0) -> Pa
         [
             numpy_helper.from_array(recs, "recs_const"),
             numpy_helper.from_array(scores, "scores_const"),
+            *pad,
         ],
         doc_string=tag.decode("latin-1"),
     )
