@@ -216,7 +216,11 @@ class ExportConfig(_Config):
 
 @dataclass
 class TritonConfig(_Config):
-    """How Triton serves the model (guide 3.1 plus platform, queue policy, warm-up, cache)."""
+    """How Triton serves the model (guide 3.1 plus platform, queue policy, warm-up, cache).
+
+    The defaults are the guide's: platform tensorrt_plan on KIND_GPU instances on GPU 0. The CLI
+    (`config`, `deploy`) defaults to platform python on the instance kind this host has, which
+    is what the bundled tritonserver runs."""
 
     platform: str = "tensorrt_plan"
     instance_count: int = 2

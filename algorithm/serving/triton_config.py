@@ -52,6 +52,7 @@ class TritonConfigGenerator:
     def __init__(
         self, export_config: ExportConfig | None = None, triton_config: TritonConfig | None = None
     ):
+        _check_types(export_config, triton_config)
         self.export_config = (export_config or ExportConfig()).validate()
         self.triton_config = (triton_config or TritonConfig()).validate()
         self._check_combination()
@@ -257,16 +258,45 @@ class TritonConfigGenerator:
         return str(path)
 
 
+def _check_types(export_config, triton_config) -> None:
+    """A config of the wrong class is a ConfigError saying which goes where, not a TypeError
+    from deep inside."""
+    for field, value, cls in (
+        ("export_config", export_config, ExportConfig),
+        ("triton_config", triton_config, TritonConfig),
+    ):
+        if value is not None and not isinstance(value, cls):
+            raise ConfigError(
+                field,
+                type(value).__name__,
+                f"an {cls.__name__}" if cls is ExportConfig else f"a {cls.__name__}",
+                hint="TritonConfigGenerator(ExportConfig(...), TritonConfig(...)): the export "
+                "config first, the serving config second.",
+            )
+
+
 def generate_triton_config(
     model_name_or_repository,
-    config: ExportConfig | None = None,
+    config: ExportConfig | TritonConfig | None = None,
     triton_config: TritonConfig | None = None,
     model_file=None,
     version: int = 1,
 ) -> str:
     """Guide 4.3: ``generate_triton_config("my_model", config)`` returns the config.pbtxt text
     for a model named "my_model". Given a repository (an existing directory, or a path with a
-    separator) or a ``model_file``, it writes the repository entry and returns the config path."""
+    separator) or a ``model_file``, it writes the repository entry and returns the config path.
+
+    ``config`` is the ExportConfig; a TritonConfig there is taken as ``triton_config`` (the
+    serving settings are what most callers mean to pass). Without one, TritonConfig's defaults
+    apply: platform tensorrt_plan on GPU 0, as in the guide (the CLI's default is python, which
+    the bundled tritonserver runs)."""
+    if isinstance(config, TritonConfig):
+        if triton_config is not None:
+            raise ConfigError(
+                "config", "TritonConfig", "an ExportConfig when triton_config is given too"
+            )
+        config, triton_config = None, config
+    _check_types(config, triton_config)
     target = str(model_name_or_repository)
     is_name = NAME_RE.match(target) and not Path(target).is_dir() and model_file is None
     export_config = config or ExportConfig()
