@@ -62,8 +62,10 @@ ProgressFn = Callable[[str, dict], None]
 class TritonBenchmark:
     """Measures one model on a live Triton server (guide 3.5).
 
-    ``progress(event, info)`` receives "window" events (each measurement window) and "point"
-    events (each finished load point of a sweep); the library itself never prints.
+    ``progress(event, info)`` receives "window" events (each measurement window), a "sweep"
+    event before a sweep (its plan: points, at least how many seconds) and "point" events (each
+    finished load point, with the time left); the library itself never prints. A server on this
+    host has its CPU use measured (found by the port of the URL) unless ``server_pid`` names it.
     """
 
     def __init__(
