@@ -18,11 +18,9 @@ README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def python_example() -> str:
-    text = README.read_text()
-    section = text[text.index("## Python API") :]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "no python block in the README's Python API section"
-    return match.group(1)
+    from benchmarks.readme_example import python_example as example
+
+    return example()
 
 
 @pytest.mark.slow
