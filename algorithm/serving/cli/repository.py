@@ -415,7 +415,8 @@ def serve(
     from algorithm.serving.triton.validation import validate_deployment
 
     # Preflight: what would make the server fail to start or load, said before it starts.
-    checked = validate_deployment(repository, host=True)  # served here: devices must exist
+    # Served here (devices must exist), and only what the server loads (the served versions).
+    checked = validate_deployment(repository, host=True, served_only=True)
     if not checked["valid"]:
         _invalid(checked)
     _check_ports(

@@ -177,6 +177,13 @@ def test_validate_runs_what_loading_runs_and_serve_refuses_before_starting(files
     assert data["valid"] is False and data["type"] == "RepositoryError"
     error, hint = one_line_error(run("serve", repo, "--http-port", "0", "--grpc-port", "0"))
     assert "does not parse as an ONNX model" in error
+    # serve checks what the server will load: a damaged version no longer served does not
+    # block it, while validate still reports it (a rollback would serve it).
+    from algorithm.serving import validate_deployment
+
+    assert run("versions", "deploy", files["good"], repo).exit_code == 0
+    assert validate_deployment(repo, served_only=True)["valid"]
+    assert not validate_deployment(repo)["valid"]
 
 
 # ------------------------------------------------------------------- item 3: no tracebacks

@@ -166,7 +166,9 @@ def host_problems(groups, gpus: int | None = None) -> list[Problem]:
     return problems
 
 
-def _validate_model(model_dir: Path, host: bool | None) -> tuple[list[Problem], dict]:
+def _validate_model(
+    model_dir: Path, host: bool | None, served_only: bool = False
+) -> tuple[list[Problem], dict]:
     name = model_dir.name
     problems: list[Problem] = []
     info: dict = {"model_name": name, "versions": [], "warnings": []}
@@ -219,6 +221,9 @@ def _validate_model(model_dir: Path, host: bool | None) -> tuple[list[Problem], 
         groups = [(g["kind"], g["gpus"]) for g in info["instance_groups"]]
         problems += [(f"{name}: {m}", h) for m, h in host_problems(groups)]
     sizes = {}
+    served = (
+        set(ModelVersionManager(model_dir.parent).served_versions(name)) if served_only else None
+    )
     for p in sorted(model_dir.iterdir()):
         if not p.is_dir() or p.name.startswith("."):
             continue
@@ -229,6 +234,9 @@ def _validate_model(model_dir: Path, host: bool | None) -> tuple[list[Problem], 
                     "Triton reads only numeric version folders: rename or remove it.",
                 )
             )
+            continue
+        if served is not None and int(p.name) not in served:  # Triton will not load it
+            sizes[int(p.name)] = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
             continue
         found, sizes[int(p.name)] = _artifact_problems(config, p)
         problems += [(f"{name} v{p.name}: {m}", h) for m, h in found]
@@ -272,7 +280,11 @@ def _result(problems: list[Problem], info: dict) -> dict:
 
 
 def validate_deployment(
-    model_repository, model_name: str | None = None, *, host: bool | None = None
+    model_repository,
+    model_name: str | None = None,
+    *,
+    host: bool | None = None,
+    served_only: bool = False,
 ) -> dict:
     """Check a repository (or one model of it) the way Triton will load it (guide 5.5).
 
@@ -280,6 +292,8 @@ def validate_deployment(
     (with "versions") when ``model_name`` is given, else {"models": {name: info}, "versions"}.
     ``host``: True checks that every instance group's devices exist on this host; False never;
     None (default) checks python-backend models, the ones this project's tritonserver serves.
+    ``served_only``: check only the versions the version policy serves (what a server starting
+    now loads; ``ugt-serving serve`` uses it), not every version present.
     """
     repo = Path(model_repository)
     if not repo.is_dir():
@@ -304,7 +318,7 @@ def validate_deployment(
                 ],
                 {},
             )
-        problems, info = _validate_model(repo / model_name, host)
+        problems, info = _validate_model(repo / model_name, host, served_only)
         return _result(problems, info)
     models = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not models:
@@ -314,7 +328,7 @@ def validate_deployment(
         )
     problems, infos = [], {}
     for m in models:
-        found, infos[m.name] = _validate_model(m, host)
+        found, infos[m.name] = _validate_model(m, host, served_only)
         problems += found
     return _result(
         problems, {"models": infos, "versions": {k: v["versions"] for k, v in infos.items()}}
