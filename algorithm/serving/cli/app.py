@@ -41,7 +41,7 @@ class State:
 
 STATE = State()
 
-# typer >= 0.20 vendors click (typer._click), older typer uses click itself: find the classes
+# Newer typer vendors click (typer._click), older typer uses click itself: find the classes
 # through typer's public names so both work.
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 _SIGNALS = (typer.Exit, typer.Abort, _CLICK_ERROR)
