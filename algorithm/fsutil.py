@@ -109,3 +109,44 @@ def write_json(path, data) -> Path:
 
 def copy_atomic(src, dst, mode: int = 0o644) -> Path:
     return write_with(dst, lambda tmp: shutil.copyfile(src, tmp), mode)
+
+
+def output_problem(path, kind: str = "dir") -> str | None:
+    """Why ``path`` cannot be written as a ``kind`` ("dir" or "file"), or None if it can: the
+    check to run before long work, so a bad output path fails in a second, not after it."""
+    path = Path(path)
+    if path.exists():
+        if kind == "dir" and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if kind == "file" and path.is_dir():
+            return f"{path} is a folder, not a file"
+        target = path if kind == "dir" else path.parent
+        return None if os.access(target, os.W_OK | os.X_OK) else f"{target} is not writable"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder (needed for {path})"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable (needed for {path})"
+    return None
+
+
+@contextlib.contextmanager
+def created_dirs(path):
+    """Create the folder ``path`` (0755, as ``make_dirs``); if the block fails, remove again the
+    folders this created that are still empty, so a failed step leaves no empty output folders."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    make_dirs(path)
+    try:
+        yield path
+    except BaseException:
+        for d in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty
+        raise

@@ -47,7 +47,7 @@ _EXPORTS = {
     "DemoConfig": ".demo",
     "run_demo": ".demo",
     "create_exporter": ".exporter",
-    "validate_deployment": ".triton.repository",
+    "validate_deployment": ".triton.validation",
     "create_runner": ".runtime",
     "ManifestConfig": ".deploy.manifests",
     "render_manifests": ".deploy.manifests",
@@ -120,7 +120,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     )
     from algorithm.serving.runtime import create_runner
     from algorithm.serving.runtime.torch import ModelWrapper
-    from algorithm.serving.triton.repository import ModelVersionManager, validate_deployment
+    from algorithm.serving.triton.repository import ModelVersionManager
     from algorithm.serving.triton.server import TritonServer
     from algorithm.serving.triton.supervisor import RestartPolicy, ServerSupervisor
+    from algorithm.serving.triton.validation import validate_deployment
     from algorithm.serving.triton_config import TritonConfigGenerator, generate_triton_config

@@ -35,13 +35,13 @@ from algorithm.serving.config import ExperimentConfig, check_name
 from algorithm.serving.security import read_admin_key
 from algorithm.serving.traffic import UserIdError, goes_to_a
 from algorithm.serving.triton.admin import request_model_load
-from algorithm.serving.triton.repository import validate_deployment
 from algorithm.serving.triton.routing import (
     read_experiment,
     read_history,
     update_router,
     write_router,
 )
+from algorithm.serving.triton.validation import validate_deployment
 
 logger = logging.getLogger(__name__)
 

@@ -50,6 +50,7 @@ from algorithm.serving.bench.loadgen import (  # noqa: F401  (re-exported: the l
 from algorithm.serving.bench.monitor import (
     HostCpu,
     ResourceMonitor,
+    local_server_pid,
     server_breakdown,
     stats_snapshot,
 )
@@ -71,8 +72,10 @@ ProgressFn = Callable[[str, dict], None]
 class TritonBenchmark:
     """Measures one model on a live Triton server (guide 3.5).
 
-    ``progress(event, info)`` receives "window" events (each measurement window) and "point"
-    events (each finished load point of a sweep); the library itself never prints.
+    ``progress(event, info)`` receives "window" events (each measurement window), a "sweep"
+    event before a sweep (its plan: points, at least how many seconds) and "point" events (each
+    finished load point, with the time left); the library itself never prints. A server on this
+    host has its CPU use measured (found by the port of the URL) unless ``server_pid`` names it.
     """
 
     def __init__(
@@ -132,16 +135,14 @@ class TritonBenchmark:
                 f"benchmark of {model_name!r} at {url} failed: {type(e).__name__}: {e}"
             ) from e
 
-    def run_sweep(
-        self,
-        triton_url: str | None = None,
-        model_name: str = "ugt_recommend",
-        *,
-        batch_sizes=None,
-        seq_lengths=None,
-        levels=None,
-    ) -> dict[str, BenchmarkResult]:
-        """Every batch size x seq_len x load level (concurrency or rate); keys from result.result_key()."""
+    def plan_sweep(self, batch_sizes=None, seq_lengths=None, levels=None) -> dict:
+        """The points a sweep will measure and how long it takes at least, before it starts.
+
+        Each point warms up, then measures windows of ``measurement_window_s`` until at least
+        ``num_requests`` are measured and the last 3 windows agree (or ``max_trials`` windows ran),
+        so a point takes at least min(3, max_trials) windows, and ``num_requests / throughput``
+        when that is longer: the sweep's lower bound is the first; ``run_sweep`` refines it with
+        each point it measures."""
         cfg = self.config
         batch_sizes = tuple(batch_sizes or cfg.test_batch_sizes)
         seq_lengths = (
@@ -151,14 +152,80 @@ class TritonBenchmark:
         )
         levels = tuple(levels or cfg.levels)
         points = [(b, s, lv) for b in batch_sizes for s in seq_lengths for lv in levels]
+        per_point = min(3, cfg.max_trials) * cfg.measurement_window_s
+        return {
+            "points": points,
+            "shape": f"{len(batch_sizes)} batch sizes x {len(seq_lengths)} seq_lens x "
+            f"{len(levels)} {'rates' if cfg.mode == 'request_rate' else 'concurrency levels'}",
+            "min_seconds": len(points) * per_point,
+            "requests_per_point": cfg.num_requests,
+        }
+
+    def run_sweep(
+        self,
+        triton_url: str | None = None,
+        model_name: str = "ugt_recommend",
+        *,
+        batch_sizes=None,
+        seq_lengths=None,
+        levels=None,
+        progress: ProgressFn | None = None,
+    ) -> dict[str, BenchmarkResult]:
+        """Every batch size x seq_len x load level (concurrency or rate); keys from result.result_key().
+
+        Before it starts, the plan (``plan_sweep``) is logged and sent as a "sweep" event; after
+        each point, a "point" event carries ``done``, ``total``, ``elapsed_s`` and ``eta_s`` (the
+        mean point time so far x the points left). ``progress`` (or the constructor's) receives
+        them. A failure keeps the points already measured on the error (``.results``).
+        """
+        cfg = self.config
+        plan = self.plan_sweep(batch_sizes, seq_lengths, levels)
+        points = plan["points"]
+        notify = progress or self.progress
+        logger.log(
+            logging.WARNING if plan["min_seconds"] > 600 else logging.INFO,
+            "benchmark sweep of %s on %s: %d points (%s), each >= %d requests; at least %.0f s",
+            model_name,
+            triton_url or cfg.triton_url,
+            len(points),
+            plan["shape"],
+            cfg.num_requests,
+            plan["min_seconds"],
+        )
+        if notify is not None:
+            notify("sweep", {"model": model_name, **plan, "total": len(points)})
         results: dict[str, BenchmarkResult] = {}
+        t0 = time.monotonic()
         for i, (b, s, lv) in enumerate(points):
             kw = {"request_rate": lv} if cfg.mode == "request_rate" else {"concurrency": int(lv)}
-            r = self.run(triton_url, model_name, b, s, **kw)
+            try:
+                r = self.run(triton_url, model_name, b, s, **kw)
+            except BenchmarkError as e:
+                e.results = dict(results)  # what was measured before the failure
+                raise
             results[r.key] = r
-            self._emit(
-                "point", model=model_name, key=r.key, done=i + 1, total=len(points), result=r
+            elapsed = time.monotonic() - t0
+            eta = elapsed / (i + 1) * (len(points) - i - 1)
+            logger.info(
+                "point %d/%d %s: %.1f req/s, p99 %.2f ms; about %.0f s left",
+                i + 1,
+                len(points),
+                r.key,
+                r.throughput,
+                r.latency_p99,
+                eta,
             )
+            info = {
+                "model": model_name,
+                "key": r.key,
+                "done": i + 1,
+                "total": len(points),
+                "result": r,
+                "elapsed_s": elapsed,
+                "eta_s": eta,
+            }
+            if notify is not None:
+                notify("point", info)
         return results
 
     def generate_report(
@@ -207,7 +274,7 @@ class TritonBenchmark:
             load_avg = _load_average()
             monitor = ResourceMonitor(cfg.metrics_url)
             monitor.start()
-            host = HostCpu(self.server_pid)
+            host = HostCpu(self.server_pid or local_server_pid(url))
             cpu_before = host.snapshot()
             try:
                 rec, t0, t_stop, windows, aborted = await self._measure(

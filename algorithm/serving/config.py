@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from algorithm.errors import ConfigError
+from algorithm.fsutil import output_problem
 from algorithm.serving.security import ClientTls
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,21 @@ def check_name(field: str, value: Any) -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise ConfigError(field, value, "1-128 characters from letters, digits, '_' and '-'")
     return value
+
+
+def check_output_path(field: str, path, kind: str = "dir"):
+    """ConfigError unless ``path`` can be written as a ``kind`` ("dir" or "file"): run it before
+    long work, so a file where a folder belongs fails at once, not after minutes of work."""
+    problem = output_problem(path, kind)
+    if problem is not None:
+        what = "a folder (new or existing)" if kind == "dir" else "a file path"
+        raise ConfigError(
+            field,
+            str(path),
+            f"{what} that can be written; {problem}",
+            hint=f"Pass {what} you can write there (or move what is in the way).",
+        )
+    return path
 
 
 def _int(field: str, value: Any, lo: int, hi: int | None = None) -> None:
@@ -234,7 +250,11 @@ class ExportConfig(_Config):
 
 @dataclass
 class TritonConfig(_Config):
-    """How Triton serves the model (guide 3.1 plus platform, queue policy, warm-up, cache)."""
+    """How Triton serves the model (guide 3.1 plus platform, queue policy, warm-up, cache).
+
+    The defaults are the guide's: platform tensorrt_plan on KIND_GPU instances on GPU 0. The CLI
+    (`config`, `deploy`) defaults to platform python on the instance kind this host has, which
+    is what the bundled tritonserver runs."""
 
     platform: str = "tensorrt_plan"
     instance_count: int = 2

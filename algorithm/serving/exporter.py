@@ -175,13 +175,16 @@ class ServingExporter(ServingExporterInterface):
         engine_path=None,
         version: int | None = None,
         optimize: bool = True,
+        host: bool | None = None,
     ) -> dict[str, str]:
         """Export -> optimize for the configured platform -> repository -> validate.
 
         Publishes the next version of the model (1 in a new repository) atomically, or
         ``version`` (replacing it). ``optimize=False`` serves the exported ONNX as is where an
         ONNX Runtime platform allows it. Python models with ``python_runtime="torch"`` serve
-        the checkpoint itself. Raises RepositoryError if the result does not validate.
+        the checkpoint itself. Raises RepositoryError if the result does not validate. A re-run
+        with the same model and configs publishes nothing new ("status": "unchanged"). ``host``:
+        whether the instance kind must exist on this host (``validate_deployment``).
         """
         from algorithm.serving.pipeline import deploy
 
@@ -194,12 +197,15 @@ class ServingExporter(ServingExporterInterface):
             engine_path=engine_path,
             version=version,
             optimize_for_platform=optimize,
+            host=host,
         )
 
-    def validate_deployment(self, model_repository, model_name: str | None = None) -> dict:
-        from algorithm.serving.triton.repository import validate_deployment
+    def validate_deployment(
+        self, model_repository, model_name: str | None = None, host: bool | None = None
+    ) -> dict:
+        from algorithm.serving.triton.validation import validate_deployment
 
-        return validate_deployment(model_repository, model_name)
+        return validate_deployment(model_repository, model_name, host=host)
 
 
 def create_exporter(

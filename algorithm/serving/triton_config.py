@@ -25,7 +25,13 @@ from pathlib import Path
 
 from algorithm.errors import ConfigError, InputFileNotFoundError
 from algorithm.fsutil import make_dirs, write_text_atomic
-from algorithm.serving.config import NAME_RE, ExportConfig, TritonConfig, check_name
+from algorithm.serving.config import (
+    NAME_RE,
+    ExportConfig,
+    TritonConfig,
+    check_name,
+    check_output_path,
+)
 from algorithm.serving.contract import INPUT_NAMES
 from algorithm.serving.triton.repository import ModelVersionManager
 from algorithm.serving.triton.schema import (  # noqa: F401  (public here too)
@@ -46,6 +52,7 @@ class TritonConfigGenerator:
     def __init__(
         self, export_config: ExportConfig | None = None, triton_config: TritonConfig | None = None
     ):
+        _check_types(export_config, triton_config)
         self.export_config = (export_config or ExportConfig()).validate()
         self.triton_config = (triton_config or TritonConfig()).validate()
         self._check_combination()
@@ -266,6 +273,7 @@ class TritonConfigGenerator:
         """Write ``<repo>/<name>/config.pbtxt`` and, with ``model_file``, publish it as
         ``version`` (atomically; replaces that version if present). Returns the config path."""
         check_name("model_name", self.model_name)
+        check_output_path("model_repository", model_repository)
         tc = self.triton_config
         model_dir = Path(model_repository) / self.model_name
         artifact_name = None
@@ -275,26 +283,57 @@ class TritonConfigGenerator:
                 raise InputFileNotFoundError(f"model file not found: {model_file}")
             self.check_artifact(model_file)
             artifact_name = artifact_filename(tc.platform, tc.python_runtime, model_file)
+        text = self.config_text(artifact_name)
+        manager = ModelVersionManager(model_repository)
+        if model_file is not None:  # refused before anything is written
+            manager.check_artifact(parse_config(text), model_file)
         make_dirs(model_dir)  # 0755 whatever the umask: the server runs what is in here
-        path = write_text_atomic(model_dir / "config.pbtxt", self.config_text(artifact_name))
+        path = write_text_atomic(model_dir / "config.pbtxt", text)
         if model_file is not None:
-            ModelVersionManager(model_repository).deploy_version(
-                self.model_name, model_file, version=version, replace=True
-            )
+            manager.deploy_version(self.model_name, model_file, version=version, replace=True)
         logger.info("wrote %s", path)
         return str(path)
 
 
+def _check_types(export_config, triton_config) -> None:
+    """A config of the wrong class is a ConfigError saying which goes where, not a TypeError
+    from deep inside."""
+    for field, value, cls in (
+        ("export_config", export_config, ExportConfig),
+        ("triton_config", triton_config, TritonConfig),
+    ):
+        if value is not None and not isinstance(value, cls):
+            raise ConfigError(
+                field,
+                type(value).__name__,
+                f"an {cls.__name__}" if cls is ExportConfig else f"a {cls.__name__}",
+                hint="TritonConfigGenerator(ExportConfig(...), TritonConfig(...)): the export "
+                "config first, the serving config second.",
+            )
+
+
 def generate_triton_config(
     model_name_or_repository,
-    config: ExportConfig | None = None,
+    config: ExportConfig | TritonConfig | None = None,
     triton_config: TritonConfig | None = None,
     model_file=None,
     version: int = 1,
 ) -> str:
     """Guide 4.3: ``generate_triton_config("my_model", config)`` returns the config.pbtxt text
     for a model named "my_model". Given a repository (an existing directory, or a path with a
-    separator) or a ``model_file``, it writes the repository entry and returns the config path."""
+    separator) or a ``model_file``, it writes the repository entry and returns the config path.
+
+    ``config`` is the ExportConfig; a TritonConfig there is taken as ``triton_config`` (the
+    serving settings are what most callers mean to pass). Without one, TritonConfig's defaults
+    apply: platform tensorrt_plan on GPU 0, as in the guide (the CLI's default is python, which
+    the bundled tritonserver runs)."""
+    if isinstance(config, TritonConfig):
+        if triton_config is not None:
+            raise ConfigError(
+                "config", "TritonConfig", "an ExportConfig when triton_config is given too"
+            )
+        config, triton_config = None, config
+    _check_types(config, triton_config)
     target = str(model_name_or_repository)
     is_name = NAME_RE.match(target) and not Path(target).is_dir() and model_file is None
     export_config = config or ExportConfig()

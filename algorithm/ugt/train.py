@@ -91,14 +91,24 @@ def train_tiny(
     )
     recall = recall_at_k(model, held_out)
     k = config.num_recommendations
+    chance = min(1.0, k / train.catalog.num_items)
     report = {
         "steps": step,
         "train_seconds": round(train_s, 1),
         "final_loss": round(loss_value, 4),
         f"heldout_recall@{k}": round(recall, 4),
-        f"chance_recall@{k}": round(min(1.0, k / train.catalog.num_items), 4),
+        f"chance_recall@{k}": round(chance, 4),
         "catalog_items": train.catalog.num_items,
         "eval_users": train.eval_users,
     }
+    # A model no better than twice chance ranks noise: every later accuracy check on it compares
+    # meaningless rankings, so the report says so instead of passing it on silently.
+    if recall <= 2 * chance:
+        where = "below" if recall < chance else "not clearly above"
+        report["warning"] = (
+            f"held-out recall@{k} {recall:.4f} is {where} chance ({chance:.4f}): the model has "
+            f"not learned the walks; train longer (more steps; 1000 reach about 0.8)"
+        )
+        logger.warning("%s", report["warning"])
     logger.info("trained: %s", report)
     return model.eval(), report

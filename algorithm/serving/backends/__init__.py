@@ -37,16 +37,17 @@ from algorithm.errors import (
     OptimizationError,
     ParityError,
 )
-from algorithm.fsutil import write_json
+from algorithm.fsutil import created_dirs, write_json
 from algorithm.serving.backends.base import Backend, artifact_sidecar
 from algorithm.serving.backends.calibration import calibration_batches, load_calibration_file
 from algorithm.serving.backends.onnxruntime import ONNXRUNTIME, OnnxRuntimeBackend
 from algorithm.serving.backends.openvino import OPENVINO, OpenVINOBackend
 from algorithm.serving.backends.tensorrt import TENSORRT, TensorRTBackend
 from algorithm.serving.backends.torch_aot import TORCH_AOT, TorchAOTBackend
-from algorithm.serving.config import ExportConfig
-from algorithm.serving.contract import accuracy_report_path, sidecar_path
+from algorithm.serving.config import ExportConfig, check_output_path
+from algorithm.serving.contract import accuracy_report_path, read_sidecar, sidecar_path
 from algorithm.serving.runtime import create_runner
+from algorithm.serving.verify.artifact import onnx_problems
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +116,18 @@ def optimize(
     go to the backend (e.g. ``threads`` for openvino). Raises InputFileNotFoundError,
     DependencyError, ConfigError, OptimizationError, or ParityError (gate failed; nothing written).
     """
-    from algorithm.serving.verify.accuracy import evaluate, reference_runner
-
     cfg = (config or ExportConfig()).validate()
     b = get_backend(backend)
     b.check_precision(cfg.precision)
     if onnx_path is not None and not Path(onnx_path).is_file():
         raise InputFileNotFoundError(f"ONNX model not found: {onnx_path}")
+    if onnx_path is not None:  # a truncated or foreign file fails here, not deep in a build
+        problems = onnx_problems(onnx_path, read_sidecar(onnx_path))
+        if problems:
+            message, hint = problems[0]
+            raise ConfigError(
+                "onnx_path", str(onnx_path), f"a UGT ONNX export; {message}", hint=hint
+            )
     if onnx_path is None and b.needs_onnx:
         raise ConfigError(
             "onnx_path", None, f"the exported ONNX model (backend {b.name} optimizes it)"
@@ -137,9 +143,16 @@ def optimize(
     if b.name == "torch":
         options["model"] = reference_model
     out = _output_path(output_path, b)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_path("output_path", out, "file")
     if b.name == "tensorrt" and cfg.timing_cache_path is None:
         cfg = cfg.replace(timing_cache_path=str(out.parent / "tensorrt.timing.cache"))
+    # A failed build or gate leaves no empty output folders behind.
+    with created_dirs(out.parent):
+        return _build(b, onnx_path, out, cfg, calibration_data, reference_model, options)
+
+
+def _build(b: Backend, onnx_path, out: Path, cfg, calibration_data, reference_model, options):
+    from algorithm.serving.verify.accuracy import evaluate, reference_runner
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:

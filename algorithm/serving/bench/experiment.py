@@ -25,7 +25,8 @@ from pathlib import Path
 
 from algorithm.errors import BenchmarkError
 from algorithm.fsutil import make_dirs, write_atomic, write_json, write_text_atomic
-from algorithm.serving.bench.monitor import parse_metrics, stats_snapshot
+from algorithm.serving.bench.metrics import parse_metrics
+from algorithm.serving.bench.monitor import stats_snapshot
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import subprocess
 import threading
 import time
 
-from algorithm.serving.bench.monitor import fetch_metrics, parse_metrics
+from algorithm.serving.bench.metrics import fetch_metrics, parse_metrics
 
 logger = logging.getLogger(__name__)
 

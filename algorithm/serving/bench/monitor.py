@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import urllib.request
+
+from algorithm.serving.bench.metrics import fetch_metrics, parse_metrics
 
 logger = logging.getLogger(__name__)
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
-_METRIC_RE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{([^}]*)\})?\s+(\S+)")
-_LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
 
 
 def _pair(d: dict | None) -> tuple[int, int]:
@@ -73,30 +71,6 @@ def server_breakdown(before: dict, after: dict) -> tuple[dict, dict]:
         if delta > 0:
             batches[size] = delta
     return server, batches
-
-
-def parse_metrics(text: str) -> dict[str, list[tuple[dict, float]]]:
-    """Prometheus text -> {metric: [(labels, value), ...]} in the order they appear."""
-    out: dict[str, list[tuple[dict, float]]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _METRIC_RE.match(line)
-        if not m:
-            continue
-        try:
-            value = float(m.group(3))
-        except ValueError:
-            continue
-        labels = dict(_LABEL_RE.findall(m.group(2) or ""))
-        out.setdefault(m.group(1), []).append((labels, value))
-    return out
-
-
-def fetch_metrics(url: str, timeout: float = 1.0) -> str:
-    """The text of a Prometheus metrics page (Triton's, usually port 8002)."""
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (the user's own server)
-        return r.read().decode("utf-8", "replace")
 
 
 def sample_metrics(text: str) -> dict:
@@ -258,6 +232,32 @@ class HostCpu:
                 server_cpu_ms_per_request=1e3 * server / requests if requests else None,
             )
         return out
+
+
+def local_server_pid(url: str) -> int | None:
+    """The pid listening on ``url``'s port when the server runs on this host (else None), so a
+    benchmark of a local server measures its CPU without being told its pid."""
+    import socket
+
+    host, _, port = url.rpartition(":")
+    host = host.strip("[]") or "localhost"
+    if not port.isdigit():
+        return None
+    try:
+        local = {"localhost", "0.0.0.0", "::", "::1", socket.gethostname()}
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        if host not in local and not any(a.startswith("127.") or a == "::1" for a in addresses):
+            return None
+        import psutil
+
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == int(port) and c.pid:
+                return c.pid
+    except (OSError, ImportError) as e:
+        logger.debug("no local server pid for %s: %s", url, e)
+    except Exception as e:  # psutil.AccessDenied where other users' sockets are hidden
+        logger.debug("no local server pid for %s: %s", url, e)
+    return None
 
 
 def _monotonic() -> float:

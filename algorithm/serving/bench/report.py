@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import io
 import json
 import logging
 import os
@@ -20,13 +21,14 @@ import platform
 from pathlib import Path
 
 from algorithm.errors import BenchmarkError, InputFileNotFoundError
+from algorithm.fsutil import make_dirs, write_atomic, write_json
 from algorithm.serving.bench.result import (
     BenchmarkResult,
     group_key,
     group_label,
     groups,
 )
-from algorithm.serving.config import BenchmarkConfig
+from algorithm.serving.config import BenchmarkConfig, check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +199,8 @@ def write_report(
     if not results:
         raise BenchmarkError("no benchmark results to report", hint="Run a benchmark first.")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_output_path("report folder", path.parent)
+    make_dirs(path.parent)
     config = config or BenchmarkConfig()
     label = label or _label(results, "results")
     baseline_label = baseline_label or (_label(baseline, "baseline") if baseline else None)
@@ -208,11 +211,6 @@ def write_report(
     slo_base = slo_max_load(baseline, config.slo_p99_ms) if baseline else None
     comparison = compare(results, baseline) if baseline else []
     stem = path.with_suffix("")
-    images = []
-    if plots:
-        from algorithm.serving.bench.plots import draw_all
-
-        images = draw_all(results, baseline, label, baseline_label, config.slo_p99_ms, slo, stem)
     data = {
         "meta": env,
         "config": config.to_dict(),
@@ -227,20 +225,28 @@ def write_report(
         if baseline
         else None,
         "comparison": comparison,
-        "plots": [p.name for p in images],
+        "plots": [],
     }
-    from algorithm.fsutil import write_json
-
+    # The measurements first: whatever fails later (a plot, the markdown), the JSON and CSV hold
+    # every number.
     write_json(stem.with_suffix(".json"), data)
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in results.values():
-            w.writerow(_csv_row(label, r))
-        for r in (baseline or {}).values():
-            w.writerow(_csv_row(baseline_label, r))
+    rows = io.StringIO()
+    w = csv.DictWriter(rows, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    for r in results.values():
+        w.writerow(_csv_row(label, r))
+    for r in (baseline or {}).values():
+        w.writerow(_csv_row(baseline_label, r))
+    write_atomic(stem.with_suffix(".csv"), rows.getvalue())
+    images = []
+    if plots:
+        from algorithm.serving.bench.plots import draw_all
+
+        images = draw_all(results, baseline, label, baseline_label, config.slo_p99_ms, slo, stem)
+        data["plots"] = [p.name for p in images]
+        write_json(stem.with_suffix(".json"), data)
     text = render_markdown(data, results, baseline, config, title)
-    path.write_text(text)
+    write_atomic(path, text)
     logger.info("wrote %s (+ .json, .csv, %d plots)", path, len(images))
     return text
 
@@ -271,6 +277,27 @@ def load_report(path) -> tuple[dict[str, BenchmarkResult], dict[str, BenchmarkRe
 
 
 # ---------------------------------------------------------------------------------- markdown
+def measurement_rule(config: BenchmarkConfig) -> str:
+    """The stopping rule in words, as ``TritonBenchmark._measure`` applies it."""
+    return (
+        f"warm-up {config.num_warmup_requests} requests excluded; then windows of "
+        f"{config.measurement_window_s:g} s until at least {config.num_requests} requests are "
+        f"measured and either the last 3 windows agree within {config.stability_percent:g}% "
+        f"(stable) or {config.max_trials} windows have run (not stable; windows go on past "
+        f"{config.max_trials} while fewer than {config.num_requests} requests are measured); "
+        f"timeout {config.timeout_s:g} s"
+    )
+
+
+def load_label(load, mode: str) -> str:
+    """A load level as the user set it: concurrency 4 (not 4.00), or 12.5/s."""
+    if load is None:
+        return "-"
+    if mode == "request_rate":
+        return f"{load:g}/s"
+    return str(int(load))
+
+
 def _f(v, digits: int = 2) -> str:
     if v is None or v == "":
         return "-"
@@ -283,6 +310,24 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
     return lines
+
+
+_SERVER_US = ("queue_us", "compute_input_us", "compute_infer_us", "compute_output_us", "request_us")
+
+
+def _ms(v) -> str | None:
+    return None if v is None else f"{v:.3f}"
+
+
+def outside_triton_ms(r: BenchmarkResult) -> float | None:
+    """Client latency not spent in Triton's queue or compute (ms, >= 0), or None without the
+    server's statistics. The two averages cover the same requests (the statistics delta spans
+    exactly the measured ones); rounding of Triton's ns counters can leave a hair below 0."""
+    s = r.server or {}
+    parts = [s.get(k) for k in _SERVER_US[:4]]
+    if not s or any(p is None for p in parts) or not s.get("success_count"):
+        return None
+    return max(0.0, r.latency_avg - sum(parts) / 1e3)
 
 
 def _pct(v) -> str | None:
@@ -420,13 +465,7 @@ def render_markdown(data: dict, results, baseline, config, title=None) -> str:
             ["mode", first.mode],
             ["requests", contract_text(first.request_contract)],
             ["versions", versions],
-            [
-                "measurement",
-                f"warm-up {config.num_warmup_requests} requests excluded; windows of "
-                f"{config.measurement_window_s:g} s until the last 3 agree within "
-                f"{config.stability_percent:g}% (max {config.max_trials}) and >= "
-                f"{config.num_requests} requests; timeout {config.timeout_s:g} s",
-            ],
+            ["measurement", measurement_rule(config)],
         ]
         + [[k, v] for k, v in env.items() if k in ("device", "note", "server_config")],
     )
@@ -464,10 +503,11 @@ def render_markdown(data: dict, results, baseline, config, title=None) -> str:
     lines += _table(header, rows)
     lines += ["", f"## SLO: P99 <= {config.slo_p99_ms:g} ms", ""]
     srows = [
-        [label, g, _f(v["max_load"]), v["throughput"], v["latency_p99"]] for g, v in slo.items()
+        [label, g, load_label(v["max_load"], v["mode"]), v["throughput"], v["latency_p99"]]
+        for g, v in slo.items()
     ]
     srows += [
-        [baseline_label, g, _f(v["max_load"]), v["throughput"], v["latency_p99"]]
+        [baseline_label, g, load_label(v["max_load"], v["mode"]), v["throughput"], v["latency_p99"]]
         for g, v in (slo_base or {}).items()
     ]
     lines += _table(
@@ -513,31 +553,36 @@ def render_markdown(data: dict, results, baseline, config, title=None) -> str:
         "",
         "## Where the time goes",
         "",
-        "Server-side averages per request from Triton's statistics API (deltas over the "
-        "measured window, us). `outside server` = client latency - server request time "
-        "(network, RPC stack, client). Client overhead = building/serializing a request and "
-        "reading its answer in this process; RPC floor = a health RPC round trip. CPU % is of "
-        "one core (a local server only): the server's process tree, and every other process "
-        "on the host; load avg = the 1-minute load average when the point began. Where other "
-        "processes used CPU, every number here is slower than on an idle host.",
+        "All times in ms, averages per request. queue, input, infer, output and request come "
+        "from Triton's statistics API (deltas over the measured window; request = the whole "
+        "request inside Triton, which includes releasing it after the response left). `outside "
+        "Triton` = the client's average latency - (queue + input + infer + output): the network, "
+        "the RPC stacks and the client. It cannot be negative: a request's queue and compute "
+        "time pass before its response is sent (Triton updating its counters a moment late can "
+        "leave a hair below 0, shown as 0). Client overhead = building/serializing a request "
+        "and reading its answer in this process; RPC floor = a health RPC round trip. CPU % is of "
+        "one core, for a server on this host (found by its port): the server's process tree, "
+        "and every other process on the host; load avg = the 1-minute load average when the "
+        "point began. Where other processes used CPU, every number here is slower than on an "
+        "idle host.",
         "",
     ]
     brows = []
     for lab, rs in ((label, results), (baseline_label, baseline or {})):
         for r in rs.values():
             s = r.server or {}
-            outside = r.latency_avg - s.get("request_us", 0) / 1e3 if s.get("request_us") else None
+            ms = {k: s[k] / 1e3 for k in _SERVER_US if s.get(k) is not None}
             formed = ", ".join(f"{b}x{n}" for b, n in sorted(r.batch_sizes_formed.items())) or "-"
             brows.append(
                 [
                     lab,
                     r.key,
-                    s.get("queue_us"),
-                    s.get("compute_input_us"),
-                    s.get("compute_infer_us"),
-                    s.get("compute_output_us"),
-                    s.get("request_us"),
-                    outside,
+                    _ms(ms.get("queue_us")),
+                    _ms(ms.get("compute_input_us")),
+                    _ms(ms.get("compute_infer_us")),
+                    _ms(ms.get("compute_output_us")),
+                    _ms(ms.get("request_us")),
+                    _ms(outside_triton_ms(r)),
                     s.get("avg_batch"),
                     formed,
                     r.client_overhead_ms,
@@ -558,14 +603,14 @@ def render_markdown(data: dict, results, baseline, config, title=None) -> str:
             "infer",
             "output",
             "request",
-            "outside server ms",
+            "outside Triton",
             "avg batch",
             "batches formed (size x n)",
-            "client overhead ms",
-            "RPC floor ms",
+            "client overhead",
+            "RPC floor",
             "client CPU %",
             "server CPU %",
-            "server CPU ms/request",
+            "server CPU per request",
             "other processes CPU %",
             "load avg",
         ],

@@ -284,7 +284,10 @@ def groups(results: dict[str, BenchmarkResult]) -> dict[tuple, list[BenchmarkRes
     out: dict[tuple, list[BenchmarkResult]] = defaultdict(list)
     for r in results.values():
         out[group_key(r)].append(r)
-    return {
-        g: sorted(rs, key=lambda r: r.load)
-        for g, rs in sorted(out.items(), key=lambda x: str(x[0]))
-    }
+    return {g: sorted(rs, key=lambda r: r.load) for g, rs in sorted(out.items(), key=_group_order)}
+
+
+def _group_order(item) -> tuple:
+    """Numeric order (batch 8 before batch 16); named distributions after fixed lengths."""
+    (batch, seq, mode), _ = item
+    return (batch, (0, seq, "") if isinstance(seq, (int, float)) else (1, 0, str(seq)), mode)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from algorithm.serving.cli.app import (
     ADMIN_KEY_FILE_OPT,
@@ -19,8 +18,10 @@ from algorithm.serving.cli.app import (
     emit,
     handle_errors,
     out,
+    print_table,
     progress,
 )
+from algorithm.serving.config import check_output_path
 
 
 def _numbers(field: str, values: list[str] | None, kind=int) -> tuple:
@@ -36,63 +37,121 @@ def _numbers(field: str, values: list[str] | None, kind=int) -> tuple:
         ) from None
 
 
-def _results_table(title: str, groups: list[tuple[str, dict]]) -> Table:
-    t = Table(title=title, title_justify="left")
-    for col in (
-        "model",
-        "point",
-        "req/s",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "max ms",
-        "ok/total",
-        "failed",
-        "rejected",
-        "stable",
-    ):
-        t.add_column(col, justify="left" if col in ("model", "point") else "right")
+RESULT_COLUMNS = (
+    "model",
+    "point",
+    "req/s",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "max ms",
+    "ok/total",
+    "failed",
+    "rejected",
+    "stable",
+)
+
+
+def _result_rows(groups: list[tuple[str, dict]]) -> list[list]:
+    rows = []
     for label, results in groups:
         for r in sorted(results.values(), key=lambda r: (r.batch_size, r.seq_length or 0, r.load)):
-            t.add_row(
-                label,
-                r.key,
-                f"{r.throughput:.1f}",
-                f"{r.latency_p50:.2f}",
-                f"{r.latency_p90:.2f}",
-                f"{r.latency_p99:.2f}",
-                f"{r.latency_max:.2f}",
-                f"{r.successful_requests}/{r.total_requests}",
-                str(r.failed_requests),
-                str(r.rejected_requests),
-                "yes" if r.stable else "no",
+            rows.append(
+                [
+                    label,
+                    r.key,
+                    f"{r.throughput:.1f}",
+                    f"{r.latency_p50:.2f}",
+                    f"{r.latency_p90:.2f}",
+                    f"{r.latency_p99:.2f}",
+                    f"{r.latency_max:.2f}",
+                    f"{r.successful_requests}/{r.total_requests}",
+                    r.failed_requests,
+                    r.rejected_requests,
+                    "yes" if r.stable else f"no ({r.trials} windows)",
+                ]
             )
-    return t
+    return rows
 
 
-def _gpu_table(groups: list[tuple[str, dict]]) -> Table | str:
+def _served_limits(url: str, protocol: str, model: str, timeout: float) -> dict:
+    """max_batch_size and max_seq_length of ``model`` as the server has it (preflight), or {}
+    when the server does not answer (the benchmark then says so with its own hint)."""
+    try:
+        if protocol == "http":
+            import tritonclient.http as client_lib
+
+            config = client_lib.InferenceServerClient(
+                url, connection_timeout=timeout
+            ).get_model_config(model)
+        else:
+            import tritonclient.grpc as client_lib
+
+            config = client_lib.InferenceServerClient(url).get_model_config(
+                model, as_json=True, client_timeout=timeout
+            )["config"]
+    except Exception:  # unreachable or unknown model: the benchmark's own check reports it
+        return {}
+    params = config.get("parameters", {}) or {}
+    seq = (params.get("max_seq_length") or {}).get("string_value", "")
+    return {
+        "max_batch_size": int(config.get("max_batch_size", 0) or 0),
+        "max_seq_length": int(seq) if str(seq).isdigit() else None,
+    }
+
+
+def _check_points(model: str, cfg, limits: dict) -> None:
+    """A batch or history longer than the served model takes fails every request: say it now."""
+    from algorithm.errors import ConfigError
+
+    mbs = limits.get("max_batch_size")
+    too_big = [b for b in cfg.test_batch_sizes if mbs and b > mbs]
+    if too_big:
+        raise ConfigError(
+            "--batch-sizes",
+            ",".join(map(str, cfg.test_batch_sizes)),
+            f"sizes <= {mbs}, the max_batch_size of {model} on the server ({too_big} are larger)",
+            hint=f"Use --batch-sizes up to {mbs}, or deploy the model with a larger --max-batch-size.",
+        )
+    msl = limits.get("max_seq_length")
+    lengths = (
+        list(cfg.test_seq_lengths) if cfg.seq_len_distribution == "fixed" else [cfg.seq_len_max]
+    )
+    too_long = [s for s in lengths if msl and s > msl]
+    if too_long:
+        option = "--seq-lengths" if cfg.seq_len_distribution == "fixed" else "--seq-max"
+        raise ConfigError(
+            option,
+            ",".join(map(str, lengths)),
+            f"lengths <= {msl}, the longest history {model} on the server accepts",
+            hint=f"Use {option} up to {msl}, or deploy the model with a larger --max-seq-length.",
+        )
+
+
+def _print_gpu_table(groups: list[tuple[str, dict]]) -> None:
     """GPU utilization, memory peak and power per point, or why they were not measured."""
     rows = [(label, r) for label, results in groups for r in results.values()]
     if not any(r.gpu_samples for _, r in rows):
         notes = sorted({r.gpu_monitor_note for _, r in rows})
-        return f"GPU not measured: {'; '.join(notes)}"
-    t = Table(title="GPU (measured window)", title_justify="left")
-    for col in ("model", "point", "util %", "memory peak MB", "power W", "source"):
-        t.add_column(col, justify="left" if col in ("model", "point", "source") else "right")
+        out.print(f"GPU not measured: {'; '.join(notes)}", highlight=False)
+        return
 
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    for label, r in rows:
-        t.add_row(
+    cells = [
+        [
             label,
             r.key,
             num(r.gpu_utilization_avg, ".0f"),
             num(r.gpu_memory_peak_mb, ".0f"),
             num(r.power_consumption_avg_w, ".0f"),
             r.gpu_monitor or r.gpu_monitor_note,
-        )
-    return t
+        ]
+        for label, r in rows
+    ]
+    columns = ("model", "point", "util %", "memory peak MB", "power W", "source")
+    print_table("GPU (measured window)", columns, cells, left=2)
 
 
 # -------------------------------------------------------------------------------- benchmark
@@ -177,14 +236,17 @@ def benchmark(
     tls_key: Path | None = TLS_KEY_OPT,
 ) -> None:
     """Measure a model on a live Triton server: latency percentiles, throughput, server breakdown."""
-    from algorithm.errors import ConfigError
+    from algorithm.errors import BenchmarkError, ConfigError
     from algorithm.serving.benchmark import GPUMonitoredBenchmark, TritonBenchmark
     from algorithm.serving.config import BenchmarkConfig
 
+    base = None
     if baseline is not None and baseline_model is not None:
         raise ConfigError(
             "baseline", str(baseline), "either --baseline or --baseline-model, not both"
         )
+    if output is not None:  # before minutes of measuring, not after
+        check_output_path("--output", output)
     levels = _numbers("concurrency", concurrency)
     cfg = BenchmarkConfig(
         triton_url=url,
@@ -213,9 +275,16 @@ def benchmark(
         **client_security(tls_ca, tls_cert, tls_key),
         codebook_sizes=_numbers("codebook_sizes", [codebook_sizes]) if codebook_sizes else None,
     )
-    seqs = len(cfg.test_seq_lengths) if seq_dist == "fixed" else 1
-    points = len(cfg.test_batch_sizes) * seqs * len(cfg.levels)
+    if baseline is not None:
+        from algorithm.serving.bench.report import load_report
+
+        base, _, _ = load_report(baseline)  # a bad file fails now, not after the run
     models = [model] + ([baseline_model] if baseline_model else [])
+    for name in models:
+        _check_points(name, cfg, _served_limits(url, protocol, name, min(timeout, 5.0)))
+    bench = (GPUMonitoredBenchmark if gpu_monitor else TritonBenchmark)(cfg)
+    points = len(bench.plan_sweep()["points"])
+    report_path = output / "report.md" if output is not None else None
     with progress() as p:
         task = p.add_task("Benchmarking", total=points * len(models))
 
@@ -226,20 +295,27 @@ def benchmark(
                     description=f"{info['model']}: window {info['trial']} "
                     f"{info['throughput']:.0f} req/s, p99 {info['p99']:.1f} ms",
                 )
-            else:
+            elif event == "sweep":
+                p.update(
+                    task,
+                    description=f"{info['model']}: {info['total']} points, at least "
+                    f"{info['min_seconds']:.0f} s",
+                )
+            elif event == "point":
                 p.advance(task)
 
-        kind = GPUMonitoredBenchmark if gpu_monitor else TritonBenchmark
-        bench = kind(cfg, progress=on_event)
-        results = bench.run_sweep(url, model)
-        base = bench.run_sweep(url, baseline_model) if baseline_model else None
-    if baseline is not None:
-        from algorithm.serving.bench.report import load_report
-
-        base, _, _ = load_report(baseline)
-    report_path = None
-    if output is not None:
-        report_path = output / "report.md"
+        bench.progress = on_event
+        try:
+            results = bench.run_sweep(url, model)
+            if baseline_model:
+                base = bench.run_sweep(url, baseline_model)
+        except BenchmarkError as e:
+            # Keep what was measured before the failure (a server that died mid-sweep).
+            if report_path is not None and getattr(e, "results", None):
+                bench.generate_report(e.results, report_path.with_name("partial-report.md"))
+                e.hint = f"{e.hint} The points measured before it are in {report_path.parent}/partial-report.json."
+            raise
+    if report_path is not None:
         bench.generate_report(results, report_path, baseline=base)
     if STATE.json:
         emit(
@@ -254,13 +330,13 @@ def benchmark(
     groups = [(model, results)] + (
         [(baseline_model or f"baseline ({baseline})", base)] if base else []
     )
-    out.print(_results_table(f"{model} @ {url} ({protocol})", groups))
+    print_table(f"{model} @ {url} ({protocol})", RESULT_COLUMNS, _result_rows(groups), left=2)
     from algorithm.serving.bench.report import contract_text
 
     first = next(iter(results.values()))
     out.print(f"requests: {contract_text(first.request_contract)}", highlight=False)
     if gpu_monitor:
-        out.print(_gpu_table(groups))
+        _print_gpu_table(groups)
     if base:
         from algorithm.serving.bench.report import compare
 
@@ -310,6 +386,10 @@ def demo(
     """The main job: train/reuse -> export -> optimize -> repository -> Triton -> benchmark -> report."""
     from algorithm.serving.demo import STAGES, DemoConfig, run_demo
 
+    check_output_path("--output", output)
+    if record_dir is not None:
+        check_output_path("--record-dir", record_dir)
+
     cfg = DemoConfig(
         output=str(output),
         train_steps=steps,
@@ -354,22 +434,22 @@ def demo(
     if STATE.json:
         emit(summary, "Demo")
         return
-    table = Table(
-        title=f"UGT tiny on Triton (CPU), batch 1, seq_len {seq_length}", title_justify="left"
+    print_table(
+        f"UGT tiny on Triton (CPU), batch 1, seq_len {seq_length}",
+        ("model", "concurrency", "req/s", "p50 ms", "p99 ms", "ok/total", "stable"),
+        [
+            [
+                r["model"],
+                r["concurrency"],
+                f"{r['throughput']:.1f}",
+                f"{r['p50_ms']:.2f}",
+                f"{r['p99_ms']:.2f}",
+                f"{r['ok']}/{r['total']}",
+                "yes" if r["stable"] else "no",
+            ]
+            for r in summary["rows"]
+        ],
     )
-    for col in ("model", "concurrency", "req/s", "p50 ms", "p99 ms", "ok/total", "stable"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for r in summary["rows"]:
-        table.add_row(
-            r["model"],
-            str(r["concurrency"]),
-            f"{r['throughput']:.1f}",
-            f"{r['p50_ms']:.2f}",
-            f"{r['p99_ms']:.2f}",
-            f"{r['ok']}/{r['total']}",
-            "yes" if r["stable"] else "no",
-        )
-    out.print(table)
     chosen = summary["optimization"]["chosen"]
     goals = summary["goals"]
     facts = {

@@ -51,9 +51,10 @@ def manifests(
 ) -> None:
     """Write the Dockerfile and Kubernetes manifests (Deployment, Service, HPA, PDB, NetworkPolicy)."""
     from algorithm.errors import ConfigError, InputFileNotFoundError
-    from algorithm.serving.config import ExportConfig, TritonConfig
+    from algorithm.serving.config import ExportConfig, TritonConfig, check_output_path
     from algorithm.serving.deploy.manifests import ManifestConfig, write_manifests
 
+    check_output_path("--output", output)
     data: dict[str, Any] = {}
     if config is not None:
         try:

@@ -18,7 +18,9 @@ from algorithm.serving.cli.app import (
     load_model,
     progress,
     stage,
+    warn,
 )
+from algorithm.serving.config import check_output_path
 from algorithm.serving.contract import accuracy_report_path, parity_report_path
 
 
@@ -44,6 +46,7 @@ def train(
         from algorithm.errors import ConfigError
 
         raise ConfigError("preset", preset, "tiny or base")
+    check_output_path("--output", output, "file")
     tc = TrainConfig(
         steps=steps, batch_size=batch_size, seed=seed, time_budget_s=time_budget or None
     )
@@ -58,6 +61,8 @@ def train(
         )
     report["checkpoint"] = model.save(output)
     emit(report, "Trained")
+    if "warning" in report:
+        warn(report["warning"])
 
 
 # -------------------------------------------------------------------------------------- export
@@ -80,6 +85,7 @@ def export(
     from algorithm.serving.config import ExportConfig
     from algorithm.serving.export_onnx import ONNXExporter
 
+    check_output_path("--output", output, "file")
     model = load_model(checkpoint)
     cfg = ExportConfig.for_model(
         model,
@@ -195,7 +201,7 @@ def optimize(
                 checkpoint=checkpoint,
             )
     except ParityError as e:
-        if e.report.get("worst"):
+        if e.report.get("worst") and not STATE.json:  # --json: the report is in the error object
             emit(
                 summarize(e.report),
                 f"Accuracy gate: {b.name} {precision} REFUSED (artifact not written)",

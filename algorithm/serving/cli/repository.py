@@ -4,6 +4,7 @@ serve, versions {list, deploy, rollback, cleanup}. Registered on ``cli.app`` on 
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,17 @@ from algorithm.serving.cli.app import (
     emit,
     handle_errors,
     load_model,
-    out,
+    print_table,
     stage,
 )
+from algorithm.serving.config import check_output_path
 
 DEFAULT_REPOSITORY = Path("demo-output/model_repository")
 
 versions_app = typer.Typer(
-    help="List, publish, roll back and clean up model versions.", no_args_is_help=True
+    help="List, publish, roll back and clean up model versions.",
+    no_args_is_help=True,
+    rich_markup_mode=None,  # full option names at any width, as the main app
 )
 app.add_typer(versions_app, name="versions")
 
@@ -104,12 +108,31 @@ def _configs(model, opts: dict[str, Any]):
     return export, TritonConfig(**triton_fields)
 
 
+TARGETS = {"auto": None, "this": True, "other": False}
+TARGET_OPT = typer.Option(
+    "auto",
+    "--target",
+    help="Where the repository is served: this (its instance kinds must exist on this host), "
+    "other (another host: not checked), or auto (this, for python-backend models).",
+)
+
+
+def _target(target: str) -> bool | None:
+    from algorithm.errors import ConfigError
+
+    if target not in TARGETS:
+        raise ConfigError("--target", target, "auto, this or other")
+    return TARGETS[target]
+
+
 # Shared options of `config` and `deploy` (typer has no option groups; one definition here).
 OPT = {
     "model_name": typer.Option("ugt_recommend", help="Triton model name."),
     "platform": typer.Option(
         "python",
-        help="tensorrt_plan, onnxruntime_onnx, openvino, or python (the bundled server runs python).",
+        help="tensorrt_plan, onnxruntime_onnx, openvino, or python. The default is python because "
+        "the bundled tritonserver runs only python models; the API's TritonConfig defaults to "
+        "tensorrt_plan, as the module guide does.",
     ),
     "python_runtime": typer.Option(
         "onnxruntime",
@@ -195,6 +218,8 @@ def config(
     from algorithm.serving.triton_config import TritonConfigGenerator
 
     opts = dict(locals())
+    if repository is not None:
+        check_output_path("--repository", repository)
     model = load_model(checkpoint) if checkpoint is not None else None
     ec, tc = _configs(model, opts)
     gen = TritonConfigGenerator(ec, tc)
@@ -204,7 +229,7 @@ def config(
         if STATE.json:
             emit({"config": text}, "config.pbtxt")
         else:
-            out.print(text, markup=False, highlight=False, end="")
+            sys.stdout.write(text)
         return
     path = gen.generate(repository, model_file=model_file, version=version)
     emit(
@@ -253,18 +278,31 @@ def deploy(
     warmup: bool = OPT["warmup"],
     response_cache: bool = OPT["response_cache"],
     length_mix: str = OPT["length_mix"],
+    target: str = TARGET_OPT,
 ) -> None:
-    """Checkpoint -> ONNX -> optimized artifact -> model repository (a new version), validated."""
+    """Checkpoint -> ONNX -> optimized artifact -> model repository (a new version), validated.
+
+    A re-run with the same checkpoint and options publishes nothing new."""
     from algorithm.serving.exporter import ServingExporter
+    from algorithm.serving.pipeline import preflight
 
     opts = dict(locals())
+    host = _target(target)
+    check_output_path("--repository", repository)
     model = load_model(checkpoint)
     ec, tc = _configs(model, opts)
+    preflight(repository, tc, host)  # before the export: path, optimizer installed, devices
     with stage(f"Deploying {ec.model_name} ({tc.platform}) to {repository}"):
         paths = ServingExporter(ec, tc).deploy_full_pipeline(
-            model, repository, version=version, optimize=optimize
+            model, repository, version=version, optimize=optimize, host=host
         )
-    emit(paths, "Deployed")
+    unchanged = paths.get("status") == "unchanged"
+    title = (
+        f"Unchanged: version {paths['version']} was built from this checkpoint and these options"
+        if unchanged
+        else "Deployed"
+    )
+    emit(paths, title)
 
 
 # --------------------------------------------------------------------------------------- validate
@@ -273,30 +311,70 @@ def deploy(
 def validate(
     repository: Path = typer.Argument(DEFAULT_REPOSITORY, help="Model repository."),
     model_name: str | None = typer.Option(None, "--model", "-m", help="Check only this model."),
+    target: str = TARGET_OPT,
 ) -> None:
     """Check a repository the way Triton loads it; exit 1 with the problems if it is invalid."""
-    from algorithm.serving.triton.repository import validate_deployment
+    from algorithm.serving.triton.validation import validate_deployment
 
-    result = validate_deployment(repository, model_name)
+    result = validate_deployment(repository, model_name, host=_target(target))
+    if result["valid"]:
+        if STATE.json:
+            emit(result, "Validation")
+        else:
+            info = {k: v for k, v in result["info"].items() if k != "models"}
+            emit({"valid": True, **info}, "Validation")
+        return
+    _invalid(result)
+
+
+def _invalid(result: dict):
+    """An invalid repository: each problem on a line and a hint (JSON: the result plus the
+    error fields every command gives)."""
+    from rich.markup import escape
+
+    errors = result["errors"]
+    n = len(errors)
+    more = f" (and {n - 1} more problem{'s' * (n > 2)})" if n > 1 else ""
+    hint = " ".join(result["hints"][:2])
     if STATE.json:
-        emit(result, "Validation")
+        emit({**result, "error": errors[0] + more, "hint": hint, "type": "RepositoryError"}, "")
     else:
-        emit(
-            {
-                "valid": result["valid"],
-                **{k: v for k, v in result["info"].items() if k != "models"},
-            },
-            "Validation",
-        )
-        for error in result["errors"]:
-            console.print(f"[bold red]error:[/] {error}", highlight=False)
-    if not result["valid"]:
-        raise typer.Exit(1)
+        for e in errors:
+            console.print(f"[bold red]error:[/] {escape(e)}", highlight=False)
+        console.print(f"[yellow]hint:[/] {escape(hint)}", highlight=False)
+    raise typer.Exit(1)
 
 
 # ------------------------------------------------------------------------------------------ serve
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
+
+
+def _check_ports(host: str, ports: dict[str, int]) -> None:
+    """ConfigError naming the option whose port another process holds (0: picked later)."""
+    import errno
+    import socket
+
+    from algorithm.errors import ConfigError
+
+    for option, port in ports.items():
+        if not port:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                raise ConfigError(
+                    option,
+                    port,
+                    f"a free port; {host}:{port} is in use by another process",
+                    hint=f"Pass another {option} (0 picks a free one), or stop what holds "
+                    f"port {port} (`ss -ltnp | grep :{port}` shows it).",
+                ) from None
 
 
 @app.command()
@@ -356,6 +434,16 @@ def serve(
     from algorithm.errors import ConfigError, ServerError
     from algorithm.serving.security import GrpcTls, read_admin_key
     from algorithm.serving.triton.supervisor import RestartPolicy, ServerSupervisor, describe_event
+    from algorithm.serving.triton.validation import validate_deployment
+
+    # Preflight: what would make the server fail to start or load, said before it starts.
+    # Served here (devices must exist), and only what the server loads (the served versions).
+    checked = validate_deployment(repository, host=True, served_only=True)
+    if not checked["valid"]:
+        _invalid(checked)
+    _check_ports(
+        host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
+    )
 
     def say(event: str, info: dict) -> None:  # every restart is announced on stderr
         console.print(
@@ -450,20 +538,14 @@ URL_OPT = typer.Option(
 @handle_errors
 def versions_list(repository: Path = REPO_ARG, model_name: str = MODEL_OPT) -> None:
     """Versions of a model: served, available, or retired (by a rollback)."""
-    from rich.table import Table
-
     from algorithm.serving.triton.repository import ModelVersionManager
 
     rows = ModelVersionManager(repository).describe(model_name)
     if STATE.json:
         emit({"model": model_name, "versions": rows}, "Versions")
         return
-    table = Table(title=f"{model_name} in {repository}", title_justify="left")
-    for col in ("version", "status", "bytes", "modified"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(*(str(r[c]) for c in ("version", "status", "bytes", "modified")))
-    out.print(table)
+    columns = ("version", "status", "bytes", "modified")
+    print_table(f"{model_name} in {repository}", columns, [[r[c] for c in columns] for r in rows])
 
 
 @versions_app.command("deploy")

@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # Benchmark a live Triton server (guide 8.3): a thin wrapper over `ugt-serving benchmark`.
 #
-#   ./benchmark.sh [--url localhost:8001] [--model ugt_recommend] [--requests 10000]
-#                  [--concurrency 4] [-- extra `ugt-serving benchmark` options]
+#   ./benchmark.sh [--url URL] [--model NAME] [--requests N] [--concurrency LIST]
+#                  [--output DIR] [-- extra `ugt-serving benchmark` options]
 #
-#   --url          server endpoint host:port (gRPC 8001; with `-- --protocol http`, HTTP 8000)
-#   --model        model name on the server
-#   --requests     minimum measured requests per load point
-#   --concurrency  requests in flight; a comma list sweeps (1,4,16)
+#   --url          server endpoint host:port (default localhost:8001, gRPC; with
+#                  `-- --protocol http`, the HTTP port, usually 8000)
+#   --model        model name on the server (default ugt_recommend)
+#   --requests     minimum measured requests per load point (default 1000)
+#   --concurrency  requests in flight; a comma list sweeps, e.g. 1,4,16 (default 1)
+#   --output       report folder: report.md, .json, .csv and plots (default benchmark-report)
 #
-# Variables with the same meaning: TRITON_URL, MODEL_NAME, NUM_REQUESTS, CONCURRENCY; OUTPUT
-# (report folder, default benchmark-report); UGT_SERVING (the CLI command; default
-# `ugt-serving`, else `$PYTHON -m algorithm.serving.cli`). Example of extra options:
+# Variables with the same meaning: TRITON_URL, MODEL_NAME, NUM_REQUESTS, CONCURRENCY, OUTPUT;
+# UGT_SERVING (the CLI command; default `ugt-serving`, else `$PYTHON -m algorithm.serving.cli`).
+# --url, --model, --requests and --concurrency default to the CLI's defaults. Extra options:
 #   ./benchmark.sh --concurrency 1,4,16 -- --batch-sizes 1,8 --seq-lengths 128,512 --baseline old.json
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+# The help is the comment block above (up to the first line that is not a comment).
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 URL="${TRITON_URL:-localhost:8001}"
 MODEL="${MODEL_NAME:-ugt_recommend}"
-REQUESTS="${NUM_REQUESTS:-10000}"
+REQUESTS="${NUM_REQUESTS:-1000}"
 CONCURRENCY="${CONCURRENCY:-1}"
 OUTPUT="${OUTPUT:-benchmark-report}"
 EXTRA=()
@@ -41,6 +44,7 @@ done
 # shellcheck source=_cli.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_cli.sh"
 
+# The CLI checks the output folder, the server and the model before measuring anything.
 echo "==> benchmarking $MODEL at $URL: $REQUESTS requests, concurrency $CONCURRENCY -> $OUTPUT/" >&2
 exec "${CLI[@]}" benchmark --url "$URL" --model "$MODEL" --requests "$REQUESTS" \
   --concurrency "$CONCURRENCY" --output "$OUTPUT" ${EXTRA[@]+"${EXTRA[@]}"}

@@ -13,9 +13,14 @@
 # More variables: PLATFORM (default tensorrt_plan, python with --skip-trt), PYTHON_RUNTIME
 # (onnxruntime), MAX_SEQ_LENGTH (1024), HTTP_PORT/GRPC_PORT/METRICS_PORT (8000/8001/8002),
 # UGT_SERVING (the CLI command; default `ugt-serving`, else `$PYTHON -m algorithm.serving.cli`).
+#
+# Checked before any work: the checkpoint, a writable repository folder, the optimizer of the
+# platform (TensorRT unless --skip-trt) and the instance kind on this host. A re-run with the
+# same checkpoint and settings publishes no new version.
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+# The help is the comment block above (up to the first line that is not a comment).
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 SKIP_TRT=0
 START_SERVER=0

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from algorithm.errors import BenchmarkError, ConfigError, InputFileNotFoundError
+from algorithm.serving.bench.metrics import parse_metrics
 from algorithm.serving.bench.monitor import (
-    parse_metrics,
     sample_metrics,
     server_breakdown,
     stats_snapshot,

@@ -17,6 +17,7 @@ from algorithm.serving import (
     validate_deployment,
 )
 from algorithm.serving.contract import INPUT_NAMES
+from algorithm.serving.tests.onnx_standin import write_standin_onnx
 
 EC = ExportConfig(model_name="ugt", max_batch_size=16, num_recommendations=50)
 SIDECAR = {
@@ -31,10 +32,11 @@ SIDECAR = {
 
 
 def _artifact(tmp_path, name: str, tag: bytes) -> str:
-    """A stand-in ONNX file (right first byte) with its sidecar; ``tag`` tells versions apart."""
+    """A stand-in ONNX file (the contract's I/O, no model) with its sidecar; ``tag`` tells
+    versions apart."""
     path = tmp_path / "artifacts" / name
     path.parent.mkdir(exist_ok=True)
-    path.write_bytes(b"\x08" + tag)
+    write_standin_onnx(path, tag)
     (path.parent / f"{name}.json").write_text(json.dumps(SIDECAR))
     return str(path)
 
@@ -47,7 +49,11 @@ def repo(tmp_path):
 
 
 def _content(repo, version, where=""):
-    return (repo / "ugt" / where / str(version) / "model.onnx").read_bytes()
+    """The tag the published stand-in was written with."""
+    import onnx
+
+    path = repo / "ugt" / where / str(version) / "model.onnx"
+    return onnx.load(str(path)).graph.doc_string.encode("latin-1")
 
 
 def test_deploy_numbers_versions_and_publishes_complete_folders(repo, tmp_path):
@@ -67,11 +73,9 @@ def test_deploy_numbers_versions_and_publishes_complete_folders(repo, tmp_path):
     assert not list((repo / "ugt").glob(".staging-*"))
     with pytest.raises(RepositoryError, match="already exists"):
         mgr.deploy_version("ugt", _artifact(tmp_path, "b.onnx", b"x"), version=2)
-    assert (
-        mgr.deploy_version("ugt", _artifact(tmp_path, "b.onnx", b"new"), version=2, replace=True)
-        == 2
-    )
-    assert _content(repo, 2) == b"\x08new"
+    new = _artifact(tmp_path, "b.onnx", b"new")
+    assert mgr.deploy_version("ugt", new, version=2, replace=True) == 2
+    assert _content(repo, 2) == b"new"
 
 
 def test_a_failed_publish_leaves_nothing_behind(repo, tmp_path):
@@ -89,7 +93,7 @@ def test_readers_never_see_a_half_written_version(repo, tmp_path):
     """A thread polling like Triton sees each version folder either absent or complete."""
     mgr = ModelVersionManager(repo)
     big = tmp_path / "big.onnx"
-    big.write_bytes(b"\x08" + b"w" * (4 << 20))
+    write_standin_onnx(big, b"w", size=4 << 20)
     seen_incomplete, done = [], threading.Event()
 
     def poll():
@@ -145,12 +149,12 @@ def test_rollback_serves_the_old_version_and_can_roll_forward(repo, tmp_path):
     result = mgr.rollback("ugt", 1)
     assert result == {"served": 1, "retired": [2, 3], "restored": False}
     assert mgr.list_versions("ugt") == [1] and mgr.retired_versions("ugt") == [2, 3]
-    assert _content(repo, 3, ".retired") == b"\x08v3"  # kept, out of Triton's sight
+    assert _content(repo, 3, ".retired") == b"v3"  # kept, out of Triton's sight
     # A new deployment never reuses a retired number.
     assert mgr.deploy_version("ugt", _artifact(tmp_path, "a4.onnx", b"v4")) == 4
     result = mgr.rollback("ugt", 3)  # roll forward to a retired version
     assert result == {"served": 3, "retired": [4], "restored": True}
-    assert mgr.list_versions("ugt") == [1, 3] and _content(repo, 3) == b"\x08v3"
+    assert mgr.list_versions("ugt") == [1, 3] and _content(repo, 3) == b"v3"
     statuses = {r["version"]: r["status"] for r in mgr.describe("ugt")}
     assert statuses == {1: "available", 2: "retired", 3: "served", 4: "retired"}
     with pytest.raises(RepositoryError, match="no version 9"):
@@ -255,7 +259,7 @@ def _break(repo, how):
         ("bad_config", "does not parse"),
         ("empty_artifact", "is empty"),
         ("missing_artifact", "model.onnx missing"),
-        ("not_onnx", "does not look like an ONNX model"),
+        ("not_onnx", "does not parse as an ONNX model"),
         ("non_numeric_version", "'latest' is not a version"),
         ("no_versions", "no version folders"),
         ("name_mismatch", "output names"),

@@ -204,15 +204,20 @@ def test_guide_convenience_function_returns_text_for_a_name(tmp_path):
 
 
 def test_generate_writes_the_repository_entry_for_each_platform(tmp_path):
+    # Artifacts that parse as what they claim (publishing refuses anything else); TensorRT
+    # plans are checked only for not being another format (deserializing needs a GPU).
+    import openvino as ov
+
+    from algorithm.serving.tests.onnx_standin import write_standin_onnx
+
     onnx = tmp_path / "src" / "exported.onnx"
     onnx.parent.mkdir()
-    onnx.write_bytes(b"\x08\x09fake-onnx")
+    write_standin_onnx(onnx)
     (tmp_path / "src" / "exported.onnx.json").write_text(json.dumps({"inputs": [{"name": "x"}]}))
     plan = tmp_path / "src" / "engine.plan"
     plan.write_bytes(b"ftrt-engine")
     xml = tmp_path / "src" / "model_ov.xml"
-    xml.write_text("<?xml version='1.0'?><net/>")
-    xml.with_suffix(".bin").write_bytes(b"\0" * 16)
+    ov.save_model(ov.convert_model(str(onnx)), str(xml))
     repo = tmp_path / "repo"
     cases = {
         "python": (onnx, ["model.py", "model.onnx", "ugt_model.json"]),

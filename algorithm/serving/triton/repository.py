@@ -5,6 +5,7 @@ Layout (Triton's)::
     <repo>/<name>/config.pbtxt
     <repo>/<name>/ugt_model.json          the model contract of the newest deployed version
     <repo>/<name>/<version>/<artifact>    + ugt_model.json (+ model.py for python models)
+                                          (+ ugt_build.json: what the version was built from)
     <repo>/<name>/.retired/<version>/     versions taken out of service by rollback
 
 Publishing writes a version into a hidden staging folder of the model folder, fsyncs it, and
@@ -22,6 +23,7 @@ mode picks the change up on ``load_model(name)``; in poll mode on its next poll.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,21 +35,20 @@ from pathlib import Path
 from algorithm.errors import ConfigError, InputFileNotFoundError, RepositoryError
 from algorithm.fsutil import folder_lock as _model_lock  # one writer per model folder
 from algorithm.fsutil import fsync_dir, fsync_tree, make_dirs, write_text_atomic
-from algorithm.serving.config import PYTHON_RUNTIMES, check_name
+from algorithm.serving.config import check_name
 from algorithm.serving.contract import SIDECAR_NAME
-from algorithm.serving.triton.routing import is_router, validate_router
 from algorithm.serving.triton.schema import (
     DEFAULT_FILENAMES,
     PYTHON_MODEL_FILE,
-    TRITON_DTYPES,
     artifact_filename,
-    model_config_pb2,
     parse_config,
 )
+from algorithm.serving.verify.artifact import artifact_kind, artifact_problems
 
 logger = logging.getLogger(__name__)
 
 RETIRED = ".retired"
+BUILD_INFO_NAME = "ugt_build.json"  # a version's build fingerprint (pipeline.deploy skips rebuilds)
 # What a publish killed midway leaves behind (hidden from Triton; removed by the next deploy).
 _DEBRIS_DIRS = (".staging-", ".trash-")
 _DEBRIS_FILES = f".{SIDECAR_NAME}."
@@ -159,7 +160,10 @@ class ModelVersionManager:
         try:
             return parse_config(path.read_text())
         except Exception as e:  # text_format.ParseError and friends
-            raise RepositoryError(f"{path} does not parse as a Triton ModelConfig: {e}") from e
+            raise RepositoryError(
+                f"{path} does not parse as a Triton ModelConfig: {e}",
+                hint="Regenerate it: `ugt-serving config -r REPOSITORY` (or `ugt-serving deploy`).",
+            ) from e
 
     def list_versions(self, model_name: str) -> list[int]:
         """The versions Triton can see (numeric folders), ascending."""
@@ -214,6 +218,20 @@ class ModelVersionManager:
             "modified": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime)),
         }
 
+    def build_info(self, model_name: str, version: int) -> dict | None:
+        """What ``version`` was built from (pipeline.deploy's fingerprint), if recorded."""
+        p = self.model_dir(model_name) / str(check_version(version)) / BUILD_INFO_NAME
+        try:
+            return json.loads(p.read_text()) if p.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    def artifact_path(self, model_name: str, version: int) -> Path:
+        """The file a version serves (for python models the runner's artifact, not model.py)."""
+        config = self._config(model_name)
+        name = self._artifact_name(config, Path("model.onnx"))
+        return self.model_dir(model_name) / str(check_version(version)) / name
+
     def next_version(self, model_name: str) -> int:
         """One more than any version present or retired (numbers are never reused)."""
         return max(self.list_versions(model_name) + self.retired_versions(model_name) + [0]) + 1
@@ -234,7 +252,10 @@ class ModelVersionManager:
             return check_filename("default_model_filename", config.default_model_filename)
         platform = config.platform or config.backend
         if platform not in DEFAULT_FILENAMES:
-            raise RepositoryError(f"unknown platform/backend {platform!r} in config.pbtxt")
+            raise RepositoryError(
+                f"unknown platform/backend {platform!r} in config.pbtxt",
+                hint="Regenerate it: `ugt-serving config -r REPOSITORY --platform ...`.",
+            )
         return DEFAULT_FILENAMES[platform]
 
     def deploy_version(
@@ -244,12 +265,15 @@ class ModelVersionManager:
         version: int | None = None,
         replace: bool = False,
         sidecar=None,
+        build_info: dict | None = None,
     ) -> int:
         """Publish ``model_file`` as a new version (next free number by default); returns it.
 
         The artifact goes under the platform's file name (python models also get model.py),
         with its sidecar as ugt_model.json; all written to a staging folder, fsynced, and
-        renamed into place. An existing version is an error unless ``replace``.
+        renamed into place. An existing version is an error unless ``replace``. The artifact is
+        checked first (``check_artifact``): what the server would fail to load is refused.
+        ``build_info`` (JSON) is kept in the version folder as ugt_build.json.
         """
         model_dir = self.model_dir(model_name)
         model_file = Path(model_file)
@@ -257,14 +281,52 @@ class ModelVersionManager:
             raise InputFileNotFoundError(f"model file not found: {model_file}")
         config = self._config(model_name)
         version = None if version is None else check_version(version)
+        self.check_artifact(config, model_file, sidecar)
         with _model_lock(model_dir):
             _remove_debris(model_dir)
             return self._publish(
-                model_name, model_dir, model_file, config, version, replace, sidecar
+                model_name, model_dir, model_file, config, version, replace, sidecar, build_info
             )
 
+    def check_artifact(self, config, model_file, sidecar=None) -> None:
+        """Refuse what the server would fail to load: the file must be the platform's artifact
+        type and pass what loading it runs (``verify/artifact.py``), before anything is staged."""
+        model_file = Path(model_file)
+        name = self._artifact_name(config, model_file)
+        if artifact_kind(name) != artifact_kind(model_file):
+            raise RepositoryError(
+                f"{model_file} is not a {Path(name).suffix} file, which this model serves as {name}",
+                hint=f"Publish the model's {Path(name).suffix} artifact (what `ugt-serving "
+                "optimize`/`export` writes), or regenerate the config for another platform.",
+            )
+        weights = model_file.with_suffix(".bin")
+        if model_file.suffix == ".xml" and not weights.is_file():
+            raise InputFileNotFoundError(
+                f"OpenVINO weights not found beside {model_file}: {weights}",
+                hint="Publish the .xml with its .bin beside it (what `ugt-serving optimize "
+                "--backend openvino` writes).",
+            )
+        meta = {}
+        sidecar = Path(sidecar) if sidecar else find_sidecar(model_file)
+        if sidecar is not None:
+            with contextlib.suppress(OSError, ValueError):
+                meta = json.loads(sidecar.read_text())
+        problems = artifact_problems(model_file, meta)
+        if problems:
+            (message, hint), more = problems[0], len(problems) - 1
+            extra = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
+            raise RepositoryError(f"refusing to publish {message}{extra}", hint=hint)
+
     def _publish(
-        self, model_name, model_dir: Path, model_file: Path, config, version, replace, sidecar
+        self,
+        model_name,
+        model_dir: Path,
+        model_file: Path,
+        config,
+        version,
+        replace,
+        sidecar,
+        build_info=None,
     ) -> int:
         version = self.next_version(model_name) if version is None else version
         target = model_dir / str(version)
@@ -281,6 +343,8 @@ class ModelVersionManager:
             sidecar = Path(sidecar) if sidecar else find_sidecar(model_file)
             if sidecar is not None:
                 shutil.copyfile(sidecar, staging / SIDECAR_NAME)
+            if build_info is not None:
+                (staging / BUILD_INFO_NAME).write_text(json.dumps(build_info, sort_keys=True))
             _secure_tree(staging)
             fsync_tree(staging)
             if target.exists():
@@ -302,13 +366,8 @@ class ModelVersionManager:
             shutil.copytree(model_file, dst)
         else:
             shutil.copyfile(model_file, dst)
-            if dst.suffix == ".xml":  # OpenVINO IR: weights beside the graph
-                weights = model_file.with_suffix(".bin")
-                if not weights.is_file():
-                    raise InputFileNotFoundError(
-                        f"OpenVINO weights not found beside {model_file}: {weights}"
-                    )
-                shutil.copyfile(weights, dst.with_suffix(".bin"))
+            if dst.suffix == ".xml":  # OpenVINO IR: weights beside the graph (checked before)
+                shutil.copyfile(model_file.with_suffix(".bin"), dst.with_suffix(".bin"))
         if python:
             shutil.copyfile(_python_model_source(), staging / PYTHON_MODEL_FILE)
 
@@ -327,9 +386,11 @@ class ModelVersionManager:
         if version not in self.list_versions(model_name):
             src = retired_dir / str(version)
             if not src.is_dir():
+                present, retired = self.list_versions(model_name), self.retired_versions(model_name)
                 raise RepositoryError(
-                    f"{model_name} has no version {version} (present: {self.list_versions(model_name)}, "
-                    f"retired: {self.retired_versions(model_name)})"
+                    f"{model_name} has no version {version} (present: {present}, retired: {retired})",
+                    hint=f"Roll back to one of {sorted(present + retired)}; "
+                    "`ugt-serving versions list` shows them.",
                 )
             os.rename(src, model_dir / str(version))
             restored = True
@@ -375,219 +436,11 @@ class ModelVersionManager:
         return sorted(removed)
 
 
-# ------------------------------------------------------------------------------ validation
-def _artifact_problems(config, version_dir: Path) -> tuple[list[str], int]:
-    """Errors about one version folder's artifact, and its size in bytes."""
-    errors: list[str] = []
-    platform = "python" if config.backend == "python" else (config.platform or config.backend)
-    if platform not in DEFAULT_FILENAMES:
-        return [f"unknown platform/backend {platform!r}"], 0
-    expected = config.default_model_filename or DEFAULT_FILENAMES[platform]
-    files = [expected]
-    if platform == "openvino":
-        files.append(str(Path(expected).with_suffix(".bin")))
-    if platform == "python":
-        artifact = (
-            config.parameters["artifact"].string_value if "artifact" in config.parameters else ""
-        )
-        if not artifact:
-            errors.append("python model without an 'artifact' parameter")
-        else:
-            files.append(artifact)
-    size = 0
-    for f in files:
-        try:
-            check_filename("artifact file", f)
-        except RepositoryError as e:
-            errors.append(str(e))
-            continue
-        p = version_dir / f
-        if not p.exists():
-            present = sorted(x.name for x in version_dir.iterdir())
-            errors.append(f"{p} missing (platform {platform} expects {f}; present: {present})")
-            continue
-        n = (
-            sum(x.stat().st_size for x in p.rglob("*") if x.is_file())
-            if p.is_dir()
-            else p.stat().st_size
-        )
-        if n == 0:
-            errors.append(f"{p} is empty")
-        size += n
-        errors += _format_problems(p)
-    return errors, size
-
-
-def _format_problems(p: Path) -> list[str]:
-    """Cheap content checks: does the file look like what its name says?"""
-    if p.is_dir() or p.stat().st_size == 0:
-        return []
-    with open(p, "rb") as f:
-        head = f.read(512)
-    if p.suffix == ".onnx" and head[:1] != b"\x08":
-        return [f"{p} does not look like an ONNX model (no ir_version field first)"]
-    if p.suffix == ".xml" and b"<net" not in head and b"<?xml" not in head:
-        return [f"{p} does not look like OpenVINO IR XML"]
-    if p.suffix == ".plan" and (head[:1] == b"\x08" or head.lstrip()[:1] in (b"<", b"{")):
-        return [f"{p} looks like an ONNX/XML/JSON file, not a serialized TensorRT engine"]
-    return []
-
-
-def _io_problems(config, sidecar: dict) -> list[str]:
-    pb = model_config_pb2()
-    errors = []
-    for kind, declared in (("input", config.input), ("output", config.output)):
-        want = [
-            (x["name"], TRITON_DTYPES.get(x.get("dtype", ""), "?"))
-            for x in sidecar.get(f"{kind}s", [])
-        ]
-        have = [(x.name, pb.DataType.Name(x.data_type)) for x in declared]
-        if [n for n, _ in want] != [n for n, _ in have]:
-            errors.append(
-                f"{kind} names {[n for n, _ in have]} differ from the model's {[n for n, _ in want]}"
-            )
-        else:
-            errors += [
-                f"{kind} {n}: data_type {h} but the model has {w}"
-                for (n, w), (_, h) in zip(want, have, strict=True)
-                if w != h
-            ]
-    k = sidecar.get("num_recommendations")
-    for out in config.output:
-        if k and list(out.dims)[:1] != [k]:
-            errors.append(f"output {out.name} dims {list(out.dims)} but the model returns K={k}")
-    mbs = sidecar.get("max_batch_size")
-    if mbs and config.max_batch_size > mbs:
-        errors.append(f"max_batch_size {config.max_batch_size} exceeds the exported model's {mbs}")
-    return errors
-
-
-def _validate_model(model_dir: Path) -> tuple[list[str], dict]:
-    name = model_dir.name
-    errors: list[str] = []
-    info: dict = {"model_name": name, "versions": [], "warnings": []}
-    cfg_path = model_dir / "config.pbtxt"
-    if not cfg_path.is_file():
-        return [f"{name}: config.pbtxt missing"], info
-    try:
-        config = parse_config(cfg_path.read_text())
-    except Exception as e:  # text_format.ParseError (strict: unknown fields fail)
-        return [
-            f"{name}: config.pbtxt does not parse against Triton's ModelConfig schema: {e}"
-        ], info
-    if config.name and config.name != name:
-        errors.append(f"{name}: config name {config.name!r} differs from the folder name")
-    if is_router(config):  # an experiment's router: no artifact, two arms
-        router_errors, info = validate_router(model_dir, config)
-        return errors + router_errors, info
-    platform = "python" if config.backend == "python" else (config.platform or config.backend)
-    info.update(
-        platform=platform,
-        max_batch_size=config.max_batch_size,
-        inputs=[i.name for i in config.input],
-        outputs=[o.name for o in config.output],
-        dynamic_batching=config.HasField("dynamic_batching"),
-        instance_groups=[
-            {
-                "kind": model_config_pb2().ModelInstanceGroup.Kind.Name(g.kind),
-                "count": g.count,
-                "gpus": list(g.gpus),
-            }
-            for g in config.instance_group
-        ],
-    )
-    if platform == "python":
-        runtime = (
-            config.parameters["runtime"].string_value if "runtime" in config.parameters else ""
-        )
-        info["python_runtime"] = runtime
-        if runtime not in PYTHON_RUNTIMES:
-            errors.append(
-                f"{name}: python parameter runtime={runtime!r} is not one of {', '.join(PYTHON_RUNTIMES)}"
-            )
-    sizes = {}
-    for p in sorted(model_dir.iterdir()):
-        if not p.is_dir() or p.name.startswith("."):
-            continue
-        if not p.name.isdigit() or int(p.name) < 1:
-            errors.append(f"{name}: folder {p.name!r} is not a version (a positive integer)")
-            continue
-        problems, sizes[int(p.name)] = _artifact_problems(config, p)
-        errors += [f"{name} v{p.name}: {m}" for m in problems]
-        sidecar_file = (
-            p / SIDECAR_NAME if (p / SIDECAR_NAME).is_file() else model_dir / SIDECAR_NAME
-        )
-        if sidecar_file.is_file():
-            try:
-                sidecar = json.loads(sidecar_file.read_text())
-            except (OSError, ValueError) as e:
-                errors.append(f"{name} v{p.name}: unreadable {sidecar_file.name}: {e}")
-                continue
-            errors += [f"{name} v{p.name}: {m}" for m in _io_problems(config, sidecar)]
-        else:
-            info["warnings"].append(
-                f"{name} v{p.name}: no {SIDECAR_NAME}; input/output names not checked"
-            )
-    info["versions"] = sorted(sizes)
-    info["artifact_bytes"] = sizes
-    if not sizes:
-        errors.append(f"{name}: no version folders (e.g. {name}/1/)")
-    else:
-        manager = ModelVersionManager(model_dir.parent)
-        info["served_versions"] = manager.served_versions(name)
-        info["retired_versions"] = manager.retired_versions(name)
-    return errors, info
-
-
-def validate_deployment(model_repository, model_name: str | None = None) -> dict:
-    """Check a repository (or one model of it) the way Triton will load it (guide 5.5).
-
-    Returns {"valid": bool, "errors": [str], "info": {...}}; ``info`` is the model's (with
-    "versions") when ``model_name`` is given, else {"models": {name: info}, "versions": {...}}.
-    """
-    repo = Path(model_repository)
-    if not repo.is_dir():
-        return {"valid": False, "errors": [f"model repository {repo} does not exist"], "info": {}}
-    if model_name is not None:
-        try:
-            _model_name(model_name)
-        except RepositoryError as e:
-            return {"valid": False, "errors": [str(e)], "info": {}}
-        if not (repo / model_name).is_dir():
-            present = sorted(
-                p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")
-            )
-            return {
-                "valid": False,
-                "errors": [f"model {model_name!r} not in {repo} (present: {present})"],
-                "info": {},
-            }
-        errors, info = _validate_model(repo / model_name)
-        return {"valid": not errors, "errors": errors, "info": info}
-    models = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not models:
-        return {
-            "valid": False,
-            "errors": [f"{repo} holds no model folders"],
-            "info": {"models": {}},
-        }
-    errors, infos = [], {}
-    for m in models:
-        e, infos[m.name] = _validate_model(m)
-        errors += e
-    return {
-        "valid": not errors,
-        "errors": errors,
-        "info": {"models": infos, "versions": {k: v["versions"] for k, v in infos.items()}},
-    }
-
-
 __all__ = [
     "ModelVersionManager",
     "check_filename",
     "check_version",
     "find_sidecar",
     "make_dirs",
-    "validate_deployment",
     "write_text_atomic",
 ]

@@ -403,7 +403,9 @@ class TritonServer:
 
     def _failure_hint(self) -> str:
         tail = self.log_tail(200).lower()
-        if "address already in use" in tail:
+        # HTTP says "address already in use", gRPC "Socket '...' already in use" (with
+        # "Unavailable", which must not read as a model that failed to load).
+        if "already in use" in tail:
             return "A port is taken: pass other ports (0 picks free ones) or stop the other server."
         if "failed to load" in tail or "unavailable" in tail:
             return "A model failed to load: `ugt-serving validate <repository>` checks it."
