@@ -432,12 +432,15 @@ def serve(
     Off 127.0.0.1 the admin APIs (repository, model config, statistics, trace, logging, shared
     memory) need the admin key; inference, health and metadata stay open."""
     from algorithm.errors import ConfigError, ServerError
-    from algorithm.serving.security import GrpcTls, read_admin_key
+    from algorithm.serving.security import GrpcTls, ServerSecurity, read_admin_key
     from algorithm.serving.triton.supervisor import RestartPolicy, ServerSupervisor, describe_event
     from algorithm.serving.triton.validation import validate_deployment
 
-    # Preflight: what would make the server fail to start or load, said before it starts.
-    # Served here (devices must exist), and only what the server loads (the served versions).
+    # Preflight: what would make the server fail to start or load, said before it starts. First
+    # the admin key (refused off loopback without one), then the repository, served here (devices
+    # must exist), and only what the server loads (the served versions).
+    admin_key = read_admin_key(admin_key_file)
+    ServerSecurity.resolve(host, admin_key)
     checked = validate_deployment(repository, host=True, served_only=True)
     if not checked["valid"]:
         _invalid(checked)
@@ -481,7 +484,7 @@ def serve(
         host=host,
         response_cache_bytes=response_cache_bytes,
         extra_args=extra,
-        admin_key=read_admin_key(admin_key_file),
+        admin_key=admin_key,
         grpc_tls=tls,
         grpc_request_pool=grpc_request_pool,
     )

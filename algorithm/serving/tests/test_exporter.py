@@ -104,7 +104,9 @@ class TestGuideExamples:
     def test_5_1_full_pipeline_returns_the_guides_paths(self, guide):
         paths = guide["paths"]
         assert set(paths) >= {"onnx_path", "engine_path", "config_path", "model_repository"}
-        assert Path(paths["onnx_path"]).is_file() and Path(paths["engine_path"]).is_file()
+        # the export is a work file in a temporary folder (removed) unless onnx_path is given
+        assert paths["onnx_path"] == "" or Path(paths["onnx_path"]).is_file()
+        assert Path(paths["engine_path"]).is_file()
         assert paths["config_path"] == str(guide["repo"] / "ugt_recommend" / "config.pbtxt")
         version = guide["repo"] / "ugt_recommend" / "1"
         assert {"model.py", "model.onnx", "ugt_model.json"} <= {p.name for p in version.iterdir()}

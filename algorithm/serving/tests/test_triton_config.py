@@ -17,6 +17,7 @@ from algorithm.serving import (
     generate_triton_config,
 )
 from algorithm.serving.contract import INPUT_NAMES
+from algorithm.serving.tests.onnx_standin import write_standin_onnx
 from algorithm.serving.triton.schema import model_config_pb2, parse_config
 
 pb = model_config_pb2()
@@ -258,8 +259,7 @@ def test_exporter_facade_generates_the_same_config(tmp_path):
     from algorithm.serving import ServingExporter
 
     tc = TritonConfig(platform="python", instance_kind="KIND_CPU")
-    onnx = tmp_path / "exported.onnx"
-    onnx.write_bytes(b"\x08\x09fake-onnx")
+    onnx = write_standin_onnx(tmp_path / "exported.onnx", k=EC.num_recommendations)
     path = ServingExporter(EC, tc).generate_triton_config(tmp_path / "repo", model_file=onnx)
     assert Path(path).read_text() == TritonConfigGenerator(EC, tc).config_text("model.onnx")
 
@@ -292,8 +292,10 @@ def test_an_artifact_of_another_platform_is_refused(tmp_path):
     plan.write_bytes(b"engine")
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"onnx")
+    from algorithm.ugt import UGTConfig, UGTModel
+
     ckpt = tmp_path / "m.safetensors"
-    ckpt.write_bytes(b"weights")
+    UGTModel(UGTConfig.tiny(num_recommendations=EC.num_recommendations)).save(ckpt)
     py = TritonConfig(platform="python", instance_kind="KIND_CPU")
     with pytest.raises(ConfigError) as e:
         TritonConfigGenerator(EC, py).generate(tmp_path / "repo", model_file=plan)
