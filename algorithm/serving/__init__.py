@@ -16,6 +16,7 @@ _EXPORTS = {
     "ExportConfig": ".config",
     "TritonConfig": ".config",
     "BenchmarkConfig": ".config",
+    "TuneConfig": ".config",
     # core classes
     "ServingExporter": ".exporter",
     "ONNXExporter": ".export_onnx",
@@ -25,6 +26,8 @@ _EXPORTS = {
     "TritonConfigGenerator": ".triton_config",
     "TritonBenchmark": ".benchmark",
     "BenchmarkResult": ".benchmark",
+    "ServingTuner": ".tune",
+    "TuneResult": ".tune",
     "ModelVersionManager": ".triton.repository",
     "TritonServer": ".triton.server",
     # convenience functions
@@ -37,6 +40,8 @@ _EXPORTS = {
     "available_backends": ".backends",
     "generate_triton_config": ".triton_config",
     "run_benchmark": ".benchmark",
+    "tune_serving": ".tune",
+    "restore_previous_config": ".tune",
     "write_report": ".bench.report",
     "load_report": ".bench.report",
     "DemoConfig": ".demo",
@@ -84,7 +89,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from algorithm.serving.backends import available_backends, get_backend
     from algorithm.serving.bench.report import load_report, write_report
     from algorithm.serving.benchmark import BenchmarkResult, TritonBenchmark, run_benchmark
-    from algorithm.serving.config import BenchmarkConfig, ExportConfig, TritonConfig
+    from algorithm.serving.config import BenchmarkConfig, ExportConfig, TritonConfig, TuneConfig
     from algorithm.serving.contract import ModelInputSpec
     from algorithm.serving.demo import DemoConfig, run_demo
     from algorithm.serving.deploy.manifests import ManifestConfig, render_manifests, write_manifests
@@ -103,3 +108,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from algorithm.serving.triton.server import TritonServer
     from algorithm.serving.triton.supervisor import RestartPolicy, ServerSupervisor
     from algorithm.serving.triton_config import TritonConfigGenerator, generate_triton_config
+    from algorithm.serving.tune import (
+        ServingTuner,
+        TuneResult,
+        restore_previous_config,
+        tune_serving,
+    )

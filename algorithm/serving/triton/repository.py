@@ -57,7 +57,7 @@ _DEBRIS_FILES = f".{SIDECAR_NAME}."
 
 
 @contextlib.contextmanager
-def _model_lock(model_dir: Path):
+def model_lock(model_dir: Path):
     """One writer per model folder at a time, across processes (flock on the folder itself,
     so no lock file is left behind)."""
     fd = os.open(model_dir, os.O_RDONLY)
@@ -269,7 +269,7 @@ class ModelVersionManager:
             raise InputFileNotFoundError(f"model file not found: {model_file}")
         config = self._config(model_name)
         version = None if version is None else check_version(version)
-        with _model_lock(model_dir):
+        with model_lock(model_dir):
             _remove_debris(model_dir)
             return self._publish(
                 model_name, model_dir, model_file, config, version, replace, sidecar
@@ -330,7 +330,7 @@ class ModelVersionManager:
         version = check_version(version)
         model_dir = self.model_dir(model_name)
         self._config(model_name)
-        with _model_lock(model_dir):
+        with model_lock(model_dir):
             return self._rollback(model_name, model_dir, version)
 
     def _rollback(self, model_name: str, model_dir: Path, version: int) -> dict:
@@ -366,7 +366,7 @@ class ModelVersionManager:
             raise ConfigError("keep", keep, "an integer >= 1")
         model_dir = self.model_dir(model_name)
         self._config(model_name)  # RepositoryError for a model without config.pbtxt
-        with _model_lock(model_dir):
+        with model_lock(model_dir):
             return self._cleanup(model_name, model_dir, keep, include_retired)
 
     def _cleanup(
