@@ -121,7 +121,9 @@ class ServingTuner:
             raise ConfigError("repository", None, "a model repository, or the url of a server")
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
-        base_config, limit = self._base_config(repository) if repository is not None else (None, None)
+        base_config, limit = (
+            self._base_config(repository) if repository is not None else (None, None)
+        )
         if url is not None:
             return self._run_external(url, repository, base_config, limit, output, t0)
         from algorithm.serving.triton.server import TritonServer
@@ -279,7 +281,9 @@ class ServingTuner:
             budget_s=cfg.time_budget_s,
             stored=len(store),
         )
-        search = CoordinateSearch(base, values, self.judge, measure, cfg.tolerance_percent, has_time)
+        search = CoordinateSearch(
+            base, values, self.judge, measure, cfg.tolerance_percent, has_time
+        )
         candidates = search.run()
         best = winner(candidates, self.judge)
         result = TuneResult(

@@ -29,7 +29,8 @@ def _paths(model_dir) -> tuple[Path, Path]:
     config = model_dir / CONFIG_FILE
     if not config.is_file():
         raise RepositoryError(
-            f"{config} not found", hint="Name a model folder of the repository (it holds config.pbtxt)."
+            f"{config} not found",
+            hint="Name a model folder of the repository (it holds config.pbtxt).",
         )
     return config, model_dir / PREVIOUS_FILE
 

@@ -60,7 +60,9 @@ class ModelControl:
         except Exception as e:  # InferenceServerException, connection errors
             text = str(e)
             hint = EXPLICIT_HINT if "not allowed" in text else None
-            raise ServerError(f"{what} at {self.url} ({self.protocol}) failed: {text}", hint=hint) from e
+            raise ServerError(
+                f"{what} at {self.url} ({self.protocol}) failed: {text}", hint=hint
+            ) from e
 
     def is_live(self) -> bool:
         try:

@@ -239,7 +239,10 @@ def render(result: TuneResult, env: dict) -> str:
         ["#", "step", "settings", "loads", "req/s in budget", "p99 ms", "meets", "s", "note"], rows
     )
     lines += ["", "Searched values (the current one included):", ""]
-    lines += [f"- {SETTING_NAMES.get(k, k)}: {[_setting(v) for v in vs]}" for k, vs in result.values.items()]
+    lines += [
+        f"- {SETTING_NAMES.get(k, k)}: {[_setting(v) for v in vs]}"
+        for k, vs in result.values.items()
+    ]
     plots = result.paths.get("plots", [])
     if plots:
         lines += ["", "## Plots", ""]

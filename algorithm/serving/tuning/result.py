@@ -57,7 +57,9 @@ class TuneResult:
             thr = [self.judge.throughput(r[which]) or 0.0 for r in self.rounds]
             p99 = [self.judge.best_p99(r[which]) for r in self.rounds]
             out[f"{which}_throughput"] = statistics.median(thr)
-            out[f"{which}_best_p99_ms"] = statistics.median([p for p in p99 if p is not None] or [0])
+            out[f"{which}_best_p99_ms"] = statistics.median(
+                [p for p in p99 if p is not None] or [0]
+            )
         base = out["default_throughput"]
         out["speedup"] = out["winner_throughput"] / base if base > 0 else None
         out["rounds"] = len(self.rounds)
@@ -117,7 +119,10 @@ class TuneResult:
             "candidates": rows,
             "side_by_side": self.side_by_side(),
             "rounds": [{k: c.to_dict() for k, c in r.items()} for r in self.rounds],
-            "values": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in self.values.items()},
+            "values": {
+                k: [list(v) if isinstance(v, tuple) else v for v in vs]
+                for k, vs in self.values.items()
+            },
             "stopped": self.stopped,
             "written": self.written,
             "server_config_check": self.server_config_check,

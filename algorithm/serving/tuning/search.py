@@ -180,7 +180,9 @@ def candidate_values(
     bad = [b for b in config.max_batch_sizes if b > limit]
     if bad:
         raise ConfigError(
-            "max_batch_sizes", config.max_batch_sizes, f"sizes <= {limit}, the model's largest batch"
+            "max_batch_sizes",
+            config.max_batch_sizes,
+            f"sizes <= {limit}, the model's largest batch",
         )
     put("max_batch_size", config.max_batch_sizes, _powers_of_two(8, limit), True)
     if base.preferred_batch_sizes is not None or config.preferred_batch_sizes:
