@@ -1,7 +1,9 @@
 """Find the serving settings that hold a P99 budget at the most throughput, on the live server.
 
-    tuner = ServingTuner(TuneConfig(model_name="ugt_tiny", time_budget_s=600),
-                         BenchmarkConfig(concurrency_levels=(16,), test_seq_lengths=(128,)))
+    tuner = ServingTuner(
+        TuneConfig(model_name="ugt_tiny", time_budget_s=600),
+        BenchmarkConfig(concurrency_levels=(16,), test_batch_sizes=(1,), test_seq_lengths=(128,)),
+    )
     result = tuner.tune("demo-output/model_repository", output="tune-output")
     print(result.summary())
 
@@ -12,11 +14,12 @@ the config given inline to Triton's load API, so the repository is not touched w
 measured with TritonBenchmark at each load level (warm-up excluded, stability windows), levels
 ascending and stopping at the first past the budget; then unloaded. The search itself is
 ``tuning.search``; every candidate is stored in the output folder as soon as it is measured, so
-a rerun resumes. At the end the winner and the config it replaces are measured again, alternately,
-in the same run; the winner is written into the repository atomically (the old config kept as
-config.pbtxt.previous: ``restore_previous_config`` or ``ugt-serving tune --restore`` puts it back), and the
-server loads it once to prove that it loads. An interrupted tune leaves the repository's config
-as it was, and an external server serving it again.
+a rerun resumes. At the end the winner and the config it replaces are measured again,
+alternately, in the same run; if the winner holds up there it is written into the repository
+atomically (the old config kept as config.pbtxt.previous: ``restore_previous_config`` or
+``ugt-serving tune --restore`` puts it back), and the server loads it once to prove that it
+loads. An interrupted tune leaves the repository's config as it was, and an external server
+serving it again.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str, dict], None]
 # (url, model, load level) -> one measured load point; the default is TritonBenchmark.run
 MeasurePointFn = Callable[[str, str, float], object]
+# the CLI's defaults: batch-1 requests of 128 items at 16 in flight
+DEFAULT_LOAD = BenchmarkConfig(
+    concurrency=16, concurrency_levels=(16,), test_batch_sizes=(1,), test_seq_lengths=(128,)
+)
 _CHECKED = ("instance_count", "max_batch_size", "preferred_batch_sizes", "max_queue_delay_us")
 
 
@@ -82,7 +89,7 @@ class ServingTuner:
         measure_point: MeasurePointFn | None = None,
     ):
         self.config = (config or TuneConfig()).validate()
-        self.bench_config = (benchmark_config or BenchmarkConfig()).validate()
+        self.bench_config = (benchmark_config or DEFAULT_LOAD.replace()).validate()
         self.progress = progress
         self.measure_point = measure_point
         bc = self.bench_config
@@ -300,7 +307,16 @@ class ServingTuner:
             result.winner_config = config_to_text(apply_settings(base_config, best.settings))
             for i in range(cfg.compare_rounds):
                 result.rounds.append(self._round(i, base, best.settings, run))
-            if repository is not None and cfg.write_config:
+            sbs = result.side_by_side()
+            if sbs is not None and sbs["winner_throughput"] <= sbs["default_throughput"]:
+                # the search's best was luck of the moment: the same-run rounds say it is not
+                # better than what is there, so what is there stays
+                result.not_written = "it did not beat the current config in the same run"
+            elif repository is None:
+                result.not_written = "no repository given (the tuned config is in the report)"
+            elif not cfg.write_config:
+                result.not_written = "writing was turned off"
+            else:
                 result.written, result.server_config_check = self._write(
                     control, repository, result.winner_config, best.settings
                 )
@@ -408,12 +424,13 @@ class _Run:
 
 
 def tune_serving(repository=None, model_name: str = "ugt_recommend", **fields) -> TuneResult:
-    """One call: ``fields`` are TuneConfig and BenchmarkConfig fields, plus ``url``, ``output``
-    and ``triton_bin`` for ``ServingTuner.tune``."""
+    """One call: ``fields`` are TuneConfig and BenchmarkConfig fields (the load defaults to
+    batch-1 requests of 128 items at concurrency 16), plus ``url``, ``output`` and
+    ``triton_bin`` for ``ServingTuner.tune``."""
     run = {k: fields.pop(k) for k in ("url", "output", "triton_bin") if k in fields}
     tune_names = {f.name for f in dataclasses.fields(TuneConfig)}
     tc = TuneConfig(model_name=model_name, **{k: v for k, v in fields.items() if k in tune_names})
-    bc = BenchmarkConfig(**{k: v for k, v in fields.items() if k not in tune_names})
+    bc = DEFAULT_LOAD.replace(**{k: v for k, v in fields.items() if k not in tune_names})
     return ServingTuner(tc, bc).tune(repository, **run)
 
 

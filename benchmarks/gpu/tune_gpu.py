@@ -181,6 +181,7 @@ def main(argv=None) -> int:
             bc = BenchmarkConfig(
                 concurrency=args.concurrency,
                 concurrency_levels=(args.concurrency,),
+                test_batch_sizes=(1,),
                 test_seq_lengths=(so.seq_len,),
                 seq_len_distribution="lognormal" if mix else "fixed",
                 seq_len_median=so.median,

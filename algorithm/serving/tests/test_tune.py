@@ -121,6 +121,7 @@ def test_a_small_search_writes_a_config_the_server_loads_and_a_rerun_resumes(ext
     written = read_settings(parse_config(_config_text(repo, model)))
     assert written == result.winner.settings
     assert result.server_config_check == {"loaded": True, "matches": True, "differences": {}}
+    assert result.not_written is None
     served = server.model_config(model)
     assert int(served["dynamic_batching"].get("max_queue_delay_microseconds", 0)) == 0
     assert served["instance_group"][0]["count"] == written.instance_count

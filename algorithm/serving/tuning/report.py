@@ -212,7 +212,8 @@ def render(result: TuneResult, env: dict) -> str:
         ]
     elif result.winner_config:
         lines += [
-            f"The tuned config was not written into a repository; it is in `{TUNED_CONFIG}` here.",
+            f"The tuned config was not written into the repository ({result.not_written}); "
+            f"it is in `{TUNED_CONFIG}` here.",
             "",
         ]
     lines += ["## Every candidate", ""]

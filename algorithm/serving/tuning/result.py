@@ -24,6 +24,7 @@ class TuneResult:
     values: dict = field(default_factory=dict)  # the values each setting was searched over
     stopped: str | None = None  # "time budget" when it ended the search early
     written: dict | None = None  # {"config", "previous"} in the repository
+    not_written: str | None = None  # why an improved winner was not written
     winner_config: str | None = None  # config.pbtxt text of the winner
     server_config_check: dict | None = None  # the written config, loaded back by the server
     seconds: float = 0.0
@@ -88,6 +89,8 @@ class TuneResult:
             text += f"; x{sbs['speedup']:.2f} the current config in the same run"
         elif sbs:
             text += "; the current config met the budget at no level in the same run"
+        if self.not_written:
+            text += f"; not written: {self.not_written}"
         return text
 
     def to_dict(self) -> dict:
@@ -125,6 +128,7 @@ class TuneResult:
             },
             "stopped": self.stopped,
             "written": self.written,
+            "not_written": self.not_written,
             "server_config_check": self.server_config_check,
             "winner_config": self.winner_config,
             "seconds": round(self.seconds, 1),
