@@ -227,6 +227,13 @@ def test_search_climbs_one_setting_at_a_time_and_stops_past_the_budget():
     assert search.stopped is None
 
 
+def test_candidates_that_serve_alike_are_measured_once():
+    # after max batch 8, the preferred sets [4, 8, 16] and [4, 8] are the same config
+    base = ServingSettings(2, 8, (4, 8), 100)
+    _, cands, calls = _search(base, {"preferred_batch_sizes": [(4, 8), (4, 8, 16), ()]})
+    assert len(calls) == 2 and [c.settings.preferred_batch_sizes for c in cands] == [(4, 8), ()]
+
+
 def test_search_goes_down_when_up_does_not_help_and_honours_the_time_budget():
     base = ServingSettings(4, 32, (4, 8), 100)
     _, cands, _ = _search(base, {"instance_count": [1, 2, 3, 4, 5]})

@@ -131,12 +131,15 @@ def _get(s: ServingSettings, dim: str):
 
 def _with(s: ServingSettings, dim: str, value) -> ServingSettings:
     if dim == "queue_policy":
-        return s.replace(max_queue_size=value[0], queue_timeout_us=value[1])
-    if dim == "max_batch_size" and s.preferred_batch_sizes:
-        # preferred sizes above the max batch mean nothing (apply_settings drops them too)
-        pref = tuple(b for b in s.preferred_batch_sizes if b <= value)
-        return s.replace(max_batch_size=value, preferred_batch_sizes=pref)
-    return s.replace(**{dim: value})
+        new = s.replace(max_queue_size=value[0], queue_timeout_us=value[1])
+    else:
+        new = s.replace(**{dim: value})
+    if new.preferred_batch_sizes:
+        # preferred sizes above the max batch mean nothing (apply_settings drops them too):
+        # without them two candidates that serve alike are one candidate, measured once
+        pref = tuple(sorted({b for b in new.preferred_batch_sizes if b <= new.max_batch_size}))
+        new = new.replace(preferred_batch_sizes=pref)
+    return new
 
 
 def _powers_of_two(lo: int, hi: int) -> list[int]:
