@@ -126,7 +126,7 @@ def read_settings(config) -> ServingSettings:
         max_batch_size=int(config.max_batch_size),
         preferred_batch_sizes=None
         if db is None
-        else tuple(int(b) for b in db.preferred_batch_size),
+        else tuple(sorted({int(b) for b in db.preferred_batch_size})),
         max_queue_delay_us=int(db.max_queue_delay_microseconds) if db is not None else 0,
         max_queue_size=int(qp.max_queue_size) if qp is not None else 0,
         queue_timeout_us=int(qp.default_timeout_microseconds) if qp is not None else 0,
