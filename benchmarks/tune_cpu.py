@@ -83,10 +83,12 @@ def main(argv=None) -> int:
         if event == "measured":
             c, j = info["candidate"], info["judge"]
             thr, p99 = j.throughput(c), j.best_p99(c)
+            others = [r.other_cpu_percent or 0.0 for r in c.results]
             print(
                 f"[{time.monotonic() - t0:6.0f}s] {c.step:<22} {c.settings.label:<34} "
                 f"in budget: {'-' if thr is None else f'{thr:.0f} req/s'}, best p99 "
-                f"{'-' if p99 is None else f'{p99:.1f}'} ms",
+                f"{'-' if p99 is None else f'{p99:.1f}'} ms; other processes "
+                f"{max(others, default=0):.0f}% of a core",
                 flush=True,
             )
 

@@ -152,20 +152,16 @@ class ServingTuner:
             url = server.grpc_url if self.bench_config.protocol == "grpc" else server.http_url
             self._emit("server", state="ready", url=url)
             control = ModelControl(url, self.bench_config.protocol, self.config.load_timeout_s)
+            target = _Target(
+                control,
+                url,
+                "embedded",
+                server.is_alive,
+                server_pid=server.process.pid,
+                metrics_url=server.metrics_url,
+            )
             try:
-                return self._session(
-                    control,
-                    url,
-                    repository,
-                    base_config,
-                    limit,
-                    output,
-                    t0,
-                    server_pid=server.process.pid,
-                    metrics_url=server.metrics_url,
-                    is_alive=server.is_alive,
-                    server_name="embedded",
-                )
+                return self._session(target, repository, base_config, limit, output, t0)
             finally:
                 control.close()
 
@@ -177,19 +173,11 @@ class ServingTuner:
             if base_config is None:
                 base_config = config_from_json(control.config(model))
                 limit = base_config.max_batch_size
+            target = _Target(
+                control, url, url, control.is_live, metrics_url=self.bench_config.metrics_url
+            )
             try:
-                return self._session(
-                    control,
-                    url,
-                    repository,
-                    base_config,
-                    limit,
-                    output,
-                    t0,
-                    metrics_url=self.bench_config.metrics_url,
-                    is_alive=control.is_live,
-                    server_name=url,
-                )
+                return self._session(target, repository, base_config, limit, output, t0)
             finally:
                 # whatever happened (interrupt included), the server serves the repository's
                 # config again: the winner when it was written, else the config as it was
@@ -230,34 +218,22 @@ class ServingTuner:
         }
 
     # -- the session ------------------------------------------------------------------------
-    # -- the session ------------------------------------------------------------------------
     def _session(
-        self,
-        control: ModelControl,
-        url: str,
-        repository,
-        base_config,
-        limit: int,
-        output: Path,
-        t0: float,
-        server_pid=None,
-        metrics_url=None,
-        is_alive=lambda: True,
-        server_name="embedded",
+        self, target: _Target, repository, base_config, limit: int, output: Path, t0: float
     ) -> TuneResult:
         cfg, model = self.config, self.config.model_name
         base = read_settings(base_config)
         pb = model_config_pb2()
         gpu = any(g.kind == pb.ModelInstanceGroup.KIND_GPU for g in base_config.instance_group)
         values = candidate_values(base, cfg, self.judge.slo_p99_ms, gpu=gpu, max_batch_limit=limit)
-        context = self._context(base_config, server_name)
+        context = self._context(base_config, target.name)
         store = PointStore(output, context, enabled=cfg.resume)
         bench = TritonBenchmark(
-            self.bench_config.replace(metrics_url=metrics_url),
+            self.bench_config.replace(metrics_url=target.metrics_url),
             progress=lambda event, info: self._emit(event, **info),
-            server_pid=server_pid,
+            server_pid=target.server_pid,
         )
-        run = _Run(self, control, bench, url, base_config, is_alive)
+        run = _Run(self, target, bench, base_config)
         spent: list[float] = []  # seconds of the candidates measured in this run
 
         def measure(settings: ServingSettings, step: str) -> Candidate:
@@ -318,7 +294,7 @@ class ServingTuner:
                 result.not_written = "writing was turned off"
             else:
                 result.written, result.server_config_check = self._write(
-                    control, repository, result.winner_config, best.settings
+                    target.control, repository, result.winner_config, best.settings
                 )
         result.seconds = time.monotonic() - t0
         result.paths = write_tune_report(result, output)
@@ -366,13 +342,25 @@ class ServingTuner:
         return written, {"loaded": True, "matches": not diff, "differences": diff}
 
 
+@dataclasses.dataclass
+class _Target:
+    """The server a tune runs on: how to control it, where to send load, whether it lives."""
+
+    control: ModelControl
+    url: str
+    name: str  # "embedded" or the url (part of the stored points' context)
+    is_alive: Callable[[], bool]
+    server_pid: int | None = None  # a local server: its CPU use is measured too
+    metrics_url: str | None = None
+
+
 class _Run:
     """Measures candidates on one server: load the candidate config inline, measure each load
     level (ascending, stopping at the first past the budget unless ``every_level``), unload."""
 
-    def __init__(self, tuner: ServingTuner, control, bench, url, base_config, is_alive):
-        self.tuner, self.control, self.bench = tuner, control, bench
-        self.url, self.base_config, self.is_alive = url, base_config, is_alive
+    def __init__(self, tuner: ServingTuner, target: _Target, bench, base_config):
+        self.tuner, self.bench, self.base_config = tuner, bench, base_config
+        self.control, self.url, self.is_alive = target.control, target.url, target.is_alive
         self.model = tuner.config.model_name
 
     def measure(self, settings: ServingSettings, step: str, every_level: bool = False):

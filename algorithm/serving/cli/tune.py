@@ -4,6 +4,7 @@ Registered on ``cli.app`` on import."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import typer
@@ -48,15 +49,18 @@ def _interrupt(*_) -> None:
 
 
 class _Display:
-    """Progress over the time budget, and one line per measured candidate."""
+    """A bar over the time budget (seconds used / budget), and a line per measured candidate."""
 
     def __init__(self, p, budget: float):
         self.p = p
-        self.task = p.add_task("Tuning", total=None)
-        self.budget = budget
+        self.total = int(budget)
+        self.task = p.add_task("Tuning", total=self.total)
+        self.t0 = time.monotonic()
+        self.what = "Tuning"  # the candidate being measured; windows add their numbers
 
     def __call__(self, event: str, info: dict) -> None:
         p, task = self.p, self.task
+        p.update(task, completed=min(int(time.monotonic() - self.t0), self.total))
         if event == "server":
             p.update(task, description=f"tritonserver {info['state']}")
         elif event == "plan":
@@ -67,17 +71,16 @@ class _Display:
                 highlight=False,
             )
         elif event == "candidate":
-            p.update(task, description=f"#{info['index']} {info['label']} ({info['step']})")
+            self.what = f"#{info['index']} {info['label']} ({info['step']})"
+            p.update(task, description=self.what)
         elif event == "compare":
-            p.update(
-                task,
-                description=f"same run, round {info['round']}: {info['which']} {info['label']}",
-            )
+            self.what = f"same run, round {info['round']}: {info['which']} {info['label']}"
+            p.update(task, description=self.what)
         elif event == "window":
             p.update(
                 task,
-                description=f"{p.tasks[task].description.split(' | ')[0]} | "
-                f"{info['throughput']:.0f} req/s, p99 {info['p99']:.1f} ms",
+                description=f"{self.what} | {info['throughput']:.0f} req/s, "
+                f"p99 {info['p99']:.1f} ms",
             )
         elif event == "measured":
             self._measured(info)
