@@ -14,8 +14,9 @@ the config given inline to Triton's load API, so the repository is not touched w
 measured with TritonBenchmark at each load level (warm-up excluded, stability windows), levels
 ascending and stopping at the first past the budget; then unloaded. The search itself is
 ``tuning.search``; every candidate is stored in the output folder as soon as it is measured, so
-a rerun resumes. At the end the winner and the config it replaces are measured again,
-alternately, in the same run; if the winner holds up there it is written into the repository
+a rerun resumes. At the end the winner (or, when none met the budget, the candidate that came
+closest) and the config it would replace are measured again, alternately, in the same run; if
+a winner holds up there it is written into the repository
 atomically (the old config kept as config.pbtxt.previous: ``restore_previous_config`` or
 ``ugt-serving tune --restore`` puts it back), and the server loads it once to prove that it
 loads. An interrupted tune leaves the repository's config as it was, and an external server
@@ -279,12 +280,15 @@ class ServingTuner:
             stopped=search.stopped,
             context={k: v for k, v in context.items() if k != "config"},
         )
+        tuned = result.tuned
+        if tuned is not None and tuned.settings != base:
+            # also when none met the budget: how much closer the best came, in the same run
+            for i in range(cfg.compare_rounds):
+                result.rounds.append(self._round(i, base, tuned.settings, run))
         if best is not None and result.improved:
             result.winner_config = config_to_text(apply_settings(base_config, best.settings))
-            for i in range(cfg.compare_rounds):
-                result.rounds.append(self._round(i, base, best.settings, run))
             sbs = result.side_by_side()
-            if sbs is not None and sbs["winner_throughput"] <= sbs["default_throughput"]:
+            if sbs is not None and sbs["tuned_throughput"] <= sbs["default_throughput"]:
                 # the search's best was luck of the moment: the same-run rounds say it is not
                 # better than what is there, so what is there stays
                 result.not_written = "it did not beat the current config in the same run"
@@ -300,10 +304,10 @@ class ServingTuner:
         result.paths = write_tune_report(result, output)
         return result
 
-    def _round(self, i: int, base: ServingSettings, best: ServingSettings, run: _Run) -> dict:
-        """The config as it was and the winner, one after the other (the order alternating by
+    def _round(self, i: int, base: ServingSettings, tuned: ServingSettings, run: _Run) -> dict:
+        """The config as it was and the tuned one, one after the other (the order alternating by
         round), each at every level: both seen by the same machine in the same minutes."""
-        order = [("default", base), ("winner", best)]
+        order = [("default", base), ("tuned", tuned)]
         if i % 2:
             order.reverse()
         out = {}

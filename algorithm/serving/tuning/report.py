@@ -1,7 +1,7 @@
 """The tune's report: ``tune_report.md``, ``tune_report.json`` (everything, every measured point),
 ``tuned_config.pbtxt`` (the winner's config) and two plots: throughput against P99 for every
-candidate with the budget and the winner marked, and the winner beside the config it replaces,
-measured in the same run."""
+candidate with the budget and the winner marked, and the tuned config (the winner, or the
+closest when none met the budget) beside the config it would replace, in the same run."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def draw(result: TuneResult, folder: Path) -> list[Path]:
     paths.append(plot_tune_candidates(cands, result.slo_p99_ms, folder / "tune_candidates.png"))
     if result.rounds:
         curves = {}
-        for which in ("default", "winner"):
+        for which in ("default", "tuned"):
             for i, rnd in enumerate(result.rounds):
                 c = rnd[which]
                 name = f"{which} ({c.settings.label})" + (
@@ -136,7 +136,7 @@ def _setting(v) -> str:
 def _curve_rows(result: TuneResult) -> list[list]:
     rows = []
     for i, rnd in enumerate(result.rounds):
-        for which in ("default", "winner"):
+        for which in ("default", "tuned"):
             c = rnd[which]
             for r in c.results:
                 rows.append(
@@ -174,13 +174,16 @@ def render(result: TuneResult, env: dict) -> str:
     ]
     sbs = result.side_by_side()
     if sbs:
+        who = "the winner" if sbs["tuned_met_budget"] else "the closest, as none met the budget"
         lines += [
-            "## The winner against the config it replaces, in the same run",
+            f"## The tuned config ({who}) against the one it would replace, in the same run",
             "",
-            f"Throughput within the budget: **{_f(sbs['winner_throughput'])} req/s** against "
+            f"Throughput within the budget: **{_f(sbs['tuned_throughput'])} req/s** against "
             f"{_f(sbs['default_throughput'])} req/s"
             + (f" (**x{sbs['speedup']:.2f}**)" if sbs["speedup"] else "")
-            + f", median of {sbs['rounds']} round(s), the two measured alternately.",
+            + f"; best P99 {_f(sbs['tuned_best_p99_ms'], 2)} ms against "
+            f"{_f(sbs['default_best_p99_ms'], 2)} ms. Medians of {sbs['rounds']} round(s), the "
+            "two measured alternately at every load level.",
             "",
             *_table(
                 ["round", "config", "load", "req/s", "p50 ms", "p99 ms", "ok/total", "in budget"],

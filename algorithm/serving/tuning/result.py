@@ -1,5 +1,6 @@
-"""TuneResult: what a tune measured, what won, and the side-by-side run of the winner and the
-config it replaces."""
+"""TuneResult: what a tune measured, what won, and the side-by-side run of the tuned config (the
+winner, or when none met the budget the candidate that came closest) and the config it would
+replace."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class TuneResult:
     candidates: list[Candidate]
     winner: Candidate | None
     closest: Candidate | None = None
-    rounds: list[dict[str, Candidate]] = field(default_factory=list)  # {"default", "winner"}
+    rounds: list[dict[str, Candidate]] = field(default_factory=list)  # {"default", "tuned"}
     values: dict = field(default_factory=dict)  # the values each setting was searched over
     stopped: str | None = None  # "time budget" when it ended the search early
     written: dict | None = None  # {"config", "previous"} in the repository
@@ -48,35 +49,45 @@ class TuneResult:
         """The winner is another config than the one the model had."""
         return self.winner is not None and self.winner.settings != self.baseline.settings
 
+    @property
+    def tuned(self) -> Candidate | None:
+        """What the same-run rounds compare with the default: the winner, else the closest."""
+        return self.winner if self.winner is not None else self.closest
+
     def side_by_side(self) -> dict | None:
-        """Throughput within the budget of the default and the winner in the same run (median
-        over rounds; 0 for a round where a config met the budget at no level)."""
+        """The default and the tuned config in the same run (medians over the rounds): throughput
+        within the budget (0 in a round where a config met it at no level) and best P99."""
         if not self.rounds:
             return None
-        out = {}
-        for which in ("default", "winner"):
+        out: dict = {"tuned_met_budget": self.winner is not None}
+        for which in ("default", "tuned"):
             thr = [self.judge.throughput(r[which]) or 0.0 for r in self.rounds]
-            p99 = [self.judge.best_p99(r[which]) for r in self.rounds]
+            p99 = [p for p in (self.judge.best_p99(r[which]) for r in self.rounds) if p is not None]
             out[f"{which}_throughput"] = statistics.median(thr)
-            out[f"{which}_best_p99_ms"] = statistics.median(
-                [p for p in p99 if p is not None] or [0]
-            )
+            out[f"{which}_best_p99_ms"] = statistics.median(p99) if p99 else None
         base = out["default_throughput"]
-        out["speedup"] = out["winner_throughput"] / base if base > 0 else None
+        out["speedup"] = out["tuned_throughput"] / base if base > 0 else None
         out["rounds"] = len(self.rounds)
         return out
 
     def summary(self) -> str:
         """One line: the answer."""
         j = self.judge
+        sbs = self.side_by_side()
         if self.winner is None:
             c = self.closest
             if c is None:
                 return f"no candidate of {self.model_name} could be measured"
-            return (
+            text = (
                 f"no setting met P99 <= {j.slo_p99_ms:g} ms: the best P99 was "
                 f"{j.best_p99(c):.1f} ms, at {c.settings.label}"
             )
+            if sbs and sbs["default_best_p99_ms"] and sbs["tuned_best_p99_ms"]:
+                text += (
+                    f" (same run: {sbs['tuned_best_p99_ms']:.1f} ms against "
+                    f"{sbs['default_best_p99_ms']:.1f} ms of the current config)"
+                )
+            return text
         w = self.winner
         text = (
             f"{w.settings.label}: {j.throughput(w):.0f} req/s within P99 {j.slo_p99_ms:g} ms"
@@ -84,7 +95,6 @@ class TuneResult:
         )
         if not self.improved:
             return text + "; the current config is already the best found"
-        sbs = self.side_by_side()
         if sbs and sbs["speedup"] is not None:
             text += f"; x{sbs['speedup']:.2f} the current config in the same run"
         elif sbs:
