@@ -11,8 +11,8 @@ requests of seq_len 128 at the given closed-loop concurrency, P99 budget ``--slo
 with the winner and the default measured alternately (``--rounds`` rounds) in the same run; the
 JSON (benchmarks/results/tune_cpu-<stamp>.json) holds every candidate and every point.
 
-The default repository is rebuilt on every run and the tune output goes to a fresh folder, so
-no stored point of an earlier run is reused. The 2-core development VM is shared: read the
+The default repository is rebuilt and the tune output folder (default ``tune-output/cpu``)
+emptied on every run, so no stored point of an earlier run is reused. The 2-core development VM is shared: read the
 recorded load average and the same-run comparison, not one number alone.
 """
 
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +41,23 @@ def _repository(work: Path) -> tuple[Path, dict]:
     return repo, served
 
 
+def _portable(value):
+    """Paths as the reader's checkout has them: relative to the working folder, else just the
+    name (no machine's absolute paths in a committed result)."""
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if not isinstance(value, str) or not os.path.isabs(value):
+        return value
+    try:
+        return (
+            os.path.relpath(value)
+            if not os.path.relpath(value).startswith("..")
+            else Path(value).name
+        )
+    except ValueError:
+        return Path(value).name
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="demo-output", help="demo artifacts (reused when present)")
@@ -53,7 +70,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-trials", type=int, default=6)
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--instances", default="", help="instance counts (default: the tune's)")
-    ap.add_argument("--output", default="", help="tune output folder (default: a fresh temp one)")
+    ap.add_argument(
+        "--output", default="tune-output/cpu", help="tune output folder (emptied first)"
+    )
     args = ap.parse_args(argv)
 
     levels = tuple(int(c) for c in args.concurrency.split(","))
@@ -92,19 +111,21 @@ def main(argv=None) -> int:
                 flush=True,
             )
 
-    out = Path(args.output or tempfile.mkdtemp(prefix="ugt-tune-cpu-"))
+    out = Path(args.output)
+    shutil.rmtree(out, ignore_errors=True)  # nothing stored by an earlier run is reused
     # the python-backend stub finds its environment through PATH
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     result = ServingTuner(tc, bc, progress=progress).tune(repo, output=out)
     print(result.summary())
+    tune = result.to_dict()
+    tune["paths"] = {k: _portable(v) for k, v in tune["paths"].items()}
     data = {
         "environment": environment(),
         "options": vars(args),
-        "default_config": served[model],
+        "default_config": {k: _portable(v) for k, v in served[model].items()},
         "summary": result.summary(),
         "side_by_side": result.side_by_side(),
-        "tune": result.to_dict(),
-        "report": str(out / "tune_report.md"),
+        "tune": tune,
     }
     path = write_result("tune_cpu", data)
     print(f"wrote {path}")
