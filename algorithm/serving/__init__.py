@@ -17,6 +17,7 @@ _EXPORTS = {
     "TritonConfig": ".config",
     "BenchmarkConfig": ".config",
     "ExperimentConfig": ".config",
+    "TuneConfig": ".config",
     # core classes
     "ServingExporter": ".exporter",
     "ONNXExporter": ".export_onnx",
@@ -30,6 +31,8 @@ _EXPORTS = {
     "ExtendedBenchmarkResult": ".benchmark",
     "GPUMonitor": ".bench.gpu_monitor",
     "OpenVINOOptimizer": ".optimize_openvino",
+    "ServingTuner": ".tune",
+    "TuneResult": ".tune",
     "ModelVersionManager": ".triton.repository",
     "TritonServer": ".triton.server",
     # convenience functions
@@ -42,6 +45,8 @@ _EXPORTS = {
     "available_backends": ".backends",
     "generate_triton_config": ".triton_config",
     "run_benchmark": ".benchmark",
+    "tune_serving": ".tune",
+    "restore_previous_config": ".tune",
     "write_report": ".bench.report",
     "load_report": ".bench.report",
     "DemoConfig": ".demo",
@@ -104,6 +109,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         ExperimentConfig,
         ExportConfig,
         TritonConfig,
+        TuneConfig,
     )
     from algorithm.serving.contract import ModelInputSpec
     from algorithm.serving.demo import DemoConfig, run_demo
@@ -125,3 +131,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from algorithm.serving.triton.supervisor import RestartPolicy, ServerSupervisor
     from algorithm.serving.triton.validation import validate_deployment
     from algorithm.serving.triton_config import TritonConfigGenerator, generate_triton_config
+    from algorithm.serving.tune import (
+        ServingTuner,
+        TuneResult,
+        restore_previous_config,
+        tune_serving,
+    )

@@ -513,3 +513,82 @@ class ExperimentConfig(_Config):
             except (TypeError, ValueError):
                 raise ConfigError(f.name, text, f"a {kind.__name__}") from None
         return cls(**fields)
+
+
+TUNE_SETTINGS = (
+    "instance_count",
+    "runtime_threads",
+    "max_batch_size",
+    "preferred_batch_sizes",
+    "max_queue_delay_us",
+    "gpu_batching",
+    "queue_policy",
+)
+
+
+@dataclass
+class TuneConfig(_Config):
+    """What `ugt-serving tune` searches and how it judges a candidate. The load profile (levels,
+    history lengths, windows) and the P99 budget (``slo_p99_ms``) come from a BenchmarkConfig.
+
+    Each value list left empty is chosen from the model's current config and the machine; the
+    current value is always a candidate.
+    """
+
+    model_name: str = "ugt_recommend"
+    time_budget_s: float = 900.0  # search + the side-by-side comparison
+    settings: tuple[str, ...] = TUNE_SETTINGS  # searched, in this order
+    instance_counts: tuple[int, ...] = ()
+    runtime_threads: tuple[int, ...] = ()  # intra-op threads per instance (CPU runtimes)
+    max_batch_sizes: tuple[int, ...] = ()
+    preferred_batch_sizes: tuple[tuple[int, ...], ...] = ()
+    max_queue_delays_us: tuple[int, ...] = ()
+    gpu_batchings: tuple[str, ...] = ()  # "length_aware", "pad" (GPU engine)
+    queue_policies: tuple[tuple[int, int], ...] = ()  # (max_queue_size, timeout_us)
+    max_rejected_percent: float = 0.0  # > 0 also searches the queue policy
+    tolerance_percent: float = 5.0  # a step worse by more than this ends a direction
+    compare_rounds: int = 1  # winner and current config measured alternately, this many times
+    load_timeout_s: float = 300.0  # per candidate load (GPU warm-up captures CUDA graphs)
+    write_config: bool = True  # write the winner into the repository (the old one is kept)
+    resume: bool = True  # reuse the points an earlier run stored in the output folder
+
+    def validate(self) -> TuneConfig:
+        check_name("model_name", self.model_name)
+        _float("time_budget_s", self.time_budget_s, 1.0)
+        if not isinstance(self.settings, (tuple, list)) or not self.settings:
+            raise ConfigError("settings", self.settings, f"a non-empty subset of {TUNE_SETTINGS}")
+        for s in self.settings:
+            _choice("settings", s, TUNE_SETTINGS)
+        self.settings = tuple(self.settings)
+        self.instance_counts = _ints("instance_counts", self.instance_counts, 1, 64, True)
+        self.runtime_threads = _ints("runtime_threads", self.runtime_threads, 0, 1024, True)
+        self.max_batch_sizes = _ints("max_batch_sizes", self.max_batch_sizes, 1, 4096, True)
+        if not isinstance(self.preferred_batch_sizes, (tuple, list)):
+            raise ConfigError(
+                "preferred_batch_sizes", self.preferred_batch_sizes, "a tuple of tuples of sizes"
+            )
+        self.preferred_batch_sizes = tuple(
+            _ints("preferred_batch_sizes", p, 1, 4096, True) for p in self.preferred_batch_sizes
+        )
+        self.max_queue_delays_us = _ints(
+            "max_queue_delays_us", self.max_queue_delays_us, 0, 10_000_000, True
+        )
+        for b in self.gpu_batchings:
+            _choice("gpu_batchings", b, ("length_aware", "pad"))
+        self.gpu_batchings = tuple(self.gpu_batchings)
+        policies = []
+        for p in self.queue_policies:
+            if not isinstance(p, (tuple, list)) or len(p) != 2:
+                raise ConfigError(
+                    "queue_policies", self.queue_policies, "(max_queue_size, timeout_us) pairs"
+                )
+            policies.append(_ints("queue_policies", p, 0))
+        self.queue_policies = tuple(policies)
+        _float("max_rejected_percent", self.max_rejected_percent, 0.0, 100.0)
+        _float("tolerance_percent", self.tolerance_percent, 0.0, 100.0)
+        _int("compare_rounds", self.compare_rounds, 0, 10)
+        _float("load_timeout_s", self.load_timeout_s, 1.0)
+        for name in ("write_config", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, getattr(self, name), "True or False")
+        return self

@@ -284,3 +284,80 @@ def draw_all(results, baseline, label, baseline_label, slo_ms, slo, stem: Path) 
         path = stem.parent / f"{stem.name}_{name}.png"
         out.append(draw(path))
     return out
+
+
+# -------------------------------------------------------------------------------------- tuning
+def plot_tune_candidates(candidates: list[dict], slo_ms: float, path: Path) -> Path:
+    """Throughput against P99 for every measured point of every tune candidate.
+
+    ``candidates``: [{"label", "role" ("default", "winner", "closest" or ""), "points": [(throughput,
+    p99_ms, load, within_budget)]}]. A candidate's points (one per load level) are joined;
+    filled markers are within the budget, hollow ones past it; the default and the winner are
+    drawn in their own colours and named in the legend.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {
+        "default": ("tab:blue", 9, 3),
+        "winner": ("tab:green", 11, 4),
+        "closest": ("tab:orange", 10, 4),
+    }
+    for c in candidates:
+        pts = c["points"]
+        if not pts:
+            continue
+        color, size, z = styles.get(c["role"], ("0.55", 6, 2))
+        label = f"{c['role']}: {c['label']}" if c["role"] else None
+        x, y = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(x, y, "-", color=color, alpha=0.5 if not c["role"] else 0.9, zorder=z, lw=1)
+        for thr, p99, _, ok in pts:
+            ax.plot(
+                [thr],
+                [p99],
+                "o",
+                ms=size if c["role"] else 6,
+                color=color,
+                markerfacecolor=color if ok else "none",
+                zorder=z,
+                label=label,
+            )
+            label = None
+        if c["role"] == "winner":
+            best = max((p for p in pts if p[3]), key=lambda p: p[0], default=None)
+            if best is not None:
+                ax.annotate(
+                    f"winner: {best[0]:.0f} req/s, P99 {best[1]:.1f} ms",
+                    (best[0], best[1]),
+                    textcoords="offset points",
+                    xytext=(6, -14),
+                    fontsize=8,
+                    color=color,
+                )
+    ax.axhline(slo_ms, color="red", linestyle=":", label=f"P99 budget {slo_ms:g} ms")
+    ax.plot([], [], "o", color="0.55", ms=6, label="other candidates (filled: within budget)")
+    ax.set_xlabel("throughput (requests/s)")
+    ax.set_ylabel("P99 latency (ms)")
+    ax.set_title("Tune: every measured candidate (one marker per load level)")
+    return _finish(fig, ax, path, plt)
+
+
+def plot_tune_side_by_side(curves: dict[str, list[tuple]], slo_ms: float, xlabel: str, path: Path):
+    """The winner and the config it replaces, measured in the same run: throughput and P99
+    against load. ``curves``: {name: [(load, throughput, p99_ms)]}; the first is dashed."""
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, pts) in enumerate(curves.items()):
+        pts = sorted(pts)
+        loads = [p[0] for p in pts]
+        style = "--" if i == 0 else "-"
+        left.plot(loads, [p[1] for p in pts], style, marker="o", label=name)
+        right.plot(loads, [p[2] for p in pts], style, marker="o", label=name)
+    right.axhline(slo_ms, color="red", linestyle=":", label=f"P99 budget {slo_ms:g} ms")
+    for ax, ylabel in ((left, "throughput (requests/s)"), (right, "P99 latency (ms)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    left.set_title("Same run: throughput", fontsize=9)
+    right.set_title("Same run: P99 latency", fontsize=9)
+    return _save(fig, path, plt)
