@@ -40,8 +40,8 @@ from algorithm.serving.config import BenchmarkConfig, TuneConfig, check_name
 from algorithm.serving.contract import SIDECAR_NAME
 from algorithm.serving.triton.config_file import replace_config, restore_config
 from algorithm.serving.triton.control import ModelControl
-from algorithm.serving.triton.validation import validate_deployment
 from algorithm.serving.triton.schema import config_to_text, model_config_pb2, parse_config
+from algorithm.serving.triton.validation import validate_deployment
 from algorithm.serving.tuning.report import write_tune_report
 from algorithm.serving.tuning.result import TuneResult
 from algorithm.serving.tuning.search import (
@@ -372,6 +372,10 @@ class _Run:
         c = Candidate(settings, step)
         t = time.monotonic()
         try:
+            # A candidate never shares the machine with the version loaded before it: on a GPU,
+            # Triton loading new instances beside the old ones can run out of device memory.
+            if self.control.state(self.model) == "READY":
+                self.control.unload(self.model)
             self.control.load(self.model, config_json(apply_settings(self.base_config, settings)))
         except ServerError as e:
             c.error = str(e).splitlines()[0]
