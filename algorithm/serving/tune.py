@@ -441,6 +441,10 @@ def restore_previous_config(
     if url:
         control = ModelControl(url, protocol)
         try:
+            # the restored config's instances must not load beside the tuned ones (on a GPU
+            # both sets may not fit): unload first, as between candidates
+            if control.state(model_name) == "READY":
+                control.unload(model_name)
             control.load(model_name)
         finally:
             control.close()
