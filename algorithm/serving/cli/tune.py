@@ -142,7 +142,9 @@ def tune(
     seq_dist: str = typer.Option("fixed", help="fixed, uniform, lognormal or histogram."),
     seq_median: int = typer.Option(200, min=1, help="lognormal median length."),
     seq_sigma: float = typer.Option(0.8, min=0.0, help="lognormal sigma."),
-    seq_max: int = typer.Option(1024, min=1, help="Longest history (not fixed)."),
+    seq_max: int | None = typer.Option(
+        None, min=1, help="Longest history (not fixed); default: the served model's."
+    ),
     seq_hist: Path | None = typer.Option(
         None, help="JSON lengths/counts for --seq-dist histogram."
     ),

@@ -200,6 +200,7 @@ def test_an_impossible_budget_is_a_clear_answer_not_a_crash(repo, tmp_path):
     )
     assert run.returncode == 1, run.stderr[-2000:]
     answer = json.loads(run.stdout)
+    assert "met_budget" in answer, run.stdout[-3000:] + run.stderr[-3000:]
     assert answer["met_budget"] is False and answer["winner"] is None
     closest = answer["candidates"][answer["closest"]]
     assert answer["summary"].startswith(
