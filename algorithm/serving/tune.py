@@ -372,10 +372,8 @@ class _Run:
         c = Candidate(settings, step)
         t = time.monotonic()
         try:
-            # A candidate never shares the machine with the version loaded before it: on a GPU,
-            # Triton loading new instances beside the old ones can run out of device memory.
-            if self.control.state(self.model) == "READY":
-                self.control.unload(self.model)
+            # load() unloads the version loaded before: a candidate never shares the machine
+            # with it (on a GPU both sets may not fit)
             self.control.load(self.model, config_json(apply_settings(self.base_config, settings)))
         except ServerError as e:
             c.error = str(e).splitlines()[0]
@@ -441,11 +439,7 @@ def restore_previous_config(
     if url:
         control = ModelControl(url, protocol)
         try:
-            # the restored config's instances must not load beside the tuned ones (on a GPU
-            # both sets may not fit): unload first, as between candidates
-            if control.state(model_name) == "READY":
-                control.unload(model_name)
-            control.load(model_name)
+            control.load(model_name)  # the tuned version goes first (ModelControl.load)
         finally:
             control.close()
         done["server"] = f"reloaded on {url}"

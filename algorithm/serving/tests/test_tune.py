@@ -302,3 +302,56 @@ def test_a_server_without_explicit_model_control_is_refused_with_the_fix(repo, t
             tuner.tune(repo, url=server.grpc_url, output=tmp_path / "out")
         assert "--model-control-mode=explicit" in e.value.hint
     assert not (tmp_path / "out" / "tune_points.json").exists()
+
+
+def _stubs(server_pid: int, model: str) -> int:
+    """The server's python-backend stubs of ``model`` alive now (their arguments name the
+    instance, ``<model>_<group>_<n>``)."""
+    count = 0
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            args = (p / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == server_pid and any(a.startswith(f"{model}_".encode()) for a in args):
+            count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_reload_never_runs_the_old_and_new_instances_side_by_side(repo):
+    """Triton's own reload starts the new instances beside the old ones; on a GPU both sets
+    did not fit (tune_h100_attempt_oom.log). ModelControl.load unloads first."""
+    import threading
+
+    from algorithm.serving.triton.control import ModelControl
+    from algorithm.serving.triton.server import TritonServer
+
+    with TritonServer(repo, 0, 0, 0, model_control="explicit") as server:
+        pid, control = server.process.pid, ModelControl(server.grpc_url)
+        try:
+            two = server.model_config(MODEL)
+            two["instance_group"][0]["count"] = 2
+            control.load(MODEL, json.dumps(two))
+            assert _stubs(pid, MODEL) == 2
+            seen, done = [], threading.Event()
+
+            def watch():
+                while not done.is_set():
+                    seen.append(_stubs(pid, MODEL))
+                    time.sleep(0.01)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                control.load(MODEL, json.dumps(two))
+            finally:
+                done.set()
+                watcher.join()
+            assert control.ready(MODEL)
+            assert max(seen) == 2 and 0 in seen, seen[:50]
+        finally:
+            control.close()

@@ -85,8 +85,15 @@ class ModelControl:
         return got.get("config", got) if self.protocol == "grpc" else got
 
     def load(self, model: str, config_json: str | None = None) -> None:
-        """(Re)load ``model``: from the repository's config.pbtxt, or with ``config_json``."""
+        """(Re)load ``model``: from the repository's config.pbtxt, or with ``config_json``.
+
+        A version that is loaded is unloaded first, and its instances are gone before the new
+        ones start: Triton's own reload starts the new instances beside the old ones (to keep
+        serving), and on a GPU both sets may not fit (an H100 ran out of memory that way:
+        benchmarks/results/tune_h100_attempt_oom.log). The model is unavailable in between."""
         check_name("model_name", model)
+        if self.state(model) in ("READY", "LOADING"):
+            self.unload(model)
         kwargs = {"config": config_json} if config_json else {}
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout_s
@@ -120,7 +127,7 @@ class ModelControl:
         return got.get("models", []) if isinstance(got, dict) else list(got)
 
     def require_explicit(self, model: str) -> None:
-        """Reload ``model`` from its repository config: proves that the server takes load
+        """Reload ``model`` from its repository config (unloaded first, see ``load``): proves that the server takes load
         requests (explicit model control) and that the model loads; ServerError with the hint
         otherwise."""
         if not self.is_live():
