@@ -279,6 +279,10 @@ class TritonConfig(_Config):
     # full-length batches. After warm-up no new graph is captured (no stall mid-traffic).
     length_mix: tuple[float, float] | None = (200.0, 0.8)
     warmup_coverage: float = 0.9995
+    # python + torch: batches an instance keeps queued on the device at once. 0: execute() waits
+    # for its batch; N >= 1: it returns once the batch is queued and a second thread answers
+    # (Triton's response sender), so the next batch is prepared while this one runs.
+    pipeline_depth: int = 0
 
     def validate(self) -> TritonConfig:
         _choice("platform", self.platform, PLATFORMS)
@@ -309,6 +313,14 @@ class TritonConfig(_Config):
             _float("length_mix sigma", self.length_mix[1], 0.01, 3.0)
             self.length_mix = tuple(float(v) for v in self.length_mix)
         _float("warmup_coverage", self.warmup_coverage, 0.5, 1.0)
+        _int("pipeline_depth", self.pipeline_depth, 0, 8)
+        if self.pipeline_depth and (self.platform, self.python_runtime) != ("python", "torch"):
+            raise ConfigError(
+                "pipeline_depth",
+                self.pipeline_depth,
+                "0 unless platform='python' with python_runtime='torch' (the runner that can "
+                "queue a batch on the device and return)",
+            )
         if self.platform == "tensorrt_plan" and self.instance_kind == "KIND_CPU":
             raise ConfigError(
                 "instance_kind", self.instance_kind, "KIND_GPU for platform tensorrt_plan"

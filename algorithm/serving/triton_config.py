@@ -203,6 +203,8 @@ class TritonConfigGenerator:
                 engine=json.dumps({"capture_new_shapes": False}),
                 warmup=json.dumps(self.gpu_warmup()),
             )
+        if tc.pipeline_depth:
+            params["pipeline_depth"] = str(tc.pipeline_depth)
         for key, value in params.items():
             cfg.parameters[key].string_value = value
 

@@ -67,6 +67,9 @@ class ServeOptions:
     # Recorded, not acted on: whether the CUDA MPS daemon ran during the run (run_issue14.sh
     # starts it), so the python-backend instances' contexts shared the GPU instead of time-slicing.
     mps: bool = False
+    # model.py's pipeline_depth (issue 14): batches an instance keeps queued on the GPU while it
+    # reads the next; 0 = execute() waits for its batch (the design before)
+    pipeline_depth: int = 0
 
 
 def server_env() -> dict:
@@ -141,6 +144,8 @@ def write_repository(
             msg.parameters["tensor_transport"].string_value = so.tensor_transport
         if phase_dir is not None:
             msg.parameters["phase_stats"].string_value = str(phase_dir)
+        if so.pipeline_depth:
+            msg.parameters["pipeline_depth"].string_value = str(so.pipeline_depth)
         text = config_to_text(msg)
         parse_config(text)
         write_text_atomic(path, text)
@@ -293,7 +298,9 @@ def phase_delta(before: dict, after: dict) -> dict:
     if n <= 0:
         return {}
     us = {k: 1e6 * (v - before["seconds"].get(k, 0.0)) / n for k, v in after["seconds"].items()}
-    host = sum(v for k, v in us.items() if k != "infer")
+    # "infer" holds the GPU time of a blocking execute(); a pipelined one waits for a free slot
+    # and (its second thread) for the GPU: waits, not host work
+    host = sum(v for k, v in us.items() if k not in ("infer", "wait_slot", "wait_gpu"))
     return {
         "requests": n,
         "batches": after["batches"] - before["batches"],

@@ -182,14 +182,34 @@ class TorchRunner:
         recs, scores = self._infer_flat(batch, host=True)
         return recs.numpy(), scores.numpy()
 
-    def _infer_flat(self, batch, host: bool):
+    def infer_batch_async(self, batch) -> PendingBatch:
+        """``infer_batch`` that returns once the work is queued on the device: the layout is
+        built and staged on the host, the copies in, the forward and the copies out (to pinned
+        host memory) are queued on the engine's stream, and ``PendingBatch.result()`` waits for
+        them. The caller may prepare the next batch meanwhile; this one's host inputs are no
+        longer read after the call. Without a CUDA device the work is done in the call."""
+        torch = self.torch
+        if self.device.type != "cuda":
+            recs, scores = self._infer_flat(batch, host=True)
+            return PendingBatch(recs, scores, None)
+        with torch.cuda.device(self.device):
+            recs, scores = self._infer_flat(batch, host="async")
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        return PendingBatch(recs, scores, event)
+
+    def _infer_flat(self, batch, host: bool | str):
+        from algorithm.serving.runtime.gpu.batch import to_host
+
         torch = self.torch
         if self.engine is None:
             out = self.infer_torch(
                 {k: torch.from_numpy(v) for k, v in zip(INPUT_NAMES, batch.padded(), strict=True)}
             )
             recs, scores = out["recommendations"], out["scores"]
-            return (recs.cpu(), scores.cpu()) if host else (recs, scores)
+            if not host:
+                return recs, scores
+            return to_host(recs, host), to_host(scores, host)
         engine = self.engine
         groups = self._groups(batch)
         if len(groups) == 1:
@@ -198,9 +218,12 @@ class TorchRunner:
         first = np.zeros(len(batch.rows) + 1, dtype=np.int64)
         np.cumsum(batch.rows, out=first[1:])
         parts, where = [], []
+        on_device = host == "async"  # the parts stay on the device, one copy out at the end
         for group in groups:
             sub = batch.subset(group)
-            parts.append(engine.run(engine.tokens_from_batch(sub), sub.users, host=host))
+            parts.append(
+                engine.run(engine.tokens_from_batch(sub), sub.users, host=not on_device and host)
+            )
             where.extend(np.arange(first[i], first[i + 1]) for i in group)
         index = torch.from_numpy(np.concatenate(where))
         out = []
@@ -208,7 +231,7 @@ class TorchRunner:
             cat = torch.cat([p[k] for p in parts])
             dst = torch.empty_like(cat)
             dst[index.to(cat.device)] = cat
-            out.append(dst)
+            out.append(to_host(dst, host) if on_device else dst)
         return out[0], out[1]
 
     def _groups(self, batch) -> list[list[int]]:
@@ -235,6 +258,26 @@ class TorchRunner:
             rows=batch.rows.tolist(),
             sort=packed,
         )
+
+
+class PendingBatch:
+    """The outputs of a batch queued on the device (``TorchRunner.infer_batch_async``)."""
+
+    __slots__ = ("recs", "scores", "event")
+
+    def __init__(self, recs, scores, event):
+        self.recs, self.scores, self.event = recs, scores, event
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(recs int64 [users, K, 3], scores fp32 [users, K]) on the host; waits for the device
+        (the wait releases the GIL, so other threads of the process run meanwhile)."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        return self.recs.numpy(), self.scores.numpy()
 
 
 class ModelWrapper(torch.nn.Module):

@@ -57,6 +57,12 @@ def served(trained, onnx_model, tmp_path_factory):
         EC.replace(model_name="ugt_versions"),
         TC.replace(python_runtime="torch", max_queue_delay_us=0),
     ).generate(repo, model_file=checkpoint)
+    # Pipelined: execute() returns once the batch is queued, a second thread answers through
+    # the response senders (on CPU the batch is done by then; the answering path is the same).
+    TritonConfigGenerator(
+        EC.replace(model_name="ugt_pipelined"),
+        TC.replace(python_runtime="torch", pipeline_depth=2),
+    ).generate(repo, model_file=checkpoint)
     # Tensors through DLPack (what numpy 2 environments use) and the response cache.
     gen = TritonConfigGenerator(
         EC.replace(model_name="ugt_dlpack"), TC.replace(response_cache=True)
@@ -211,6 +217,39 @@ def test_a_bad_request_fails_alone_with_a_clear_message(served):
     # All six reached the model and shared executions, yet only the three bad ones failed.
     assert after["inference_count"] - before["inference_count"] == len(requests)
     assert after["execution_count"] - before["execution_count"] < len(requests)
+
+
+@pytest.mark.server
+def test_a_pipelined_model_answers_every_request_through_its_response_sender(served):
+    """pipeline_depth: good requests answered later by the second thread, bad ones at once in
+    the same batch, over gRPC and HTTP (a default, non-decoupled model: any client works)."""
+    import tritonclient.http as httpclient
+
+    server, repo, ref = served
+    params = server.model_config("ugt_pipelined")["parameters"]
+    assert params["pipeline_depth"]["string_value"] == "2"
+    rng = np.random.default_rng(5)
+    good = [random_inputs(1, n, CODEBOOKS, rng) for n in (3, 40, 17, 128, 1, 64, 9, 33)]
+    bad = random_inputs(1, 10, CODEBOOKS, rng)
+    bad["encoder_l1_ids"][0, 2] = -1
+    requests = good[:4] + [bad] + good[4:]
+    before = model_statistics(server.statistics("ugt_pipelined"), "ugt_pipelined")
+    results = _fire(server.grpc_url, requests, "ugt_pipelined")
+    after = _stats_after(server, before, len(requests), "ugt_pipelined")
+    assert "encoder_l1_ids: id -1 at [0, 2]" in str(results[4][1])
+    for x, (got, error) in zip(good, results[:4] + results[5:], strict=True):
+        assert error is None, error
+        _close(ref.infer(x), got, f"pipelined seq {x['attention_mask'].shape[1]}")
+    assert after["inference_count"] - before["inference_count"] == len(requests)
+    assert after["execution_count"] - before["execution_count"] < len(requests)
+    x = random_inputs(2, 21, CODEBOOKS, rng, ragged=True)
+    inputs = []
+    for name in INPUT_NAMES:
+        i = httpclient.InferInput(name, list(x[name].shape), "INT64")
+        i.set_data_from_numpy(x[name], binary_data=True)
+        inputs.append(i)
+    r = httpclient.InferenceServerClient(server.http_url).infer("ugt_pipelined", inputs)
+    _close(ref.infer(x), {k: r.as_numpy(k) for k in ("recommendations", "scores")}, "http")
 
 
 @pytest.mark.server

@@ -167,6 +167,9 @@ def test_gpu_torch_config_warms_the_engine_for_full_and_mixed_lengths():
         )
     assert options["warmup"] == plan + [json.loads(params["warmup"].string_value)[-1]]
     assert options["engine"] == {"capture_new_shapes": False} and options["dtype"] == "bf16"
+    assert "pipeline_depth" not in params  # off unless asked for
+    piped = _strict(TritonConfigGenerator(ec, tc.replace(pipeline_depth=2)).config_text())
+    assert piped.parameters["pipeline_depth"].string_value == "2"
     for kind, runtime in (("KIND_CPU", "torch"), ("KIND_GPU", "onnxruntime")):
         cpu = TritonConfig(platform="python", python_runtime=runtime, instance_kind=kind)
         cpu = _strict(TritonConfigGenerator(ec, cpu).config_text()).parameters
@@ -180,6 +183,9 @@ def test_gpu_torch_config_warms_the_engine_for_full_and_mixed_lengths():
         ({"length_mix": (200, 0)}, "length_mix sigma"),
         ({"length_mix": (200,)}, "length_mix"),
         ({"warmup_coverage": 1.5}, "warmup_coverage"),
+        ({"pipeline_depth": 2}, "pipeline_depth"),  # tensorrt_plan: Triton's own backend
+        ({"platform": "python", "pipeline_depth": 2}, "pipeline_depth"),  # onnxruntime runner
+        ({"platform": "python", "python_runtime": "torch", "pipeline_depth": -1}, "pipeline_depth"),
         ({"platform": "openvino", "instance_kind": "KIND_GPU"}, "instance_kind"),
         ({"platform": "python", "trt_accelerator_precision": "fp16"}, "trt_accelerator_precision"),
         (

@@ -17,7 +17,12 @@ import torch
 from algorithm.serving.contract import INPUT_NAMES
 from algorithm.serving.runtime.gpu.engine import EngineConfig
 from algorithm.serving.runtime.torch import TorchRunner
-from algorithm.serving.triton.python_model.standin import Request, model_py_module, served_model
+from algorithm.serving.triton.python_model.standin import (
+    Request,
+    answered,
+    model_py_module,
+    served_model,
+)
 from algorithm.serving.verify.parity import compare_outputs
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs
 
@@ -40,10 +45,16 @@ def model():
     return m
 
 
-def _served(model_py, runner, dlpack=False, phase_dir=None):
+def _served(model_py, runner, dlpack=False, phase_dir=None, pipeline_depth=0):
     phases = Path(phase_dir) / "ugt.json" if phase_dir else None
     return served_model(
-        model_py, runner, SMALL.max_seq_length, SMALL.codebook_sizes, dlpack, phases
+        model_py,
+        runner,
+        SMALL.max_seq_length,
+        SMALL.codebook_sizes,
+        dlpack,
+        phases,
+        pipeline_depth=pipeline_depth,
     )
 
 
@@ -84,11 +95,18 @@ def _batch(rng):
 
 
 @pytest.mark.parametrize(
-    "runner_kind,dlpack",
-    [("packed", False), ("packed", True), ("pad", True), ("eager", False)],
+    "runner_kind,dlpack,depth",
+    [
+        ("packed", False, 0),
+        ("packed", True, 0),
+        ("pad", True, 0),
+        ("eager", False, 0),
+        ("packed", True, 2),  # pipelined: good requests answered by the second thread
+        ("eager", False, 1),
+    ],
 )
 def test_a_batch_is_checked_at_once_and_bad_requests_fail_alone(
-    model_py, model, rng, runner_kind, dlpack
+    model_py, model, rng, runner_kind, dlpack, depth
 ):
     if runner_kind == "eager":
         runner = TorchRunner(model)
@@ -96,8 +114,13 @@ def test_a_batch_is_checked_at_once_and_bad_requests_fail_alone(
         batching = "length_aware" if runner_kind == "packed" else "pad"
         runner = TorchRunner(model, engine=EngineConfig(dtype="fp32"), batching=batching)
     requests, expected_errors = _batch(rng)
-    served = _served(model_py, runner, dlpack)
-    responses = served.execute([Request(r) for r in requests])
+    served = _served(model_py, runner, dlpack, pipeline_depth=depth)
+    triton_requests = [Request(r) for r in requests]
+    returned = served.execute(triton_requests)
+    if depth:  # the bad ones in the returned list, the good ones through their senders
+        assert [i for i, r in enumerate(returned) if r is not None] == sorted(expected_errors)
+    responses = answered(triton_requests, returned)
+    served.finalize()
     assert len(responses) == len(requests)
     for i, (req, resp) in enumerate(zip(requests, responses, strict=True)):
         if i in expected_errors:
@@ -148,3 +171,47 @@ def test_a_failing_runner_answers_every_request_with_the_reason(model_py, model,
     assert len(responses) == len(reqs)
     for r in responses:
         assert r.error.code == "INTERNAL" and "RuntimeError: device lost" in r.error.message
+
+
+def test_pipelined_batches_are_answered_in_order_and_failures_reach_every_request(
+    model_py, model, rng, tmp_path
+):
+    runner = TorchRunner(model, engine=EngineConfig(dtype="fp32"))
+    served = _served(model_py, runner, dlpack=True, phase_dir=tmp_path, pipeline_depth=2)
+    batches = [
+        [Request(random_inputs(1, n, SMALL.codebook_sizes, rng)) for n in lengths]
+        for lengths in ((3, 64, 17), (8,), (40, 2))
+    ]
+    assert all(served.execute(b) is None for b in batches)  # every request answered later
+    for b in batches:
+        for req, resp in zip(b, answered(b, None), strict=True):
+            arrays = {t.name(): t.as_numpy() for t in req.inputs()}
+            report = compare_outputs(_reference(model, arrays), resp.outputs)
+            assert report["exact_match_rate"] == 1.0
+
+    # a runner that fails on the device: each request of the batch gets the reason
+    class Lost:
+        def result(self):
+            raise RuntimeError("device lost")
+
+    runner.infer_batch_async = lambda batch: Lost()
+    failing = [Request(random_inputs(1, n, SMALL.codebook_sizes, rng)) for n in (5, 6)]
+    assert served.execute(failing) is None
+    for r in answered(failing, None):
+        assert r.error.code == "INTERNAL" and "RuntimeError: device lost" in r.error.message
+    served.finalize()
+    stats = json.loads((tmp_path / "ugt.json").read_text())
+    assert {"read", "check", "wait_slot", "launch", "wait_gpu", "respond"} <= set(stats["seconds"])
+
+
+def test_a_pipeline_needs_a_runner_that_can_queue_a_batch(model_py, model):
+    class Blocking:
+        name = "onnxruntime"
+
+        def infer(self, inputs):
+            raise AssertionError("not called")
+
+    with pytest.raises(ValueError, match="set pipeline_depth to 0"):
+        _served(model_py, Blocking(), pipeline_depth=2)
+    with pytest.raises(ValueError, match="whole number"):
+        served_model(model_py, TorchRunner(model), 64, SMALL.codebook_sizes, pipeline_depth="x")

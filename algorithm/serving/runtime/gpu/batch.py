@@ -273,6 +273,15 @@ def layout_views(buf: torch.Tensor, layout: dict, as_numpy: bool = False) -> dic
     return out
 
 
+def to_host(x: torch.Tensor, host: bool | str = True) -> torch.Tensor:
+    """``x`` in host memory: a blocking copy, or with ``host="async"`` a copy queued on the
+    current stream into pinned memory (torch pins the destination of a non-blocking copy out of
+    a CUDA device), valid once the stream has got there."""
+    if host == "async" and x.is_cuda:
+        return x.to("cpu", non_blocking=True)
+    return x.cpu()
+
+
 class Staging:
     """A growing host buffer for index arrays; pinned when the engine runs on CUDA, so the copy
     to the device is one asynchronous transfer. ``take`` waits until the previous transfer out

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from algorithm.errors import ConfigError
 from algorithm.serving.runtime.gpu import kernels as fk
-from algorithm.serving.runtime.gpu.batch import Tokens
+from algorithm.serving.runtime.gpu.batch import Tokens, to_host
 from algorithm.serving.runtime.gpu.graphs import GraphCache
 from algorithm.serving.runtime.gpu.layouts import TokenLayouts
 
@@ -506,20 +506,26 @@ class GpuEngine:
 
     # -- public ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, t: Tokens, users: int | None = None, host: bool = False):
+    def run(self, t: Tokens, users: int | None = None, host: bool | str = False):
         """(recs [users, K, 3], scores [users, K]) for a prepared layout; outputs stay on the
-        device, or with ``host`` are copied to host memory (one copy per output, no clones)."""
+        device, or with ``host`` are copied to host memory (one copy per output, no clones).
+
+        ``host="async"``: the copies to (pinned) host memory are queued on the engine's stream
+        behind the forward and the call returns at once; the tensors are valid once the stream
+        gets there (record an event after this call and wait on it). The next forward is queued
+        behind these copies, so its replay cannot overwrite the graph's outputs before they
+        are out."""
         users = t.users if users is None else users
         if self.graphs.enabled:
             # capture and replay follow the *current* device: make it this engine's (cuda:1 ...)
             with torch.cuda.device(self.device):
                 recs, scores = self._replay(t)
                 if host:
-                    return recs[:users].cpu(), scores[:users].cpu()
+                    return to_host(recs[:users], host), to_host(scores[:users], host)
                 return recs[:users].clone(), scores[:users].clone()
         recs, scores = self._forward(self.layouts.materialized(t))
         if host:
-            return recs[:users].cpu(), scores[:users].cpu()
+            return to_host(recs[:users], host), to_host(scores[:users], host)
         return recs[:users], scores[:users]
 
     def __call__(self, l1, l2, l3, mask):

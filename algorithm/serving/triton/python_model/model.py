@@ -12,6 +12,14 @@ the input and the problem. The good ones run once: right-padded to the longest (
 positions of real items do not move) for ``runner.infer``, or, for a runner with
 ``infer_batch`` (torch: GpuEngine), handed over flat (``runtime.gpu.batch.FlatBatch``, one array per
 input) for the runner to pack or pad; the answers are row slices of one array per output.
+
+With the parameter ``pipeline_depth`` = N >= 1 and a runner with ``infer_batch_async`` (torch),
+execute() returns as soon as its batch is queued on the GPU, and a second thread answers the
+requests through their response senders when the GPU is done (a default, non-decoupled model may
+answer that way since Triton 24.06, exactly one response per request): the next batch is read,
+checked and laid out while this one runs, in one process and one CUDA context. At most N
+batches are in flight; execute() waits for a slot before it queues another, so requests keep
+collecting in Triton's queue meanwhile. Every standard client works as before.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import contextlib
 import inspect
 import json
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -157,10 +167,31 @@ class TritonPythonModel:
         from algorithm.serving.runtime import create_runner
 
         self.runner = create_runner(runtime, artifact, **options)
+        self.pipeline = self._start_pipeline(params.get("pipeline_depth", "") or "0", runtime)
         _log(
             "info",
-            f"{self.name} v{args['model_version']}: {runtime} runner on {device} over {artifact.name}",
+            f"{self.name} v{args['model_version']}: {runtime} runner on {device} over "
+            f"{artifact.name}"
+            + (f", pipelined (depth {self.pipeline.depth})" if self.pipeline else ""),
         )
+
+    def _start_pipeline(self, depth_text: str, runtime: str):
+        try:
+            depth = int(depth_text)
+        except ValueError:
+            raise ValueError(
+                f"parameter pipeline_depth={depth_text!r} must be a whole number (0 = off)"
+            ) from None
+        if depth < 0:
+            raise ValueError(f"parameter pipeline_depth={depth} must be 0 (off) or more")
+        if depth == 0:
+            return None
+        if getattr(self.runner, "infer_batch_async", None) is None:
+            raise ValueError(
+                f"parameter pipeline_depth={depth}: the {runtime} runner cannot queue a batch "
+                "and return (only the torch runtime can); set pipeline_depth to 0"
+            )
+        return _Pipeline(self, depth)
 
     @staticmethod
     def _runner_options(
@@ -328,6 +359,8 @@ class TritonPythonModel:
             return responses
         # A runner with infer_batch (torch: GpuEngine or eager) takes the whole dynamic batch
         # flat and combines the lengths itself: packed (no padding) or padded, per its batching.
+        if self.pipeline is not None:
+            return self.pipeline.submit(requests, good, responses, clock)
         if getattr(self.runner, "infer_batch", None) is not None:
             return self._execute_flat(good, responses, clock)
         padded = self._valid_batch(good, responses)
@@ -343,16 +376,22 @@ class TritonPythonModel:
         return responses
 
     def _respond(self, good: list, rows, recs, scores, responses: list) -> None:
-        """Answer each request of ``good`` with its ``rows`` rows of the batch's outputs: one
-        conversion per output for the batch (a no-op for int64 / fp32 outputs), then row slices
-        of a C-contiguous array, which copy nothing."""
+        """Answer each request of ``good`` with its ``rows`` rows of the batch's outputs."""
+        for (i, _), answer in zip(good, self._answers(rows, recs, scores), strict=True):
+            responses[i] = answer
+
+    def _answers(self, rows, recs, scores) -> list:
+        """One response per request of ``rows`` rows each: one conversion per output for the
+        batch (a no-op for int64 / fp32 outputs), then row slices of a C-contiguous array,
+        which copy nothing."""
         recs_rows = self._row_tensors("recommendations", np.ascontiguousarray(recs, np.int64))
         scores_rows = self._row_tensors("scores", np.ascontiguousarray(scores, np.float32))
-        response, start = pb_utils.InferenceResponse, 0
-        for (i, _), n in zip(good, rows, strict=True):
+        response, start, out = pb_utils.InferenceResponse, 0, []
+        for n in rows:
             end = start + n
-            responses[i] = response(output_tensors=[recs_rows(start, end), scores_rows(start, end)])
+            out.append(response(output_tensors=[recs_rows(start, end), scores_rows(start, end)]))
             start = end
+        return out
 
     def _failed(self, e: Exception, good: list, responses: list) -> None:
         _log("error", f"{self.name}: inference failed: {type(e).__name__}: {e}")
@@ -403,4 +442,80 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        if self.pipeline is not None:
+            self.pipeline.close()  # the batches in flight are answered first
         self.runner = None
+
+
+class _Pipeline:
+    """Batches queued on the GPU, answered by one thread in the order they were queued (one
+    stream: they finish in that order)."""
+
+    def __init__(self, model: TritonPythonModel, depth: int):
+        self.model, self.depth = model, depth
+        self.slots = threading.BoundedSemaphore(depth)
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._answer_loop, name="ugt-answers", daemon=True)
+        self.thread.start()
+
+    def submit(self, requests, good: list, responses: list, clock: _Clock | None):
+        """Validate, wait for a slot, queue the batch on the GPU; the requests of ``good`` are
+        answered later (their entries stay None), bad ones now (in the returned list)."""
+        model = self.model
+        if clock:
+            clock.lap("read")
+        batch = model._valid_flat(good, responses)
+        if batch is None:
+            return responses
+        if clock:
+            clock.lap("check")
+        # the senders must be taken inside execute(): the requests are gone after it returns
+        senders = [requests[i].get_response_sender() for i, _ in good]
+        self.slots.acquire()
+        if clock:
+            clock.lap("wait_slot")
+        try:
+            pending = model.runner.infer_batch_async(batch)
+        except Exception as e:  # the runtime failed: every request of this batch gets the reason
+            self.slots.release()
+            model._failed(e, good, responses)
+            return responses
+        if clock:
+            clock.lap("launch")
+        self.queue.put((pending, senders, batch.rows.tolist(), clock))
+        return responses if any(r is not None for r in responses) else None
+
+    def _answer_loop(self) -> None:
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        model = self.model
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            pending, senders, rows, clock = item
+            if clock:
+                clock.t = time.perf_counter()
+            try:
+                recs, scores = pending.result()
+                if clock:
+                    clock.lap("wait_gpu")
+                answers = model._answers(rows, recs, scores)
+            except Exception as e:
+                _log("error", f"{model.name}: inference failed: {type(e).__name__}: {e}")
+                answers = [
+                    _error(f"inference failed: {type(e).__name__}: {e}", invalid_argument=False)
+                ] * len(senders)
+            finally:
+                self.slots.release()  # the GPU is done with it: the next batch may go
+            for sender, answer in zip(senders, answers, strict=True):
+                try:
+                    sender.send(answer, flags=final)
+                except Exception as e:  # the client is gone, or the server is stopping
+                    _log("warn", f"{model.name}: a response could not be sent: {e}")
+            if clock and model.phases is not None:
+                clock.lap("respond")
+                model.phases.add(clock, len(senders), getattr(model.runner, "engine", None))
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout_s)

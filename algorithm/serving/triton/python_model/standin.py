@@ -35,12 +35,39 @@ class Tensor:
         return Tensor(name, torch.from_dlpack(capsule))  # no copy: the stub's cost is not ours
 
 
+# pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL (tritonserver.h: TRITONSERVER_ResponseCompleteFlag)
+COMPLETE_FINAL = 1
+
+
+class ResponseSender:
+    """``InferenceResponseSender`` of a default (non-decoupled) model, as the stub checks it
+    (python_backend response_sender.cc): exactly one response, sent with the final flag; the
+    response (or the failure to send it) is kept, and ``done`` is set once it is sent."""
+
+    def __init__(self):
+        import threading
+
+        self.response, self.flags, self.done = None, None, threading.Event()
+
+    def send(self, response=None, flags=0):
+        if self.done.is_set():
+            raise RuntimeError("Unable to send response. Response sender has been closed.")
+        if response is None or flags != COMPLETE_FINAL:
+            raise RuntimeError("a default-mode model sends one response with the final flag")
+        self.response, self.flags = response, flags
+        self.done.set()
+
+
 class Request:
     def __init__(self, arrays: dict):
         self._inputs = [Tensor(k, v) for k, v in arrays.items()]
+        self._sender = ResponseSender()
 
     def inputs(self):
         return self._inputs
+
+    def get_response_sender(self):
+        return self._sender
 
 
 class Response:
@@ -65,6 +92,7 @@ def model_py_module(name: str = "ugt_triton_model_standin"):
     ``sys.modules`` until the context ends)."""
     fake = types.ModuleType("triton_python_backend_utils")
     fake.Tensor, fake.InferenceResponse, fake.TritonError = Tensor, Response, Error
+    fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = COMPLETE_FINAL
     saved = sys.modules.get(fake.__name__)
     sys.modules[fake.__name__] = fake
     try:
@@ -79,12 +107,39 @@ def model_py_module(name: str = "ugt_triton_model_standin"):
             sys.modules[fake.__name__] = saved
 
 
-def served_model(module, runner, max_seq_length: int, codebook_sizes, dlpack=False, phases=None):
+def served_model(
+    module,
+    runner,
+    max_seq_length: int,
+    codebook_sizes,
+    dlpack=False,
+    phases=None,
+    pipeline_depth: int = 0,
+):
     """``module``'s (model.py's) TritonPythonModel around ``runner`` without initialize() (no
     config, no artifact): what the tests and the host-path benchmark drive through execute().
-    ``phases``: the file its phase_stats go to (None: not recorded)."""
+    ``phases``: the file its phase_stats go to (None: not recorded). ``pipeline_depth`` > 0:
+    execute() answers the good requests through their senders (``answered`` waits for them);
+    call ``finalize()`` when done."""
     m = module.TritonPythonModel()
     m.name, m.runner, m.dlpack = "ugt", runner, dlpack
     m.max_seq_length, m.codebook_sizes = max_seq_length, tuple(codebook_sizes)
     m.phases = module._Phases(Path(phases)) if phases else None
+    m.pipeline = m._start_pipeline(str(pipeline_depth), getattr(runner, "name", "?"))
     return m
+
+
+def answered(requests, returned, timeout_s: float = 60.0) -> list:
+    """Each request's response: from execute()'s returned list, else from its sender (waited
+    for). A request answered neither way, or both ways, is an AssertionError."""
+    out = []
+    for i, request in enumerate(requests):
+        now = returned[i] if returned is not None else None
+        sender = request.get_response_sender()
+        if now is None:
+            assert sender.done.wait(timeout_s), f"request {i} was never answered"
+            now = sender.response
+        else:
+            assert not sender.done.is_set(), f"request {i} was answered twice"
+        out.append(now)
+    return out
