@@ -299,8 +299,9 @@ def phase_delta(before: dict, after: dict) -> dict:
         return {}
     us = {k: 1e6 * (v - before["seconds"].get(k, 0.0)) / n for k, v in after["seconds"].items()}
     # "infer" holds the GPU time of a blocking execute(); a pipelined one waits for a free slot
-    # and (its second thread) for the GPU: waits, not host work
-    host = sum(v for k, v in us.items() if k not in ("infer", "wait_slot", "wait_gpu"))
+    # and (its second thread) for the GPU: waits, not host work. Its "send" is the response
+    # senders' round trips summed over the send threads (reported apart: they run side by side)
+    host = sum(v for k, v in us.items() if k not in ("infer", "wait_slot", "wait_gpu", "send"))
     return {
         "requests": n,
         "batches": after["batches"] - before["batches"],
@@ -308,6 +309,7 @@ def phase_delta(before: dict, after: dict) -> dict:
         "rounded_up_batches": after["rounded_up"] - before["rounded_up"],  # in a larger graph
         "us_per_request": us,
         "host_us_per_request_outside_infer": host,
+        "send_us_per_request_summed_over_threads": us.get("send"),
     }
 
 

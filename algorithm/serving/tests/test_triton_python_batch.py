@@ -201,7 +201,9 @@ def test_pipelined_batches_are_answered_in_order_and_failures_reach_every_reques
         assert r.error.code == "INTERNAL" and "RuntimeError: device lost" in r.error.message
     served.finalize()
     stats = json.loads((tmp_path / "ugt.json").read_text())
-    assert {"read", "check", "wait_slot", "launch", "wait_gpu", "respond"} <= set(stats["seconds"])
+    assert {"read", "check", "wait_slot", "launch", "wait_gpu", "answer", "send"} <= set(
+        stats["seconds"]
+    )
 
 
 def test_a_pipeline_needs_a_runner_that_can_queue_a_batch(model_py, model):

@@ -19,7 +19,9 @@ requests through their response senders when the GPU is done (a default, non-dec
 answer that way since Triton 24.06, exactly one response per request): the next batch is read,
 checked and laid out while this one runs, in one process and one CUDA context. At most N
 batches are in flight; execute() waits for a slot before it queues another, so requests keep
-collecting in Triton's queue meanwhile. Every standard client works as before.
+collecting in Triton's queue meanwhile. Each send() is a round trip to the backend process, so
+the responses go out on ``response_threads`` threads (default 8). Every standard client works
+as before.
 """
 
 from __future__ import annotations
@@ -167,7 +169,11 @@ class TritonPythonModel:
         from algorithm.serving.runtime import create_runner
 
         self.runner = create_runner(runtime, artifact, **options)
-        self.pipeline = self._start_pipeline(params.get("pipeline_depth", "") or "0", runtime)
+        self.pipeline = self._start_pipeline(
+            params.get("pipeline_depth", "") or "0",
+            runtime,
+            params.get("response_threads", "") or "8",
+        )
         _log(
             "info",
             f"{self.name} v{args['model_version']}: {runtime} runner on {device} over "
@@ -175,13 +181,16 @@ class TritonPythonModel:
             + (f", pipelined (depth {self.pipeline.depth})" if self.pipeline else ""),
         )
 
-    def _start_pipeline(self, depth_text: str, runtime: str):
+    def _start_pipeline(self, depth_text: str, runtime: str, senders_text: str = "8"):
         try:
-            depth = int(depth_text)
+            depth, senders = int(depth_text), int(senders_text)
         except ValueError:
             raise ValueError(
-                f"parameter pipeline_depth={depth_text!r} must be a whole number (0 = off)"
+                f"parameters pipeline_depth={depth_text!r} (0 = off) and "
+                f"response_threads={senders_text!r} must be whole numbers"
             ) from None
+        if senders < 1:
+            raise ValueError(f"parameter response_threads={senders} must be 1 or more")
         if depth < 0:
             raise ValueError(f"parameter pipeline_depth={depth} must be 0 (off) or more")
         if depth == 0:
@@ -191,7 +200,7 @@ class TritonPythonModel:
                 f"parameter pipeline_depth={depth}: the {runtime} runner cannot queue a batch "
                 "and return (only the torch runtime can); set pipeline_depth to 0"
             )
-        return _Pipeline(self, depth)
+        return _Pipeline(self, depth, senders)
 
     @staticmethod
     def _runner_options(
@@ -449,12 +458,18 @@ class TritonPythonModel:
 
 class _Pipeline:
     """Batches queued on the GPU, answered by one thread in the order they were queued (one
-    stream: they finish in that order)."""
+    stream: they finish in that order). A response sender's send() is a round trip to the
+    backend process (~0.3-0.5 ms on an H100 host, measured: gpu_issue14_h100_run3.json) during
+    which the GIL is free, so the sends go out on ``senders`` threads at once; the backend
+    takes them on its own thread pool (32 threads by default)."""
 
-    def __init__(self, model: TritonPythonModel, depth: int):
+    def __init__(self, model: TritonPythonModel, depth: int, senders: int = 8):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.model, self.depth = model, depth
         self.slots = threading.BoundedSemaphore(depth)
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.pool = ThreadPoolExecutor(max_workers=senders, thread_name_prefix="ugt-send")
         self.thread = threading.Thread(target=self._answer_loop, name="ugt-answers", daemon=True)
         self.thread.start()
 
@@ -486,11 +501,11 @@ class _Pipeline:
         return responses if any(r is not None for r in responses) else None
 
     def _answer_loop(self) -> None:
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        model = self.model
+        model, sending = self.model, None
         while True:
             item = self.queue.get()
             if item is None:
+                self._finish(sending)
                 return
             pending, senders, rows, clock = item
             if clock:
@@ -507,15 +522,35 @@ class _Pipeline:
                 ] * len(senders)
             finally:
                 self.slots.release()  # the GPU is done with it: the next batch may go
-            for sender, answer in zip(senders, answers, strict=True):
-                try:
-                    sender.send(answer, flags=final)
-                except Exception as e:  # the client is gone, or the server is stopping
-                    _log("warn", f"{model.name}: a response could not be sent: {e}")
-            if clock and model.phases is not None:
-                clock.lap("respond")
-                model.phases.add(clock, len(senders), getattr(model.runner, "engine", None))
+            if clock:
+                clock.lap("answer")
+            futures = [
+                self.pool.submit(self._send, s, a) for s, a in zip(senders, answers, strict=True)
+            ]
+            # at most two batches' sends out at once: this one's and the one before
+            self._finish(sending)
+            sending = (futures, clock)
+
+    def _send(self, sender, answer) -> float:
+        t = time.perf_counter()
+        try:
+            sender.send(answer, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as e:  # the client is gone, or the server is stopping
+            _log("warn", f"{self.model.name}: a response could not be sent: {e}")
+        return time.perf_counter() - t
+
+    def _finish(self, sending) -> None:
+        """Wait for a batch's sends; its phases get their time summed over the send threads."""
+        if sending is None:
+            return
+        futures, clock = sending
+        spent = sum(f.result() for f in futures)
+        model = self.model
+        if clock and model.phases is not None:
+            clock.laps["send"] = clock.laps.get("send", 0.0) + spent
+            model.phases.add(clock, len(futures), getattr(model.runner, "engine", None))
 
     def close(self, timeout_s: float = 60.0) -> None:
         self.queue.put(None)
         self.thread.join(timeout_s)
+        self.pool.shutdown(wait=True)
