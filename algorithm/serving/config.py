@@ -534,6 +534,7 @@ TUNE_SETTINGS = (
     "preferred_batch_sizes",
     "max_queue_delay_us",
     "gpu_batching",
+    "pipeline_depth",
     "queue_policy",
 )
 
@@ -556,6 +557,7 @@ class TuneConfig(_Config):
     preferred_batch_sizes: tuple[tuple[int, ...], ...] = ()
     max_queue_delays_us: tuple[int, ...] = ()
     gpu_batchings: tuple[str, ...] = ()  # "length_aware", "pad" (GPU engine)
+    pipeline_depths: tuple[int, ...] = ()  # python + torch runner; 0 = off
     queue_policies: tuple[tuple[int, int], ...] = ()  # (max_queue_size, timeout_us)
     max_rejected_percent: float = 0.0  # > 0 also searches the queue policy
     tolerance_percent: float = 5.0  # a step worse by more than this ends a direction
@@ -588,6 +590,7 @@ class TuneConfig(_Config):
         for b in self.gpu_batchings:
             _choice("gpu_batchings", b, ("length_aware", "pad"))
         self.gpu_batchings = tuple(self.gpu_batchings)
+        self.pipeline_depths = _ints("pipeline_depths", self.pipeline_depths, 0, 8, True)
         policies = []
         for p in self.queue_policies:
             if not isinstance(p, (tuple, list)) or len(p) != 2:

@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="same-run rounds, winner vs defaults")
     ap.add_argument("--instances", default="1,2,3,4")
     ap.add_argument("--delays", default="", help="queue delays (us) to try; default: the tune's")
+    ap.add_argument("--pipeline-depths", default="", help="model.py pipeline depths to try")
+    ap.add_argument("--settings", default="", help="the settings searched; default: all")
     ap.add_argument("--server-config", default="", help="JSON overrides for served.ServeOptions")
     args = ap.parse_args(argv)
 
@@ -175,6 +177,8 @@ def main(argv=None) -> int:
                 compare_rounds=args.rounds,
                 instance_counts=tuple(int(i) for i in args.instances.split(",") if i),
                 max_queue_delays_us=tuple(int(d) for d in args.delays.split(",") if d),
+                pipeline_depths=tuple(int(d) for d in args.pipeline_depths.split(",") if d),
+                **({"settings": tuple(args.settings.split(","))} if args.settings else {}),
                 load_timeout_s=900,
                 resume=False,
             )

@@ -160,6 +160,11 @@ def tune(
     ),
     delays: str | None = typer.Option(None, help="Max queue delays to try, in us."),
     batching: str | None = typer.Option(None, help="GPU engine batching modes: length_aware,pad."),
+    pipeline_depths: str | None = typer.Option(
+        None,
+        "--pipeline-depths",
+        help="GPU torch runner: batches queued on the GPU per instance to try, e.g. 0,2 (0 = off).",
+    ),
     queue_policies: str | None = typer.Option(
         None, help="Queue policies size/timeout_us: '0/0;0/15000;128/15000'."
     ),
@@ -197,7 +202,8 @@ def tune(
     """Find the serving settings that hold a P99 budget at the most throughput, on the live server.
 
     Searches instances, runtime threads, max/preferred batch sizes, queue delay, the GPU engine's
-    batching and (with --max-rejected > 0) the queue policy, one at a time from the current
+    batching and pipeline depth, and (with --max-rejected > 0) the queue policy, one at a time
+    from the current
     config; writes the winner into the repository (the old config kept: --restore puts it back).
     """
     from algorithm.serving.config import TUNE_SETTINGS, BenchmarkConfig, TuneConfig
@@ -219,6 +225,7 @@ def tune(
         preferred_batch_sizes=_preferred(preferred),
         max_queue_delays_us=_numbers("delays", [delays] if delays else []),
         gpu_batchings=tuple(b.strip() for b in batching.split(",")) if batching else (),
+        pipeline_depths=_numbers("pipeline-depths", [pipeline_depths] if pipeline_depths else []),
         queue_policies=_policies(queue_policies),
         max_rejected_percent=max_rejected,
         tolerance_percent=tolerance,

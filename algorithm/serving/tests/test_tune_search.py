@@ -96,6 +96,12 @@ def test_gpu_engine_has_batching_mode_and_no_thread_knob():
     assert "threads" not in new.parameters or new.parameters["threads"].string_value == "0"
     cpu_torch = read_settings(_config(CPU.replace(python_runtime="torch")))
     assert cpu_torch.runtime_threads is None  # the torch runner reads OMP_NUM_THREADS instead
+    # the torch runner's pipeline depth: read (absent = 0), written, and taken off again
+    assert s.pipeline_depth == 0 and read_settings(_config(CPU)).pipeline_depth is None
+    piped = apply_settings(base, s.replace(pipeline_depth=2))
+    assert piped.parameters["pipeline_depth"].string_value == "2"
+    assert read_settings(piped).pipeline_depth == 2 and "pipe2" in read_settings(piped).label
+    assert "pipeline_depth" not in apply_settings(piped, s).parameters
 
 
 def test_a_model_without_batching_cannot_be_tuned():
@@ -123,6 +129,7 @@ def test_candidate_values_keep_the_current_value_and_follow_the_model():
     assert list(only) == ["instance_count"]
     gpu = candidate_values(read_settings(_config(GPU)), TuneConfig(), 15.0, gpu=True)
     assert gpu["gpu_batching"] == ["length_aware", "pad"] and gpu["instance_count"] == [1, 2, 3, 4]
+    assert gpu["pipeline_depth"] == [0, 2] and "pipeline_depth" not in v
     with pytest.raises(ConfigError, match="max_batch_sizes"):
         candidate_values(base, TuneConfig(max_batch_sizes=(64,)), 30.0, max_batch_limit=32)
 
@@ -134,6 +141,8 @@ def test_tune_config_names_bad_fields():
         TuneConfig(queue_policies=((1, 2, 3),))
     with pytest.raises(ConfigError, match="gpu_batchings"):
         TuneConfig(gpu_batchings=("packed",))
+    with pytest.raises(ConfigError, match="pipeline_depths"):
+        TuneConfig(pipeline_depths=(9,))
     from algorithm.serving.tune import ServingTuner
 
     with pytest.raises(ConfigError, match="one batch size"):

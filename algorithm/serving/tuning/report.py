@@ -27,6 +27,7 @@ SETTING_NAMES = {
     "max_queue_size": "max queue size (0 = unbounded)",
     "queue_timeout_us": "queue timeout (us, 0 = none)",
     "gpu_batching": "GPU engine batching",
+    "pipeline_depth": "pipeline depth (0 = off)",
 }
 
 

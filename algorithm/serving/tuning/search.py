@@ -2,7 +2,7 @@
 
 A coordinate search from the model's current settings, one setting at a time in the order of
 ``DIMENSIONS`` (instances first, then the runtime's threads, batching, queue delay, the GPU
-engine's batching mode, the queue policy), each step keeping the best value found so far for the
+engine's batching mode and pipeline depth, the queue policy), each step keeping the best value found so far for the
 others. Ordered settings (instances, threads, max batch size, queue delay) are climbed from the
 current value: upwards while a step is not clearly worse than the one before it (a step that
 breaks the P99 budget after one that met it is clearly worse, so a direction stops there), and
@@ -202,6 +202,8 @@ def candidate_values(
         )
     if base.gpu_batching is not None:
         put("gpu_batching", config.gpu_batchings, GPU_BATCHINGS, False)
+    if base.pipeline_depth is not None and gpu:
+        put("pipeline_depth", config.pipeline_depths, (0, 2), False)
     if base.preferred_batch_sizes is not None and (
         config.queue_policies or config.max_rejected_percent > 0
     ):

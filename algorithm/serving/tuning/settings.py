@@ -2,7 +2,8 @@
 
 ``ServingSettings`` is the point of the search space: instance count, max batch size, preferred
 batch sizes (None: no dynamic batching), max queue delay, the queue policy, and where the model
-has them the runtime's intra-op threads and the GPU engine's batching mode. ``read_settings``
+has them the runtime's intra-op threads, the GPU engine's batching mode and the torch runner's
+pipeline depth (model.py's ``pipeline_depth``). ``read_settings``
 takes them from a config; ``apply_settings`` returns a copy of the config with them, leaving every
 other field (inputs, parameters, warm-up, version policy) as it was, so a tuned config is the
 user's config with only the searched knobs changed.
@@ -39,6 +40,7 @@ class ServingSettings:
     queue_timeout_us: int = 0  # 0 = none
     runtime_threads: int | None = None  # 0 = the runtime's default
     gpu_batching: str | None = None  # "length_aware" or "pad" (GpuEngine)
+    pipeline_depth: int | None = None  # python + torch: batches queued on the device (0 = off)
 
     def replace(self, **changes) -> ServingSettings:
         return dataclasses.replace(self, **changes)
@@ -77,6 +79,8 @@ class ServingSettings:
                 parts.append(f"q{self.max_queue_size}/{self.queue_timeout_us}us")
         if self.gpu_batching is not None:
             parts.append(self.gpu_batching)
+        if self.pipeline_depth:
+            parts.append(f"pipe{self.pipeline_depth}")
         return " ".join(parts)
 
 
@@ -121,6 +125,10 @@ def read_settings(config) -> ServingSettings:
         text = _parameter(config, knob) or "0"
         threads = int(text) if text.isdigit() else 0
     batching = _parameter(config, "batching")
+    depth = None
+    if _platform(config) == "python" and _parameter(config, "runtime") == "torch":
+        text = _parameter(config, "pipeline_depth") or "0"
+        depth = int(text) if text.isdigit() else 0
     return ServingSettings(
         instance_count=int(count),
         max_batch_size=int(config.max_batch_size),
@@ -132,6 +140,7 @@ def read_settings(config) -> ServingSettings:
         queue_timeout_us=int(qp.default_timeout_microseconds) if qp is not None else 0,
         runtime_threads=threads,
         gpu_batching=batching if batching in GPU_BATCHINGS else None,
+        pipeline_depth=depth,
     )
 
 
@@ -167,6 +176,11 @@ def apply_settings(config, settings: ServingSettings):
         new.parameters[knob].string_value = str(settings.runtime_threads)
     if settings.gpu_batching is not None and "batching" in new.parameters:
         new.parameters["batching"].string_value = settings.gpu_batching
+    if settings.pipeline_depth is not None and _parameter(config, "runtime") == "torch":
+        if settings.pipeline_depth:
+            new.parameters["pipeline_depth"].string_value = str(settings.pipeline_depth)
+        elif "pipeline_depth" in new.parameters:
+            del new.parameters["pipeline_depth"]
     return new
 
 
