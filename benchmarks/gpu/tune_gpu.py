@@ -44,14 +44,18 @@ def log(msg: str) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
 
-def as_result(point: dict, level: float, model: str, mix: bool, seq_len: int):
-    """served.load_point's merged dict as a BenchmarkResult (what the tuner judges)."""
+def as_result(point: dict, level: float, model: str, mix: bool, seq_len: int, gpus=None):
+    """served.load_point's merged dict as a BenchmarkResult (what the tuner judges). ``gpus``:
+    the cards serving the model; the utilization is theirs (on a two-GPU host the runs of
+    2026-11-28 averaged in the idle second card: their ``gpu_utilization`` is half of GPU 0's)."""
     from algorithm.errors import BenchmarkError
     from algorithm.serving.bench.result import BenchmarkResult
 
     if "error" in point:
         raise BenchmarkError(f"load point at concurrency {level:g} failed: {point['error']}")
     util = point.get("gpu_util_per_gpu") or []
+    if gpus is not None:
+        util = [u for i, u in enumerate(util) if i in set(gpus)]
     return BenchmarkResult(
         throughput=point["throughput"],
         latency_p50=point["p50_ms"],
@@ -159,7 +163,7 @@ def main(argv=None) -> int:
                 p = served.load_point(
                     url, model_name, int(level), so, cfg.codebook_sizes, mix, next(seeds)
                 )
-                return as_result(p, level, model_name, mix, so.seq_len)
+                return as_result(p, level, model_name, mix, so.seq_len, so.gpus)
 
             def progress(event, info, profile=profile):
                 if event == "measured":
