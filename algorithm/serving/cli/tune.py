@@ -203,8 +203,8 @@ def tune(
 
     Searches instances, runtime threads, max/preferred batch sizes, queue delay, the GPU engine's
     batching and pipeline depth, and (with --max-rejected > 0) the queue policy, one at a time
-    from the current
-    config; writes the winner into the repository (the old config kept: --restore puts it back).
+    from the current config; writes the winner into the repository (the old config kept:
+    --restore puts it back).
     """
     from algorithm.serving.config import TUNE_SETTINGS, BenchmarkConfig, TuneConfig
     from algorithm.serving.tune import ServingTuner, restore_previous_config

@@ -127,9 +127,9 @@ class ModelControl:
         return got.get("models", []) if isinstance(got, dict) else list(got)
 
     def require_explicit(self, model: str) -> None:
-        """Reload ``model`` from its repository config (unloaded first, see ``load``): proves that the server takes load
-        requests (explicit model control) and that the model loads; ServerError with the hint
-        otherwise."""
+        """Reload ``model`` from its repository config (unloaded first, see ``load``): proves
+        that the server takes load requests (explicit model control) and that the model loads;
+        ServerError with the hint otherwise."""
         if not self.is_live():
             raise ServerError(
                 f"no Triton server answers at {self.url} ({self.protocol})",

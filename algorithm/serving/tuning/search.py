@@ -2,8 +2,8 @@
 
 A coordinate search from the model's current settings, one setting at a time in the order of
 ``DIMENSIONS`` (instances first, then the runtime's threads, batching, queue delay, the GPU
-engine's batching mode and pipeline depth, the queue policy), each step keeping the best value found so far for the
-others. Ordered settings (instances, threads, max batch size, queue delay) are climbed from the
+engine's batching mode and pipeline depth, the queue policy), each step keeping the best value
+found so far for the others. Ordered settings (instances, threads, max batch size, queue delay) are climbed from the
 current value: upwards while a step is not clearly worse than the one before it (a step that
 breaks the P99 budget after one that met it is clearly worse, so a direction stops there), and
 downwards only when going up found nothing better. Categorical settings (preferred batch sizes,

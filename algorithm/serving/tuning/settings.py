@@ -3,10 +3,10 @@
 ``ServingSettings`` is the point of the search space: instance count, max batch size, preferred
 batch sizes (None: no dynamic batching), max queue delay, the queue policy, and where the model
 has them the runtime's intra-op threads, the GPU engine's batching mode and the torch runner's
-pipeline depth (model.py's ``pipeline_depth``). ``read_settings``
-takes them from a config; ``apply_settings`` returns a copy of the config with them, leaving every
-other field (inputs, parameters, warm-up, version policy) as it was, so a tuned config is the
-user's config with only the searched knobs changed.
+pipeline depth (model.py's ``pipeline_depth``). ``read_settings`` takes them from a config;
+``apply_settings`` returns a copy of the config with them, leaving every other field (inputs,
+parameters, warm-up, version policy) as it was, so a tuned config is the user's config with
+only the searched knobs changed.
 """
 
 from __future__ import annotations

@@ -366,10 +366,11 @@ class TritonPythonModel:
                 responses[i] = _error(str(e))
         if not good:
             return responses
-        # A runner with infer_batch (torch: GpuEngine or eager) takes the whole dynamic batch
-        # flat and combines the lengths itself: packed (no padding) or padded, per its batching.
+        # pipelined: queued on the GPU, answered later through the response senders
         if self.pipeline is not None:
             return self.pipeline.submit(requests, good, responses, clock)
+        # A runner with infer_batch (torch: GpuEngine or eager) takes the whole dynamic batch
+        # flat and combines the lengths itself: packed (no padding) or padded, per its batching.
         if getattr(self.runner, "infer_batch", None) is not None:
             return self._execute_flat(good, responses, clock)
         padded = self._valid_batch(good, responses)
