@@ -428,16 +428,21 @@ class TritonPythonModel:
             return None
         return FlatBatch.from_requests([arrays for _, arrays in good], True, validate=False)
 
-    def _execute_flat(self, good: list, responses: list, clock: _Clock | None):
-        """The whole dynamic batch at once: validated together, one runner call, the responses
-        row slices of one host array per output."""
+    def _checked_flat(self, good: list, responses: list, clock: _Clock | None):
+        """``_valid_flat`` with the clock's "read" and "check" laps (None: no good request)."""
         if clock:
             clock.lap("read")
         batch = self._valid_flat(good, responses)
+        if batch is not None and clock:
+            clock.lap("check")
+        return batch
+
+    def _execute_flat(self, good: list, responses: list, clock: _Clock | None):
+        """The whole dynamic batch at once: validated together, one runner call, the responses
+        row slices of one host array per output."""
+        batch = self._checked_flat(good, responses, clock)
         if batch is None:
             return responses
-        if clock:
-            clock.lap("check")
         try:
             recs, scores = self.runner.infer_batch(batch)
         except Exception as e:  # the runtime failed: every request of this run gets the reason
@@ -478,13 +483,9 @@ class _Pipeline:
         """Validate, wait for a slot, queue the batch on the GPU; the requests of ``good`` are
         answered later (their entries stay None), bad ones now (in the returned list)."""
         model = self.model
-        if clock:
-            clock.lap("read")
-        batch = model._valid_flat(good, responses)
+        batch = model._checked_flat(good, responses, clock)
         if batch is None:
             return responses
-        if clock:
-            clock.lap("check")
         # the senders must be taken inside execute(): the requests are gone after it returns
         senders = [requests[i].get_response_sender() for i, _ in good]
         self.slots.acquire()
