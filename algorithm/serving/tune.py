@@ -168,7 +168,7 @@ class ServingTuner:
 
     def _run_external(self, url, repository, base_config, limit, output, t0) -> TuneResult:
         model = self.config.model_name
-        control = ModelControl(url, self.bench_config.protocol, self.config.load_timeout_s)
+        control = _control(url, self.bench_config, self.config.load_timeout_s)
         try:
             control.require_explicit(model)  # ServerError with the hint when it is off
             if base_config is None:
@@ -428,16 +428,34 @@ def tune_serving(repository=None, model_name: str = "ugt_recommend", **fields) -
     return ServingTuner(tc, bc).tune(repository, **run)
 
 
+def _control(url: str, bench_config: BenchmarkConfig, timeout_s: float = 300.0) -> ModelControl:
+    """Model control of an external server with the benchmark client's admin key and TLS."""
+    from algorithm.serving.security import read_admin_key
+
+    return ModelControl(
+        url,
+        bench_config.protocol,
+        timeout_s,
+        admin_key=read_admin_key(bench_config.admin_key_file),
+        tls=bench_config.client_tls(),
+    )
+
+
 def restore_previous_config(
-    repository, model_name: str, url: str | None = None, protocol: str = "grpc"
+    repository,
+    model_name: str,
+    url: str | None = None,
+    protocol: str = "grpc",
+    client: BenchmarkConfig | None = None,
 ) -> dict:
     """Put back the config a tune replaced (config.pbtxt.previous; the tuned one becomes the
-    new .previous). With ``url`` the server there (explicit model control) reloads the model."""
+    new .previous). With ``url`` the server there (explicit model control) reloads the model;
+    ``client`` brings the admin key and TLS files for it (as for the benchmark)."""
     check_name("model_name", model_name)
     done = restore_config(Path(repository) / model_name)
     done["server"] = "not asked to reload (no url)"
     if url:
-        control = ModelControl(url, protocol)
+        control = _control(url, (client or BenchmarkConfig()).replace(protocol=protocol))
         try:
             control.load(model_name)  # the tuned version goes first (ModelControl.load)
         finally:

@@ -52,6 +52,59 @@ RESULT_COLUMNS = (
 )
 
 
+def load_config(
+    *,
+    url: str,
+    protocol: str,
+    warmup: int,
+    requests: int,
+    concurrency: list[str],
+    mode: str,
+    rates: str | None,
+    seq_dist: str,
+    seq_median: int,
+    seq_sigma: float,
+    seq_max: int | None,
+    seq_hist: Path | None,
+    window: float,
+    max_trials: int,
+    timeout: float,
+    slo: float,
+    admin_key_file: Path | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    **more,
+):
+    """The BenchmarkConfig of the load options `benchmark` and `tune` share (``more``: the
+    fields only one of them has)."""
+    from algorithm.serving.config import BenchmarkConfig
+
+    levels = _numbers("concurrency", concurrency)
+    return BenchmarkConfig(
+        triton_url=url,
+        num_warmup_requests=warmup,
+        num_requests=requests,
+        concurrency=levels[0] if levels else 1,
+        concurrency_levels=levels,
+        protocol=protocol,
+        mode=mode,
+        request_rates=_numbers("rates", [rates] if rates else [], float),
+        seq_len_distribution=seq_dist,
+        seq_len_median=seq_median,
+        seq_len_sigma=seq_sigma,
+        seq_len_max=seq_max,
+        seq_len_histogram_file=str(seq_hist) if seq_hist else None,
+        measurement_window_s=window,
+        max_trials=max_trials,
+        timeout_s=timeout,
+        slo_p99_ms=slo,
+        admin_key_file=str(admin_key_file) if admin_key_file else None,
+        **client_security(tls_ca, tls_cert, tls_key),
+        **more,
+    )
+
+
 def _result_rows(groups: list[tuple[str, dict]]) -> list[list]:
     rows = []
     for label, results in groups:
@@ -238,7 +291,6 @@ def benchmark(
     """Measure a model on a live Triton server: latency percentiles, throughput, server breakdown."""
     from algorithm.errors import BenchmarkError, ConfigError
     from algorithm.serving.benchmark import GPUMonitoredBenchmark, TritonBenchmark
-    from algorithm.serving.config import BenchmarkConfig
 
     base = None
     if baseline is not None and baseline_model is not None:
@@ -247,32 +299,32 @@ def benchmark(
         )
     if output is not None:  # before minutes of measuring, not after
         check_output_path("--output", output)
-    levels = _numbers("concurrency", concurrency)
-    cfg = BenchmarkConfig(
-        triton_url=url,
-        num_warmup_requests=warmup,
-        num_requests=requests,
-        concurrency=levels[0] if levels else 1,
-        concurrency_levels=levels,
+    cfg = load_config(
+        url=url,
+        protocol=protocol,
+        warmup=warmup,
+        requests=requests,
+        concurrency=concurrency,
+        mode=mode,
+        rates=rates,
+        seq_dist=seq_dist,
+        seq_median=seq_median,
+        seq_sigma=seq_sigma,
+        seq_max=seq_max,
+        seq_hist=seq_hist,
+        window=window,
+        max_trials=max_trials,
+        timeout=timeout,
+        slo=slo,
+        admin_key_file=admin_key_file,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         test_batch_sizes=_numbers("batch_sizes", [batch_sizes]),
         test_seq_lengths=_numbers("seq_lengths", [seq_lengths]),
-        protocol=protocol,
-        mode=mode,
-        request_rates=_numbers("rates", [rates] if rates else [], float),
-        seq_len_distribution=seq_dist,
-        seq_len_median=seq_median,
-        seq_len_sigma=seq_sigma,
         seq_len_min=seq_min,
-        seq_len_max=seq_max,
-        seq_len_histogram_file=str(seq_hist) if seq_hist else None,
-        measurement_window_s=window,
-        max_trials=max_trials,
         stability_percent=stability,
-        timeout_s=timeout,
-        slo_p99_ms=slo,
         metrics_url=metrics_url,
-        admin_key_file=str(admin_key_file) if admin_key_file else None,
-        **client_security(tls_ca, tls_cert, tls_key),
         codebook_sizes=_numbers("codebook_sizes", [codebook_sizes]) if codebook_sizes else None,
     )
     if baseline is not None:

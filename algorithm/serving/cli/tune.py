@@ -10,8 +10,20 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from algorithm.serving.cli.app import STATE, app, console, emit, handle_errors, out, progress
-from algorithm.serving.cli.bench import _numbers
+from algorithm.serving.cli.app import (
+    ADMIN_KEY_FILE_OPT,
+    STATE,
+    TLS_CA_OPT,
+    TLS_CERT_OPT,
+    TLS_KEY_OPT,
+    app,
+    console,
+    emit,
+    handle_errors,
+    out,
+    progress,
+)
+from algorithm.serving.cli.bench import _numbers, load_config
 from algorithm.serving.cli.repository import DEFAULT_REPOSITORY
 
 
@@ -198,6 +210,10 @@ def tune(
     triton_bin: Path | None = typer.Option(
         None, help="tritonserver binary for the embedded server."
     ),
+    admin_key_file: Path | None = ADMIN_KEY_FILE_OPT,
+    tls_ca: Path | None = TLS_CA_OPT,
+    tls_cert: Path | None = TLS_CERT_OPT,
+    tls_key: Path | None = TLS_KEY_OPT,
 ) -> None:
     """Find the serving settings that hold a P99 budget at the most throughput, on the live server.
 
@@ -206,14 +222,38 @@ def tune(
     from the current config; writes the winner into the repository (the old config kept:
     --restore puts it back).
     """
-    from algorithm.serving.config import TUNE_SETTINGS, BenchmarkConfig, TuneConfig
+    from algorithm.serving.config import TUNE_SETTINGS, TuneConfig
     from algorithm.serving.tune import ServingTuner, restore_previous_config
 
     repo = repository if repository is not None or url else DEFAULT_REPOSITORY
+    bc = load_config(
+        url=url or "localhost:8001",
+        protocol=protocol,
+        warmup=warmup,
+        requests=requests,
+        concurrency=concurrency,
+        mode=mode,
+        rates=rates,
+        seq_dist=seq_dist,
+        seq_median=seq_median,
+        seq_sigma=seq_sigma,
+        seq_max=seq_max,
+        seq_hist=seq_hist,
+        window=window,
+        max_trials=max_trials,
+        timeout=timeout,
+        slo=slo,
+        admin_key_file=admin_key_file,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        test_batch_sizes=(batch_size,),
+        test_seq_lengths=(seq_length,),
+    )
     if restore:
-        emit(restore_previous_config(repo or DEFAULT_REPOSITORY, model, url, protocol), "Restored")
+        done = restore_previous_config(repo or DEFAULT_REPOSITORY, model, url, protocol, bc)
+        emit(done, "Restored")
         return
-    levels = _numbers("concurrency", concurrency)
     chosen = tuple(s.strip() for s in settings.split(",")) if settings else TUNE_SETTINGS
     tc = TuneConfig(
         model_name=model,
@@ -232,27 +272,6 @@ def tune(
         compare_rounds=rounds,
         write_config=write,
         resume=not fresh,
-    )
-    bc = BenchmarkConfig(
-        triton_url=url or "localhost:8001",
-        num_warmup_requests=warmup,
-        num_requests=requests,
-        concurrency=levels[0] if levels else 1,
-        concurrency_levels=levels,
-        test_batch_sizes=(batch_size,),
-        test_seq_lengths=(seq_length,),
-        protocol=protocol,
-        mode=mode,
-        request_rates=_numbers("rates", [rates] if rates else [], float),
-        seq_len_distribution=seq_dist,
-        seq_len_median=seq_median,
-        seq_len_sigma=seq_sigma,
-        seq_len_max=seq_max,
-        seq_len_histogram_file=str(seq_hist) if seq_hist else None,
-        measurement_window_s=window,
-        max_trials=max_trials,
-        timeout_s=timeout,
-        slo_p99_ms=slo,
     )
     # SIGTERM stops a tune like Ctrl-C: the repository keeps its config, an external server
     # reloads it, and the points measured so far stay stored for a rerun.

@@ -351,3 +351,54 @@ def test_the_benchmark_client_speaks_mutual_tls_and_sends_the_key(mutual, pki, m
     r = plain.run(url, MODEL, batch_size=1, seq_length=16, concurrency=1)
     assert r.successful_requests >= 10  # inference needs no key...
     assert r.server["success_count"] == 0  # ...but the statistics stay closed without it
+
+
+def test_model_control_and_tune_carry_the_key(locked, tmp_path, monkeypatch):
+    """tune against a server that restricts its admin APIs: every model-control call (index,
+    config, load, unload) sends the key, over gRPC and HTTP; without it the refusal names the
+    fix."""
+    from algorithm.errors import ServerError
+    from algorithm.serving import BenchmarkConfig, ServingTuner, TuneConfig
+    from algorithm.serving.triton.control import KEY_HINT, ModelControl
+
+    monkeypatch.delenv("TRITON_ADMIN_KEY", raising=False)
+    monkeypatch.delenv("TRITON_ADMIN_KEY_FILE", raising=False)
+    server, _ = locked
+    for protocol, port in (("grpc", server.grpc_port), ("http", server.http_port)):
+        url = f"{LOCAL}:{port}"
+        keyed = ModelControl(url, protocol, admin_key=KEY)
+        assert keyed.config(MODEL)["name"] == MODEL and keyed.state(MODEL) == "READY"
+        with pytest.raises(ServerError) as e:
+            ModelControl(url, protocol).config(MODEL)
+        assert e.value.hint == KEY_HINT, (protocol, str(e.value))
+    keyed.load(MODEL)  # HTTP: unload, wait for the instances, load again
+    assert keyed.ready(MODEL)
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(KEY + "\n")
+    key_file.chmod(0o600)
+    load = BenchmarkConfig(
+        concurrency_levels=(1,),
+        test_batch_sizes=(1,),
+        test_seq_lengths=(16,),
+        num_warmup_requests=2,
+        num_requests=10,
+        measurement_window_s=0.2,
+        max_trials=1,
+        admin_key_file=str(key_file),
+    )
+    tc = TuneConfig(
+        model_name=MODEL,
+        settings=("max_queue_delay_us",),
+        max_queue_delays_us=(0,),
+        time_budget_s=300,
+        compare_rounds=0,
+        write_config=False,
+        resume=False,
+    )
+    url = f"{LOCAL}:{server.grpc_port}"
+    result = ServingTuner(tc, load).tune(url=url, output=tmp_path / "tune")
+    assert result.candidates and all(c.error is None for c in result.candidates)
+    assert ModelControl(url, admin_key=KEY).ready(MODEL)  # served again at the end
+    with pytest.raises(ServerError, match="restricted") as e:
+        ServingTuner(tc, load.replace(admin_key_file=None)).tune(url=url, output=tmp_path / "t2")
+    assert e.value.hint == KEY_HINT

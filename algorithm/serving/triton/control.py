@@ -15,6 +15,7 @@ import time
 
 from algorithm.errors import ConfigError, ServerError
 from algorithm.serving.config import check_name
+from algorithm.serving.security import ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV, admin_headers
 
 logger = logging.getLogger(__name__)
 
@@ -24,27 +25,54 @@ EXPLICIT_HINT = (
 )
 
 
-class ModelControl:
-    """Load/unload/config of one server at ``url`` (``host:port``, the ``protocol``'s port)."""
+KEY_HINT = (
+    f"The server restricts its admin APIs: give its key with --admin-key-file (or "
+    f"${ADMIN_KEY_FILE_ENV} / ${ADMIN_KEY_ENV}; Python: BenchmarkConfig.admin_key_file)."
+)
 
-    def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 300.0):
+
+class ModelControl:
+    """Load/unload/config of one server at ``url`` (``host:port``, the ``protocol``'s port).
+
+    ``admin_key`` goes with every call (they are all admin calls: a server started with an
+    admin key refuses them without it); ``tls`` (``security.ClientTls``) for a server that
+    speaks TLS."""
+
+    def __init__(
+        self,
+        url: str,
+        protocol: str = "grpc",
+        timeout_s: float = 300.0,
+        admin_key: str | None = None,
+        tls=None,
+    ):
         if protocol not in ("grpc", "http"):
             raise ConfigError("protocol", protocol, "grpc or http")
         self.url, self.protocol, self.timeout_s = url, protocol, float(timeout_s)
+        self.headers = admin_headers(admin_key, protocol)
+        self.tls = tls
         self._client = None
 
     @property
     def client(self):
         if self._client is None:
+            tls = self.tls
             if self.protocol == "grpc":
                 import tritonclient.grpc as tc
 
-                self._client = tc.InferenceServerClient(self.url)
+                self._client = tc.InferenceServerClient(
+                    self.url, **(tls.grpc_kwargs() if tls else {})
+                )
             else:
                 import tritonclient.http as tc
 
                 self._client = tc.InferenceServerClient(
-                    self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+                    self.url,
+                    connection_timeout=self.timeout_s,
+                    network_timeout=self.timeout_s,
+                    ssl=tls is not None,
+                    # geventhttpclient calls it with cafile=...: the context has its own
+                    ssl_context_factory=(lambda *a, **k: tls.ssl_context()) if tls else None,
                 )
         return self._client
 
@@ -60,6 +88,8 @@ class ModelControl:
         except Exception as e:  # InferenceServerException, connection errors
             text = str(e)
             hint = EXPLICIT_HINT if "not allowed" in text else None
+            if "restricted" in text or "403" in text:
+                hint = KEY_HINT
             raise ServerError(
                 f"{what} at {self.url} ({self.protocol}) failed: {text}", hint=hint
             ) from e
@@ -72,7 +102,8 @@ class ModelControl:
 
     def ready(self, model: str) -> bool:
         try:
-            return bool(self.client.is_model_ready(check_name("model_name", model)))
+            name = check_name("model_name", model)
+            return bool(self.client.is_model_ready(name, headers=self.headers))
         except Exception:
             return False
 
@@ -80,7 +111,11 @@ class ModelControl:
         """The config the server serves ``model`` with (JSON form)."""
         check_name("model_name", model)
         got = self._call(
-            f"reading the config of {model!r}", self.client.get_model_config, model, as_json=True
+            f"reading the config of {model!r}",
+            self.client.get_model_config,
+            model,
+            headers=self.headers,
+            **({"as_json": True} if self.protocol == "grpc" else {}),
         )
         return got.get("config", got) if self.protocol == "grpc" else got
 
@@ -95,6 +130,7 @@ class ModelControl:
         if self.state(model) in ("READY", "LOADING"):
             self.unload(model)
         kwargs = {"config": config_json} if config_json else {}
+        kwargs["headers"] = self.headers
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout_s
         what = f"loading {model!r}" + (" with a candidate config" if config_json else "")
@@ -106,7 +142,7 @@ class ModelControl:
         """Unload ``model`` and wait until its instances are gone (Triton answers at once and
         unloads in the background; the next candidate must not share the machine with them)."""
         check_name("model_name", model)
-        self._call(f"unloading {model!r}", self.client.unload_model, model)
+        self._call(f"unloading {model!r}", self.client.unload_model, model, headers=self.headers)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if self.state(model) not in ("UNLOADING", "READY", "LOADING"):
@@ -123,7 +159,10 @@ class ModelControl:
         return ""
 
     def _index(self) -> list[dict]:
-        got = self.client.get_model_repository_index(as_json=True)
+        if self.protocol == "grpc":
+            got = self.client.get_model_repository_index(headers=self.headers, as_json=True)
+        else:
+            got = self.client.get_model_repository_index(headers=self.headers)
         return got.get("models", []) if isinstance(got, dict) else list(got)
 
     def require_explicit(self, model: str) -> None:
@@ -138,4 +177,4 @@ class ModelControl:
         self.load(model)
 
 
-__all__ = ["EXPLICIT_HINT", "ModelControl"]
+__all__ = ["EXPLICIT_HINT", "KEY_HINT", "ModelControl"]
