@@ -105,6 +105,18 @@ def load_config(
     )
 
 
+LOAD_OPTIONS = (
+    "url", "protocol", "warmup", "requests", "concurrency", "mode", "rates", "seq_dist",
+    "seq_median", "seq_sigma", "seq_max", "seq_hist", "window", "max_trials", "timeout", "slo",
+    "admin_key_file", "tls_ca", "tls_cert", "tls_key",
+)  # fmt: skip
+
+
+def load_options(scope: dict) -> dict:
+    """``load_config``'s arguments from a command's parameters (its ``locals()``)."""
+    return {k: scope[k] for k in LOAD_OPTIONS}
+
+
 def _result_rows(groups: list[tuple[str, dict]]) -> list[list]:
     rows = []
     for label, results in groups:
@@ -300,26 +312,7 @@ def benchmark(
     if output is not None:  # before minutes of measuring, not after
         check_output_path("--output", output)
     cfg = load_config(
-        url=url,
-        protocol=protocol,
-        warmup=warmup,
-        requests=requests,
-        concurrency=concurrency,
-        mode=mode,
-        rates=rates,
-        seq_dist=seq_dist,
-        seq_median=seq_median,
-        seq_sigma=seq_sigma,
-        seq_max=seq_max,
-        seq_hist=seq_hist,
-        window=window,
-        max_trials=max_trials,
-        timeout=timeout,
-        slo=slo,
-        admin_key_file=admin_key_file,
-        tls_ca=tls_ca,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
+        **load_options(locals()),
         test_batch_sizes=_numbers("batch_sizes", [batch_sizes]),
         test_seq_lengths=_numbers("seq_lengths", [seq_lengths]),
         seq_len_min=seq_min,

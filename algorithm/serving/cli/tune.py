@@ -23,7 +23,7 @@ from algorithm.serving.cli.app import (
     out,
     progress,
 )
-from algorithm.serving.cli.bench import _numbers, load_config
+from algorithm.serving.cli.bench import _numbers, load_config, load_options
 from algorithm.serving.cli.repository import DEFAULT_REPOSITORY
 
 
@@ -227,26 +227,7 @@ def tune(
 
     repo = repository if repository is not None or url else DEFAULT_REPOSITORY
     bc = load_config(
-        url=url or "localhost:8001",
-        protocol=protocol,
-        warmup=warmup,
-        requests=requests,
-        concurrency=concurrency,
-        mode=mode,
-        rates=rates,
-        seq_dist=seq_dist,
-        seq_median=seq_median,
-        seq_sigma=seq_sigma,
-        seq_max=seq_max,
-        seq_hist=seq_hist,
-        window=window,
-        max_trials=max_trials,
-        timeout=timeout,
-        slo=slo,
-        admin_key_file=admin_key_file,
-        tls_ca=tls_ca,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
+        **{**load_options(locals()), "url": url or "localhost:8001"},
         test_batch_sizes=(batch_size,),
         test_seq_lengths=(seq_length,),
     )
