@@ -52,18 +52,26 @@ def make_dirs(path) -> Path:
     """Create ``path`` and its missing parents as 0755 whatever the umask (existing folders are
     left as they are)."""
     path = Path(path)
-    missing = []
-    p = path
+    _make(_missing_dirs(path))
+    return path
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing, p = [], path
     while not p.exists():
         missing.append(p)
         p = p.parent
+    return missing
+
+
+def _make(missing: list[Path]) -> None:
     for d in reversed(missing):
         try:
             d.mkdir()
         except FileExistsError:
             continue
         os.chmod(d, 0o755)
-    return path
 
 
 def write_with(path, writer: Callable[[str], None], mode: int = 0o644) -> Path:
@@ -137,12 +145,8 @@ def created_dirs(path):
     """Create the folder ``path`` (0755, as ``make_dirs``); if the block fails, remove again the
     folders this created that are still empty, so a failed step leaves no empty output folders."""
     path = Path(path)
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    make_dirs(path)
+    missing = _missing_dirs(path)
+    _make(missing)
     try:
         yield path
     except BaseException:

@@ -41,6 +41,7 @@ from algorithm.serving.triton.schema import (  # noqa: F401  (public here too)
     config_to_text,
     model_config_pb2,
     parse_config,
+    set_queue_policy,
 )
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class TritonConfigGenerator:
             cfg.input.add(name=name, data_type=pb.TYPE_INT64, dims=[-1], allow_ragged_batch=ragged)
         cfg.output.add(name="recommendations", data_type=pb.TYPE_INT64, dims=[k, 3])
         cfg.output.add(name="scores", data_type=pb.TYPE_FP32, dims=[k])
-        self._batching(cfg, pb)
+        self._batching(cfg)
         self._instances(cfg, pb)
         self._optimization(cfg, pb)
         self._parameters(cfg, artifact_name)
@@ -129,19 +130,16 @@ class TritonConfigGenerator:
             cfg.response_cache.enable = True
         return cfg
 
-    def _batching(self, cfg, pb) -> None:
+    def _batching(self, cfg) -> None:
         tc = self.triton_config
         if not tc.enable_dynamic_batching:
             return
         db = cfg.dynamic_batching
         db.preferred_batch_size.extend(self.preferred_batch_sizes())
         db.max_queue_delay_microseconds = tc.max_queue_delay_us
-        if tc.max_queue_size or tc.default_queue_timeout_us:
-            qp = db.default_queue_policy
-            qp.timeout_action = pb.ModelQueuePolicy.REJECT
-            qp.default_timeout_microseconds = tc.default_queue_timeout_us
-            qp.allow_timeout_override = tc.allow_timeout_override
-            qp.max_queue_size = tc.max_queue_size
+        set_queue_policy(
+            db, tc.max_queue_size, tc.default_queue_timeout_us, tc.allow_timeout_override
+        )
 
     def _instances(self, cfg, pb) -> None:
         tc = self.triton_config

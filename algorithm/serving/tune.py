@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from algorithm.errors import BenchmarkError, ConfigError, RepositoryError, ServerError
-from algorithm.serving.benchmark import TritonBenchmark
+from algorithm.serving.benchmark import ProgressFn, TritonBenchmark
 from algorithm.serving.config import BenchmarkConfig, TuneConfig, check_name
 from algorithm.serving.contract import SIDECAR_NAME
 from algorithm.serving.triton.config_file import replace_config, restore_config
@@ -63,7 +63,6 @@ from algorithm.serving.tuning.store import PointStore
 
 logger = logging.getLogger(__name__)
 
-ProgressFn = Callable[[str, dict], None]
 # (url, model, load level) -> one measured load point; the default is TritonBenchmark.run
 MeasurePointFn = Callable[[str, str, float], object]
 # the CLI's defaults: batch-1 requests of 128 items at 16 in flight

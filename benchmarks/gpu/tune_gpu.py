@@ -55,7 +55,8 @@ def as_result(point: dict, level: float, model: str, mix: bool, seq_len: int, gp
         raise BenchmarkError(f"load point at concurrency {level:g} failed: {point['error']}")
     util = point.get("gpu_util_per_gpu") or []
     if gpus is not None:
-        util = [u for i, u in enumerate(util) if i in set(gpus)]
+        serving = set(gpus)
+        util = [u for i, u in enumerate(util) if i in serving]
     return BenchmarkResult(
         throughput=point["throughput"],
         latency_p50=point["p50_ms"],

@@ -46,6 +46,21 @@ def model_config_pb2():
     return pb
 
 
+def set_queue_policy(batching, max_queue_size: int, timeout_us: int, allow_override=None):
+    """A dynamic batcher's default queue policy: requests beyond ``max_queue_size`` (0 =
+    unbounded) or queued longer than ``timeout_us`` (0 = never) are rejected; both 0 clears it.
+    ``allow_override``: whether a request may set its own timeout (left alone when None)."""
+    if not (max_queue_size or timeout_us):
+        batching.ClearField("default_queue_policy")
+        return
+    qp = batching.default_queue_policy
+    qp.timeout_action = model_config_pb2().ModelQueuePolicy.REJECT
+    qp.default_timeout_microseconds = timeout_us
+    qp.max_queue_size = max_queue_size
+    if allow_override is not None:
+        qp.allow_timeout_override = allow_override
+
+
 def parse_config(text: str):
     """Parse config.pbtxt text strictly (unknown fields fail) into a ModelConfig."""
     from google.protobuf import text_format

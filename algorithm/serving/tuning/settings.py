@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from algorithm.errors import ConfigError
-from algorithm.serving.triton.schema import model_config_pb2
+from algorithm.serving.triton.schema import model_config_pb2, set_queue_policy
 
 GPU_BATCHINGS = ("length_aware", "pad")
 # Where each platform's runtime reads its intra-op thread count (triton_config writes the same).
@@ -164,13 +164,7 @@ def apply_settings(config, settings: ServingSettings):
             b for b in sorted(set(settings.preferred_batch_sizes)) if b <= settings.max_batch_size
         )
         db.max_queue_delay_microseconds = settings.max_queue_delay_us
-        if settings.max_queue_size or settings.queue_timeout_us:
-            qp = db.default_queue_policy
-            qp.timeout_action = pb.ModelQueuePolicy.REJECT
-            qp.default_timeout_microseconds = settings.queue_timeout_us
-            qp.max_queue_size = settings.max_queue_size
-        else:
-            db.ClearField("default_queue_policy")
+        set_queue_policy(db, settings.max_queue_size, settings.queue_timeout_us)
     knob = thread_knob(config)
     if settings.runtime_threads is not None and knob is not None:
         new.parameters[knob].string_value = str(settings.runtime_threads)
