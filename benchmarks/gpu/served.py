@@ -132,6 +132,7 @@ def write_repository(
             model_warmup=False,
             length_mix=(so.median, so.sigma),
             warmup_coverage=so.mix_coverage,
+            pipeline_depth=so.pipeline_depth,
         )
         gen = TritonConfigGenerator(ec, tc)  # on GPUs its warm-up plan: gen.gpu_warmup()
         path = Path(gen.generate(repo, model_file=ckpt))
@@ -144,8 +145,6 @@ def write_repository(
             msg.parameters["tensor_transport"].string_value = so.tensor_transport
         if phase_dir is not None:
             msg.parameters["phase_stats"].string_value = str(phase_dir)
-        if so.pipeline_depth:
-            msg.parameters["pipeline_depth"].string_value = str(so.pipeline_depth)
         text = config_to_text(msg)
         parse_config(text)
         write_text_atomic(path, text)
