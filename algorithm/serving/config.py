@@ -283,6 +283,10 @@ class TritonConfig(_Config):
     # for its batch; N >= 1: it returns once the batch is queued and a second thread answers
     # (Triton's response sender), so the next batch is prepared while this one runs.
     pipeline_depth: int = 0
+    # with pipeline_depth >= 1: execute() leaves its checked requests with the pipeline and
+    # returns, and everything left so far goes to the GPU as one batch whenever fewer than
+    # pipeline_depth are in flight (batches form at the GPU's pace; no queue delay needed)
+    continuous_batching: bool = False
 
     def validate(self) -> TritonConfig:
         _choice("platform", self.platform, PLATFORMS)
@@ -320,6 +324,15 @@ class TritonConfig(_Config):
                 self.pipeline_depth,
                 "0 unless platform='python' with python_runtime='torch' (the runner that can "
                 "queue a batch on the device and return)",
+            )
+        if not isinstance(self.continuous_batching, bool):
+            raise ConfigError("continuous_batching", self.continuous_batching, "True or False")
+        if self.continuous_batching and not self.pipeline_depth:
+            raise ConfigError(
+                "continuous_batching",
+                self.continuous_batching,
+                "False unless pipeline_depth >= 1 (the batches it forms are queued on the "
+                "device): set pipeline_depth=1",
             )
         if self.platform == "tensorrt_plan" and self.instance_kind == "KIND_CPU":
             raise ConfigError(

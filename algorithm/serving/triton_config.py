@@ -203,6 +203,8 @@ class TritonConfigGenerator:
             )
         if tc.pipeline_depth:
             params["pipeline_depth"] = str(tc.pipeline_depth)
+        if tc.continuous_batching:
+            params["continuous_batching"] = "true"
         for key, value in params.items():
             cfg.parameters[key].string_value = value
 

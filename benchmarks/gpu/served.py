@@ -70,6 +70,9 @@ class ServeOptions:
     # model.py's pipeline_depth (issue 14): batches an instance keeps queued on the GPU while it
     # reads the next; 0 = execute() waits for its batch (the design before)
     pipeline_depth: int = 0
+    # model.py's continuous_batching (with pipeline_depth >= 1): execute() returns at once and the
+    # pipeline queues what it was left whenever a slot frees (batches at the GPU's pace)
+    continuous_batching: bool = False
 
 
 def server_env() -> dict:
@@ -133,6 +136,7 @@ def write_repository(
             length_mix=(so.median, so.sigma),
             warmup_coverage=so.mix_coverage,
             pipeline_depth=so.pipeline_depth,
+            continuous_batching=so.continuous_batching,
         )
         gen = TritonConfigGenerator(ec, tc)  # on GPUs its warm-up plan: gen.gpu_warmup()
         path = Path(gen.generate(repo, model_file=ckpt))
@@ -301,9 +305,11 @@ def phase_delta(before: dict, after: dict) -> dict:
     # and (its second thread) for the GPU: waits, not host work. Its "send" is the response
     # senders' round trips summed over the send threads (reported apart: they run side by side)
     host = sum(v for k, v in us.items() if k not in ("infer", "wait_slot", "wait_gpu", "send"))
+    batches = after["batches"] - before["batches"]
     return {
         "requests": n,
-        "batches": after["batches"] - before["batches"],
+        "batches": batches,  # run on the GPU: with continuous batching, the merged ones
+        "avg_gpu_batch": n / batches if batches > 0 else None,
         "eager_batches": after["eager_runs"] - before["eager_runs"],  # ran without a graph
         "rounded_up_batches": after["rounded_up"] - before["rounded_up"],  # in a larger graph
         "us_per_request": us,
@@ -366,6 +372,7 @@ def instance_summary(pts: dict, tag: str, so: ServeOptions, pad: bool) -> dict:
             "host_us_per_request_outside_infer"
         )
         row["avg_batch"] = p.get("server_breakdown_us", {}).get("avg_batch")
+        row["avg_gpu_batch"] = p.get("host_phases", {}).get("avg_gpu_batch")  # merged ones
         for k in ("eager_batches", "rounded_up_batches"):
             row[k] = p.get("host_phases", {}).get(k)
         out[name[len(tag) + 1 :]] = row

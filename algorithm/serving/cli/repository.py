@@ -93,6 +93,7 @@ def _configs(model, opts: dict[str, Any]):
         "model_warmup": opts["warmup"], "response_cache": opts["response_cache"],
         "trt_accelerator_precision": opts["trt_precision"], "version_policy": opts["version_policy"],
         "runtime_threads": opts["threads"], "pipeline_depth": opts["pipeline_depth"],
+        "continuous_batching": opts["continuous_batching"],
     }  # fmt: skip
     triton_fields["length_mix"] = _length_mix(opts["length_mix"])
     gpus = _ints("gpus", opts["gpus"])
@@ -179,6 +180,12 @@ OPT = {
         help="python + torch: batches an instance keeps queued on the GPU while it reads the "
         "next (0 = off; 2 with --max-queue-delay-us 3000 held P99 20 ms at 64 x 1024 on an H200).",
     ),
+    "continuous_batching": typer.Option(
+        False,
+        "--continuous-batching/--no-continuous-batching",
+        help="with --pipeline-depth >= 1: execute() returns at once and the requests left so far "
+        "go to the GPU as one batch whenever a pipeline slot frees (no queue delay needed).",
+    ),
 }
 
 
@@ -220,6 +227,7 @@ def config(
     response_cache: bool = OPT["response_cache"],
     length_mix: str = OPT["length_mix"],
     pipeline_depth: int = OPT["pipeline_depth"],
+    continuous_batching: bool = OPT["continuous_batching"],
 ) -> None:
     """Generate config.pbtxt (Triton's ModelConfig protobuf) for a platform; print or write it."""
     from algorithm.serving.triton.schema import artifact_filename
@@ -287,6 +295,7 @@ def deploy(
     response_cache: bool = OPT["response_cache"],
     length_mix: str = OPT["length_mix"],
     pipeline_depth: int = OPT["pipeline_depth"],
+    continuous_batching: bool = OPT["continuous_batching"],
     target: str = TARGET_OPT,
 ) -> None:
     """Checkpoint -> ONNX -> optimized artifact -> model repository (a new version), validated.

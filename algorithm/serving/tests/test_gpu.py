@@ -401,6 +401,57 @@ def test_gpu_batches_queued_back_to_back_each_get_their_own_answers(model, rng, 
 
 
 @pytest.mark.gpu
+def test_gpu_continuous_batching_answers_each_request_as_the_blocking_path(model, rng):
+    """model.py with continuous batching over the CUDA-graph engine: requests from several
+    threads at once are merged into batches on the launcher thread, and each request gets the
+    blocking path's answer for its own rows."""
+    import threading
+
+    from algorithm.serving.triton.python_model.standin import (
+        Request,
+        answered,
+        model_py_module,
+        served_model,
+    )
+
+    engine = EngineConfig(dtype="bf16", max_users=8)
+    runner = TorchRunner(model, device="cuda", dtype="bf16", engine=engine)
+    requests = [
+        random_inputs(int(rng.integers(1, 3)), int(rng.integers(1, 65)), SMALL.codebook_sizes, rng)
+        for _ in range(48)
+    ]
+    expected = [runner.infer_batch(FlatBatch.from_requests([r])) for r in requests]
+    with model_py_module("ugt_model_py_gpu_continuous") as model_py:
+        served = served_model(
+            model_py,
+            runner,
+            SMALL.max_seq_length,
+            SMALL.codebook_sizes,
+            True,
+            pipeline_depth=1,
+            continuous_batching=True,
+            max_batch_size=8,
+        )
+        sent = [[Request(r)] for r in requests]
+        threads = [
+            threading.Thread(
+                target=lambda part: [served.execute(b) for b in part], args=(sent[i::4],)
+            )
+            for i in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        got = [answered(b, None)[0] for b in sent]
+        served.finalize()
+    for (recs, scores), resp in zip(expected, got, strict=True):
+        assert resp.error is None, resp.error and resp.error.message
+        np.testing.assert_array_equal(recs, resp.outputs["recommendations"])
+        np.testing.assert_allclose(scores, resp.outputs["scores"], atol=1e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not fk.TRITON, reason="needs triton (the fused kernels' GPU implementation)")
 def test_gpu_fused_kernels_compute_the_torch_functions():
     """Each Triton kernel against the same function in fp32 torch ops, on fresh random inputs."""

@@ -336,12 +336,15 @@ def test_cli_config_prints_or_writes_a_schema_valid_config(tmp_path):
     gpu = _cli(
         "config",
         *("--python-runtime", "torch", "--instance-kind", "KIND_GPU", "--length-mix", "120,0.5"),
-        *("--pipeline-depth", "2"),
+        *("--pipeline-depth", "2", "--continuous-batching"),
     )
     assert gpu.exit_code == 0, gpu.output
     params = parse_config(json.loads(gpu.stdout)["config"]).parameters
     assert json.loads(params["warmup"].string_value)[-1]["lognormal"] == [120.0, 0.5, 1024]
     assert params["pipeline_depth"].string_value == "2"
+    assert params["continuous_batching"].string_value == "true"
+    bad = _cli("config", "--python-runtime", "torch", "--continuous-batching")
+    assert bad.exit_code == 1 and "set pipeline_depth=1" in bad.output
     bad = _cli("config", "--pipeline-depth", "2")  # the onnxruntime runner cannot queue a batch
     assert bad.exit_code == 1 and "python_runtime='torch'" in bad.output
     bad = _cli("config", "--length-mix", "200")

@@ -63,6 +63,11 @@ def served(trained, onnx_model, tmp_path_factory):
         EC.replace(model_name="ugt_pipelined"),
         TC.replace(python_runtime="torch", pipeline_depth=2),
     ).generate(repo, model_file=checkpoint)
+    # Continuous batching: execute() returns at once, the pipeline merges what it was left.
+    TritonConfigGenerator(
+        EC.replace(model_name="ugt_continuous"),
+        TC.replace(python_runtime="torch", pipeline_depth=1, continuous_batching=True),
+    ).generate(repo, model_file=checkpoint)
     # Tensors through DLPack (what numpy 2 environments use) and the response cache.
     gen = TritonConfigGenerator(
         EC.replace(model_name="ugt_dlpack"), TC.replace(response_cache=True)
@@ -220,22 +225,26 @@ def test_a_bad_request_fails_alone_with_a_clear_message(served):
 
 
 @pytest.mark.server
-def test_a_pipelined_model_answers_every_request_through_its_response_sender(served):
+@pytest.mark.parametrize("name", ["ugt_pipelined", "ugt_continuous"])
+def test_a_pipelined_model_answers_every_request_through_its_response_sender(served, name):
     """pipeline_depth: good requests answered later by the second thread, bad ones at once in
-    the same batch, over gRPC and HTTP (a default, non-decoupled model: any client works)."""
+    the same batch, over gRPC and HTTP (a default, non-decoupled model: any client works);
+    with continuous_batching the pipeline merges the batches execute() leaves with it."""
     import tritonclient.http as httpclient
 
     server, repo, ref = served
-    params = server.model_config("ugt_pipelined")["parameters"]
-    assert params["pipeline_depth"]["string_value"] == "2"
+    params = server.model_config(name)["parameters"]
+    assert params["pipeline_depth"]["string_value"] == ("2" if name == "ugt_pipelined" else "1")
+    merged = params.get("continuous_batching", {}).get("string_value")
+    assert merged == (None if name == "ugt_pipelined" else "true")
     rng = np.random.default_rng(5)
     good = [random_inputs(1, n, CODEBOOKS, rng) for n in (3, 40, 17, 128, 1, 64, 9, 33)]
     bad = random_inputs(1, 10, CODEBOOKS, rng)
     bad["encoder_l1_ids"][0, 2] = -1
     requests = good[:4] + [bad] + good[4:]
-    before = model_statistics(server.statistics("ugt_pipelined"), "ugt_pipelined")
-    results = _fire(server.grpc_url, requests, "ugt_pipelined")
-    after = _stats_after(server, before, len(requests), "ugt_pipelined")
+    before = model_statistics(server.statistics(name), name)
+    results = _fire(server.grpc_url, requests, name)
+    after = _stats_after(server, before, len(requests), name)
     assert "encoder_l1_ids: id -1 at [0, 2]" in str(results[4][1])
     for x, (got, error) in zip(good, results[:4] + results[5:], strict=True):
         assert error is None, error
@@ -244,11 +253,11 @@ def test_a_pipelined_model_answers_every_request_through_its_response_sender(ser
     assert after["execution_count"] - before["execution_count"] < len(requests)
     x = random_inputs(2, 21, CODEBOOKS, rng, ragged=True)
     inputs = []
-    for name in INPUT_NAMES:
-        i = httpclient.InferInput(name, list(x[name].shape), "INT64")
-        i.set_data_from_numpy(x[name], binary_data=True)
+    for input_name in INPUT_NAMES:
+        i = httpclient.InferInput(input_name, list(x[input_name].shape), "INT64")
+        i.set_data_from_numpy(x[input_name], binary_data=True)
         inputs.append(i)
-    r = httpclient.InferenceServerClient(server.http_url).infer("ugt_pipelined", inputs)
+    r = httpclient.InferenceServerClient(server.http_url).infer(name, inputs)
     _close(ref.infer(x), {k: r.as_numpy(k) for k in ("recommendations", "scores")}, "http")
 
 

@@ -170,6 +170,10 @@ def test_gpu_torch_config_warms_the_engine_for_full_and_mixed_lengths():
     assert "pipeline_depth" not in params  # off unless asked for
     piped = _strict(TritonConfigGenerator(ec, tc.replace(pipeline_depth=2)).config_text())
     assert piped.parameters["pipeline_depth"].string_value == "2"
+    assert "continuous_batching" not in piped.parameters
+    merged = tc.replace(pipeline_depth=1, continuous_batching=True)
+    merged = _strict(TritonConfigGenerator(ec, merged).config_text()).parameters
+    assert merged["continuous_batching"].string_value == "true"
     for kind, runtime in (("KIND_CPU", "torch"), ("KIND_GPU", "onnxruntime")):
         cpu = TritonConfig(platform="python", python_runtime=runtime, instance_kind=kind)
         cpu = _strict(TritonConfigGenerator(ec, cpu).config_text()).parameters
@@ -186,6 +190,10 @@ def test_gpu_torch_config_warms_the_engine_for_full_and_mixed_lengths():
         ({"pipeline_depth": 2}, "pipeline_depth"),  # tensorrt_plan: Triton's own backend
         ({"platform": "python", "pipeline_depth": 2}, "pipeline_depth"),  # onnxruntime runner
         ({"platform": "python", "python_runtime": "torch", "pipeline_depth": -1}, "pipeline_depth"),
+        (  # continuous batching queues what it merges: it needs a pipeline
+            {"platform": "python", "python_runtime": "torch", "continuous_batching": True},
+            "continuous_batching",
+        ),
         ({"platform": "openvino", "instance_kind": "KIND_GPU"}, "instance_kind"),
         ({"platform": "python", "trt_accelerator_precision": "fp16"}, "trt_accelerator_precision"),
         (

@@ -8,6 +8,8 @@ still fail alone with the same INVALID_ARG messages, and every good one gets its
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,7 @@ def model():
     return m
 
 
-def _served(model_py, runner, dlpack=False, phase_dir=None, pipeline_depth=0):
+def _served(model_py, runner, dlpack=False, phase_dir=None, pipeline_depth=0, **options):
     phases = Path(phase_dir) / "ugt.json" if phase_dir else None
     return served_model(
         model_py,
@@ -55,6 +57,7 @@ def _served(model_py, runner, dlpack=False, phase_dir=None, pipeline_depth=0):
         dlpack,
         phases,
         pipeline_depth=pipeline_depth,
+        **options,
     )
 
 
@@ -217,3 +220,93 @@ def test_a_pipeline_needs_a_runner_that_can_queue_a_batch(model_py, model):
         _served(model_py, Blocking(), pipeline_depth=2)
     with pytest.raises(ValueError, match="whole number"):
         served_model(model_py, TorchRunner(model), 64, SMALL.codebook_sizes, pipeline_depth="x")
+
+
+def _check_answers(model, requests, responses):
+    for req, resp in zip(requests, responses, strict=True):
+        assert resp.error is None, resp.error and resp.error.message
+        arrays = {t.name(): t.as_numpy() for t in req.inputs()}
+        report = compare_outputs(_reference(model, arrays), resp.outputs)
+        assert report["exact_match_rate"] == 1.0, report
+
+
+def test_continuous_batching_merges_what_came_while_the_gpu_was_busy(
+    model_py, model, rng, tmp_path
+):
+    """execute() returns at once; what came while a batch was on the "GPU" (held here until
+    the gate opens) goes as one batch when the slot frees, up to max_batch_size rows."""
+    runner = TorchRunner(model, engine=EngineConfig(dtype="fp32"))
+    queue_on_device, gate, launched = runner.infer_batch_async, threading.Event(), []
+
+    class Held:  # the batch "runs" until the gate opens
+        def __init__(self, pending):
+            self.pending = pending
+
+        def result(self):
+            assert gate.wait(60)
+            return self.pending.result()
+
+    def launch(batch):
+        launched.append(batch.rows.tolist())
+        return Held(queue_on_device(batch))
+
+    runner.infer_batch_async = launch
+    served = _served(
+        model_py, runner, True, tmp_path, 1, continuous_batching=True, max_batch_size=4
+    )
+    first = [Request(random_inputs(1, 9, SMALL.codebook_sizes, rng))]
+    assert served.execute(first) is None
+    deadline = time.monotonic() + 60
+    while not launched and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert launched == [[1]]  # a lone request goes at once: no delay waited out
+    later = [
+        [Request(random_inputs(rows, n, SMALL.codebook_sizes, rng, ragged=True))]
+        for rows, n in ((1, 3), (1, 64), (1, 17), (2, 30))
+    ]
+    for requests in later:
+        assert served.execute(requests) is None  # no wait for the busy slot
+    assert launched == [[1]]
+    gate.set()
+    _check_answers(model, first, answered(first, None))
+    for requests in later:
+        _check_answers(model, requests, answered(requests, None))
+    served.finalize()
+    # the three that came meanwhile as one batch (3 rows); the fourth would make 5 > 4
+    assert launched == [[1], [1, 1, 1], [2]]
+    stats = json.loads((tmp_path / "ugt.json").read_text())
+    assert stats["batches"] == 3 and stats["requests"] == 5
+    assert {"read", "check", "launch", "wait_gpu", "answer", "send"} <= set(stats["seconds"])
+
+
+def test_continuous_batching_failures_reach_every_request_and_bad_ones_fail_alone(
+    model_py, model, rng
+):
+    runner = TorchRunner(model, engine=EngineConfig(dtype="fp32"))
+    served = _served(model_py, runner, pipeline_depth=2, continuous_batching=True)
+    requests, expected_errors = _batch(rng)
+    triton_requests = [Request(r) for r in requests]
+    returned = served.execute(triton_requests)
+    assert [i for i, r in enumerate(returned) if r is not None] == sorted(expected_errors)
+    for i, resp in enumerate(answered(triton_requests, returned)):
+        if i in expected_errors:
+            assert resp.error.code == "INVALID_ARG" and expected_errors[i] in resp.error.message
+        else:
+            _check_answers(model, [triton_requests[i]], [resp])
+
+    def lost(batch):
+        raise RuntimeError("device lost")
+
+    runner.infer_batch_async = lost
+    failing = [Request(random_inputs(1, n, SMALL.codebook_sizes, rng)) for n in (5, 6)]
+    assert served.execute(failing) is None
+    for r in answered(failing, None):
+        assert r.error.code == "INTERNAL" and "RuntimeError: device lost" in r.error.message
+    served.finalize()
+
+
+def test_continuous_batching_needs_a_pipeline(model_py, model):
+    with pytest.raises(ValueError, match="set pipeline_depth to 1"):
+        _served(model_py, TorchRunner(model), continuous_batching=True)
+    with pytest.raises(ValueError, match="true or false"):
+        _served(model_py, TorchRunner(model), pipeline_depth=1, continuous_batching="maybe")

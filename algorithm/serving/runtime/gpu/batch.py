@@ -356,6 +356,16 @@ class FlatBatch:
         seq = np.fromiter((s[1] for s in shapes), dtype=np.int64, count=len(shapes))
         return cls(values, rows, seq, checked)
 
+    @classmethod
+    def concat(cls, batches: Sequence[FlatBatch]) -> FlatBatch:
+        """One batch of these batches' requests, in order (checked if each one is)."""
+        return cls(
+            np.concatenate([b.values for b in batches], axis=1),
+            np.concatenate([b.rows for b in batches]),
+            np.concatenate([b.seq for b in batches]),
+            all(b.checked for b in batches),
+        )
+
     @property
     def users(self) -> int:
         return int(self.rows.sum())

@@ -22,6 +22,13 @@ batches are in flight; execute() waits for a slot before it queues another, so r
 collecting in Triton's queue meanwhile. Each send() is a round trip to the backend process, so
 the responses go out on ``response_threads`` threads (default 8). Every standard client works
 as before.
+
+With ``continuous_batching`` as well, execute() does not wait for a slot: it reads and checks its
+requests, leaves them with the pipeline and returns, and a launcher thread queues on the GPU,
+whenever fewer than N batches are in flight, everything left with it so far (up to
+``max_batch_size`` rows) as one batch. Batches then form at the GPU's pace: a lone request goes
+at once (no queue delay to wait out), and under load every request that came while the GPU was
+busy goes in the next batch.
 """
 
 from __future__ import annotations
@@ -99,7 +106,7 @@ class _Phases:
         self.written = 0.0
 
     def add(self, clock: _Clock, requests: int, engine) -> None:
-        """One execute(): its laps, its requests, and the GPU engine's counts so far of batches
+        """One batch (one execute(), or one merged batch): its laps, its requests, and the GPU engine's counts so far of batches
         without a CUDA graph of their own (a key no warm-up captured): run eagerly, or sent to a
         larger warmed bucket."""
         for k, v in clock.laps.items():
@@ -107,22 +114,17 @@ class _Phases:
         self.batches += 1
         self.requests += requests
         self.engine = {k: getattr(engine, k, 0) for k in ("eager_runs", "rounded_up")}
-        now = time.monotonic()
-        if now - self.written >= 0.5:
-            self.written = now
-            tmp = self.path.with_suffix(".tmp")
-            with contextlib.suppress(OSError):
-                tmp.write_text(
-                    json.dumps(
-                        {
-                            "batches": self.batches,
-                            "requests": self.requests,
-                            **self.engine,
-                            "seconds": self.seconds,
-                        }
-                    )
-                )
-                os.replace(tmp, self.path)
+        if time.monotonic() - self.written >= 0.5:
+            self.write()
+
+    def write(self) -> None:
+        """The sums so far to the file (atomically); also at finalize()."""
+        self.written = time.monotonic()
+        summary = {"batches": self.batches, "requests": self.requests, **self.engine}
+        tmp = self.path.with_suffix(".tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps({**summary, "seconds": self.seconds}))
+            os.replace(tmp, self.path)
 
 
 class TritonPythonModel:
@@ -173,15 +175,22 @@ class TritonPythonModel:
             params.get("pipeline_depth", "") or "0",
             runtime,
             params.get("response_threads", "") or "8",
+            params.get("continuous_batching", "") or "false",
         )
         _log(
             "info",
             f"{self.name} v{args['model_version']}: {runtime} runner on {device} over "
             f"{artifact.name}"
-            + (f", pipelined (depth {self.pipeline.depth})" if self.pipeline else ""),
+            + (f", pipelined ({self.pipeline.describe()})" if self.pipeline else ""),
         )
 
-    def _start_pipeline(self, depth_text: str, runtime: str, senders_text: str = "8"):
+    def _start_pipeline(
+        self, depth_text: str, runtime: str, senders_text: str = "8", merge_text: str = "false"
+    ):
+        merge = str(merge_text).strip().lower()
+        if merge not in ("true", "false", "1", "0", ""):
+            raise ValueError(f"parameter continuous_batching={merge_text!r} must be true or false")
+        merge = merge in ("true", "1")
         try:
             depth, senders = int(depth_text), int(senders_text)
         except ValueError:
@@ -194,13 +203,18 @@ class TritonPythonModel:
         if depth < 0:
             raise ValueError(f"parameter pipeline_depth={depth} must be 0 (off) or more")
         if depth == 0:
+            if merge:
+                raise ValueError(
+                    "parameter continuous_batching=true needs pipeline_depth >= 1 (the batches "
+                    "it forms are queued on the GPU): set pipeline_depth to 1 or 2"
+                )
             return None
         if getattr(self.runner, "infer_batch_async", None) is None:
             raise ValueError(
                 f"parameter pipeline_depth={depth}: the {runtime} runner cannot queue a batch "
                 "and return (only the torch runtime can); set pipeline_depth to 0"
             )
-        return _Pipeline(self, depth, senders)
+        return _Pipeline(self, depth, senders, merge)
 
     @staticmethod
     def _runner_options(
@@ -459,7 +473,22 @@ class TritonPythonModel:
     def finalize(self):
         if self.pipeline is not None:
             self.pipeline.close()  # the batches in flight are answered first
+        if self.phases is not None:
+            self.phases.write()
         self.runner = None
+
+
+def _merged_clock(clocks: list, now: float) -> _Clock | None:
+    """One clock for batches merged by the launcher: their read and check laps summed, then
+    from ``now`` on the merged batch's own laps (None when the phases are not recorded)."""
+    if not clocks or clocks[0] is None:
+        return None
+    merged = _Clock()
+    for c in clocks:
+        for k, v in c.laps.items():
+            merged.laps[k] = merged.laps.get(k, 0.0) + v
+    merged.t = now
+    return merged
 
 
 class _Pipeline:
@@ -467,27 +496,49 @@ class _Pipeline:
     stream: they finish in that order). A response sender's send() is a round trip to the
     backend process (~0.3-0.5 ms on an H100 host, measured: gpu_issue14_h100_run3.json) during
     which the GIL is free, so the sends go out on ``senders`` threads at once; the backend
-    takes them on its own thread pool (32 threads by default)."""
+    takes them on its own thread pool (32 threads by default).
 
-    def __init__(self, model: TritonPythonModel, depth: int, senders: int = 8):
+    ``merge`` (continuous batching): execute() leaves its checked batch here and returns; the
+    launcher thread waits for a slot, then takes every batch left so far (up to the model's
+    ``max_batch_size`` rows, the rest waits for the next slot) and queues them as one."""
+
+    def __init__(self, model: TritonPythonModel, depth: int, senders: int = 8, merge=False):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.model, self.depth = model, depth
+        self.model, self.depth, self.merge = model, depth, merge
         self.slots = threading.BoundedSemaphore(depth)
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.pool = ThreadPoolExecutor(max_workers=senders, thread_name_prefix="ugt-send")
         self.thread = threading.Thread(target=self._answer_loop, name="ugt-answers", daemon=True)
         self.thread.start()
+        self.left: list = []  # merge: (batch, senders, clock) not launched yet
+        self.left_cond = threading.Condition()
+        self.closing = False
+        self.launcher = None
+        if merge:
+            self.launcher = threading.Thread(
+                target=self._launch_loop, name="ugt-launch", daemon=True
+            )
+            self.launcher.start()
+
+    def describe(self) -> str:
+        return f"depth {self.depth}" + (", continuous batching" if self.merge else "")
 
     def submit(self, requests, good: list, responses: list, clock: _Clock | None):
         """Validate, wait for a slot, queue the batch on the GPU; the requests of ``good`` are
-        answered later (their entries stay None), bad ones now (in the returned list)."""
+        answered later (their entries stay None), bad ones now (in the returned list). With
+        ``merge`` the batch is left for the launcher instead (no wait)."""
         model = self.model
         batch = model._checked_flat(good, responses, clock)
         if batch is None:
             return responses
         # the senders must be taken inside execute(): the requests are gone after it returns
         senders = [requests[i].get_response_sender() for i, _ in good]
+        if self.merge:
+            with self.left_cond:
+                self.left.append((batch, senders, clock))
+                self.left_cond.notify()
+            return responses if any(r is not None for r in responses) else None
         self.slots.acquire()
         if clock:
             clock.lap("wait_slot")
@@ -501,6 +552,50 @@ class _Pipeline:
             clock.lap("launch")
         self.queue.put((pending, senders, batch.rows.tolist(), clock))
         return responses if any(r is not None for r in responses) else None
+
+    def _take_left(self) -> list:
+        """The batches left so far, oldest first, up to ``max_batch_size`` rows (always one)."""
+        limit = getattr(self.model, "max_batch_size", 0) or 0
+        with self.left_cond:
+            rows, n = 0, 0
+            for batch, _, _ in self.left:
+                rows += int(batch.rows.sum())
+                if n and limit and rows > limit:
+                    break
+                n += 1
+            taken, self.left[:] = self.left[:n], self.left[n:]
+        return taken
+
+    def _launch_loop(self) -> None:
+        model = self.model
+        while True:
+            with self.left_cond:
+                while not self.left and not self.closing:
+                    self.left_cond.wait()
+                if not self.left:  # closing, nothing left
+                    return
+            self.slots.acquire()
+            waited = time.perf_counter()
+            taken = self._take_left()
+            clock = _merged_clock([c for _, _, c in taken], waited)
+            senders = [s for _, group, _ in taken for s in group]
+            batch = (
+                taken[0][0]
+                if len(taken) == 1
+                else type(taken[0][0]).concat([b for b, _, _ in taken])
+            )
+            try:
+                pending = model.runner.infer_batch_async(batch)
+            except Exception as e:  # every request of the merged batch gets the reason
+                self.slots.release()
+                _log("error", f"{model.name}: inference failed: {type(e).__name__}: {e}")
+                error = _error(f"inference failed: {type(e).__name__}: {e}", invalid_argument=False)
+                for sender in senders:
+                    self.pool.submit(self._send, sender, error)
+                continue
+            if clock:
+                clock.lap("launch")
+            self.queue.put((pending, senders, batch.rows.tolist(), clock))
 
     def _answer_loop(self) -> None:
         model, sending = self.model, None
@@ -553,6 +648,11 @@ class _Pipeline:
             model.phases.add(clock, len(futures), getattr(model.runner, "engine", None))
 
     def close(self, timeout_s: float = 60.0) -> None:
+        if self.launcher is not None:  # what was left is launched (and answered) first
+            with self.left_cond:
+                self.closing = True
+                self.left_cond.notify()
+            self.launcher.join(timeout_s)
         self.queue.put(None)
         self.thread.join(timeout_s)
         self.pool.shutdown(wait=True)

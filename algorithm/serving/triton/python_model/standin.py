@@ -115,17 +115,23 @@ def served_model(
     dlpack=False,
     phases=None,
     pipeline_depth: int = 0,
+    continuous_batching: bool = False,
+    max_batch_size: int = 0,
 ):
     """``module``'s (model.py's) TritonPythonModel around ``runner`` without initialize() (no
     config, no artifact): what the tests and the host-path benchmark drive through execute().
     ``phases``: the file its phase_stats go to (None: not recorded). ``pipeline_depth`` > 0:
     execute() answers the good requests through their senders (``answered`` waits for them);
-    call ``finalize()`` when done."""
+    call ``finalize()`` when done; ``continuous_batching``: the pipeline merges what execute()
+    leaves with it (up to ``max_batch_size`` rows, 0 = no limit)."""
     m = module.TritonPythonModel()
     m.name, m.runner, m.dlpack = "ugt", runner, dlpack
     m.max_seq_length, m.codebook_sizes = max_seq_length, tuple(codebook_sizes)
     m.phases = module._Phases(Path(phases)) if phases else None
-    m.pipeline = m._start_pipeline(str(pipeline_depth), getattr(runner, "name", "?"))
+    m.max_batch_size = max_batch_size
+    m.pipeline = m._start_pipeline(
+        str(pipeline_depth), getattr(runner, "name", "?"), "8", str(continuous_batching)
+    )
     return m
 
 
