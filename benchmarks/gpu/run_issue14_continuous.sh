@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, run 6: continuous batching (model.py's continuous_batching: execute() returns at once,
+# Issue 14, runs 6-7: continuous batching (model.py's continuous_batching: execute() returns at once,
 # the pipeline queues on the GPU everything left with it whenever a slot frees, no queue delay)
 # against today's defaults and run 5's tuned pick, side by side in one run; then the GPU tests.
 # From the repository root on the GPU machine, wheels in .whl/ (see benchmarks/RESULTS.md):
@@ -9,14 +9,24 @@ OUT=${1:?output folder}; TAG=${2:-run}
 ENGINE='{"dtype":"bf16","gelu":"tanh_fused"}'
 COMMON='"slo_ms":30,"fixed_levels":[1,64],"mix_levels":[64],"pad_instances":[]'
 V='{"name":"before_i3_qd100","instances":3}'
-V+=',{"name":"pipe_i2_d2_qd3000","instances":2,"pipeline_depth":2,"max_queue_delay_us":3000}'
-V+=',{"name":"cont_i1_d1","instances":1,"pipeline_depth":1,"continuous_batching":true,"max_queue_delay_us":0}'
-V+=',{"name":"cont_i2_d1","instances":2,"pipeline_depth":1,"continuous_batching":true,"max_queue_delay_us":0}'
-V+=',{"name":"cont_i1_d2","instances":1,"pipeline_depth":2,"continuous_batching":true,"max_queue_delay_us":0}'
+C='"pipeline_depth":1,"continuous_batching":true,"max_queue_delay_us":0'
+if [ "${SET:-run7}" = run6 ]; then  # run 6: continuous batching, Python's GIL switch interval
+  V+=',{"name":"pipe_i2_d2_qd3000","instances":2,"pipeline_depth":2,"max_queue_delay_us":3000}'
+  V+=",{\"name\":\"cont_i1_d1\",\"instances\":1,$C}"
+  V+=",{\"name\":\"cont_i2_d1\",\"instances\":2,$C}"
+  V+=',{"name":"cont_i1_d2","instances":1,"pipeline_depth":2,"continuous_batching":true,"max_queue_delay_us":0}'
+else  # run 7: the same with a 100 us GIL switch interval (run 6's launch waited for the GIL)
+  G='"gil_switch_interval_us":100'
+  V+=",{\"name\":\"pipe_i2_d2_qd3000_gil100\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$G}"
+  V+=",{\"name\":\"cont_i1_d1\",\"instances\":1,$C}"
+  V+=",{\"name\":\"cont_i1_d1_gil100\",\"instances\":1,$C,$G}"
+  V+=",{\"name\":\"cont_i2_d1_gil100\",\"instances\":2,$C,$G}"
+  V+=",{\"name\":\"cont_i1_d2_gil100\",\"instances\":1,\"pipeline_depth\":2,\"continuous_batching\":true,\"max_queue_delay_us\":0,$G}"
+fi
 benchmarks/gpu/run_gpu.sh --parts server --train-steps 0 --engine "$ENGINE" --budget-s ${BUDGET_S:-330} \
   --server-config "{$COMMON,\"server_variants\":[$V]}" --out "$OUT/gpu_issue14_${TAG}.json" \
   2>&1 | tee "$OUT/gpu_issue14_${TAG}.log"
 if [ "${TESTS:-1}" = 1 ]; then
   PYTHONPATH=. timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider algorithm/serving/tests/test_gpu.py \
-    2>&1 | tail -5 | tee "$OUT/gpu_issue14_${TAG}_tests.txt"
+    2>&1 | tail -25 | tee "$OUT/gpu_issue14_${TAG}_tests.txt"
 fi

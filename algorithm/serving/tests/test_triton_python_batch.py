@@ -310,3 +310,19 @@ def test_continuous_batching_needs_a_pipeline(model_py, model):
         _served(model_py, TorchRunner(model), continuous_batching=True)
     with pytest.raises(ValueError, match="true or false"):
         _served(model_py, TorchRunner(model), pipeline_depth=1, continuous_batching="maybe")
+
+
+def test_the_gil_switch_interval_parameter(model_py):
+    import sys
+
+    before = sys.getswitchinterval()
+    try:
+        model_py._set_switch_interval("")  # unset: Python's own
+        assert sys.getswitchinterval() == before
+        model_py._set_switch_interval("250")
+        assert sys.getswitchinterval() == pytest.approx(250e-6)
+        for bad in ("fast", "0", "1e9"):
+            with pytest.raises(ValueError, match="gil_switch_interval_us"):
+                model_py._set_switch_interval(bad)
+    finally:
+        sys.setswitchinterval(before)

@@ -80,6 +80,27 @@ def _error(message: str, invalid_argument: bool = True):
     return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
 
+def _set_switch_interval(text: str) -> None:
+    """``gil_switch_interval_us``: how long a thread waiting for the GIL lets the holder run
+    before it asks for it (Python's default 5000 us). The pipelined paths run several threads
+    (execute, launcher, answers, senders) in one process; each wait to get the GIL back after a
+    blocking call can last that long."""
+    if not text:
+        return
+    try:
+        us = float(text)
+    except ValueError:
+        us = 0.0
+    if not 1 <= us <= 100_000:
+        raise ValueError(
+            f"parameter gil_switch_interval_us={text!r} must be a number of microseconds in "
+            "[1, 100000] (Python's default is 5000)"
+        )
+    import sys
+
+    sys.setswitchinterval(us / 1e6)
+
+
 class _Clock:
     """Laps of one execute() (seconds per phase)."""
 
@@ -142,6 +163,7 @@ class TritonPythonModel:
                 f"parameter codebook_sizes={self.codebook_sizes} needs {len(ID_NAMES)} sizes"
             )
         self.dlpack = _DLPACK or params.get("tensor_transport", "") == "dlpack"
+        _set_switch_interval(params.get("gil_switch_interval_us", ""))
         phase_dir = params.get("phase_stats", "")
         self.phases = (
             _Phases(Path(phase_dir) / f"{self.name}_{os.getpid()}.json") if phase_dir else None
