@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, runs 6-7: continuous batching (model.py's continuous_batching: execute() returns at once,
+# Issue 14, runs 6, 7, 9 and 10 (SET=run6|run7|run10): continuous batching (model.py's continuous_batching: execute() returns at once,
 # the pipeline queues on the GPU everything left with it whenever a slot frees, no queue delay)
 # against today's defaults and run 5's tuned pick, side by side in one run; then the GPU tests.
 # From the repository root on the GPU machine, wheels in .whl/ (see benchmarks/RESULTS.md):
@@ -15,6 +15,12 @@ if [ "${SET:-run7}" = run6 ]; then  # run 6: continuous batching, Python's GIL s
   V+=",{\"name\":\"cont_i1_d1\",\"instances\":1,$C}"
   V+=",{\"name\":\"cont_i2_d1\",\"instances\":2,$C}"
   V+=',{"name":"cont_i1_d2","instances":1,"pipeline_depth":2,"continuous_batching":true,"max_queue_delay_us":0}'
+elif [ "${SET:-run7}" = run10 ]; then  # run 10: where the launch's time goes; blocking CUDA waits
+  B='"engine_options":{"blocking_sync":true}'
+  V+=',{"name":"pipe_i2_d2_qd3000","instances":2,"pipeline_depth":2,"max_queue_delay_us":3000}'
+  V+=",{\"name\":\"pipe_i2_d2_qd3000_block\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$B}"
+  V+=",{\"name\":\"cont_i1_d1\",\"instances\":1,$C}"
+  V+=",{\"name\":\"cont_i1_d1_block\",\"instances\":1,$C,$B}"
 else  # run 7: the same with a 100 us GIL switch interval (run 6's launch waited for the GIL)
   G='"gil_switch_interval_us":100'
   V+=",{\"name\":\"pipe_i2_d2_qd3000_gil100\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$G}"

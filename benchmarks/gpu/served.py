@@ -76,6 +76,8 @@ class ServeOptions:
     # model.py's gil_switch_interval_us (0: Python's 5000 us): how soon a thread of the pipelined
     # paths gets the GIL back from one that holds it
     gil_switch_interval_us: int = 0
+    # EngineConfig fields over the run's --engine for this configuration (e.g. blocking_sync)
+    engine_options: dict = field(default_factory=dict)
 
 
 def server_env() -> dict:
@@ -145,7 +147,7 @@ def write_repository(
         path = Path(gen.generate(repo, model_file=ckpt))
         msg = gen.build_config(artifact_filename("python", "torch", ckpt))
         msg.parameters["batching"].string_value = batching
-        msg.parameters["engine"].string_value = json.dumps(engine)
+        msg.parameters["engine"].string_value = json.dumps({**engine, **so.engine_options})
         if so.engine_warmup:
             msg.parameters["warmup"].string_value = json.dumps(so.engine_warmup)
         if so.tensor_transport:
@@ -297,6 +299,9 @@ def phase_snapshot(phase_dir: Path | None, model: str) -> dict:
             out[k] += d.get(k, 0)
         for k, v in d["seconds"].items():
             out["seconds"][k] = out["seconds"].get(k, 0.0) + v
+        for k, v in (d.get("launch_seconds") or {}).items():
+            launch = out.setdefault("launch_seconds", {})
+            launch[k] = launch.get(k, 0.0) + v
     return out
 
 
@@ -311,6 +316,12 @@ def phase_delta(before: dict, after: dict) -> dict:
     # senders' round trips summed over the send threads (reported apart: they run side by side)
     host = sum(v for k, v in us.items() if k not in ("infer", "wait_slot", "wait_gpu", "send"))
     batches = after["batches"] - before["batches"]
+    # the launch's own steps (layout, stage_wait, run, event), per request
+    launch = after.get("launch_seconds") or {}
+    launch_us = {
+        k: 1e6 * (v - (before.get("launch_seconds") or {}).get(k, 0.0)) / n
+        for k, v in launch.items()
+    }
     return {
         "requests": n,
         "batches": batches,  # run on the GPU: with continuous batching, the merged ones
@@ -320,6 +331,7 @@ def phase_delta(before: dict, after: dict) -> dict:
         "us_per_request": us,
         "host_us_per_request_outside_infer": host,
         "send_us_per_request_summed_over_threads": us.get("send"),
+        "launch_us_per_request": launch_us or None,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import numpy as np
 import torch
@@ -48,6 +49,10 @@ class TorchRunner:
         if engine is None:
             engine = self.device.type == "cuda"
         self.engine = None
+        # with a dict here, infer_batch_async sums its host seconds per step into it (profiling:
+        # model.py's phase_stats): "layout", "stage_wait" (of that, waiting for the staging
+        # buffer's last copy), "run" (copies in, replay, copies out queued), "event"
+        self.launch_laps: dict | None = None
         if engine is not False:
             from algorithm.serving.runtime.gpu.engine import EngineConfig, GpuEngine
 
@@ -194,9 +199,20 @@ class TorchRunner:
             return PendingBatch(recs, scores, None)
         with torch.cuda.device(self.device):
             recs, scores = self._infer_flat(batch, host="async")
-            event = torch.cuda.Event()
+            t = time.perf_counter()
+            blocking = self.engine is not None and self.engine.config.blocking_sync
+            event = torch.cuda.Event(blocking=blocking)
             event.record(torch.cuda.current_stream(self.device))
+            self._lap("event", t)
         return PendingBatch(recs, scores, event)
+
+    def _lap(self, name: str, since: float) -> float:
+        """Add the time since ``since`` to ``launch_laps[name]`` (when profiling); returns now."""
+        now = time.perf_counter()
+        laps = self.launch_laps
+        if laps is not None:
+            laps[name] = laps.get(name, 0.0) + now - since
+        return now
 
     def _infer_flat(self, batch, host: bool | str):
         from algorithm.serving.runtime.gpu.batch import to_host
@@ -213,7 +229,18 @@ class TorchRunner:
         engine = self.engine
         groups = self._groups(batch)
         if len(groups) == 1:
-            return engine.run(engine.tokens_from_batch(batch), batch.users, host=host)
+            if self.launch_laps is None:
+                return engine.run(engine.tokens_from_batch(batch), batch.users, host=host)
+            staging = engine.layouts.staging
+            t, waited = time.perf_counter(), staging.waited_s
+            tokens = engine.tokens_from_batch(batch)
+            t = self._lap("layout", t)
+            self.launch_laps["stage_wait"] = (
+                self.launch_laps.get("stage_wait", 0.0) + staging.waited_s - waited
+            )
+            out = engine.run(tokens, batch.users, host=host)
+            self._lap("run", t)
+            return out
         # several forwards (more users or tokens than one takes): rows back in request order
         first = np.zeros(len(batch.rows) + 1, dtype=np.int64)
         np.cumsum(batch.rows, out=first[1:])

@@ -376,14 +376,19 @@ def test_gpu_runner_requests_and_device_outputs(model, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
-def test_gpu_batches_queued_back_to_back_each_get_their_own_answers(model, rng, graphs):
+@pytest.mark.parametrize(
+    ("graphs", "blocking"),
+    [(False, False), (True, False), (True, True)],
+    ids=["eager", "cuda-graphs", "cuda-graphs-blocking-sync"],
+)
+def test_gpu_batches_queued_back_to_back_each_get_their_own_answers(model, rng, graphs, blocking):
     """infer_batch_async (the pipelined model.py): several batches of one shape queued before
     any is read back replay the same CUDA graph, whose inputs and outputs are static; each
     batch's copies in and out are ordered around its replay, so each gets its own answers,
     equal to the blocking path's; a batch over the engine's limits (several forwards) too."""
-    engine = EngineConfig(dtype="bf16", cuda_graphs=graphs, max_users=4)
+    engine = EngineConfig(dtype="bf16", cuda_graphs=graphs, max_users=4, blocking_sync=blocking)
     runner = TorchRunner(model, device="cuda", dtype="bf16", engine=engine)
+    runner.launch_laps = {}  # profiled as model.py's phase_stats does
     batches = []
     for n in (3, 3, 3, 6):  # three of one graph, then one split into two forwards
         inp = random_inputs(n, 48, SMALL.codebook_sizes, rng)
@@ -398,6 +403,7 @@ def test_gpu_batches_queued_back_to_back_each_get_their_own_answers(model, rng, 
         np.testing.assert_array_equal(recs, got_recs)
         np.testing.assert_allclose(scores, got_scores, atol=1e-3)
     assert all(p.done() for p in pending)
+    assert {"layout", "stage_wait", "run", "event"} <= set(runner.launch_laps)
 
 
 @pytest.mark.gpu

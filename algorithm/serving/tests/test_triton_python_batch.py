@@ -277,6 +277,8 @@ def test_continuous_batching_merges_what_came_while_the_gpu_was_busy(
     stats = json.loads((tmp_path / "ugt.json").read_text())
     assert stats["batches"] == 3 and stats["requests"] == 5
     assert {"read", "check", "launch", "wait_gpu", "answer", "send"} <= set(stats["seconds"])
+    # the runner's own steps of each launch (profiling: the GPU benchmark reports them)
+    assert {"layout", "stage_wait", "run"} <= set(stats["launch_seconds"])
 
 
 def test_continuous_batching_failures_reach_every_request_and_bad_ones_fail_alone(

@@ -10,6 +10,7 @@ forward's int64/int32 index arrays are written into, so they reach the device in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -287,15 +288,20 @@ class Staging:
     to the device is one asynchronous transfer. ``take`` waits until the previous transfer out
     of the buffer has finished before handing it out again."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, blocking: bool = False):
         self.device = device
         self.cuda = device.type == "cuda"
         self.buf = torch.empty(0, dtype=torch.int64)
         self.event = None
+        self.blocking = blocking  # the wait in take() blocks the thread instead of spinning
+        self.waited_s = 0.0  # time take() spent waiting for the previous copy (profiling)
 
     def take(self, n: int) -> torch.Tensor:
         if self.event is not None:
-            self.event.synchronize()
+            if not self.event.query():
+                t = time.perf_counter()
+                self.event.synchronize()
+                self.waited_s += time.perf_counter() - t
             self.event = None
         if self.buf.numel() < n:
             size = max(n, 2 * self.buf.numel())
@@ -309,7 +315,7 @@ class Staging:
         if dst is None:
             dst = torch.empty_like(staged, device=self.device)
         dst.copy_(staged, non_blocking=True)
-        self.event = torch.cuda.Event()
+        self.event = torch.cuda.Event(blocking=self.blocking)
         self.event.record(torch.cuda.current_stream(self.device))
         return dst
 

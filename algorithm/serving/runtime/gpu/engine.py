@@ -70,6 +70,9 @@ class EngineConfig:
     capture_new_shapes: bool = True  # False: shapes first seen after freeze_graphs() run eagerly
     max_users: int = 64  # one forward's users (infer_requests splits larger groups)
     max_tokens: int = 65536  # one forward's packed tokens
+    # CUDA events the host waits on (a queued batch's end, the staging buffer's last copy) block
+    # the waiting thread (cudaEventBlockingSync) instead of spinning on a core
+    blocking_sync: bool = False
 
     def __post_init__(self):
         self.validate()

@@ -49,7 +49,7 @@ class TokenLayouts:
         self.k, self.sizes = mc.num_recommendations, tuple(mc.codebook_sizes)
         self.config, self.device, self.dtype = config, device, dtype
         self.graphs = graphs
-        self.staging = Staging(device)
+        self.staging = Staging(device, blocking=config.blocking_sync)
 
     # -- device-side route -------------------------------------------------------------------
     def _device_tokens(

@@ -125,6 +125,7 @@ class _Phases:
         self.batches = self.requests = 0
         self.engine: dict[str, int] = {}
         self.written = 0.0
+        self.launch_laps: dict | None = None  # the torch runner's launch_laps (pipelined paths)
 
     def add(self, clock: _Clock, requests: int, engine) -> None:
         """One batch (one execute(), or one merged batch): its laps, its requests, and the GPU engine's counts so far of batches
@@ -135,6 +136,8 @@ class _Phases:
         self.batches += 1
         self.requests += requests
         self.engine = {k: getattr(engine, k, 0) for k in ("eager_runs", "rounded_up")}
+        if self.launch_laps is not None:  # the runner's own steps of a queued batch's launch
+            self.engine["launch_seconds"] = dict(self.launch_laps)
         if time.monotonic() - self.written >= 0.5:
             self.write()
 
@@ -193,6 +196,8 @@ class TritonPythonModel:
         from algorithm.serving.runtime import create_runner
 
         self.runner = create_runner(runtime, artifact, **options)
+        if self.phases is not None and hasattr(self.runner, "launch_laps"):
+            self.runner.launch_laps = self.phases.launch_laps = {}
         self.pipeline = self._start_pipeline(
             params.get("pipeline_depth", "") or "0",
             runtime,
