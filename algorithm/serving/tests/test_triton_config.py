@@ -174,6 +174,10 @@ def test_gpu_torch_config_warms_the_engine_for_full_and_mixed_lengths():
     merged = tc.replace(pipeline_depth=1, continuous_batching=True)
     merged = _strict(TritonConfigGenerator(ec, merged).config_text()).parameters
     assert merged["continuous_batching"].string_value == "true"
+    # a pipeline's host waits on the GPU block instead of spinning
+    for piped_params in (piped.parameters, merged):
+        engine = json.loads(piped_params["engine"].string_value)
+        assert engine == {"capture_new_shapes": False, "blocking_sync": True}
     for kind, runtime in (("KIND_CPU", "torch"), ("KIND_GPU", "onnxruntime")):
         cpu = TritonConfig(platform="python", python_runtime=runtime, instance_kind=kind)
         cpu = _strict(TritonConfigGenerator(ec, cpu).config_text()).parameters

@@ -101,6 +101,8 @@ def test_gpu_engine_has_batching_mode_and_no_thread_knob():
     piped = apply_settings(base, s.replace(pipeline_depth=2))
     assert piped.parameters["pipeline_depth"].string_value == "2"
     assert read_settings(piped).pipeline_depth == 2 and "pipe2" in read_settings(piped).label
+    # a pipeline's host waits on the GPU block (as the generator writes it)
+    assert json.loads(piped.parameters["engine"].string_value)["blocking_sync"] is True
     assert "pipeline_depth" not in apply_settings(piped, s).parameters
 
 

@@ -12,6 +12,7 @@ only the searched knobs changed.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 from algorithm.errors import ConfigError
@@ -173,9 +174,24 @@ def apply_settings(config, settings: ServingSettings):
     if settings.pipeline_depth is not None and _parameter(config, "runtime") == "torch":
         if settings.pipeline_depth:
             new.parameters["pipeline_depth"].string_value = str(settings.pipeline_depth)
+            _pipeline_engine_options(new)
         elif "pipeline_depth" in new.parameters:
             del new.parameters["pipeline_depth"]
     return new
+
+
+def _pipeline_engine_options(config) -> None:
+    """A pipelined GPU engine's host waits block instead of spinning, as the generator writes
+    it (``TritonConfigGenerator.gpu_engine_options``), unless the engine option is set already."""
+    if "engine" not in config.parameters:
+        return
+    try:
+        engine = json.loads(config.parameters["engine"].string_value or "{}")
+    except ValueError:
+        return  # the model reports a malformed engine parameter itself when it loads
+    if isinstance(engine, dict) and "blocking_sync" not in engine:
+        engine["blocking_sync"] = True
+        config.parameters["engine"].string_value = json.dumps(engine)
 
 
 def config_json(config) -> str:
