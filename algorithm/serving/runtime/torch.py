@@ -49,10 +49,7 @@ class TorchRunner:
         if engine is None:
             engine = self.device.type == "cuda"
         self.engine = None
-        # with a dict here, infer_batch_async sums its host seconds per step into it (profiling:
-        # model.py's phase_stats): "layout", "stage_wait" (of that, waiting for the staging
-        # buffer's last copy), "run" (copies in, replay, copies out queued), "event"
-        self.launch_laps: dict | None = None
+        self.launch_laps: dict | None = None  # profile_launches()
         if engine is not False:
             from algorithm.serving.runtime.gpu.engine import EngineConfig, GpuEngine
 
@@ -206,12 +203,21 @@ class TorchRunner:
             self._lap("event", t)
         return PendingBatch(recs, scores, event)
 
+    def profile_launches(self) -> dict:
+        """From now on ``infer_batch_async`` sums its host seconds per step into the returned
+        dict (model.py's phase_stats report them): "layout", "stage_wait" (of that, waiting for
+        the staging buffer's last copy), "run" (copies in, replay and copies out queued) and
+        "event". Its keys are all there from the start, so another thread may copy it while
+        batches are launched."""
+        self.launch_laps = dict.fromkeys(("layout", "stage_wait", "run", "event"), 0.0)
+        return self.launch_laps
+
     def _lap(self, name: str, since: float) -> float:
         """Add the time since ``since`` to ``launch_laps[name]`` (when profiling); returns now."""
         now = time.perf_counter()
         laps = self.launch_laps
         if laps is not None:
-            laps[name] = laps.get(name, 0.0) + now - since
+            laps[name] += now - since
         return now
 
     def _infer_flat(self, batch, host: bool | str):
@@ -235,9 +241,7 @@ class TorchRunner:
             t, waited = time.perf_counter(), staging.waited_s
             tokens = engine.tokens_from_batch(batch)
             t = self._lap("layout", t)
-            self.launch_laps["stage_wait"] = (
-                self.launch_laps.get("stage_wait", 0.0) + staging.waited_s - waited
-            )
+            self.launch_laps["stage_wait"] += staging.waited_s - waited
             out = engine.run(tokens, batch.users, host=host)
             self._lap("run", t)
             return out

@@ -388,7 +388,7 @@ def test_gpu_batches_queued_back_to_back_each_get_their_own_answers(model, rng, 
     equal to the blocking path's; a batch over the engine's limits (several forwards) too."""
     engine = EngineConfig(dtype="bf16", cuda_graphs=graphs, max_users=4, blocking_sync=blocking)
     runner = TorchRunner(model, device="cuda", dtype="bf16", engine=engine)
-    runner.launch_laps = {}  # profiled as model.py's phase_stats does
+    laps = runner.profile_launches()  # as model.py's phase_stats do
     batches = []
     for n in (3, 3, 3, 6):  # three of one graph, then one split into two forwards
         inp = random_inputs(n, 48, SMALL.codebook_sizes, rng)
@@ -403,7 +403,7 @@ def test_gpu_batches_queued_back_to_back_each_get_their_own_answers(model, rng, 
         np.testing.assert_array_equal(recs, got_recs)
         np.testing.assert_allclose(scores, got_scores, atol=1e-3)
     assert all(p.done() for p in pending)
-    assert {"layout", "stage_wait", "run", "event"} <= set(runner.launch_laps)
+    assert laps["layout"] > 0 and laps["run"] > 0 and laps["event"] > 0
 
 
 @pytest.mark.gpu

@@ -128,9 +128,9 @@ class _Phases:
         self.launch_laps: dict | None = None  # the torch runner's launch_laps (pipelined paths)
 
     def add(self, clock: _Clock, requests: int, engine) -> None:
-        """One batch (one execute(), or one merged batch): its laps, its requests, and the GPU engine's counts so far of batches
-        without a CUDA graph of their own (a key no warm-up captured): run eagerly, or sent to a
-        larger warmed bucket."""
+        """One batch (one execute(), or one merged batch): its laps, its requests, and the GPU
+        engine's counts so far of batches without a CUDA graph of their own (a key no warm-up
+        captured): run eagerly, or sent to a larger warmed bucket."""
         for k, v in clock.laps.items():
             self.seconds[k] = self.seconds.get(k, 0.0) + v
         self.batches += 1
@@ -196,8 +196,8 @@ class TritonPythonModel:
         from algorithm.serving.runtime import create_runner
 
         self.runner = create_runner(runtime, artifact, **options)
-        if self.phases is not None and hasattr(self.runner, "launch_laps"):
-            self.runner.launch_laps = self.phases.launch_laps = {}
+        if self.phases is not None and hasattr(self.runner, "profile_launches"):
+            self.phases.launch_laps = self.runner.profile_launches()
         self.pipeline = self._start_pipeline(
             params.get("pipeline_depth", "") or "0",
             runtime,
@@ -527,7 +527,9 @@ class _Pipeline:
 
     ``merge`` (continuous batching): execute() leaves its checked batch here and returns; the
     launcher thread waits for a slot, then takes every batch left so far (up to the model's
-    ``max_batch_size`` rows, the rest waits for the next slot) and queues them as one."""
+    ``max_batch_size`` rows, the rest waits for the next slot) and queues them as one. Once a
+    full batch is waiting, execute() waits too, so the requests behind it stay in Triton's queue,
+    where its queue policy (``max_queue_size``, timeouts) still applies."""
 
     def __init__(self, model: TritonPythonModel, depth: int, senders: int = 8, merge=False):
         from concurrent.futures import ThreadPoolExecutor
@@ -539,6 +541,8 @@ class _Pipeline:
         self.thread = threading.Thread(target=self._answer_loop, name="ugt-answers", daemon=True)
         self.thread.start()
         self.left: list = []  # merge: (batch, senders, clock) not launched yet
+        self.left_rows = 0  # their rows
+        self.left_cap = getattr(model, "max_batch_size", 0) or 64  # execute() waits beyond
         self.left_cond = threading.Condition()
         self.closing = False
         self.launcher = None
@@ -563,8 +567,11 @@ class _Pipeline:
         senders = [requests[i].get_response_sender() for i, _ in good]
         if self.merge:
             with self.left_cond:
+                while self.left_rows >= self.left_cap and not self.closing:
+                    self.left_cond.wait()  # a full batch is waiting already: back-pressure
                 self.left.append((batch, senders, clock))
-                self.left_cond.notify()
+                self.left_rows += int(batch.rows.sum())
+                self.left_cond.notify_all()
             return responses if any(r is not None for r in responses) else None
         self.slots.acquire()
         if clock:
@@ -591,6 +598,8 @@ class _Pipeline:
                     break
                 n += 1
             taken, self.left[:] = self.left[:n], self.left[n:]
+            self.left_rows -= sum(int(b.rows.sum()) for b, _, _ in taken)
+            self.left_cond.notify_all()  # an execute() waiting for room may go on
         return taken
 
     def _launch_loop(self) -> None:
@@ -602,16 +611,14 @@ class _Pipeline:
                 if not self.left:  # closing, nothing left
                     return
             self.slots.acquire()
-            waited = time.perf_counter()
+            now = time.perf_counter()
             taken = self._take_left()
-            clock = _merged_clock([c for _, _, c in taken], waited)
+            clock = _merged_clock([c for _, _, c in taken], now)
             senders = [s for _, group, _ in taken for s in group]
-            batch = (
-                taken[0][0]
-                if len(taken) == 1
-                else type(taken[0][0]).concat([b for b, _, _ in taken])
-            )
             try:
+                batch = taken[0][0]
+                if len(taken) > 1:
+                    batch = type(batch).concat([b for b, _, _ in taken])
                 pending = model.runner.infer_batch_async(batch)
             except Exception as e:  # every request of the merged batch gets the reason
                 self.slots.release()

@@ -128,8 +128,8 @@ def served_model(
     m.name, m.runner, m.dlpack = "ugt", runner, dlpack
     m.max_seq_length, m.codebook_sizes = max_seq_length, tuple(codebook_sizes)
     m.phases = module._Phases(Path(phases)) if phases else None
-    if m.phases is not None and hasattr(runner, "launch_laps"):  # as initialize() does
-        runner.launch_laps = m.phases.launch_laps = {}
+    if m.phases is not None and hasattr(runner, "profile_launches"):  # as initialize() does
+        m.phases.launch_laps = runner.profile_launches()
     m.max_batch_size = max_batch_size
     m.pipeline = m._start_pipeline(
         str(pipeline_depth), getattr(runner, "name", "?"), "8", str(continuous_batching)
