@@ -10,6 +10,12 @@ stand-in ``triton_python_backend_utils`` (tensors through DLPack, as on the GPU 
   the host work the GPU waits for (one instance, nothing overlapped).
 
     PYTHONPATH=. python benchmarks/gpu/host_path.py --device cpu --stub-forward
+
+- ``--pipeline-depth N [--continuous]``: the pipelined paths (issue 14): execute() returns once
+  the batch is queued (or left with the launcher), a second thread answers through the response
+  senders. Each send waits ``--send-us`` with the GIL free, as the stub's round trip to the
+  backend does (300-500 us on the GPU hosts). Reports wall and CPU microseconds per request over
+  all threads of the process (``time.process_time``): the CPU one is what the GIL serializes.
 """
 
 from __future__ import annotations
@@ -46,7 +52,12 @@ def _run(mp) -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--out", default="")
     ap.add_argument("--profile", type=int, default=0, help="print the top N functions (cProfile)")
+    ap.add_argument("--pipeline-depth", type=int, default=0)
+    ap.add_argument("--continuous", action="store_true", help="continuous batching (with a depth)")
+    ap.add_argument("--send-us", type=float, default=400.0, help="pipelined: each send's wait")
     args = ap.parse_args()
+    if args.pipeline_depth:
+        return _run_pipelined(mp, args)
     cfg = UGTConfig.base() if args.preset == "base" else UGTConfig.tiny()
     torch.manual_seed(0)
     model = UGTModel(cfg).eval()
@@ -123,6 +134,87 @@ def _run(mp) -> int:
             row["us_per_request"] = 1e3 * row["execute_ms"] / args.batch
         result[name] = row
         print(name, json.dumps(row), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _run_pipelined(mp, args) -> int:
+    """Batches of ``--batch`` requests through the pipelined execute(), all answered: wall and
+    CPU (all threads) microseconds per request, and model.py's phases."""
+    from algorithm.serving.triton.python_model import standin
+
+    cfg = UGTConfig.base() if args.preset == "base" else UGTConfig.tiny()
+    torch.manual_seed(0)
+    model = UGTModel(cfg).eval()
+    runner = TorchRunner(model, device="cpu", engine=EngineConfig(dtype="fp32"))
+    k = cfg.num_recommendations
+    runner.engine._forward = lambda t: (  # the host's work only (as --stub-forward)
+        torch.zeros(t.users, k, 3, dtype=torch.int64),
+        torch.zeros(t.users, k),
+    )
+    send, wait = standin.ResponseSender.send, args.send_us / 1e6
+
+    def slow_send(self, response=None, flags=0):  # the round trip, with the GIL free
+        time.sleep(wait)
+        send(self, response, flags)
+
+    standin.ResponseSender.send = slow_send
+    phase_file = Path(tempfile.mkdtemp(prefix="ugt-phases-")) / "ugt.json"
+    served = served_model(
+        mp,
+        runner,
+        cfg.max_seq_length,
+        cfg.codebook_sizes,
+        True,
+        phase_file,
+        pipeline_depth=args.pipeline_depth,
+        continuous_batching=args.continuous,
+        max_batch_size=64,
+    )
+    rng = np.random.default_rng(0)
+    seq = min(args.seq, cfg.max_seq_length)
+    result = {
+        "device": "cpu",
+        "batch": args.batch,
+        "pipeline_depth": args.pipeline_depth,
+        "continuous": args.continuous,
+        "send_us": args.send_us,
+    }
+    try:
+        for name, lens in {
+            f"fixed{seq}": np.full(args.batch, seq),
+            "mix": lognormal_lengths(rng, args.batch, longest=seq),
+        }.items():
+            reqs = [random_inputs(1, int(n), cfg.codebook_sizes, rng) for n in lens]
+            batches = [[Request(r) for r in reqs] for _ in range(args.iters + 3)]
+            for b in batches[:3]:  # warm-up
+                served.execute(b)
+            for b in batches[:3]:
+                b[-1].get_response_sender().done.wait(60)
+            served.phases = mp._Phases(phase_file)
+            served.phases.launch_laps = runner.profile_launches()
+            wall, cpu = time.perf_counter(), time.process_time()
+            for b in batches[3:]:
+                served.execute(b)
+            for b in batches[3:]:
+                for r in b:
+                    assert r.get_response_sender().done.wait(60)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            n = args.iters * args.batch
+            ph = served.phases
+            row = {
+                "wall_us_per_request": 1e6 * wall / n,
+                "cpu_us_per_request": 1e6 * cpu / n,
+                "phases_us_per_request": {
+                    k: round(1e6 * v / max(ph.requests, 1), 2) for k, v in ph.seconds.items()
+                },
+            }
+            result[name] = row
+            print(name, json.dumps(row), flush=True)
+    finally:
+        served.finalize()
+        standin.ResponseSender.send = send
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
