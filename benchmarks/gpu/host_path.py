@@ -34,6 +34,7 @@ from algorithm.serving.runtime.gpu.engine import EngineConfig
 from algorithm.serving.runtime.torch import TorchRunner
 from algorithm.serving.triton.python_model.standin import Request, model_py_module, served_model
 from algorithm.ugt import UGTConfig, UGTModel, random_inputs
+from benchmarks.common import environment
 from benchmarks.gpu.run_gpu import lognormal_lengths
 
 
@@ -175,6 +176,7 @@ def _run_pipelined(mp, args) -> int:
     rng = np.random.default_rng(0)
     seq = min(args.seq, cfg.max_seq_length)
     result = {
+        "environment": environment(),
         "device": "cpu",
         "batch": args.batch,
         "pipeline_depth": args.pipeline_depth,
