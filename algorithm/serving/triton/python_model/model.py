@@ -534,7 +534,7 @@ class _Pipeline:
     def __init__(self, model: TritonPythonModel, depth: int, senders: int = 8, merge=False):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.model, self.depth, self.merge, self.width = model, depth, merge, senders
+        self.model, self.depth, self.merge = model, depth, merge
         self.slots = threading.BoundedSemaphore(depth)
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.pool = ThreadPoolExecutor(max_workers=senders, thread_name_prefix="ugt-send")
@@ -655,19 +655,12 @@ class _Pipeline:
                 self.slots.release()  # the GPU is done with it: the next batch may go
             if clock:
                 clock.lap("answer")
-            # one task per send thread, each sending its share in turn: as many sends in
-            # flight as threads, with a task and a future per thread instead of per request
-            pairs = list(zip(senders, answers, strict=True))
             futures = [
-                self.pool.submit(self._send_all, pairs[i :: self.width])
-                for i in range(min(self.width, len(pairs)))
+                self.pool.submit(self._send, s, a) for s, a in zip(senders, answers, strict=True)
             ]
             # at most two batches' sends out at once: this one's and the one before
             self._finish(sending)
-            sending = (futures, len(pairs), clock)
-
-    def _send_all(self, pairs) -> float:
-        return sum(self._send(sender, answer) for sender, answer in pairs)
+            sending = (futures, clock)
 
     def _send(self, sender, answer) -> float:
         t = time.perf_counter()
@@ -681,12 +674,12 @@ class _Pipeline:
         """Wait for a batch's sends; its phases get their time summed over the send threads."""
         if sending is None:
             return
-        futures, requests, clock = sending
+        futures, clock = sending
         spent = sum(f.result() for f in futures)
         model = self.model
         if clock and model.phases is not None:
             clock.laps["send"] = clock.laps.get("send", 0.0) + spent
-            model.phases.add(clock, requests, getattr(model.runner, "engine", None))
+            model.phases.add(clock, len(futures), getattr(model.runner, "engine", None))
 
     def close(self, timeout_s: float = 60.0) -> None:
         if self.launcher is not None:  # what was left is launched (and answered) first
