@@ -104,6 +104,12 @@ def test_gpu_engine_has_batching_mode_and_no_thread_knob():
     # a pipeline's host waits on the GPU block (as the generator writes it)
     assert json.loads(piped.parameters["engine"].string_value)["blocking_sync"] is True
     assert "pipeline_depth" not in apply_settings(piped, s).parameters
+    # continuous batching needs a pipeline: a candidate without one drops it too (model.py would
+    # refuse to load it), one with a pipeline keeps it
+    piped.parameters["continuous_batching"].string_value = "true"
+    assert "continuous_batching" not in apply_settings(piped, s).parameters
+    again = apply_settings(piped, s.replace(pipeline_depth=1))
+    assert again.parameters["continuous_batching"].string_value == "true"
 
 
 def test_a_model_without_batching_cannot_be_tuned():

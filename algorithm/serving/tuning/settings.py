@@ -175,8 +175,10 @@ def apply_settings(config, settings: ServingSettings):
         if settings.pipeline_depth:
             new.parameters["pipeline_depth"].string_value = str(settings.pipeline_depth)
             _pipeline_engine_options(new)
-        elif "pipeline_depth" in new.parameters:
-            del new.parameters["pipeline_depth"]
+        else:  # off: continuous batching (which needs a pipeline) goes with it
+            for name in ("pipeline_depth", "continuous_batching"):
+                if name in new.parameters:
+                    del new.parameters[name]
     return new
 
 
