@@ -83,7 +83,12 @@ def _run(mp) -> int:
         f"fixed{seq}": np.full(args.batch, seq),
         "mix": lognormal_lengths(rng, args.batch, longest=seq),
     }
-    result = {"device": args.device, "stub_forward": args.stub_forward, "batch": args.batch}
+    result = {
+        "environment": environment(),
+        "device": args.device,
+        "stub_forward": args.stub_forward,
+        "batch": args.batch,
+    }
     for name, lens in lengths.items():
         reqs = [random_inputs(1, int(n), cfg.codebook_sizes, rng) for n in lens]
         for _ in range(3):
