@@ -262,17 +262,15 @@ def dense_layout(users: int, width: int) -> dict:
 def layout_views(buf: torch.Tensor, layout: dict, as_numpy: bool = False) -> dict:
     """Views of ``buf`` (int64) per field of ``layout``; numpy views when ``as_numpy``."""
     out = {}
-    whole = buf.numpy() if as_numpy else buf  # numpy slices cost less than torch's (host path)
     for name, spec in layout.items():
         if name == "_total":
             continue
         offset, n, dtype = spec
         if dtype == torch.int64:
-            out[name] = whole[offset : offset + n]
-        elif as_numpy:
-            out[name] = whole[offset : offset + -(-n // 2)].view(np.int32)[:n]
+            v = buf[offset : offset + n]
         else:
-            out[name] = whole[offset : offset + -(-n // 2)].view(torch.int32)[:n]
+            v = buf[offset : offset + -(-n // 2)].view(torch.int32)[:n]
+        out[name] = v.numpy() if as_numpy else v
     return out
 
 
@@ -352,10 +350,6 @@ class FlatBatch:
                         f"each request needs four [batch, seq_len] inputs of one shape, "
                         f"got {[a.shape for a in r]}"
                     )
-        if len(reqs) == 1:  # one request (a lone client): one stack, no bookkeeping
-            (rows, seq), r = reqs[0][0].shape, reqs[0]
-            values = np.stack([a.reshape(-1) for a in r]).astype(np.int64, copy=False)
-            return cls(values, np.array([rows], np.int64), np.array([seq], np.int64), checked)
         shapes = [r[0].shape for r in reqs]
         total = sum(s[0] * s[1] for s in shapes)
         values = np.empty((4, total), dtype=np.int64)
