@@ -41,6 +41,7 @@ from algorithm.serving.triton.schema import (  # noqa: F401  (public here too)
     config_to_text,
     model_config_pb2,
     parse_config,
+    pipelined_engine,
     set_queue_policy,
 )
 
@@ -211,12 +212,9 @@ class TritonConfigGenerator:
     def gpu_engine_options(self) -> dict:
         """The GPU engine's options (model.py's ``engine`` parameter): no capture after the
         warm-up (a capture mid-traffic stalls a batch for tens of ms); with a pipeline, host
-        waits on the GPU block instead of spinning (issue 14 runs 10-11 on an H100, pipeline
-        depth 2: c64 x 1024 P99 34.2 -> 24.8 and 26.0 -> 21.3 ms, the mix 4885 -> 5400 req/s)."""
+        waits on the GPU block instead of spinning (``schema.pipelined_engine``)."""
         options: dict = {"capture_new_shapes": False}
-        if self.triton_config.pipeline_depth:
-            options["blocking_sync"] = True
-        return options
+        return pipelined_engine(options) if self.triton_config.pipeline_depth else options
 
     def gpu_warmup(self) -> list:
         """The GPU engine's warm-up (model.py's ``warmup`` parameter): full-length batches of

@@ -16,7 +16,11 @@ import json
 from dataclasses import dataclass
 
 from algorithm.errors import ConfigError
-from algorithm.serving.triton.schema import model_config_pb2, set_queue_policy
+from algorithm.serving.triton.schema import (
+    model_config_pb2,
+    pipelined_engine,
+    set_queue_policy,
+)
 
 GPU_BATCHINGS = ("length_aware", "pad")
 # Where each platform's runtime reads its intra-op thread count (triton_config writes the same).
@@ -183,17 +187,15 @@ def apply_settings(config, settings: ServingSettings):
 
 
 def _pipeline_engine_options(config) -> None:
-    """A pipelined GPU engine's host waits block instead of spinning, as the generator writes
-    it (``TritonConfigGenerator.gpu_engine_options``), unless the engine option is set already."""
+    """A pipelined GPU engine's options as the generator writes them (``schema.pipelined_engine``)."""
     if "engine" not in config.parameters:
         return
     try:
         engine = json.loads(config.parameters["engine"].string_value or "{}")
     except ValueError:
         return  # the model reports a malformed engine parameter itself when it loads
-    if isinstance(engine, dict) and "blocking_sync" not in engine:
-        engine["blocking_sync"] = True
-        config.parameters["engine"].string_value = json.dumps(engine)
+    if isinstance(engine, dict):
+        config.parameters["engine"].string_value = json.dumps(pipelined_engine(engine))
 
 
 def config_json(config) -> str:
