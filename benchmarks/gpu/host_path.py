@@ -59,22 +59,8 @@ def _run(mp) -> int:
     args = ap.parse_args()
     if args.pipeline_depth:
         return _run_pipelined(mp, args)
-    cfg = UGTConfig.base() if args.preset == "base" else UGTConfig.tiny()
-    torch.manual_seed(0)
-    model = UGTModel(cfg).eval()
     cuda = args.device.startswith("cuda")
-    engine = EngineConfig(dtype="bf16" if cuda else "fp32")
-    runner = TorchRunner(model, device=args.device, engine=engine)
-    k = cfg.num_recommendations
-    if args.stub_forward:
-
-        def forward(t):
-            return (
-                torch.zeros(t.users, k, 3, dtype=torch.int64, device=runner.device),
-                torch.zeros(t.users, k, device=runner.device),
-            )
-
-        runner.engine._forward = forward
+    cfg, runner = _runner(args.preset, args.device, args.stub_forward)
     phase_file = Path(tempfile.mkdtemp(prefix="ugt-phases-")) / "ugt.json"
     served = served_model(mp, runner, cfg.max_seq_length, cfg.codebook_sizes, True, phase_file)
     rng = np.random.default_rng(0)
@@ -145,20 +131,33 @@ def _run(mp) -> int:
     return 0
 
 
+def _runner(preset: str, device: str, stub_forward: bool) -> tuple[UGTConfig, TorchRunner]:
+    """The preset's model (random weights) in a TorchRunner; with ``stub_forward`` the engine's
+    forward returns zeros at once, so only the host's work is left."""
+    cfg = UGTConfig.base() if preset == "base" else UGTConfig.tiny()
+    torch.manual_seed(0)
+    model = UGTModel(cfg).eval()
+    engine = EngineConfig(dtype="bf16" if device.startswith("cuda") else "fp32")
+    runner = TorchRunner(model, device=device, engine=engine)
+    k = cfg.num_recommendations
+    if stub_forward:
+
+        def forward(t):
+            return (
+                torch.zeros(t.users, k, 3, dtype=torch.int64, device=runner.device),
+                torch.zeros(t.users, k, device=runner.device),
+            )
+
+        runner.engine._forward = forward
+    return cfg, runner
+
+
 def _run_pipelined(mp, args) -> int:
     """Batches of ``--batch`` requests through the pipelined execute(), all answered: wall and
     CPU (all threads) microseconds per request, and model.py's phases."""
     from algorithm.serving.triton.python_model import standin
 
-    cfg = UGTConfig.base() if args.preset == "base" else UGTConfig.tiny()
-    torch.manual_seed(0)
-    model = UGTModel(cfg).eval()
-    runner = TorchRunner(model, device="cpu", engine=EngineConfig(dtype="fp32"))
-    k = cfg.num_recommendations
-    runner.engine._forward = lambda t: (  # the host's work only (as --stub-forward)
-        torch.zeros(t.users, k, 3, dtype=torch.int64),
-        torch.zeros(t.users, k),
-    )
+    cfg, runner = _runner(args.preset, "cpu", stub_forward=True)  # the host's work only
     send, wait = standin.ResponseSender.send, args.send_us / 1e6
 
     def slow_send(self, response=None, flags=0):  # the round trip, with the GIL free

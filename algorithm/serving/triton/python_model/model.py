@@ -80,6 +80,12 @@ def _error(message: str, invalid_argument: bool = True):
     return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
 
+def _inference_failed(model_name: str, e: Exception):
+    """Logs a runtime failure once and returns the answer each request of its batch gets."""
+    _log("error", f"{model_name}: inference failed: {type(e).__name__}: {e}")
+    return _error(f"inference failed: {type(e).__name__}: {e}", invalid_argument=False)
+
+
 def _set_switch_interval(text: str) -> None:
     """``gil_switch_interval_us``: how long a thread waiting for the GIL lets the holder run
     before it asks for it (Python's default 5000 us). The pipelined paths run several threads
@@ -136,8 +142,6 @@ class _Phases:
         self.batches += 1
         self.requests += requests
         self.engine = {k: getattr(engine, k, 0) for k in ("eager_runs", "rounded_up")}
-        if self.launch_laps is not None:  # the runner's own steps of a queued batch's launch
-            self.engine["launch_seconds"] = dict(self.launch_laps)
         if time.monotonic() - self.written >= 0.5:
             self.write()
 
@@ -145,6 +149,8 @@ class _Phases:
         """The sums so far to the file (atomically); also at finalize()."""
         self.written = time.monotonic()
         summary = {"batches": self.batches, "requests": self.requests, **self.engine}
+        if self.launch_laps is not None:  # the runner's own steps of a queued batch's launch
+            summary["launch_seconds"] = dict(self.launch_laps)
         tmp = self.path.with_suffix(".tmp")
         with contextlib.suppress(OSError):
             tmp.write_text(json.dumps({**summary, "seconds": self.seconds}))
@@ -445,11 +451,9 @@ class TritonPythonModel:
         return out
 
     def _failed(self, e: Exception, good: list, responses: list) -> None:
-        _log("error", f"{self.name}: inference failed: {type(e).__name__}: {e}")
+        answer = _inference_failed(self.name, e)
         for i, _ in good:
-            responses[i] = _error(
-                f"inference failed: {type(e).__name__}: {e}", invalid_argument=False
-            )
+            responses[i] = answer
 
     def _valid_flat(self, good: list, responses: list):
         """``runtime.gpu.batch.FlatBatch`` of the requests in ``good`` whose values are valid (one
@@ -540,9 +544,10 @@ class _Pipeline:
         self.pool = ThreadPoolExecutor(max_workers=senders, thread_name_prefix="ugt-send")
         self.thread = threading.Thread(target=self._answer_loop, name="ugt-answers", daemon=True)
         self.thread.start()
-        self.left: list = []  # merge: (batch, senders, clock) not launched yet
+        self.left: list = []  # merge: (batch, senders, clock, rows) not launched yet
         self.left_rows = 0  # their rows
-        self.left_cap = getattr(model, "max_batch_size", 0) or 64  # execute() waits beyond
+        self.max_rows = getattr(model, "max_batch_size", 0) or 0  # one merged batch's (0: any)
+        self.left_cap = self.max_rows or 64  # execute() waits while this many rows are left
         self.left_cond = threading.Condition()
         self.closing = False
         self.launcher = None
@@ -569,8 +574,9 @@ class _Pipeline:
             with self.left_cond:
                 while self.left_rows >= self.left_cap and not self.closing:
                     self.left_cond.wait()  # a full batch is waiting already: back-pressure
-                self.left.append((batch, senders, clock))
-                self.left_rows += int(batch.rows.sum())
+                rows = int(batch.rows.sum())
+                self.left.append((batch, senders, clock, rows))
+                self.left_rows += rows
                 self.left_cond.notify_all()
             return responses if any(r is not None for r in responses) else None
         self.slots.acquire()
@@ -589,16 +595,15 @@ class _Pipeline:
 
     def _take_left(self) -> list:
         """The batches left so far, oldest first, up to ``max_batch_size`` rows (always one)."""
-        limit = getattr(self.model, "max_batch_size", 0) or 0
+        limit = self.max_rows
         with self.left_cond:
             rows, n = 0, 0
-            for batch, _, _ in self.left:
-                rows += int(batch.rows.sum())
-                if n and limit and rows > limit:
+            for *_, batch_rows in self.left:
+                if n and limit and rows + batch_rows > limit:
                     break
-                n += 1
+                rows, n = rows + batch_rows, n + 1
             taken, self.left[:] = self.left[:n], self.left[n:]
-            self.left_rows -= sum(int(b.rows.sum()) for b, _, _ in taken)
+            self.left_rows -= rows
             self.left_cond.notify_all()  # an execute() waiting for room may go on
         return taken
 
@@ -613,17 +618,16 @@ class _Pipeline:
             self.slots.acquire()
             now = time.perf_counter()
             taken = self._take_left()
-            clock = _merged_clock([c for _, _, c in taken], now)
-            senders = [s for _, group, _ in taken for s in group]
+            clock = _merged_clock([c for _, _, c, _ in taken], now)
+            senders = [s for _, group, _, _ in taken for s in group]
             try:
                 batch = taken[0][0]
                 if len(taken) > 1:
-                    batch = type(batch).concat([b for b, _, _ in taken])
+                    batch = type(batch).concat([b for b, *_ in taken])
                 pending = model.runner.infer_batch_async(batch)
             except Exception as e:  # every request of the merged batch gets the reason
                 self.slots.release()
-                _log("error", f"{model.name}: inference failed: {type(e).__name__}: {e}")
-                error = _error(f"inference failed: {type(e).__name__}: {e}", invalid_argument=False)
+                error = _inference_failed(model.name, e)
                 for sender in senders:
                     self.pool.submit(self._send, sender, error)
                 continue
@@ -647,10 +651,7 @@ class _Pipeline:
                     clock.lap("wait_gpu")
                 answers = model._answers(rows, recs, scores)
             except Exception as e:
-                _log("error", f"{model.name}: inference failed: {type(e).__name__}: {e}")
-                answers = [
-                    _error(f"inference failed: {type(e).__name__}: {e}", invalid_argument=False)
-                ] * len(senders)
+                answers = [_inference_failed(model.name, e)] * len(senders)
             finally:
                 self.slots.release()  # the GPU is done with it: the next batch may go
             if clock:
