@@ -80,6 +80,8 @@ def _assert_same(ref, out, max_diff=1e-4):
         {"layout": "padded", "fused_ops": False},
         {"layout": "packed", "topk_group": 2},
         {"layout": "packed", "topk_group": 4, "fused_ops": False},
+        {"layout": "packed", "residual_gemm": True},
+        {"layout": "padded", "residual_gemm": True, "gelu": "tanh_fused"},
     ],
     ids=[
         "packed",
@@ -91,6 +93,8 @@ def _assert_same(ref, out, max_diff=1e-4):
         "unfused-padded",
         "grouped-topk",
         "grouped-topk-unfused",
+        "residual-gemm",
+        "residual-gemm-padded",
     ],
 )
 def test_engine_matches_reference_on_ragged_batches(model, rng, options):
@@ -99,10 +103,14 @@ def test_engine_matches_reference_on_ragged_batches(model, rng, options):
     _assert_same(_reference(model, inp), _as_np(*engine(*(inp[k] for k in INPUT_NAMES))))
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-def test_full_batches_take_the_dense_path_and_match(model, rng, fused):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"fused_ops": False}, {"residual_gemm": True}],
+    ids=["fused", "unfused", "residual-gemm"],
+)
+def test_full_batches_take_the_dense_path_and_match(model, rng, options):
     inp = random_inputs(3, 24, SMALL.codebook_sizes, rng)
-    engine = GpuEngine(model, EngineConfig(dtype="fp32", fused_ops=fused), device="cpu")
+    engine = GpuEngine(model, EngineConfig(dtype="fp32", **options), device="cpu")
     tokens, users = engine.tokens_from_arrays(*(inp[k] for k in INPUT_NAMES))
     assert (tokens.kind, users, tokens.ids.shape) == ("dense", 3, (3, 72))
     _assert_same(_reference(model, inp), _as_np(*engine.run(tokens, users)))
@@ -522,14 +530,20 @@ def test_gpu_fused_kernels_compute_the_torch_functions():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
-def test_gpu_fused_and_unfused_engines_agree(model, rng, graphs):
-    fused = GpuEngine(model, EngineConfig(dtype="bf16", cuda_graphs=graphs), device="cuda")
+@pytest.mark.parametrize(
+    "graphs, options",
+    [(False, {}), (True, {}), (True, {"residual_gemm": True})],
+    ids=["eager", "cuda-graphs", "residual-gemm"],
+)
+def test_gpu_fused_and_unfused_engines_agree(model, rng, graphs, options):
+    fused = GpuEngine(
+        model, EngineConfig(dtype="bf16", cuda_graphs=graphs, **options), device="cuda"
+    )
     plain = GpuEngine(
         model, EngineConfig(dtype="bf16", cuda_graphs=graphs, fused_ops=False), device="cuda"
     )
-    for inp in (_ragged(rng), random_inputs(4, 32, SMALL.codebook_sizes, rng)):
-        args = [inp[k] for k in INPUT_NAMES]
+    for inp in (_ragged(rng), random_inputs(4, 32, SMALL.codebook_sizes, rng)) * (1 + graphs):
+        args = [inp[k] for k in INPUT_NAMES]  # with graphs: captured, then replayed
         report = compare_outputs(_as_np(*plain(*args)), _as_np(*fused(*args)))
         assert report["recall_overlap"] >= 0.9 and report["finite_scores"], report
 

@@ -65,6 +65,10 @@ class EngineConfig:
     topk: str = "two_stage"  # beam step: per-beam top-K then top-K of K*K, or one top-K of K*C
     topk_group: int = 16  # > 0 (a power of 2): top-K among the K groups of codes of largest max
     fused_ops: bool = True  # gpu/kernels.py: fused add+LayerNorm, embeddings, cache attention, lse
+    # fused_ops' encoder: each residual add done by the GEMM that writes the sub-layer's output
+    # (x += o @ W^T in cuBLAS's epilogue, in place); the biases those GEMMs leave out are carried
+    # as one fp32 row per LayerNorm, added where the norm reads x: x is never rewritten by a norm
+    residual_gemm: bool = False
     cuda_graphs: bool = True
     max_graphs: int = 512  # LRU bound on captured graphs (64 dense + ~200 mix keys warmed)
     capture_new_shapes: bool = True  # False: shapes first seen after freeze_graphs() run eagerly
@@ -181,6 +185,12 @@ class GpuEngine:
             )
             for h in model.heads
         ]
+        # residual_gemm: the running sum of the encoder's residual-GEMM biases, one fp32 row per
+        # norm (from the model's own weights, not their bf16 copies)
+        biases = [b for layer in model.encoder for b in (layer.attn.out.bias, layer.ffn[3].bias)]
+        self._pending_bias = (
+            torch.stack([b.detach().float() for b in biases]).cumsum(0).to(self.device)
+        )
         self.graphs = GraphCache(
             self.device, cfg.cuda_graphs and cuda, cfg.max_graphs, cfg.capture_new_shapes
         )
@@ -225,13 +235,14 @@ class GpuEngine:
             sq, sk = sq + lq, sk + lk
         return out
 
-    def _ffn(self, ffn, h):
-        lin1, lin2 = ffn[0], ffn[3]
+    def _ffn_hidden(self, ffn, h):
+        lin1 = ffn[0]
         if self.config.gelu == "tanh_fused":
-            a = torch._addmm_activation(lin1.bias, h, lin1.weight.t(), use_gelu=True)
-        else:
-            a = F.gelu(lin1(h))
-        return lin2(a)
+            return torch._addmm_activation(lin1.bias, h, lin1.weight.t(), use_gelu=True)
+        return F.gelu(lin1(h))
+
+    def _ffn(self, ffn, h):
+        return ffn[3](self._ffn_hidden(ffn, h))
 
     def _self_attention(self, qkv, t: Tokens):
         n = qkv.shape[0]
@@ -267,7 +278,8 @@ class GpuEngine:
 
     def _encode_fused(self, t: Tokens):
         """The encoder with one fused add+LayerNorm per sub-layer; the last norm writes its rows
-        straight into the memory matrix (between the null slots)."""
+        straight into the memory matrix (between the null slots). With ``residual_gemm`` the
+        residual adds happen in the GEMMs instead (``_residual``)."""
         m, d, layers = self.m, self.d, self.m.encoder
         tables = (*(e.weight for e in m.item_emb), m.pos_emb.weight)
         x, h = fk.embed_layernorm(t.ids, t.pos, tables, layers[0].norm1)
@@ -279,14 +291,32 @@ class GpuEngine:
         else:  # B x T: user b's rows start at b * (T + 1)
             mem.view(t.users, -1, d)[:, 0] = null
             where = {"segment": t.max_len}
+        norms = [n for layer in layers for n in (layer.norm1, layer.norm2)][1:] + [m.encoder_norm]
         for i, layer in enumerate(layers):
             o = self._self_attention(layer.attn.qkv(h), t)
-            x, h = fk.add_layernorm(layer.attn.out(o), x, layer.norm2)
-            f = self._ffn(layer.ffn, h)
+            x, h = self._residual(layer.attn.out, o, x, norms[2 * i], 2 * i)
+            a = self._ffn_hidden(layer.ffn, h)
             if i + 1 < len(layers):
-                x, h = fk.add_layernorm(f, x, layers[i + 1].norm1)
-        fk.add_layernorm(f, x, m.encoder_norm, store_residual=False, out=mem, **where)
+                x, h = self._residual(layer.ffn[3], a, x, norms[2 * i + 1], 2 * i + 1)
+        self._residual(layer.ffn[3], a, x, norms[-1], len(norms) - 1, out=mem, **where)
         return mem
+
+    def _residual(self, linear, inp, x, norm, j: int, out=None, **where):
+        """``x + linear(inp)`` and its LayerNorm ``norm``: returns (new x, normed rows).
+
+        Plain: the GEMM writes ``linear(inp)`` and a fused add+LayerNorm reads it with ``x``
+        and writes both outputs. ``residual_gemm``: ``x += inp @ W^T`` in the GEMM's epilogue
+        (in place, read once), the norm reads ``x`` plus the fp32 sum of the biases left out so
+        far (``_pending_bias[j]``) and writes the normed rows only."""
+        last = out is not None
+        if not self.config.residual_gemm:
+            return fk.add_layernorm(linear(inp), x, norm, store_residual=not last, out=out, **where)
+        x.addmm_(inp, linear.weight.t())
+        pending = self._pending_bias[j].expand(x.shape[0], self.d)
+        _, h = fk.add_layernorm(
+            x, pending, norm, store_residual=False, out=out, out_dtype=x.dtype, **where
+        )
+        return x, h
 
     def _memory_kv(self, mem, t: Tokens):
         kvs = []
