@@ -31,6 +31,10 @@ TRITON = importlib.util.find_spec("triton") is not None
 # add+LayerNorm launch shape (rows per program, warps): the fastest of 20 in kernels_smoke.py on
 # the H100 at 65536 x 512 bf16 (0.132 ms, 2.03 TB/s; torch's add then LayerNorm 0.191 ms)
 ADD_LN_ROWS, ADD_LN_WARPS = 4, 2
+# the norm-only form (a broadcast row added, no residual stored: the engine's residual_gemm
+# encoder): the fastest of 16 in benchmarks/gpu/model_alone.py on the H100 at 65536 x 512
+# (issue 14 run 12: 0.091 ms against 0.099 for the add+LayerNorm shape)
+NORM_ROWS, NORM_WARPS = 8, 1
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -59,7 +63,8 @@ def _add_layernorm_torch(
     r = x if x_rows is None else x[x_rows]
     if residual is not None:
         r = r + residual
-    h = F.layer_norm(r, r.shape[-1:], norm.weight, norm.bias, norm.eps).to(out_dtype)
+    w, b = norm.weight.to(r.dtype), norm.bias.to(r.dtype)  # r is fp32 when residual is
+    h = F.layer_norm(r, r.shape[-1:], w, b, norm.eps).to(out_dtype)
     if out is None:
         return (r if store_residual else None), h
     if out_rows is None:
@@ -256,14 +261,15 @@ def add_layernorm(
     res = torch.empty(n if store_residual else 1, d, device=x.device, dtype=dtype)
     dst = out if out is not None else torch.empty(n, d, device=x.device, dtype=out_dtype)
     scatter = 0 if out is None else (1 if out_rows is not None else 2)
-    per = rows_per_program or ADD_LN_ROWS
+    norm_only = not store_residual and stride_r == 0
+    per = rows_per_program or (NORM_ROWS if norm_only else ADD_LN_ROWS)
     _add_ln_kernel[(triton.cdiv(n, per),)](
         x, x_rows if x_rows is not None else x, residual if residual is not None else x,
         norm.weight, norm.bias, res, dst, out_rows if out_rows is not None else x,
         n, stride_x, stride_r, max(segment, 1), d, norm.eps,
         BLOCK=triton.next_power_of_2(d), ROWS=per, GATHER=x_rows is not None,
         HAS_RES=residual is not None, STORE_RES=store_residual, SCATTER=scatter,
-        num_warps=num_warps or ADD_LN_WARPS,
+        num_warps=num_warps or (NORM_WARPS if norm_only else ADD_LN_WARPS),
     )  # fmt: skip
     return (res if store_residual else None), dst
 
