@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -377,12 +378,19 @@ def best_under_slo(points: dict, prefix: str, slo: float) -> dict | None:
     }
 
 
+POINT_OF = re.compile(r"(fixed\d+|mix_packed|mix_pad|mix)_c\d+")
+
+
 def instance_summary(pts: dict, tag: str, so: ServeOptions, pad: bool) -> dict:
     """P99, req/s, GPU utilization and host us/request of one instance count's points."""
     keys = ("throughput", "p50_ms", "p99_ms", "gpu_util_per_gpu")
     out = {}
     for name, p in pts.items():
-        if not name.startswith(f"{tag}_") or "error" in p:
+        # this server's points only: "{tag}_{load}_c{n}" (another variant's name may start with
+        # this tag: "pipe" and "pipe_old_engine")
+        if not POINT_OF.fullmatch(name[len(tag) + 1 :]) or not name.startswith(f"{tag}_"):
+            continue
+        if "error" in p:
             continue
         row = {k: p.get(k) for k in keys}
         row["host_us_per_request"] = p.get("host_phases", {}).get(

@@ -698,3 +698,24 @@ def test_gpu_benchmark_reads_each_load_curve_at_the_p99_budget():
     curve["g_mix_c32"] = {"error": "timed out"}  # a failed point is left out of the curve
     assert throughput_at_p99(curve, "g_mix_", 15.0) == pytest.approx(2200.0)
     assert throughput_at_p99(curve, "other_", 15.0) is None
+
+
+def test_gpu_benchmark_summary_keeps_each_variant_to_its_own_points():
+    """A variant named like another plus a suffix ("pipe" and "pipe_old_engine") does not take
+    the other's points into its summary (runs 13-14 wrote their summaries before this fix)."""
+    from types import SimpleNamespace
+
+    from benchmarks.gpu.served import instance_summary
+
+    point = {"throughput": 1.0, "p50_ms": 1.0, "p99_ms": 2.0, "gpu_util_per_gpu": [0.5]}
+    pts = {
+        f"{tag}_{load}": point
+        for tag in ("pipe", "pipe_old_engine")
+        for load in ("fixed1024_c1", "mix_packed_c64")
+    }
+    so = SimpleNamespace(slo_ms=30.0)
+    assert sorted(instance_summary(pts, "pipe", so, False)) == ["fixed1024_c1", "mix_packed_c64"]
+    assert sorted(instance_summary(pts, "pipe_old_engine", so, False)) == [
+        "fixed1024_c1",
+        "mix_packed_c64",
+    ]
