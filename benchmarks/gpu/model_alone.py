@@ -261,7 +261,12 @@ def main(argv=None) -> int:
         }
         log(f"{name}: recall {result['parity'][name]}")
     write()
+    from served import host_check, host_check_delta  # the host's speed over the timing
+
+    before = host_check()
     result["timing"] = timed(engines, inputs, device, args.rounds, args.iters)
+    result["host_check"] = host_check_delta(before, host_check())
+    log(f"host check over the timing: {result['host_check']}")
     write()
     for name, per in result["timing"].items():
         log(

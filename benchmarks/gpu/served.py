@@ -400,6 +400,8 @@ def instance_summary(pts: dict, tag: str, so: ServeOptions, pad: bool) -> dict:
         row["avg_gpu_batch"] = p.get("host_phases", {}).get("avg_gpu_batch")  # merged ones
         for k in ("eager_batches", "rounded_up_batches"):
             row[k] = p.get("host_phases", {}).get(k)
+        for k in ("python_loop_us", "cpu_steal_pct"):  # the host's speed: a noisy machine
+            row[k] = p.get("host_check", {}).get(k)
         out[name[len(tag) + 1 :]] = row
     if pad:
         packed = best_under_slo(pts, f"{tag}_mix_packed", so.slo_ms)
@@ -429,6 +431,54 @@ def error_lines(message: str, limit: int = 25) -> list[str]:
         x for x in lines if x.startswith("E") or "Error" in x or "error" in x or "Traceback" in x
     ]
     return [x[:400] for x in keep[-limit:]]
+
+
+# -- the host's own speed -------------------------------------------------------------------------
+def _python_loop_us(n: int = 20000) -> float:
+    """A fixed pure-Python workload, median of 5 (us): this host's Python speed right now."""
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        acc = 0
+        for i in range(n):
+            acc += i * i % 7
+        times.append((time.perf_counter() - t) * 1e6)
+    return float(np.median(times))
+
+
+def _cpu_times() -> list[int] | None:
+    """/proc/stat's aggregate cpu line (user nice system idle iowait irq softirq steal ...)."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def host_check() -> dict:
+    """How fast and how contended this host is now (a noisy VM shows here first)."""
+    return {
+        "python_loop_us": _python_loop_us(),
+        "loadavg_1m": os.getloadavg()[0],
+        "cpu_times": _cpu_times(),
+    }
+
+
+def host_check_delta(before: dict, after: dict) -> dict:
+    """One point's host check: the Python loop before and after it (us; the same loop took
+    ~700-900 us on this project's CPU machine), the load average after it, and the share of
+    CPU time over the point that was busy and that the hypervisor stole (steal), in %."""
+    out = {
+        "python_loop_us": [round(before["python_loop_us"], 1), round(after["python_loop_us"], 1)],
+        "loadavg_1m": round(after["loadavg_1m"], 2),
+    }
+    a, b = before["cpu_times"], after["cpu_times"]
+    if a and b and len(a) == len(b) and len(a) >= 8:
+        d = [y - x for x, y in zip(a, b, strict=True)]
+        total = sum(d[:8]) or 1  # guest time is already counted in user
+        out["cpu_busy_pct"] = round(100 * (total - d[3] - d[4]) / total, 1)
+        out["cpu_steal_pct"] = round(100 * d[7] / total, 2)
+    return out
 
 
 # -- runs ---------------------------------------------------------------------------------------
@@ -467,6 +517,7 @@ def run_server(
                 }
                 continue
             before = phase_snapshot(phase_dir, model)
+            host_before = host_check()
             try:
                 p = load_point(
                     server.grpc_url, model, conc, so, cfg.codebook_sizes, mix, seed=100 + i
@@ -478,12 +529,13 @@ def run_server(
             phases = phase_delta(before, phase_snapshot(phase_dir, model))
             if phases:
                 p["host_phases"] = phases
+            p["host_check"] = host_check_delta(host_before, host_check())
             out["points"][name] = p
             write()
             if "error" in p:
                 log(f"[{tag}] {name}: ERROR {p['error'][:200]}")
             else:
-                hp = p.get("host_phases", {})
+                hp, hc = p.get("host_phases", {}), p["host_check"]
                 host = hp.get("host_us_per_request_outside_infer")
                 log(
                     f"[{tag}] {name}: {p['throughput']:.0f} req/s p50 {p['p50_ms']:.2f} p99 "
@@ -495,6 +547,8 @@ def run_server(
                         if hp
                         else ""
                     )
+                    + f"; host python loop {hc['python_loop_us']} us,"
+                    f" steal {hc.get('cpu_steal_pct')}%"
                 )
         out.setdefault("server_log_tail", {})[tag] = server.log_tail(15)
 

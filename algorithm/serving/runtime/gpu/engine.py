@@ -518,7 +518,9 @@ class GpuEngine:
             layouts.staging.copy_to(tb.staged, static.buf)  # one host-to-device copy, all inputs
         else:
             tb = layouts.materialized(tb)
-            for dst, src in zip(static.tensors(), tb.tensors(), strict=True):
+            for i, (dst, src) in enumerate(zip(static.tensors(), tb.tensors(), strict=True)):
+                if i == 1 and tb.kind == "dense":
+                    continue  # a dense layout's positions are fixed by its key (B, T)
                 dst.copy_(src, non_blocking=True)
         graph.replay()
         return outs

@@ -26,7 +26,6 @@ from algorithm.serving.runtime.gpu.batch import (
     packed_index,
     packed_layout,
     previous_token_bucket,
-    valid_tokens,
 )
 from algorithm.ugt.model import MASKED  # the reference's additive mask value
 
@@ -50,6 +49,8 @@ class TokenLayouts:
         self.config, self.device, self.dtype = config, device, dtype
         self.graphs = graphs
         self.staging = Staging(device, blocking=config.blocking_sync)
+        self._sizes: dict = {}  # device -> the codebook sizes as a tensor there
+        self._pos: dict = {}  # (users, width, device) -> positions of a B x T layout
 
     # -- device-side route -------------------------------------------------------------------
     def _device_tokens(
@@ -84,21 +85,34 @@ class TokenLayouts:
         l1, l2, l3, mask = (a.to(torch.int64) for a in args)
         self.m.check_inputs(l1, l2, l3, mask)
         b, t = l1.shape
-        valid = valid_tokens(l1, l2, l3, mask, self.sizes)
+        # few ops: each is a launch, and on the GPU hosts each costs ~10-20 us of Python
+        ids = torch.stack([l1, l2, l3])  # [3, B, T]
+        sizes = self._sizes.get(ids.device)
+        if sizes is None:
+            sizes = self._sizes[ids.device] = torch.tensor(self.sizes, device=ids.device)
+        valid = (mask > 0) & ((ids >= 0) & (ids < sizes.view(3, 1, 1))).all(0)
         lengths = valid.sum(1).tolist()  # the one sync: bucketing needs the lengths on the host
         if self.config.layout == "padded":
-            ids = torch.stack(
-                [torch.where(valid, x, torch.zeros_like(x)) for x in (l1, l2, l3)]
-            ).view(3, -1)
-            pos = torch.arange(t, device=l1.device).repeat(b)
-            return self._device_tokens("padded", b, t, ids, pos, valid=valid), b
+            ids = torch.where(valid, ids, 0).view(3, -1)
+            return self._device_tokens(
+                "padded", b, t, ids, self._positions(b, t, ids), valid=valid
+            ), b
         if self.config.dense_when_full and all(n == t for n in lengths):
-            ids = torch.stack([l1, l2, l3]).view(3, -1)
-            pos = torch.arange(t, device=l1.device).repeat(b)
-            return self._device_tokens("dense", b, t, ids, pos), b
+            return self._device_tokens(
+                "dense", b, t, ids.view(3, -1), self._positions(b, t, ids)
+            ), b
         rows, cols = valid.nonzero(as_tuple=True)
-        ids = torch.stack([l1[rows, cols], l2[rows, cols], l3[rows, cols]])
-        return self._packed(ids, cols, lengths), b
+        return self._packed(ids[:, rows, cols], cols, lengths), b
+
+    def _positions(self, users: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """Each row's column index, [users * width] (kept per shape: the same every call)."""
+        key = (users, width, like.device)
+        pos = self._pos.get(key)
+        if pos is None:
+            if len(self._pos) >= 256:
+                self._pos.clear()
+            pos = self._pos[key] = torch.arange(width, device=like.device).repeat(users)
+        return pos
 
     def _packed(self, ids, pos, lengths) -> Tokens:
         max_len = max(max(lengths), 1)
