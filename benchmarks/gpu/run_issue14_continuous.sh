@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, runs 6, 7, 9, 10, 11, 13, 14 (SET=run6|run7|run10|run11|run12|run14): continuous batching (model.py's continuous_batching: execute() returns at once,
+# Issue 14, runs 6, 7, 9, 10, 11, 13-15 (SET=run6|run7|run10|run11|run12|run14|run15): continuous batching (model.py's continuous_batching: execute() returns at once,
 # the pipeline queues on the GPU everything left with it whenever a slot frees, no queue delay)
 # against today's defaults and run 5's tuned pick, side by side in one run; then the GPU tests.
 # From the repository root on the GPU machine, wheels in .whl/ (see benchmarks/RESULTS.md):
@@ -44,6 +44,14 @@ elif [ "${SET:-run7}" = run14 ]; then  # run 14: run 13 again (were its pipeline
   V+=",{\"name\":\"pipe_i2_d2_qd3000_block_old_engine\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$OLD}"
   V+=",{\"name\":\"pipe_i2_d2_qd3000_block\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$B}"
   V+=',{"name":"pipe_i2_d2_qd3000_spin","instances":2,"pipeline_depth":2,"max_queue_delay_us":3000,"engine_options":{"blocking_sync":false}}'
+  V+=",{\"name\":\"cont_i1_d1_block\",\"instances\":1,$C,$B}"
+elif [ "${SET:-run7}" = run15 ]; then  # run 15: run 14 without the spinning waits, with the
+  # host's speed recorded at every point (served.py's host_check)
+  B='"engine_options":{"blocking_sync":true}'
+  OLD='"engine_options":{"blocking_sync":true,"residual_gemm":false}'
+  V='{"name":"before_i3_qd100_old_engine","instances":3,"engine_options":{"residual_gemm":false}}'
+  V+=",{\"name\":\"pipe_i2_d2_qd3000_block_old_engine\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$OLD}"
+  V+=",{\"name\":\"pipe_i2_d2_qd3000_block\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$B}"
   V+=",{\"name\":\"cont_i1_d1_block\",\"instances\":1,$C,$B}"
 else  # run 7: the same with a 100 us GIL switch interval (run 6's launch waited for the GIL)
   G='"gil_switch_interval_us":100'
