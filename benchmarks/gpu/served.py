@@ -114,7 +114,12 @@ def write_repository(
     """Two python-backend models over one checkpoint; config.pbtxt from TritonConfigGenerator."""
     from algorithm.fsutil import write_text_atomic
     from algorithm.serving.config import ExportConfig, TritonConfig
-    from algorithm.serving.triton.schema import artifact_filename, config_to_text, parse_config
+    from algorithm.serving.triton.schema import (
+        artifact_filename,
+        config_to_text,
+        parse_config,
+        pipelined_engine,
+    )
     from algorithm.serving.triton_config import TritonConfigGenerator
 
     names = []
@@ -148,7 +153,11 @@ def write_repository(
         path = Path(gen.generate(repo, model_file=ckpt))
         msg = gen.build_config(artifact_filename("python", "torch", ckpt))
         msg.parameters["batching"].string_value = batching
-        msg.parameters["engine"].string_value = json.dumps({**engine, **so.engine_options})
+        # the run's engine, this configuration's options over it, then what the generator adds
+        # for users (a pipelined model's blocking waits, unless the options say otherwise)
+        opts = {**engine, **so.engine_options}
+        opts = pipelined_engine(opts) if so.pipeline_depth else opts
+        msg.parameters["engine"].string_value = json.dumps(opts)
         if so.engine_warmup:
             msg.parameters["warmup"].string_value = json.dumps(so.engine_warmup)
         if so.tensor_transport:
