@@ -10,20 +10,23 @@ ENGINE='{"dtype":"bf16","gelu":"tanh_fused"}'
 COMMON='"slo_ms":30,"fixed_levels":[1,64],"mix_levels":[64],"pad_instances":[]'
 V='{"name":"before_i3_qd100","instances":3}'
 C='"pipeline_depth":1,"continuous_batching":true,"max_queue_delay_us":0'
+# runs 6-11 ran before served.py wrote a pipelined model's blocking waits (as the generator
+# does): their variants without $B spun, so they say so here
+S='"engine_options":{"blocking_sync":false}'
 if [ "${SET:-run7}" = run6 ]; then  # run 6: continuous batching, Python's GIL switch interval
-  V+=',{"name":"pipe_i2_d2_qd3000","instances":2,"pipeline_depth":2,"max_queue_delay_us":3000}'
-  V+=",{\"name\":\"cont_i1_d1\",\"instances\":1,$C}"
-  V+=",{\"name\":\"cont_i2_d1\",\"instances\":2,$C}"
-  V+=',{"name":"cont_i1_d2","instances":1,"pipeline_depth":2,"continuous_batching":true,"max_queue_delay_us":0}'
+  V+=',{"name":"pipe_i2_d2_qd3000","instances":2,"pipeline_depth":2,"max_queue_delay_us":3000,"engine_options":{"blocking_sync":false}}'
+  V+=",{\"name\":\"cont_i1_d1\",\"instances\":1,$C,$S}"
+  V+=",{\"name\":\"cont_i2_d1\",\"instances\":2,$C,$S}"
+  V+=',{"name":"cont_i1_d2","instances":1,"pipeline_depth":2,"continuous_batching":true,"max_queue_delay_us":0,"engine_options":{"blocking_sync":false}}'
 elif [ "${SET:-run7}" = run10 ]; then  # run 10: where the launch's time goes; blocking CUDA waits
   B='"engine_options":{"blocking_sync":true}'
-  V+=',{"name":"pipe_i2_d2_qd3000","instances":2,"pipeline_depth":2,"max_queue_delay_us":3000}'
+  V+=',{"name":"pipe_i2_d2_qd3000","instances":2,"pipeline_depth":2,"max_queue_delay_us":3000,"engine_options":{"blocking_sync":false}}'
   V+=",{\"name\":\"pipe_i2_d2_qd3000_block\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$B}"
-  V+=",{\"name\":\"cont_i1_d1\",\"instances\":1,$C}"
+  V+=",{\"name\":\"cont_i1_d1\",\"instances\":1,$C,$S}"
   V+=",{\"name\":\"cont_i1_d1_block\",\"instances\":1,$C,$B}"
 elif [ "${SET:-run7}" = run11 ]; then  # run 11: run 10's blocking waits again (a repeat)
   B='"engine_options":{"blocking_sync":true}'
-  V+=',{"name":"pipe_i2_d2_qd3000","instances":2,"pipeline_depth":2,"max_queue_delay_us":3000}'
+  V+=',{"name":"pipe_i2_d2_qd3000","instances":2,"pipeline_depth":2,"max_queue_delay_us":3000,"engine_options":{"blocking_sync":false}}'
   V+=",{\"name\":\"pipe_i2_d2_qd3000_block\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$B}"
   V+=",{\"name\":\"cont_i1_d1_block\",\"instances\":1,$C,$B}"
 elif [ "${SET:-run7}" = run12 ]; then  # run 12: the engine's residual_gemm (now its default)
@@ -55,11 +58,11 @@ elif [ "${SET:-run7}" = run15 ]; then  # run 15: run 14 without the spinning wai
   V+=",{\"name\":\"cont_i1_d1_block\",\"instances\":1,$C,$B}"
 else  # run 7: the same with a 100 us GIL switch interval (run 6's launch waited for the GIL)
   G='"gil_switch_interval_us":100'
-  V+=",{\"name\":\"pipe_i2_d2_qd3000_gil100\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$G}"
-  V+=",{\"name\":\"cont_i1_d1\",\"instances\":1,$C}"
-  V+=",{\"name\":\"cont_i1_d1_gil100\",\"instances\":1,$C,$G}"
-  V+=",{\"name\":\"cont_i2_d1_gil100\",\"instances\":2,$C,$G}"
-  V+=",{\"name\":\"cont_i1_d2_gil100\",\"instances\":1,\"pipeline_depth\":2,\"continuous_batching\":true,\"max_queue_delay_us\":0,$G}"
+  V+=",{\"name\":\"pipe_i2_d2_qd3000_gil100\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$G,$S}"
+  V+=",{\"name\":\"cont_i1_d1\",\"instances\":1,$C,$S}"
+  V+=",{\"name\":\"cont_i1_d1_gil100\",\"instances\":1,$C,$G,$S}"
+  V+=",{\"name\":\"cont_i2_d1_gil100\",\"instances\":2,$C,$G,$S}"
+  V+=",{\"name\":\"cont_i1_d2_gil100\",\"instances\":1,\"pipeline_depth\":2,\"continuous_batching\":true,\"max_queue_delay_us\":0,$G,$S}"
 fi
 benchmarks/gpu/run_gpu.sh --parts server --train-steps 0 --engine "$ENGINE" --budget-s ${BUDGET_S:-330} \
   --server-config "{$COMMON,\"server_variants\":[$V]}" --out "$OUT/gpu_issue14_${TAG}.json" \

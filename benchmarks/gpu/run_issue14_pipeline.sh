@@ -6,6 +6,9 @@
 # GPUs, then one GPU against two at twice the load, for today's config and the pipelined one.
 # From the repository root on the GPU machine, wheels in .whl/ (see benchmarks/RESULTS.md):
 #   benchmarks/gpu/run_issue14_pipeline.sh OUT_DIR TAG
+# Since run 16, served.py writes a pipelined model's blocking waits as the generator does (the
+# runs before it spun unless a variant said "blocking_sync": true); add
+# "engine_options":{"blocking_sync":false} to a variant to repeat an earlier run exactly.
 set -euo pipefail
 OUT=${1:?output folder}; TAG=${2:-run}
 ENGINE='{"dtype":"bf16","gelu":"tanh_fused"}'

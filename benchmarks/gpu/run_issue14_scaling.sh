@@ -4,6 +4,9 @@
 # instances per GPU, pipeline depth 2, 3000 us), full-length requests and the log-normal mix.
 # From the repository root on a 2-GPU machine, wheels in .whl/ (see benchmarks/RESULTS.md):
 #   benchmarks/gpu/run_issue14_scaling.sh OUT_DIR TAG      (ONLY=tuned: the tuned pick alone)
+# Since run 16, served.py writes a pipelined model's blocking waits as the generator does (the
+# runs before it spun unless a variant said "blocking_sync": true); add
+# "engine_options":{"blocking_sync":false} to a variant to repeat an earlier run exactly.
 set -euo pipefail
 OUT=${1:?output folder}; TAG=${2:-run}
 ENGINE='{"dtype":"bf16","gelu":"tanh_fused"}'

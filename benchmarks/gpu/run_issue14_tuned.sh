@@ -3,6 +3,9 @@
 # 2 instances for full-length requests, 3 for the mix) against today's defaults, in one run.
 # From the repository root on the GPU machine, wheels in .whl/ (see benchmarks/RESULTS.md):
 #   benchmarks/gpu/run_issue14_tuned.sh OUT_DIR TAG
+# Since run 16, served.py writes a pipelined model's blocking waits as the generator does (the
+# runs before it spun unless a variant said "blocking_sync": true); add
+# "engine_options":{"blocking_sync":false} to a variant to repeat an earlier run exactly.
 set -euo pipefail
 OUT=${1:?output folder}; TAG=${2:-run}
 V='{"name":"before_i3_qd100","instances":3}'

@@ -475,7 +475,7 @@ def host_check() -> dict:
 
 def host_check_delta(before: dict, after: dict) -> dict:
     """One point's host check: the Python loop before and after it (us; the same loop took
-    ~700-900 us on this project's CPU machine), the load average after it, and the share of
+    ~600-900 us on this project's CPU machine), the load average after it, and the share of
     CPU time over the point that was busy and that the hypervisor stole (steal), in %."""
     out = {
         "python_loop_us": [round(before["python_loop_us"], 1), round(after["python_loop_us"], 1)],

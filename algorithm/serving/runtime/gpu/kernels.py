@@ -32,8 +32,10 @@ TRITON = importlib.util.find_spec("triton") is not None
 # the H100 at 65536 x 512 bf16 (0.132 ms, 2.03 TB/s; torch's add then LayerNorm 0.191 ms)
 ADD_LN_ROWS, ADD_LN_WARPS = 4, 2
 # the norm-only form (a broadcast row added, no residual stored: the engine's residual_gemm
-# encoder): the fastest of 16 in benchmarks/gpu/model_alone.py on the H100 at 65536 x 512
-# (issue 14 run 12: 0.091 ms against 0.099 for the add+LayerNorm shape)
+# encoder): the fastest of 16 in benchmarks/gpu/model_alone.py's sweep on the H100 at 65536 x
+# 512 in issue 14 run 12 (0.091 ms against 0.099 for the add+LayerNorm shape). Run 13's sweep
+# ranked it lower (0.113 ms; 8 rows and 4 warps 0.094): the shapes sit within ~20% of each
+# other and the sweeps' noise; runs 13 and 15 timed the engine with this one.
 NORM_ROWS, NORM_WARPS = 8, 1
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
