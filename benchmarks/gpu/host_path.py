@@ -80,7 +80,8 @@ def _run(mp) -> int:
         for _ in range(3):
             served.execute([Request(r) for r in reqs])
         sync = torch.cuda.synchronize if cuda else (lambda: None)
-        served.phases = mp._Phases(phase_file)  # the warm-up calls (captures) stay out
+        served.phases.close()  # the warm-up calls (captures) stay out
+        served.phases = mp._Phases(phase_file)
         times = []
         prof = None
         if args.profile:
@@ -198,6 +199,7 @@ def _run_pipelined(mp, args) -> int:
                 served.execute(b)
             for b in batches[:3]:
                 b[-1].get_response_sender().done.wait(60)
+            served.phases.close()
             served.phases = mp._Phases(phase_file)
             served.phases.launch_laps = runner.profile_launches()
             wall, cpu = time.perf_counter(), time.process_time()

@@ -312,6 +312,10 @@ def phase_snapshot(phase_dir: Path | None, model: str) -> dict:
         for k, v in (d.get("launch_seconds") or {}).items():
             launch = out.setdefault("launch_seconds", {})
             launch[k] = launch.get(k, 0.0) + v
+        if d.get("gc"):  # each instance is its own process: the collectors' passes add up
+            g = out.setdefault("gc", {"collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0]})
+            for key in ("collections", "seconds"):
+                g[key] = [x + y for x, y in zip(g[key], d["gc"][key], strict=True)]
     return out
 
 
@@ -332,7 +336,21 @@ def phase_delta(before: dict, after: dict) -> dict:
         k: 1e6 * (v - (before.get("launch_seconds") or {}).get(k, 0.0)) / n
         for k, v in launch.items()
     }
+    gc_a, gc_b = before.get("gc") or {}, after.get("gc") or {}
+    gc_delta = None
+    if gc_b:  # the collector's passes in this server's stubs over the point
+        zero = {"collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0]}
+        a = gc_a or zero
+        gc_delta = {
+            "collections": [
+                y - x for x, y in zip(a["collections"], gc_b["collections"], strict=True)
+            ],
+            "ms": [
+                round(1e3 * (y - x), 2) for x, y in zip(a["seconds"], gc_b["seconds"], strict=True)
+            ],
+        }
     return {
+        "gc": gc_delta,
         "requests": n,
         "batches": batches,  # run on the GPU: with continuous batching, the merged ones
         "avg_gpu_batch": n / batches if batches > 0 else None,

@@ -7,6 +7,7 @@ still fail alone with the same INVALID_ARG messages, and every good one gets its
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -160,6 +161,15 @@ def test_a_valid_batch_takes_one_runner_call_and_phases_are_recorded(
     assert stats["batches"] == 1 and stats["requests"] == 3 and stats["eager_runs"] == 0
     assert stats["rounded_up"] == 0
     assert set(stats["seconds"]) == {"read", "check", "infer", "respond"}
+    # the collector's passes in this process are counted (a full one here), until finalize()
+    before = stats["gc"]["collections"][2]
+    gc.collect()
+    served.finalize()
+    stats = json.loads((tmp_path / "ugt.json").read_text())
+    assert stats["gc"]["collections"][2] == before + 1 and stats["gc"]["seconds"][2] > 0
+    gc.collect()
+    assert json.loads((tmp_path / "ugt.json").read_text())["gc"] == stats["gc"]
+    assert served.phases._gc_callback not in gc.callbacks
 
 
 def test_a_failing_runner_answers_every_request_with_the_reason(model_py, model, rng):

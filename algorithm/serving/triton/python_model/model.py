@@ -34,6 +34,7 @@ busy goes in the next batch.
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import json
 import os
@@ -72,6 +73,14 @@ def _log(level: str, message: str) -> None:
     logger = getattr(pb_utils, "Logger", None)
     if logger is not None:
         getattr(logger, f"log_{level}")(message)
+
+
+def _flag(params: dict, name: str, default: bool) -> bool:
+    """A true/false parameter (empty: ``default``); anything else is refused with its name."""
+    text = str(params.get(name, "")).strip().lower()
+    if text not in ("true", "false", "1", "0", ""):
+        raise ValueError(f"parameter {name}={params.get(name)!r} must be true or false")
+    return default if text == "" else text in ("true", "1")
 
 
 def _error(message: str, invalid_argument: bool = True):
@@ -132,6 +141,26 @@ class _Phases:
         self.engine: dict[str, int] = {}
         self.written = 0.0
         self.launch_laps: dict | None = None  # the torch runner's launch_laps (pipelined paths)
+        # the cyclic garbage collector's passes in this process, per generation: a full pass
+        # stops every thread of the instance while it runs
+        self.gc_collections = [0, 0, 0]
+        self.gc_seconds = [0.0, 0.0, 0.0]
+        self._gc_start: dict[int, float] = {}
+        gc.callbacks.append(self._gc_callback)
+
+    def _gc_callback(self, phase: str, info: dict) -> None:
+        g = info.get("generation", 2)
+        if phase == "start":
+            self._gc_start[g] = time.perf_counter()
+        elif g in self._gc_start:
+            self.gc_collections[g] += 1
+            self.gc_seconds[g] += time.perf_counter() - self._gc_start.pop(g)
+
+    def close(self) -> None:
+        """The last write, and the collector's callback removed."""
+        self.write()
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._gc_callback)
 
     def add(self, clock: _Clock, requests: int, engine) -> None:
         """One batch (one execute(), or one merged batch): its laps, its requests, and the GPU
@@ -149,6 +178,7 @@ class _Phases:
         """The sums so far to the file (atomically); also at finalize()."""
         self.written = time.monotonic()
         summary = {"batches": self.batches, "requests": self.requests, **self.engine}
+        summary["gc"] = {"collections": self.gc_collections, "seconds": self.gc_seconds}
         if self.launch_laps is not None:  # the runner's own steps of a queued batch's launch
             summary["launch_seconds"] = dict(self.launch_laps)
         tmp = self.path.with_suffix(".tmp")
@@ -216,14 +246,13 @@ class TritonPythonModel:
             f"{artifact.name}"
             + (f", pipelined ({self.pipeline.describe()})" if self.pipeline else ""),
         )
+        if self.phases is not None:  # the loading's own counts (the collector's) are the start
+            self.phases.write()
 
     def _start_pipeline(
         self, depth_text: str, runtime: str, senders_text: str = "8", merge_text: str = "false"
     ):
-        merge = str(merge_text).strip().lower()
-        if merge not in ("true", "false", "1", "0", ""):
-            raise ValueError(f"parameter continuous_batching={merge_text!r} must be true or false")
-        merge = merge in ("true", "1")
+        merge = _flag({"continuous_batching": merge_text}, "continuous_batching", False)
         try:
             depth, senders = int(depth_text), int(senders_text)
         except ValueError:
@@ -505,7 +534,7 @@ class TritonPythonModel:
         if self.pipeline is not None:
             self.pipeline.close()  # the batches in flight are answered first
         if self.phases is not None:
-            self.phases.write()
+            self.phases.close()
         self.runner = None
 
 
