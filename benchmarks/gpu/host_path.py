@@ -65,10 +65,7 @@ def _run(mp) -> int:
     served = served_model(mp, runner, cfg.max_seq_length, cfg.codebook_sizes, True, phase_file)
     rng = np.random.default_rng(0)
     seq = min(args.seq, cfg.max_seq_length)
-    lengths = {
-        f"fixed{seq}": np.full(args.batch, seq),
-        "mix": lognormal_lengths(rng, args.batch, longest=seq),
-    }
+    lengths = _loads(args.batch, seq, rng)
     result = {
         "environment": environment(),
         "device": args.device,
@@ -80,8 +77,7 @@ def _run(mp) -> int:
         for _ in range(3):
             served.execute([Request(r) for r in reqs])
         sync = torch.cuda.synchronize if cuda else (lambda: None)
-        served.phases.close()  # the warm-up calls (captures) stay out
-        served.phases = mp._Phases(phase_file)
+        _fresh_phases(mp, served, phase_file)  # the warm-up calls (captures) stay out
         times = []
         prof = None
         if args.profile:
@@ -130,6 +126,20 @@ def _run(mp) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
+
+
+def _loads(batch: int, seq: int, rng) -> dict:
+    """The two loads each path is timed on: ``batch`` full-length histories, and a log-normal mix."""
+    return {
+        f"fixed{seq}": np.full(batch, seq),
+        "mix": lognormal_lengths(rng, batch, longest=seq),
+    }
+
+
+def _fresh_phases(mp, served, phase_file) -> None:
+    """New phase sums from here on (the warm-up's calls stay out), the old ones closed."""
+    served.phases.close()
+    served.phases = mp._Phases(phase_file)
 
 
 def _runner(preset: str, device: str, stub_forward: bool) -> tuple[UGTConfig, TorchRunner]:
@@ -189,18 +199,14 @@ def _run_pipelined(mp, args) -> int:
         "send_us": args.send_us,
     }
     try:
-        for name, lens in {
-            f"fixed{seq}": np.full(args.batch, seq),
-            "mix": lognormal_lengths(rng, args.batch, longest=seq),
-        }.items():
+        for name, lens in _loads(args.batch, seq, rng).items():
             reqs = [random_inputs(1, int(n), cfg.codebook_sizes, rng) for n in lens]
             batches = [[Request(r) for r in reqs] for _ in range(args.iters + 3)]
             for b in batches[:3]:  # warm-up
                 served.execute(b)
             for b in batches[:3]:
                 b[-1].get_response_sender().done.wait(60)
-            served.phases.close()
-            served.phases = mp._Phases(phase_file)
+            _fresh_phases(mp, served, phase_file)
             served.phases.launch_laps = runner.profile_launches()
             wall, cpu = time.perf_counter(), time.process_time()
             for b in batches[3:]:

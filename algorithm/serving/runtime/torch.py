@@ -235,13 +235,12 @@ class TorchRunner:
         engine = self.engine
         groups = self._groups(batch)
         if len(groups) == 1:
-            if self.launch_laps is None:
-                return engine.run(engine.tokens_from_batch(batch), batch.users, host=host)
             staging = engine.layouts.staging
             t, waited = time.perf_counter(), staging.waited_s
             tokens = engine.tokens_from_batch(batch)
             t = self._lap("layout", t)
-            self.launch_laps["stage_wait"] += staging.waited_s - waited
+            if self.launch_laps is not None:
+                self.launch_laps["stage_wait"] += staging.waited_s - waited
             out = engine.run(tokens, batch.users, host=host)
             self._lap("run", t)
             return out

@@ -75,12 +75,12 @@ def _log(level: str, message: str) -> None:
         getattr(logger, f"log_{level}")(message)
 
 
-def _flag(params: dict, name: str, default: bool) -> bool:
-    """A true/false parameter (empty: ``default``); anything else is refused with its name."""
-    text = str(params.get(name, "")).strip().lower()
-    if text not in ("true", "false", "1", "0", ""):
-        raise ValueError(f"parameter {name}={params.get(name)!r} must be true or false")
-    return default if text == "" else text in ("true", "1")
+def _flag(name: str, text: str, default: bool) -> bool:
+    """A true/false parameter's text (empty: ``default``); anything else is refused by name."""
+    value = str(text).strip().lower()
+    if value not in ("true", "false", "1", "0", ""):
+        raise ValueError(f"parameter {name}={text!r} must be true or false")
+    return default if value == "" else value in ("true", "1")
 
 
 def _error(message: str, invalid_argument: bool = True):
@@ -252,7 +252,7 @@ class TritonPythonModel:
     def _start_pipeline(
         self, depth_text: str, runtime: str, senders_text: str = "8", merge_text: str = "false"
     ):
-        merge = _flag({"continuous_batching": merge_text}, "continuous_batching", False)
+        merge = _flag("continuous_batching", merge_text, False)
         try:
             depth, senders = int(depth_text), int(senders_text)
         except ValueError:
