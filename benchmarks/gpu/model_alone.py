@@ -126,6 +126,80 @@ def profiled(model, opts, device, inputs) -> dict:
     }
 
 
+def breakdown(model, opts, device, inputs: dict) -> dict:
+    """Where one forward's time goes, per shape: the encoder (with the memory's cross-attention
+    K/V) against the whole forward, each captured in a CUDA graph of its own and replayed on
+    the same prepared layout; the rest is the decoder's 3 beam steps with their heads and top-k.
+    With each, the kernels of one eager run (count, ms) and the whole forward's slowest ones."""
+    engine = GpuEngine(model, EngineConfig(**{**opts, "cuda_graphs": False}), device)
+    encoder = engine._encode_fused if engine.config.fused_ops else engine._encode
+
+    def parts(t):
+        return {
+            "encoder": lambda: engine._memory_kv(encoder(t), t),
+            "forward": lambda: engine._forward(t),
+        }
+
+    out = {}
+    with torch.inference_mode():
+        for shape, inp in inputs.items():
+            a = [torch.from_numpy(inp[k]).to(device) for k in NAMES]
+            t0, _ = engine.tokens_from_arrays(*a)
+            _, t = engine.layouts.graph_key_and_static(t0)  # bucketed as the graphs run it
+            t = engine.layouts.materialized(t)
+            row = {"users": t.users, "tokens": int(t.ids.shape[1])}
+            for name, fn in parts(t).items():
+                row[f"{name}_replay_ms"] = _graph_ms(fn, device)
+                rows = _kernels(fn, device)
+                row[f"{name}_kernels"] = sum(c for _, c, _ in rows)
+                row[f"{name}_kernel_ms"] = sum(x for x, _, _ in rows) / 1e3
+                if name == "forward":
+                    row["forward_top"] = [
+                        {"ms": x / 1e3, "count": c, "name": k[:100]} for x, c, k in rows[:30]
+                    ]
+            for key in ("replay_ms", "kernels", "kernel_ms"):
+                row[f"decoder_{key}"] = row[f"forward_{key}"] - row[f"encoder_{key}"]
+            log(
+                f"breakdown {shape}: forward {row['forward_replay_ms']:.3f} ms "
+                f"({row['forward_kernels']} kernels), encoder {row['encoder_replay_ms']:.3f} "
+                f"({row['encoder_kernels']}), decoder {row['decoder_replay_ms']:.3f} "
+                f"({row['decoder_kernels']})"
+            )
+            out[shape] = row
+    return out
+
+
+def _graph_ms(fn, device) -> float:
+    """Median ms of ``fn`` captured in a CUDA graph and replayed (timed eagerly on a CPU)."""
+    if device.type != "cuda":
+        return time_fn(fn, device, iters=3, warmup=1)["median_ms"]
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    ms = time_fn(g.replay, device, iters=30, warmup=3)["median_ms"]
+    del g
+    return ms
+
+
+def _kernels(fn, device) -> list:
+    """(device us, calls, name) of the kernels of one eager run of ``fn`` (none on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return []
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        fn()
+        torch.cuda.synchronize(device)
+    return kernel_rows(p)
+
+
 def _ms(fn, device) -> float:
     return time_fn(fn, device, iters=50, warmup=5)["median_ms"]
 
@@ -219,6 +293,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--fp8", action="store_true")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="encoder against decoder, per shape (first and last variant)",
+    )
+    ap.add_argument("--no-pieces", action="store_true", help="skip the residual pieces and sweep")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of every code path")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -276,6 +356,12 @@ def main(argv=None) -> int:
             )
         )
     engines.clear()
+    if args.breakdown:
+        result["breakdown"] = {
+            n: breakdown(model, variants[n], device, inputs)
+            for n in dict.fromkeys([next(iter(variants)), list(variants)[-1]])
+        }
+        write()
     if cpu:
         log(f"wrote {out} (CPU smoke: no profile, pieces or fp8)")
         return 0
@@ -286,8 +372,9 @@ def main(argv=None) -> int:
     for n, p in result["profile_64x1024"].items():
         log(f"profile {n}: {p['kernel_ms_total']:.2f} ms in {p['kernels']} kernels")
     write()
-    result["pieces_65536_rows"] = pieces(device)
-    write()
+    if not args.no_pieces:
+        result["pieces_65536_rows"] = pieces(device)
+        write()
     if args.fp8:
         result["fp8_gemms_65536_rows"] = fp8_gemms(device)
         write()
