@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, runs 6, 7, 9, 10, 11, 13-15, 17 (SET=run6|run7|run10|run11|run12|run14|run15|run17): continuous batching (model.py's continuous_batching: execute() returns at once,
+# Issue 14, runs 6, 7, 9, 10, 11, 13-15, 17, 18 (SET=run6|run7|run10|run11|run12|run14|run15|run17|run18): continuous batching (model.py's continuous_batching: execute() returns at once,
 # the pipeline queues on the GPU everything left with it whenever a slot frees, no queue delay)
 # against today's defaults and run 5's tuned pick, side by side in one run; then the GPU tests.
 # From the repository root on the GPU machine, wheels in .whl/ (see benchmarks/RESULTS.md):
@@ -63,6 +63,16 @@ elif [ "${SET:-run7}" = run17 ]; then  # run 17: the mix alone (its 15 ms goal):
   V='{"name":"i3_qd3000","instances":3,"max_queue_delay_us":3000}'
   for QD in 3000 2000 1000; do
     V+=",{\"name\":\"pipe_i2_d2_qd${QD}_block\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":$QD,$B}"
+  done
+elif [ "${SET:-run7}" = run18 ]; then  # run 18: the fused beam kernels (EngineConfig.fused_topk)
+  # served, before and after, twice in turn: the blocking pipe at full length and on the mix
+  COMMON='"slo_ms":30,"fixed_levels":[64],"mix_levels":[64],"pad_instances":[]'
+  P='"instances":2,"pipeline_depth":2,"max_queue_delay_us":3000'
+  V=''
+  for R in 1 2; do
+    for F in false true; do
+      V+="${V:+,}{\"name\":\"pipe_block_topk_${F}_${R}\",$P,\"engine_options\":{\"blocking_sync\":true,\"fused_topk\":$F}}"
+    done
   done
 else  # run 7: the same with a 100 us GIL switch interval (run 6's launch waited for the GIL)
   G='"gil_switch_interval_us":100'

@@ -286,6 +286,40 @@ def test_grouped_topk_finds_the_plain_topk():
     assert torch.equal(v, want_v) and torch.equal(i, want_i)
 
 
+def _beam_search_step(device, users=4, beams=12, codes=512, group=8, seed=0):
+    """One beam step through the grouped top-k's three functions, and what it must equal: the
+    best ``beams`` of every (beam, code) by score + log-softmax, over all codes."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(users, beams, codes, generator=g) * 3).to(device)
+    scores = torch.randn(users, beams, generator=g).to(device)
+    hist = torch.randint(0, 99, (users, beams, 2), generator=g).to(device)
+    rows = logits.view(users * beams, codes)
+    lse, gmax = fk.logsumexp_groupmax(rows, group)
+    vals, cols = fk.topk_in_groups(rows, fk.topk_groups(gmax, beams), group, lse, scores)
+    got = fk.beam_select(vals.view(users, -1), cols.view(users, -1), hist, beams)
+    full = (scores.unsqueeze(-1) + logits.log_softmax(-1)).view(users, -1)
+    want, flat = full.topk(beams, dim=-1)
+    return got, (want, flat // codes, flat % codes, hist)
+
+
+def _check_beam_step(got, want):
+    (scores, out, parent, new), (want_scores, beam, code, hist) = got, want
+    users, beams = want_scores.shape
+    assert torch.allclose(scores, want_scores, atol=1e-5)
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all())  # best first
+    for s in range(users):  # the same (beam, code) pairs; order only among equal scores
+        pairs = {(int(b), int(c)) for b, c in zip(beam[s], code[s], strict=True)}
+        got_beam = parent.view(users, beams)[s] - s * beams
+        assert {(int(b), int(c)) for b, c in zip(got_beam, new[s], strict=True)} == pairs
+        assert torch.equal(out[s, :, :2], hist[s][got_beam]) and torch.equal(out[s, :, 2], new[s])
+
+
+def test_grouped_beam_step_finds_the_best_beams():
+    """The torch forms of the fused beam kernels (CPU, and the GPU's fallback)."""
+    for seed in range(3):
+        _check_beam_step(*_beam_search_step("cpu", seed=seed))
+
+
 def test_packed_index_offsets():
     idx = packed_index([2, 0, 3], extra=[1])
     assert idx["cu"].tolist() == [0, 2, 2, 5, 6]
@@ -541,10 +575,19 @@ def test_gpu_fused_kernels_compute_the_torch_functions():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not fk.TRITON, reason="needs triton (the fused kernels' GPU implementation)")
+def test_gpu_fused_beam_kernels_find_the_best_beams():
+    for seed in range(3):
+        _check_beam_step(*_beam_search_step("cuda", seed=seed))
+    # the base preset's last level: 50 beams over 4096 codes in groups of 16
+    _check_beam_step(*_beam_search_step("cuda", users=2, beams=50, codes=4096, group=16))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "graphs, options",
-    [(False, {}), (True, {}), (True, {"residual_gemm": False})],
-    ids=["eager", "cuda-graphs", "residual-add-in-norm"],
+    [(False, {}), (True, {}), (True, {"residual_gemm": False}), (True, {"topk_group": 4})],
+    ids=["eager", "cuda-graphs", "residual-add-in-norm", "fused-beam-kernels-every-level"],
 )
 def test_gpu_fused_and_unfused_engines_agree(model, rng, graphs, options):
     fused = GpuEngine(

@@ -70,6 +70,9 @@ class EngineConfig:
     # as one fp32 row per LayerNorm, added where the norm reads x: x is never rewritten by a norm
     # (H100, issue 14 run 12: 64 x 1024 13.71 -> 13.28 ms, recall unchanged)
     residual_gemm: bool = True
+    # fused_ops' beam search: each level's grouped top-k in three Triton kernels (the groups,
+    # the codes in them, the next beams with their histories) instead of ~20 torch launches
+    fused_topk: bool = True
     cuda_graphs: bool = True
     max_graphs: int = 512  # LRU bound on captured graphs (64 dense + ~200 mix keys warmed)
     capture_new_shapes: bool = True  # False: shapes first seen after freeze_graphs() run eagerly
@@ -483,21 +486,49 @@ class GpuEngine:
         kvs = self._memory_kv(self._encode_fused(t), t)
         y, h = fk.add_layernorm(m.bos.view(1, d).expand(s, d), lvl[0].expand(s, d), first)
         hn, qkv1 = self._decode_fused(y, h, [], kvs, t, 1, None)
-        logits = self._head(hn, 0)
-        lse, gmax = self._lse_groups(logits, k)
-        top, c1 = self._topk(logits, k, gmax)
-        scores = top - lse
+        scores, c1 = self._first_beams(self._head(hn, 0), k)
         emb = m.code_emb[0].weight
         y, h = fk.add_layernorm(emb, lvl[1].expand(s * k, d), first, x_rows=c1.view(-1))
         hn, qkv2 = self._decode_fused(y, h, [qkv1], kvs, t, k, None)
-        scores, beam, c2 = self._beam_step(self._head(hn, 1).view(s, k, -1), scores)
-        c1 = c1.gather(1, beam)
-        parent = (torch.arange(s, device=beam.device).unsqueeze(1) * k + beam).view(-1)
+        hist = c1.view(s, k, 1)
+        scores, hist, parent, c2 = self._next_beams(self._head(hn, 1).view(s, k, -1), scores, hist)
         emb = m.code_emb[1].weight
-        y, h = fk.add_layernorm(emb, lvl[2].expand(s * k, d), first, x_rows=c2.reshape(-1))
+        y, h = fk.add_layernorm(emb, lvl[2].expand(s * k, d), first, x_rows=c2.view(-1))
         hn, _ = self._decode_fused(y, h, [qkv1, qkv2], kvs, t, k, parent)
-        scores, beam, c3 = self._beam_step(self._head(hn, 2).view(s, k, -1), scores)
-        return torch.stack([c1.gather(1, beam), c2.gather(1, beam), c3], dim=-1), scores
+        scores, hist, _, _ = self._next_beams(self._head(hn, 2).view(s, k, -1), scores, hist)
+        return hist, scores
+
+    def _fused_group(self, c: int, k: int, beams: int) -> int:
+        """The group size of the fused beam kernels for ``c`` codes, or 0 where they don't apply
+        (the torch two-stage/flat top-k runs there, with the same winners)."""
+        cfg, g = self.config, self.config.topk_group
+        if not cfg.fused_topk or cfg.topk == "flat" or not g or c % g or c // g < k:
+            return 0
+        return g if fk.topk_fits(k, c // g, g, beams) else 0
+
+    def _first_beams(self, logits, k: int):
+        """The first level's K beams: (scores [S, K] log-probabilities, codes int64 [S, K])."""
+        g = self._fused_group(logits.shape[-1], k, 1)
+        lse, gmax = self._lse_groups(logits, k)
+        if not g:
+            top, code = self._topk(logits, k, gmax)
+            return top - lse, code
+        return fk.topk_in_groups(logits, fk.topk_groups(gmax, k), g, lse)
+
+    def _next_beams(self, logits, scores, hist):
+        """One beam step over logits [S, K, C]: (scores [S, K], codes so far [S, K, P + 1],
+        parent row of each new beam [S * K], the new codes [S, K]), best first."""
+        s, k, c = logits.shape
+        g = self._fused_group(c, k, k)
+        if not g:
+            scores, beam, code = self._beam_step(logits, scores)
+            kept = hist.gather(1, beam.unsqueeze(-1).expand(*beam.shape, hist.shape[-1]))
+            parent = (torch.arange(s, device=beam.device).unsqueeze(1) * k + beam).view(-1)
+            return scores, torch.cat([kept, code.unsqueeze(-1)], -1), parent, code
+        rows = logits.view(s * k, c)
+        lse, gmax = self._lse_groups(rows, k)
+        vals, codes = fk.topk_in_groups(rows, fk.topk_groups(gmax, k), g, lse, scores)
+        return fk.beam_select(vals.view(s, k * k), codes.view(s, k * k), hist, k)
 
     # -- CUDA graphs ---------------------------------------------------------------------------
     def _replay(self, t: Tokens):

@@ -221,6 +221,92 @@ if TRITON:
         tl.store(out_ptr + row, tl.log(total) + top)
 
 
+    @triton.jit
+    def _order_key(x):
+        """fp32 -> int32 whose signed order is the floats' order (NaN aside)."""
+        bits = x.to(tl.int32, bitcast=True)
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+    @triton.jit
+    def _select_topk(key, ok, k):
+        """(mask of exactly ``k`` lanes holding the ``k`` largest keys, each taken lane's slot in
+        [0, k)): the k-th largest key by bisection over its 32 bits (one count per bit), then
+        every lane above it and, of the lanes equal to it, the first ones."""
+        lo = tl.min(tl.where(ok, key, 2147483647), 0).to(tl.int64)
+        hi = tl.max(tl.where(ok, key, -2147483648), 0).to(tl.int64)
+        for _ in range(32):  # invariant: >= k keys >= lo, < k keys > hi
+            mid = lo + (hi - lo + 1) // 2
+            up = tl.sum((ok & (key >= mid.to(tl.int32))).to(tl.int32), 0) >= k
+            lo = tl.where(up, mid, lo)
+            hi = tl.where(up, hi, mid - 1)
+        t = lo.to(tl.int32)
+        gt = ok & (key > t)
+        eq = ok & (key == t)
+        need = k - tl.sum(gt.to(tl.int32), 0)
+        take = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
+        return take, tl.cumsum(take.to(tl.int32), 0) - 1
+
+    @triton.jit
+    def _topk_idx_kernel(x_ptr, idx_ptr, n, k, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        lanes = tl.arange(0, BLOCK)
+        ok = lanes < n
+        x = tl.load(x_ptr + row * n + lanes, mask=ok, other=0.0).to(tl.float32)
+        take, slot = _select_topk(_order_key(x), ok, k)
+        tl.store(idx_ptr + row * k + slot, lanes.to(tl.int64), mask=take)
+
+    @triton.jit
+    def _topk_in_groups_kernel(
+        x_ptr, gidx_ptr, lse_ptr, score_ptr, val_ptr, code_ptr, n_cols, k,
+        G: tl.constexpr, HAS_SCORE: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        lanes = tl.arange(0, BLOCK)
+        ok = lanes < k * G
+        grp = tl.load(gidx_ptr + row * k + lanes // G, mask=ok, other=0)
+        col = grp * G + lanes % G
+        x = tl.load(x_ptr + row * n_cols + col, mask=ok, other=0.0)
+        take, slot = _select_topk(_order_key(x), ok, k)  # the logits' own order, as torch's
+        v = x - tl.load(lse_ptr + row)
+        if HAS_SCORE:
+            v = tl.load(score_ptr + row) + v
+        tl.store(val_ptr + row * k + slot, v, mask=take)
+        tl.store(code_ptr + row * k + slot, col, mask=take)
+
+    @triton.jit
+    def _beam_select_kernel(
+        val_ptr, code_ptr, hist_ptr, score_ptr, hist_out_ptr, parent_ptr, new_ptr, n, per,
+        beams, k, P: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr,
+    ):  # fmt: skip
+        s = tl.program_id(0).to(tl.int64)
+        lanes = tl.arange(0, BLOCK)
+        ok = lanes < n
+        v = tl.load(val_ptr + s * n + lanes, mask=ok, other=0.0)
+        take, slot = _select_topk(_order_key(v), ok, k)
+        # the k winners, compacted into this user's output rows, then ranked there (descending
+        # value, ties by candidate index) and written in rank order
+        tl.store(score_ptr + s * k + slot, v, mask=take)
+        tl.store(parent_ptr + s * k + slot, lanes.to(tl.int64), mask=take)
+        tl.debug_barrier()
+        i = tl.arange(0, KB)
+        mine = i < k
+        sv = tl.load(score_ptr + s * k + i, mask=mine, other=float("-inf"))
+        sf = tl.load(parent_ptr + s * k + i, mask=mine, other=0)
+        before = (sv[None, :] > sv[:, None]) | ((sv[None, :] == sv[:, None]) & (sf[None, :] < sf[:, None]))
+        rank = tl.sum((before & mine[None, :]).to(tl.int32), 1)
+        tl.debug_barrier()
+        beam = sf // per
+        dst = s * k + rank
+        tl.store(score_ptr + dst, sv, mask=mine)
+        tl.store(parent_ptr + dst, s * beams + beam, mask=mine)
+        code = tl.load(code_ptr + s * n + sf, mask=mine, other=0)
+        tl.store(new_ptr + dst, code, mask=mine)
+        for p in tl.static_range(P):
+            h = tl.load(hist_ptr + (s * beams + beam) * P + p, mask=mine, other=0)
+            tl.store(hist_out_ptr + dst * (P + 1) + p, h, mask=mine)
+        tl.store(hist_out_ptr + dst * (P + 1) + P, code, mask=mine)
+
+
 # -- public -------------------------------------------------------------------------------------
 def add_layernorm(
     x: torch.Tensor,
@@ -344,3 +430,78 @@ def logsumexp_groupmax(x: torch.Tensor, group: int = 0):
         x, out, gmax if group else out, c, BLOCK=block, GROUP=group, num_warps=8
     )
     return out, gmax
+
+
+# -- the beam search's top-k (grouped, two stages) --------------------------------------------
+# one program per row holds a row's candidates in registers: the fused path runs where they fit
+TOPK_MAX_LANES, TOPK_MAX_K = 8192, 128
+
+
+def topk_fits(k: int, groups: int, group: int, beams: int) -> bool:
+    """Whether the fused beam kernels take a step of ``beams`` beams over ``groups`` groups of
+    ``group`` codes (else the torch path: same winners)."""
+    lanes = max(groups, k * group, beams * k)
+    return k <= TOPK_MAX_K and groups >= k and lanes <= TOPK_MAX_LANES
+
+
+def topk_groups(gmax: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [R, k] of each row's ``k`` largest group maxima (fp32 [R, G]), in no order."""
+    if not triton_usable(gmax):
+        return gmax.topk(k, dim=-1, sorted=False)[1]
+    gmax = gmax.contiguous()
+    r, g = gmax.shape
+    idx = torch.empty(r, k, device=gmax.device, dtype=torch.int64)
+    _topk_idx_kernel[(r,)](gmax, idx, g, k, BLOCK=triton.next_power_of_2(g), num_warps=4)
+    return idx
+
+
+def topk_in_groups(logits, groups, group: int, lse, score=None):
+    """Each row's top ``k`` logits among its ``k`` chosen groups (``groups`` [R, k]) of
+    ``group`` columns, as log-probabilities (``logit - lse``, plus the row's beam ``score``):
+    (values fp32 [R, k], columns int64 [R, k]), in no order. Chosen by the logits (as torch's
+    top-k of the gathered logits is)."""
+    r, k = groups.shape
+    if not triton_usable(logits):
+        cols = (groups.unsqueeze(-1) * group + torch.arange(group, device=logits.device)).flatten(1)
+        top, j = logits.gather(-1, cols).topk(k, dim=-1, sorted=False)
+        vals = top - lse.view(r, 1)
+        if score is not None:
+            vals = score.reshape(r, 1) + vals
+        return vals, cols.gather(-1, j)
+    logits, groups = logits.contiguous(), groups.contiguous()
+    vals = torch.empty(r, k, device=logits.device, dtype=torch.float32)
+    codes = torch.empty(r, k, device=logits.device, dtype=torch.int64)
+    _topk_in_groups_kernel[(r,)](
+        logits, groups, lse.contiguous(), score.contiguous() if score is not None else lse,
+        vals, codes, logits.shape[-1], k, G=group, HAS_SCORE=score is not None,
+        BLOCK=triton.next_power_of_2(k * group), num_warps=4,
+    )  # fmt: skip
+    return vals, codes
+
+
+def beam_select(vals, codes, hist, k: int):
+    """The next beams: each user's ``k`` best candidates (``vals``/``codes`` [S, beams * per],
+    candidate ``i`` extends beam ``i // per``), best first. ``hist`` [S, beams, P]: each beam's
+    codes so far. Returns (scores [S, k], codes so far [S, k, P + 1], parent rows [S * k]
+    (``s * beams + beam``), the new codes [S, k]); all int64 but the scores."""
+    s, n = vals.shape
+    beams, p = hist.shape[1], hist.shape[2]
+    per = n // beams
+    if not triton_usable(vals):
+        scores, flat = vals.topk(k, dim=-1)
+        beam = torch.div(flat, per, rounding_mode="floor")
+        new = codes.gather(1, flat)
+        kept = hist.gather(1, beam.unsqueeze(-1).expand(s, k, p))
+        parent = (torch.arange(s, device=vals.device).unsqueeze(1) * beams + beam).view(-1)
+        return scores, torch.cat([kept, new.unsqueeze(-1)], -1), parent, new
+    dev = vals.device
+    scores = torch.empty(s, k, device=dev, dtype=torch.float32)
+    out = torch.empty(s, k, p + 1, device=dev, dtype=torch.int64)
+    parent = torch.empty(s * k, device=dev, dtype=torch.int64)
+    new = torch.empty(s, k, device=dev, dtype=torch.int64)
+    _beam_select_kernel[(s,)](
+        vals.contiguous(), codes.contiguous(), hist.contiguous(), scores, out, parent, new,
+        n, per, beams, k, P=p, BLOCK=triton.next_power_of_2(n), KB=triton.next_power_of_2(k),
+        num_warps=8,
+    )  # fmt: skip
+    return scores, out, parent, new
