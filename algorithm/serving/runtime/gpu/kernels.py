@@ -220,7 +220,6 @@ if TRITON:
         total = tl.sum(s * tl.exp(m - top), 0)
         tl.store(out_ptr + row, tl.log(total) + top)
 
-
     @triton.jit
     def _order_key(x):
         """fp32 -> int32 whose signed order is the floats' order (NaN aside)."""
@@ -292,7 +291,9 @@ if TRITON:
         mine = i < k
         sv = tl.load(score_ptr + s * k + i, mask=mine, other=float("-inf"))
         sf = tl.load(parent_ptr + s * k + i, mask=mine, other=0)
-        before = (sv[None, :] > sv[:, None]) | ((sv[None, :] == sv[:, None]) & (sf[None, :] < sf[:, None]))
+        before = (sv[None, :] > sv[:, None]) | (
+            (sv[None, :] == sv[:, None]) & (sf[None, :] < sf[:, None])
+        )
         rank = tl.sum((before & mine[None, :]).to(tl.int32), 1)
         tl.debug_barrier()
         beam = sf // per
