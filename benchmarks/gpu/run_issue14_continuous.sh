@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, runs 6, 7, 9, 10, 11, 13-15, 17, 18 (SET=run6|run7|run10|run11|run12|run14|run15|run17|run18): continuous batching (model.py's continuous_batching: execute() returns at once,
+# Issue 14, runs 6, 7, 9, 10, 11, 13-15, 17-19 (SET=run6|run7|run10|run11|run12|run14|run15|run17|run18|run19): continuous batching (model.py's continuous_batching: execute() returns at once,
 # the pipeline queues on the GPU everything left with it whenever a slot frees, no queue delay)
 # against today's defaults and run 5's tuned pick, side by side in one run; then the GPU tests.
 # From the repository root on the GPU machine, wheels in .whl/ (see benchmarks/RESULTS.md):
@@ -72,6 +72,16 @@ elif [ "${SET:-run7}" = run18 ]; then  # run 18: the fused beam kernels (EngineC
   for R in 1 2; do
     for F in false true; do
       V+="${V:+,}{\"name\":\"pipe_block_topk_${F}_${R}\",$P,\"engine_options\":{\"blocking_sync\":true,\"fused_topk\":$F}}"
+    done
+  done
+elif [ "${SET:-run7}" = run19 ]; then  # run 19: the mix's eager batches (EngineConfig.round_up_users:
+  # a batch no warmed graph of its users bucket fits takes a larger users bucket's), twice in turn
+  COMMON='"slo_ms":30,"fixed_levels":[],"mix_levels":[64],"pad_instances":[]'
+  P='"instances":2,"pipeline_depth":2,"max_queue_delay_us":3000'
+  V=''
+  for R in 1 2; do
+    for F in false true; do
+      V+="${V:+,}{\"name\":\"pipe_block_users_${F}_${R}\",$P,\"engine_options\":{\"blocking_sync\":true,\"round_up_users\":$F}}"
     done
   done
 else  # run 7: the same with a 100 us GIL switch interval (run 6's launch waited for the GIL)

@@ -727,6 +727,12 @@ def test_frozen_engine_pads_an_unwarmed_packed_batch_to_a_larger_warmed_bucket(m
     # each larger bucket would need a spare slot longer than one history: no graph, eager
     assert engine.layouts.bucket_packed(3, 60)[0] == ("packed", 4, 64) and engine.rounded_up == 1
     assert engine.layouts.bucket_packed(3, 120)[0] == ("packed", 4, 128)  # warmed: its own bucket
+    # no graph of its users bucket fits: the smallest larger users bucket's that does
+    engine.graphs[("packed", 8, 96)] = None
+    key, extra, nb, max_len = engine.layouts.bucket_packed(3, 40)
+    assert (key, extra) == (("packed", 8, 96), [1] * 5 + [51]) and engine.rounded_up == 2
+    engine.config.round_up_users = False  # as before: its own key, no graph, eager
+    assert engine.layouts.bucket_packed(3, 40)[0] == ("packed", 4, 64) and engine.rounded_up == 2
 
 
 def test_gpu_benchmark_reads_each_load_curve_at_the_p99_budget():

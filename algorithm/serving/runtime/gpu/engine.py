@@ -76,6 +76,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     max_graphs: int = 512  # LRU bound on captured graphs (64 dense + ~200 mix keys warmed)
     capture_new_shapes: bool = True  # False: shapes first seen after freeze_graphs() run eagerly
+    # frozen, a packed batch with no warmed graph of its users bucket that fits it may take one
+    # of a larger users bucket (dummy users of one token) instead of running eagerly
+    round_up_users: bool = True
     max_users: int = 64  # one forward's users (infer_requests splits larger groups)
     max_tokens: int = 65536  # one forward's packed tokens
     # CUDA events the host waits on (a queued batch's end, the staging buffer's last copy) block

@@ -159,20 +159,21 @@ class TokenLayouts:
         (``packed_bucket``: dummy users of one token, then one dummy slot of the spare tokens).
         A frozen engine without a graph for that bucket takes the smallest larger warmed one
         whose spare slot stays one history long: a few hundred padded tokens cost far less than
-        an eager run (~10 ms of launches), whatever length mix the warm-up did not foresee."""
+        an eager run (~10 ms of launches), whatever length mix the warm-up did not foresee.
+        Failing that (``round_up_users``), the smallest larger users bucket with such a graph:
+        its extra dummy users hold one token each."""
         bb, nb, pad = packed_bucket(users, tokens)
         if self.graphs.closed and ("packed", bb, nb) not in self.graphs:
-            used = nb - pad
-            fits = [
-                key[2]
+            fits = sorted(
+                (key[1], key[2])
                 for key in self.graphs
-                if key[:2] == ("packed", bb)
-                and key[2] > nb
-                and key[2] - used <= self._packed_max_len(key[2])
-            ]
+                if key[0] == "packed"
+                and (key[1] == bb or (key[1] > bb and self.config.round_up_users))
+                and 1 <= key[2] - tokens - (key[1] - users) <= self._packed_max_len(key[2])
+            )
             if fits:
-                nb = min(fits)
-                pad = nb - used
+                bb, nb = fits[0]
+                pad = nb - tokens - (bb - users)
                 self.graphs.rounded_up += 1
         extra = [1] * (bb - users) + [pad]
         return ("packed", bb, nb), extra, nb, self._packed_max_len(nb)
