@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, runs 6, 7, 9, 10, 11, 13-15, 17-19 (SET=run6|run7|run10|run11|run12|run14|run15|run17|run18|run19): continuous batching (model.py's continuous_batching: execute() returns at once,
+# Issue 14, runs 6, 7, 9, 10, 11, 13-15, 17-20 (SET=run6|run7|run10|run11|run12|run14|run15|run17|run18|run19|run20): continuous batching (model.py's continuous_batching: execute() returns at once,
 # the pipeline queues on the GPU everything left with it whenever a slot frees, no queue delay)
 # against today's defaults and run 5's tuned pick, side by side in one run; then the GPU tests.
 # From the repository root on the GPU machine, wheels in .whl/ (see benchmarks/RESULTS.md):
@@ -84,6 +84,13 @@ elif [ "${SET:-run7}" = run19 ]; then  # run 19: the mix's eager batches (Engine
       V+="${V:+,}{\"name\":\"pipe_block_users_${F}_${R}\",$P,\"engine_options\":{\"blocking_sync\":true,\"round_up_users\":$F}}"
     done
   done
+elif [ "${SET:-run7}" = run20 ]; then  # run 20: the goals' points with runs 18-19's engine, twice;
+  # and the mix's queue delay one step longer
+  COMMON='"slo_ms":30,"fixed_levels":[1,64],"mix_levels":[64],"pad_instances":[]'
+  B='"engine_options":{"blocking_sync":true}'
+  V="{\"name\":\"pipe_block_qd3000_1\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$B}"
+  V+=",{\"name\":\"pipe_block_qd4000\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":4000,$B}"
+  V+=",{\"name\":\"pipe_block_qd3000_2\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$B}"
 else  # run 7: the same with a 100 us GIL switch interval (run 6's launch waited for the GIL)
   G='"gil_switch_interval_us":100'
   V+=",{\"name\":\"pipe_i2_d2_qd3000_gil100\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$G,$S}"
