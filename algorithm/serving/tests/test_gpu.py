@@ -320,6 +320,22 @@ def test_grouped_beam_step_finds_the_best_beams():
         _check_beam_step(*_beam_search_step("cpu", seed=seed))
 
 
+def test_input_validity_reads_what_the_reference_reads(rng):
+    from algorithm.serving.runtime.gpu.batch import valid_tokens
+
+    inp = _ragged(rng)
+    args = [torch.from_numpy(inp[k]) for k in INPUT_NAMES]
+    ids, valid, lengths = fk.input_validity(*args, SMALL.codebook_sizes)
+    want = valid_tokens(*(inp[k] for k in INPUT_NAMES), SMALL.codebook_sizes)
+    assert torch.equal(valid, torch.from_numpy(want)) and lengths.tolist() == want.sum(1).tolist()
+    assert torch.equal(ids, torch.stack(args[:3]))
+    out = torch.empty(3 * ids[0].numel(), dtype=torch.int64)  # a graph's input, written in place
+    assert (
+        fk.input_validity(*args, SMALL.codebook_sizes, ids_out=out)[0].data_ptr() == out.data_ptr()
+    )
+    assert torch.equal(out.view(ids.shape), ids)
+
+
 def test_packed_index_offsets():
     idx = packed_index([2, 0, 3], extra=[1])
     assert idx["cu"].tolist() == [0, 2, 2, 5, 6]
@@ -576,7 +592,12 @@ def test_gpu_fused_kernels_compute_the_torch_functions():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not fk.TRITON, reason="needs triton (the fused kernels' GPU implementation)")
-def test_gpu_fused_beam_kernels_find_the_best_beams():
+def test_gpu_fused_beam_kernels_find_the_best_beams(rng):
+    inp = _ragged(rng)  # and the inputs' one-launch read, against its torch form
+    args = [torch.from_numpy(inp[k]).cuda() for k in INPUT_NAMES]
+    got = fk.input_validity(*args, SMALL.codebook_sizes)
+    want = fk.input_validity(*args, SMALL.codebook_sizes, fused=False)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     for seed in range(3):
         _check_beam_step(*_beam_search_step("cuda", seed=seed))
     # the base preset's last level: 50 beams over 4096 codes in groups of 16
@@ -586,8 +607,20 @@ def test_gpu_fused_beam_kernels_find_the_best_beams():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "graphs, options",
-    [(False, {}), (True, {}), (True, {"residual_gemm": False}), (True, {"topk_group": 4})],
-    ids=["eager", "cuda-graphs", "residual-add-in-norm", "fused-beam-kernels-every-level"],
+    [
+        (False, {}),
+        (True, {}),
+        (True, {"residual_gemm": False}),
+        (True, {"topk_group": 4}),
+        (True, {"fused_inputs": False}),
+    ],
+    ids=[
+        "eager",
+        "cuda-graphs",
+        "residual-add-in-norm",
+        "fused-beam-kernels-every-level",
+        "inputs-unfused",
+    ],
 )
 def test_gpu_fused_and_unfused_engines_agree(model, rng, graphs, options):
     fused = GpuEngine(

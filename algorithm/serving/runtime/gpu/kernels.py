@@ -307,6 +307,29 @@ if TRITON:
             tl.store(hist_out_ptr + dst * (P + 1) + p, h, mask=mine)
         tl.store(hist_out_ptr + dst * (P + 1) + P, code, mask=mine)
 
+    @triton.jit
+    def _inputs_kernel(
+        l1_ptr, l2_ptr, l3_ptr, m_ptr, ids_ptr, valid_ptr, len_ptr, t, plane, c1, c2, c3,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        acc = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, t, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < t
+            off = row * t + cols
+            a = tl.load(l1_ptr + off, mask=ok, other=0)
+            b = tl.load(l2_ptr + off, mask=ok, other=0)
+            c = tl.load(l3_ptr + off, mask=ok, other=0)
+            m = tl.load(m_ptr + off, mask=ok, other=0)
+            v = ok & (m > 0) & (a >= 0) & (a < c1) & (b >= 0) & (b < c2) & (c >= 0) & (c < c3)
+            tl.store(ids_ptr + off, a, mask=ok)
+            tl.store(ids_ptr + plane + off, b, mask=ok)
+            tl.store(ids_ptr + 2 * plane + off, c, mask=ok)
+            tl.store(valid_ptr + off, v.to(tl.int8), mask=ok)
+            acc += v.to(tl.int32)
+        tl.store(len_ptr + row, tl.sum(acc, 0).to(tl.int64))
+
 
 # -- public -------------------------------------------------------------------------------------
 def add_layernorm(
@@ -361,6 +384,32 @@ def add_layernorm(
         num_warps=num_warps or (NORM_WARPS if norm_only else ADD_LN_WARPS),
     )  # fmt: skip
     return (res if store_residual else None), dst
+
+
+def input_validity(l1, l2, l3, mask, sizes, sizes_tensor=None, ids_out=None, fused=True):
+    """The engine's inputs read once: (ids [3, B, T] int64, valid [B, T] bool, lengths [B]
+    int64), valid where ``mask > 0`` and every id lies inside its codebook (``sizes``). All four
+    inputs are int64 [B, T]. ``ids_out`` (3 * B * T int64, contiguous): where the ids go (a
+    captured graph's static input, saving the copy). One launch on CUDA (``fused``); else the
+    torch form, with ``sizes_tensor`` (the sizes on the inputs' device)."""
+    if not fused or not triton_usable(l1):
+        ids = torch.stack([l1, l2, l3])
+        if sizes_tensor is None:
+            sizes_tensor = torch.tensor(sizes, device=l1.device)
+        valid = (mask > 0) & ((ids >= 0) & (ids < sizes_tensor.view(3, 1, 1))).all(0)
+        if ids_out is not None:
+            ids = ids_out.view(ids.shape).copy_(ids)
+        return ids, valid, valid.sum(1)
+    b, t = l1.shape
+    l1, l2, l3, mask = (a.contiguous() for a in (l1, l2, l3, mask))
+    ids = torch.empty(3, b, t, device=l1.device, dtype=torch.int64) if ids_out is None else ids_out
+    valid = torch.empty(b, t, device=l1.device, dtype=torch.int8)
+    lengths = torch.empty(b, device=l1.device, dtype=torch.int64)
+    _inputs_kernel[(b,)](
+        l1, l2, l3, mask, ids, valid, lengths, t, b * t, *sizes,
+        BLOCK=min(1024, triton.next_power_of_2(t)), num_warps=4,
+    )  # fmt: skip
+    return ids.view(3, b, t), valid.view(torch.bool), lengths
 
 
 def embed_layernorm(ids, pos, tables, norm, num_warps: int = 4):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from algorithm.serving.runtime.gpu import kernels as fk
 from algorithm.serving.runtime.gpu.batch import (
     FlatBatch,
     Staging,
@@ -76,8 +77,12 @@ class TokenLayouts:
             t.mem_mask = ((~mem_valid).to(self.dtype) * MASKED)[:, None, None, :]
         return t
 
-    def tokens_from_arrays(self, l1, l2, l3, mask) -> tuple[Tokens, int]:
-        """Layout for [B, T] tensors or arrays (any device). Returns (tokens, real users)."""
+    def tokens_from_arrays(self, l1, l2, l3, mask, into_graph=False) -> tuple[Tokens, int]:
+        """Layout for [B, T] tensors or arrays (any device). Returns (tokens, real users).
+
+        ``into_graph`` (a call that runs them at once): with ``fused_inputs``, the ids of a full
+        batch may be written straight into its captured dense graph's input; the tokens then
+        alias that input until the next call of this shape."""
         args = [
             torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a)
             for a in (l1, l2, l3, mask)
@@ -85,13 +90,16 @@ class TokenLayouts:
         l1, l2, l3, mask = (a.to(torch.int64) for a in args)
         self.m.check_inputs(l1, l2, l3, mask)
         b, t = l1.shape
-        # few ops: each is a launch, and on the GPU hosts each costs ~10-20 us of Python
-        ids = torch.stack([l1, l2, l3])  # [3, B, T]
-        sizes = self._sizes.get(ids.device)
+        # few launches: each costs ~10-20 us of Python on the GPU hosts (fused: one)
+        sizes = self._sizes.get(l1.device)
         if sizes is None:
-            sizes = self._sizes[ids.device] = torch.tensor(self.sizes, device=ids.device)
-        valid = (mask > 0) & ((ids >= 0) & (ids < sizes.view(3, 1, 1))).all(0)
-        lengths = valid.sum(1).tolist()  # the one sync: bucketing needs the lengths on the host
+            sizes = self._sizes[l1.device] = torch.tensor(self.sizes, device=l1.device)
+        ids, valid, lengths = fk.input_validity(
+            l1, l2, l3, mask, self.sizes, sizes,
+            ids_out=self._dense_static_ids(b, t, l1) if into_graph else None,
+            fused=self.config.fused_inputs,
+        )  # fmt: skip
+        lengths = lengths.tolist()  # the one sync: bucketing needs the lengths on the host
         if self.config.layout == "padded":
             ids = torch.where(valid, ids, 0).view(3, -1)
             return self._device_tokens(
@@ -103,6 +111,17 @@ class TokenLayouts:
             ), b
         rows, cols = valid.nonzero(as_tuple=True)
         return self._packed(ids[:, rows, cols], cols, lengths), b
+
+    def _dense_static_ids(self, users: int, width: int, like: torch.Tensor):
+        """The ids input of this shape's captured dense graph (``fused_inputs``: the inputs'
+        read writes the ids there, and the replay skips their copy), or None."""
+        cfg = self.config
+        if not (cfg.fused_inputs and cfg.dense_when_full and cfg.layout == "packed"):
+            return None
+        if not fk.triton_usable(like) or like.device != self.device:
+            return None
+        entry = self.graphs.lookup(("dense", users, width))
+        return None if entry is None else entry[1].ids
 
     def _positions(self, users: int, width: int, like: torch.Tensor) -> torch.Tensor:
         """Each row's column index, [users * width] (kept per shape: the same every call)."""
