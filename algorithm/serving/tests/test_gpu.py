@@ -82,7 +82,6 @@ def _assert_same(ref, out, max_diff=1e-4):
         {"layout": "packed", "topk_group": 4, "fused_ops": False},
         {"layout": "packed", "residual_gemm": False},
         {"layout": "padded", "residual_gemm": False, "gelu": "tanh_fused"},
-        {"layout": "packed", "norm_gemm_rows": 0},
     ],
     ids=[
         "packed",
@@ -96,7 +95,6 @@ def _assert_same(ref, out, max_diff=1e-4):
         "grouped-topk-unfused",
         "residual-add-in-norm",
         "residual-add-in-norm-padded",
-        "decoder-norms-unfolded",
     ],
 )
 def test_engine_matches_reference_on_ragged_batches(model, rng, options):
@@ -582,16 +580,6 @@ def test_gpu_fused_kernels_compute_the_torch_functions():
             got,
             fk._step_attention_torch(qkv.float(), [p.float() for p in past], parent, beams, heads),
         )
-    lin = torch.nn.Linear(d, 3 * d).to(dev, bf)  # a norm folded into the GEMM after it
-    for rows, gelu in ((1, None), (50, "exact"), (200, "tanh_fused")):
-        y = torch.randn(rows, d, device=dev, dtype=bf)
-        want = F.linear(
-            ln(y.float() + pending).to(bf).float(), lin.weight.float(), lin.bias.float()
-        )
-        want = (
-            F.gelu(want, approximate="tanh" if gelu == "tanh_fused" else "none") if gelu else want
-        )
-        close(fk.ln_linear(y, pending, norm, lin, gelu=gelu), want)
     logits = torch.randn(70, 5000, device=dev) * 4
     logits[0, :999] = float("-inf")
     lse, gmax = fk.logsumexp_groupmax(logits, 0)
@@ -625,7 +613,6 @@ def test_gpu_fused_beam_kernels_find_the_best_beams(rng):
         (True, {"residual_gemm": False}),
         (True, {"topk_group": 4}),
         (True, {"fused_inputs": False}),
-        (True, {"norm_gemm_rows": 0}),
     ],
     ids=[
         "eager",
@@ -633,7 +620,6 @@ def test_gpu_fused_beam_kernels_find_the_best_beams(rng):
         "residual-add-in-norm",
         "fused-beam-kernels-every-level",
         "inputs-unfused",
-        "decoder-norms-unfolded",
     ],
 )
 def test_gpu_fused_and_unfused_engines_agree(model, rng, graphs, options):

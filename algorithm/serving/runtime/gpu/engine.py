@@ -76,11 +76,6 @@ class EngineConfig:
     # engine(l1, l2, l3, mask) on device tensors: the inputs read, checked and counted in one
     # Triton kernel that writes the ids straight into a captured dense graph's input
     fused_inputs: bool = True
-    # fused_ops' decoder steps of at most this many rows (beams x users): each norm folded into
-    # the GEMM after it (one Triton launch, ``kernels.ln_linear``) and the residual adds done by
-    # the GEMMs in place, their biases carried into the next norm as in the encoder; 0: off.
-    # A few rows make every norm and GEMM a latency-bound launch; at 64 users cuBLAS is faster
-    norm_gemm_rows: int = 256
     cuda_graphs: bool = True
     max_graphs: int = 512  # LRU bound on captured graphs (64 dense + ~200 mix keys warmed)
     capture_new_shapes: bool = True  # False: shapes first seen after freeze_graphs() run eagerly
@@ -109,9 +104,6 @@ class EngineConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, getattr(self, name), f"one of {allowed}")
-        n = self.norm_gemm_rows
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ConfigError("norm_gemm_rows", n, "an integer >= 0 (0: off)")
         for name in ("max_graphs", "max_users", "max_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -207,16 +199,6 @@ class GpuEngine:
         # norm (from the model's own weights, not their bf16 copies)
         biases = [b for layer in model.encoder for b in (layer.attn.out.bias, layer.ffn[3].bias)]
         self._pending_bias = (
-            torch.stack([b.detach().float() for b in biases]).cumsum(0).to(self.device)
-        )
-        # the same for a decoder step of few rows (norm_gemm_rows): self-attention out, cross-
-        # attention out, FFN out per layer, summed over the step
-        biases = [
-            b
-            for layer in model.decoder
-            for b in (layer.self_attn.out.bias, layer.cross_attn.out.bias, layer.ffn[3].bias)
-        ]
-        self._decoder_pending = (
             torch.stack([b.detach().float() for b in biases]).cumsum(0).to(self.device)
         )
         self.graphs = GraphCache(
@@ -405,8 +387,6 @@ class GpuEngine:
         """One beam step with fused add+LayerNorm; ``h`` is norm1 of ``y``. Self-attention reads
         the earlier steps' QKV outputs (``past``) through ``parent`` instead of a K/V cache.
         Returns (decoder_norm output in the heads' input dtype, this step's QKV per layer)."""
-        if 0 < y.shape[0] <= self.config.norm_gemm_rows:
-            return self._decode_few_rows(y, h, past, kvs, t, beams, parent)
         m, layers = self.m, self.m.decoder
         qkvs = []
         for i, (layer, (mk, mv)) in enumerate(zip(layers, kvs, strict=True)):
@@ -421,32 +401,6 @@ class GpuEngine:
                 y, h = fk.add_layernorm(f, y, layers[i + 1].norm1)
         _, h = fk.add_layernorm(
             f, y, m.decoder_norm, store_residual=False, out_dtype=self.head_dtype
-        )
-        return h, qkvs
-
-    def _decode_few_rows(self, y, h, past, kvs, t: Tokens, beams: int, parent):
-        """``_decode_fused`` for a few rows (``norm_gemm_rows``): the residual adds in the GEMMs
-        (``y += o @ W^T`` in place; ``y`` is this step's own tensor), their biases carried as
-        fp32 rows (``_decoder_pending``) into each norm, and each norm folded into the GEMM
-        after it (``kernels.ln_linear``): 8 launches per layer instead of 11."""
-        m, layers, pend = self.m, self.m.decoder, self._decoder_pending
-        gelu = "tanh_fused" if self.config.gelu == "tanh_fused" else "exact"
-        qkvs = []
-        for i, (layer, (mk, mv)) in enumerate(zip(layers, kvs, strict=True)):
-            if i == 0:
-                qkv = layer.self_attn.qkv(h)
-            else:
-                qkv = fk.ln_linear(y, pend[3 * i - 1], layer.norm1, layer.self_attn.qkv)
-            qkvs.append(qkv)
-            o = fk.step_attention(qkv, [p[i] for p in past], parent, beams, self.h)
-            y.addmm_(o, layer.self_attn.out.weight.t())
-            cq = fk.ln_linear(y, pend[3 * i], layer.norm2, layer.cross_attn.q)
-            y.addmm_(self._cross(cq, mk, mv, t, beams), layer.cross_attn.out.weight.t())
-            a = fk.ln_linear(y, pend[3 * i + 1], layer.norm3, layer.ffn[0], gelu=gelu)
-            y.addmm_(a, layer.ffn[3].weight.t())
-        rows = pend[-1].expand(y.shape[0], self.d)
-        _, h = fk.add_layernorm(
-            y, rows, m.decoder_norm, store_residual=False, out_dtype=self.head_dtype
         )
         return h, qkvs
 

@@ -330,47 +330,6 @@ if TRITON:
             acc += v.to(tl.int32)
         tl.store(len_ptr + row, tl.sum(acc, 0).to(tl.int64))
 
-    @triton.jit
-    def _ln_linear_kernel(
-        x_ptr, p_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, out_ptr, m, n, eps,
-        K: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rok, nok = rows < m, cols < n
-        s = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):  # the norm's statistics, two passes (as _add_ln_kernel)
-            kk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=rok[:, None], other=0.0)
-            s += tl.sum(x.to(tl.float32) + tl.load(p_ptr + kk)[None, :], 1)
-        mean = s / K
-        s = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=rok[:, None], other=0.0)
-            xc = x.to(tl.float32) + tl.load(p_ptr + kk)[None, :] - mean[:, None]
-            s += tl.sum(xc * xc, 1)
-        rstd = 1.0 / tl.sqrt(s / K + eps)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=rok[:, None], other=0.0)
-            xc = x.to(tl.float32) + tl.load(p_ptr + kk)[None, :] - mean[:, None]
-            nw = tl.load(nw_ptr + kk).to(tl.float32)
-            nb = tl.load(nb_ptr + kk).to(tl.float32)
-            h = (xc * rstd[:, None] * nw[None, :] + nb[None, :]).to(x_ptr.dtype.element_ty)
-            wt = tl.load(w_ptr + cols[None, :] * K + kk[:, None], mask=nok[None, :], other=0.0)
-            acc += tl.dot(h, wt)
-        acc += tl.load(b_ptr + cols, mask=nok, other=0.0).to(tl.float32)[None, :]
-        if GELU == 1:  # exact
-            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        elif GELU == 2:  # tanh approximation (cuBLASLt's epilogue): tanh(z) = 2 sigmoid(2z) - 1
-            z = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-            acc = acc * tl.sigmoid(2.0 * z)
-        dst = out_ptr + rows[:, None] * n + cols[None, :]
-        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=rok[:, None] & nok[None, :])
-
 
 # -- public -------------------------------------------------------------------------------------
 def add_layernorm(
@@ -451,36 +410,6 @@ def input_validity(l1, l2, l3, mask, sizes, sizes_tensor=None, ids_out=None, fus
         BLOCK=min(1024, triton.next_power_of_2(t)), num_warps=4,
     )  # fmt: skip
     return ids.view(3, b, t), valid.view(torch.bool), lengths
-
-
-GELU_MODES = {None: 0, "exact": 1, "tanh_fused": 2}
-
-
-def ln_linear(x, pending, norm, linear, gelu=None):
-    """``linear(layer_norm(x + pending))``, then GELU (``gelu``: None, "exact" or "tanh_fused",
-    the tanh approximation of cuBLASLt's epilogue, which torch's CPU form computes exactly, as
-    the unfused engine's ``_addmm_activation`` does): one launch for a few rows, where a norm and a GEMM are each a
-    latency-bound launch. ``x``: [M, K] contiguous, ``pending``: fp32 [K] (a residual-GEMM
-    stream's biases not yet added, as in ``add_layernorm``'s norm-only form)."""
-    fits = x.shape[1] % 64 == 0 and not (x.dtype == torch.float32 and x.is_cuda)  # no tf32 here
-    if not triton_usable(x) or not fits:
-        _, h = _add_layernorm_torch(
-            x, pending.expand(x.shape), norm, None, None, None, 0, False, x.dtype
-        )
-        if gelu == "tanh_fused":  # as the unfused engine: cuBLASLt's epilogue on CUDA
-            return torch._addmm_activation(linear.bias, h, linear.weight.t(), use_gelu=True)
-        y = F.linear(h, linear.weight, linear.bias)
-        return y if gelu is None else F.gelu(y)
-    m, k = x.shape
-    n = linear.weight.shape[0]
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    grid = (triton.cdiv(n, 64), triton.cdiv(m, block_m))
-    _ln_linear_kernel[grid](
-        x, pending, norm.weight, norm.bias, linear.weight, linear.bias, out, m, n, norm.eps,
-        K=k, GELU=GELU_MODES[gelu], BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4,
-    )  # fmt: skip
-    return out
 
 
 def embed_layernorm(ids, pos, tables, norm, num_warps: int = 4):
