@@ -54,7 +54,9 @@ class EngineConfig:
 
     dtype: str = "bf16"
     layout: str = "packed"  # "packed": no work on padding; "padded": pad-to-longest baseline
-    varlen_kernel: str = "auto"  # packed attention: flash (CUDA fp16/bf16), cudnn, reference
+    # packed attention: flash (CUDA fp16/bf16), cudnn, reference. cudnn: impractically slow with
+    # torch 2.11 (issue 14 run 24: 128 histories' parity pass unfinished after ~290 s)
+    varlen_kernel: str = "auto"
     dense_when_full: bool = True  # batches without padding: dense SDPA instead of varlen
     sdpa_backend: str | None = None  # dense/padded attention; None = torch's choice
     gelu: str = "exact"  # "tanh_fused": cuBLASLt GELU epilogue (tanh approximation)
