@@ -13,6 +13,17 @@ C='"pipeline_depth":1,"continuous_batching":true,"max_queue_delay_us":0'
 # runs 6-11 ran before served.py wrote a pipelined model's blocking waits (as the generator
 # does): their variants without $B spun, so they say so here
 S='"engine_options":{"blocking_sync":false}'
+# runs 18-19: the blocking pipe (2 instances, depth 2, 3000 us) with an engine option off, then
+# on, twice in turn: ab_pairs NAME OPTION
+ab_pairs() {
+  local P='"instances":2,"pipeline_depth":2,"max_queue_delay_us":3000' V='' R F
+  for R in 1 2; do
+    for F in false true; do
+      V+="${V:+,}{\"name\":\"pipe_block_$1_${F}_${R}\",$P,\"engine_options\":{\"blocking_sync\":true,\"$2\":$F}}"
+    done
+  done
+  echo "$V"
+}
 if [ "${SET:-run7}" = run6 ]; then  # run 6: continuous batching, Python's GIL switch interval
   V+=',{"name":"pipe_i2_d2_qd3000","instances":2,"pipeline_depth":2,"max_queue_delay_us":3000,"engine_options":{"blocking_sync":false}}'
   V+=",{\"name\":\"cont_i1_d1\",\"instances\":1,$C,$S}"
@@ -67,23 +78,11 @@ elif [ "${SET:-run7}" = run17 ]; then  # run 17: the mix alone (its 15 ms goal):
 elif [ "${SET:-run7}" = run18 ]; then  # run 18: the fused beam kernels (EngineConfig.fused_topk)
   # served, before and after, twice in turn: the blocking pipe at full length and on the mix
   COMMON='"slo_ms":30,"fixed_levels":[64],"mix_levels":[64],"pad_instances":[]'
-  P='"instances":2,"pipeline_depth":2,"max_queue_delay_us":3000'
-  V=''
-  for R in 1 2; do
-    for F in false true; do
-      V+="${V:+,}{\"name\":\"pipe_block_topk_${F}_${R}\",$P,\"engine_options\":{\"blocking_sync\":true,\"fused_topk\":$F}}"
-    done
-  done
+  V=$(ab_pairs topk fused_topk)
 elif [ "${SET:-run7}" = run19 ]; then  # run 19: the mix's eager batches (EngineConfig.round_up_users:
   # a batch no warmed graph of its users bucket fits takes a larger users bucket's), twice in turn
   COMMON='"slo_ms":30,"fixed_levels":[],"mix_levels":[64],"pad_instances":[]'
-  P='"instances":2,"pipeline_depth":2,"max_queue_delay_us":3000'
-  V=''
-  for R in 1 2; do
-    for F in false true; do
-      V+="${V:+,}{\"name\":\"pipe_block_users_${F}_${R}\",$P,\"engine_options\":{\"blocking_sync\":true,\"round_up_users\":$F}}"
-    done
-  done
+  V=$(ab_pairs users round_up_users)
 elif [ "${SET:-run7}" = run20 ]; then  # run 20: the goals' points with runs 18-19's engine, twice;
   # and the mix's queue delay one step longer
   COMMON='"slo_ms":30,"fixed_levels":[1,64],"mix_levels":[64],"pad_instances":[]'
