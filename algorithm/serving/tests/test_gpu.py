@@ -592,8 +592,8 @@ def test_gpu_fused_kernels_compute_the_torch_functions():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not fk.TRITON, reason="needs triton (the fused kernels' GPU implementation)")
-def test_gpu_fused_beam_kernels_find_the_best_beams(rng):
-    inp = _ragged(rng)  # and the inputs' one-launch read, against its torch form
+def test_gpu_fused_beam_and_input_kernels_match_their_torch_forms(rng):
+    inp = _ragged(rng)  # the inputs' one-launch read
     args = [torch.from_numpy(inp[k]).cuda() for k in INPUT_NAMES]
     got = fk.input_validity(*args, SMALL.codebook_sizes)
     want = fk.input_validity(*args, SMALL.codebook_sizes, fused=False)
@@ -629,9 +629,11 @@ def test_gpu_fused_and_unfused_engines_agree(model, rng, graphs, options):
     plain = GpuEngine(
         model, EngineConfig(dtype="bf16", cuda_graphs=graphs, fused_ops=False), device="cuda"
     )
-    for _ in range(1 + graphs):  # with graphs: captured, then replayed on other inputs
+    for rep in range(1 + 2 * graphs):  # with graphs: captured, then replayed on other inputs
         for inp in (_ragged(rng), random_inputs(4, 32, SMALL.codebook_sizes, rng)):
             args = [inp[k] for k in INPUT_NAMES]
+            if rep:  # device inputs: a full batch's ids go straight into its graph (fused_inputs)
+                args = [torch.from_numpy(a).cuda() for a in args]
             report = compare_outputs(_as_np(*plain(*args)), _as_np(*fused(*args)))
             assert report["recall_overlap"] >= 0.9 and report["finite_scores"], report
 

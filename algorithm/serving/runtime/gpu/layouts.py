@@ -118,10 +118,10 @@ class TokenLayouts:
         cfg = self.config
         if not (cfg.fused_inputs and cfg.dense_when_full and cfg.layout == "packed"):
             return None
-        if not fk.triton_usable(like) or like.device != self.device:
+        entry = self.graphs.lookup(("dense", users, width)) if fk.triton_usable(like) else None
+        if entry is None or entry[1].ids.device != like.device:  # "cuda" is cuda:N once there
             return None
-        entry = self.graphs.lookup(("dense", users, width))
-        return None if entry is None else entry[1].ids
+        return entry[1].ids
 
     def _positions(self, users: int, width: int, like: torch.Tensor) -> torch.Tensor:
         """Each row's column index, [users * width] (kept per shape: the same every call)."""
