@@ -329,11 +329,6 @@ def test_input_validity_reads_what_the_reference_reads(rng):
     want = valid_tokens(*(inp[k] for k in INPUT_NAMES), SMALL.codebook_sizes)
     assert torch.equal(valid, torch.from_numpy(want)) and lengths.tolist() == want.sum(1).tolist()
     assert torch.equal(ids, torch.stack(args[:3]))
-    out = torch.empty(3 * ids[0].numel(), dtype=torch.int64)  # a graph's input, written in place
-    assert (
-        fk.input_validity(*args, SMALL.codebook_sizes, ids_out=out)[0].data_ptr() == out.data_ptr()
-    )
-    assert torch.equal(out.view(ids.shape), ids)
 
 
 def test_packed_index_offsets():
@@ -632,7 +627,7 @@ def test_gpu_fused_and_unfused_engines_agree(model, rng, graphs, options):
     for rep in range(1 + 2 * graphs):  # with graphs: captured, then replayed on other inputs
         for inp in (_ragged(rng), random_inputs(4, 32, SMALL.codebook_sizes, rng)):
             args = [inp[k] for k in INPUT_NAMES]
-            if rep:  # device inputs: a full batch's ids go straight into its graph (fused_inputs)
+            if rep:  # device inputs: read in one launch (fused_inputs)
                 args = [torch.from_numpy(a).cuda() for a in args]
             report = compare_outputs(_as_np(*plain(*args)), _as_np(*fused(*args)))
             assert report["recall_overlap"] >= 0.9 and report["finite_scores"], report

@@ -386,30 +386,27 @@ def add_layernorm(
     return (res if store_residual else None), dst
 
 
-def input_validity(l1, l2, l3, mask, sizes, sizes_tensor=None, ids_out=None, fused=True):
+def input_validity(l1, l2, l3, mask, sizes, sizes_tensor=None, fused=True):
     """The engine's inputs read once: (ids [3, B, T] int64, valid [B, T] bool, lengths [B]
     int64), valid where ``mask > 0`` and every id lies inside its codebook (``sizes``). All four
-    inputs are int64 [B, T]. ``ids_out`` (3 * B * T int64, contiguous): where the ids go (a
-    captured graph's static input, saving the copy). One launch on CUDA (``fused``); else the
-    torch form, with ``sizes_tensor`` (the sizes on the inputs' device)."""
+    inputs are int64 [B, T]. One launch on CUDA (``fused``); else the torch form, with
+    ``sizes_tensor`` (the sizes on the inputs' device)."""
     if not fused or not triton_usable(l1):
         ids = torch.stack([l1, l2, l3])
         if sizes_tensor is None:
             sizes_tensor = torch.tensor(sizes, device=l1.device)
         valid = (mask > 0) & ((ids >= 0) & (ids < sizes_tensor.view(3, 1, 1))).all(0)
-        if ids_out is not None:
-            ids = ids_out.view(ids.shape).copy_(ids)
         return ids, valid, valid.sum(1)
     b, t = l1.shape
     l1, l2, l3, mask = (a.contiguous() for a in (l1, l2, l3, mask))
-    ids = torch.empty(3, b, t, device=l1.device, dtype=torch.int64) if ids_out is None else ids_out
+    ids = torch.empty(3, b, t, device=l1.device, dtype=torch.int64)
     valid = torch.empty(b, t, device=l1.device, dtype=torch.int8)
     lengths = torch.empty(b, device=l1.device, dtype=torch.int64)
     _inputs_kernel[(b,)](
         l1, l2, l3, mask, ids, valid, lengths, t, b * t, *sizes,
         BLOCK=min(1024, triton.next_power_of_2(t)), num_warps=4,
     )  # fmt: skip
-    return ids.view(3, b, t), valid.view(torch.bool), lengths
+    return ids, valid.view(torch.bool), lengths
 
 
 def embed_layernorm(ids, pos, tables, norm, num_warps: int = 4):

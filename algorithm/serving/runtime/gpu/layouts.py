@@ -77,12 +77,8 @@ class TokenLayouts:
             t.mem_mask = ((~mem_valid).to(self.dtype) * MASKED)[:, None, None, :]
         return t
 
-    def tokens_from_arrays(self, l1, l2, l3, mask, into_graph=False) -> tuple[Tokens, int]:
-        """Layout for [B, T] tensors or arrays (any device). Returns (tokens, real users).
-
-        ``into_graph`` (a call that runs them at once): with ``fused_inputs``, the ids of a full
-        batch may be written straight into its captured dense graph's input; the tokens then
-        alias that input until the next call of this shape."""
+    def tokens_from_arrays(self, l1, l2, l3, mask) -> tuple[Tokens, int]:
+        """Layout for [B, T] tensors or arrays (any device). Returns (tokens, real users)."""
         args = [
             torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a)
             for a in (l1, l2, l3, mask)
@@ -95,10 +91,8 @@ class TokenLayouts:
         if sizes is None:
             sizes = self._sizes[l1.device] = torch.tensor(self.sizes, device=l1.device)
         ids, valid, lengths = fk.input_validity(
-            l1, l2, l3, mask, self.sizes, sizes,
-            ids_out=self._dense_static_ids(b, t, l1) if into_graph else None,
-            fused=self.config.fused_inputs,
-        )  # fmt: skip
+            l1, l2, l3, mask, self.sizes, sizes, fused=self.config.fused_inputs
+        )
         lengths = lengths.tolist()  # the one sync: bucketing needs the lengths on the host
         if self.config.layout == "padded":
             ids = torch.where(valid, ids, 0).view(3, -1)
@@ -111,17 +105,6 @@ class TokenLayouts:
             ), b
         rows, cols = valid.nonzero(as_tuple=True)
         return self._packed(ids[:, rows, cols], cols, lengths), b
-
-    def _dense_static_ids(self, users: int, width: int, like: torch.Tensor):
-        """The ids input of this shape's captured dense graph (``fused_inputs``: the inputs'
-        read writes the ids there, and the replay skips their copy), or None."""
-        cfg = self.config
-        if not (cfg.fused_inputs and cfg.dense_when_full and cfg.layout == "packed"):
-            return None
-        entry = self.graphs.lookup(("dense", users, width)) if fk.triton_usable(like) else None
-        if entry is None or entry[1].ids.device != like.device:  # "cuda" is cuda:N once there
-            return None
-        return entry[1].ids
 
     def _positions(self, users: int, width: int, like: torch.Tensor) -> torch.Tensor:
         """Each row's column index, [users * width] (kept per shape: the same every call)."""
