@@ -76,7 +76,7 @@ class EngineConfig:
     # the codes in them, the next beams with their histories) instead of ~20 torch launches
     fused_topk: bool = True
     # engine(l1, l2, l3, mask) on device tensors: the inputs read, checked and counted in one
-    # Triton kernel (~9 launches before)
+    # Triton kernel (~8 launches before)
     fused_inputs: bool = True
     cuda_graphs: bool = True
     max_graphs: int = 512  # LRU bound on captured graphs (64 dense + ~200 mix keys warmed)
