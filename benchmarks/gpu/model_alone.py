@@ -50,6 +50,7 @@ from run_gpu import (  # noqa: E402
 
 from algorithm.serving.runtime.gpu import kernels as fk  # noqa: E402
 from algorithm.serving.runtime.gpu.engine import EngineConfig, GpuEngine  # noqa: E402
+from algorithm.serving.runtime.gpu.graphs import GraphCache  # noqa: E402
 from algorithm.ugt import random_inputs  # noqa: E402
 
 PICKED = {"dtype": "bf16", "gelu": "tanh_fused"}  # issue 7 run 10's pick, what the server runs
@@ -109,20 +110,18 @@ def timed(engines: dict, inputs: dict, device, rounds: int, iters: int) -> dict:
 
 def profiled(model, opts, device, inputs) -> dict:
     """Kernels of one eager call at 64 x 1024 (no graphs), by total time."""
-    from torch.profiler import ProfilerActivity, profile
-
     engine = GpuEngine(model, EngineConfig(**{**opts, "cuda_graphs": False}), device)
     a = [torch.from_numpy(inputs[k]).to(device) for k in NAMES]
     engine(*a)
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
-        engine(*a)
-        torch.cuda.synchronize(device)
-    rows = kernel_rows(p)
+    return _kernel_summary(_kernels(lambda: engine(*a), device), top=14, width=120)
+
+
+def _kernel_summary(rows, top: int, width: int) -> dict:
+    """Total ms and count of ``kernel_rows``' kernels, and the ``top`` slowest."""
     return {
         "kernel_ms_total": sum(t for t, _, _ in rows) / 1e3,
         "kernels": sum(c for _, c, _ in rows),
-        "top": [{"ms": t / 1e3, "count": c, "name": k[:120]} for t, c, k in rows[:14]],
+        "top": [{"ms": t / 1e3, "count": c, "name": k[:width]} for t, c, k in rows[:top]],
     }
 
 
@@ -149,14 +148,12 @@ def breakdown(model, opts, device, inputs: dict) -> dict:
             t = engine.layouts.materialized(t)
             row = {"users": t.users, "tokens": int(t.ids.shape[1])}
             for name, fn in parts(t).items():
-                row[f"{name}_replay_ms"] = _graph_ms(fn, device)
-                rows = _kernels(fn, device)
-                row[f"{name}_kernels"] = sum(c for _, c, _ in rows)
-                row[f"{name}_kernel_ms"] = sum(x for x, _, _ in rows) / 1e3
+                row[f"{name}_replay_ms"] = _graph_ms(fn, t, device)
+                summary = _kernel_summary(_kernels(fn, device), top=30, width=100)
+                row[f"{name}_kernels"] = summary["kernels"]
+                row[f"{name}_kernel_ms"] = summary["kernel_ms_total"]
                 if name == "forward":
-                    row["forward_top"] = [
-                        {"ms": x / 1e3, "count": c, "name": k[:100]} for x, c, k in rows[:30]
-                    ]
+                    row["forward_top"] = summary["top"]
             for key in ("replay_ms", "kernels", "kernel_ms"):
                 row[f"decoder_{key}"] = row[f"forward_{key}"] - row[f"encoder_{key}"]
             log(
@@ -169,22 +166,14 @@ def breakdown(model, opts, device, inputs: dict) -> dict:
     return out
 
 
-def _graph_ms(fn, device) -> float:
-    """Median ms of ``fn`` captured in a CUDA graph and replayed (timed eagerly on a CPU)."""
+def _graph_ms(fn, t, device) -> float:
+    """Median ms of ``fn`` captured in a CUDA graph (as the engine captures its forward) and
+    replayed on the layout ``t`` (timed eagerly on a CPU)."""
     if device.type != "cuda":
         return time_fn(fn, device, iters=3, warmup=1)["median_ms"]
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    ms = time_fn(g.replay, device, iters=30, warmup=3)["median_ms"]
-    del g
-    return ms
+    graphs = GraphCache(device, True, 1, True)
+    graph, _, _ = graphs.capture("timed", t, lambda _: fn(), "a breakdown part")
+    return time_fn(graph.replay, device, iters=30, warmup=3)["median_ms"]
 
 
 def _kernels(fn, device) -> list:

@@ -438,10 +438,7 @@ class GpuEngine:
         if gmax is None:
             return logits.topk(k, dim=-1)
         g = logits.shape[-1] // gmax.shape[-1]
-        groups = gmax.topk(k, dim=-1)[1]
-        cols = (groups.unsqueeze(-1) * g + torch.arange(g, device=logits.device)).flatten(-2)
-        v, j = logits.gather(-1, cols).topk(k, dim=-1)
-        return v, cols.gather(-1, j)
+        return fk.topk_among_groups(logits, gmax.topk(k, dim=-1)[1], g)
 
     def _beam_step(self, logits, scores):
         """logits [S, K, C] fp32, scores [S, K] -> (scores, beam, code), each [S, K]."""
@@ -530,9 +527,7 @@ class GpuEngine:
         g = self._fused_group(c, k, k)
         if not g:
             scores, beam, code = self._beam_step(logits, scores)
-            kept = hist.gather(1, beam.unsqueeze(-1).expand(*beam.shape, hist.shape[-1]))
-            parent = (torch.arange(s, device=beam.device).unsqueeze(1) * k + beam).view(-1)
-            return scores, torch.cat([kept, code.unsqueeze(-1)], -1), parent, code
+            return (scores, *fk.extend_beams(hist, beam, code), code)
         rows = logits.view(s * k, c)
         lse, gmax = self._lse_groups(rows, k)
         vals, codes = fk.topk_in_groups(rows, fk.topk_groups(gmax, k), g, lse, scores)

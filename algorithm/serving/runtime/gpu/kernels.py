@@ -502,6 +502,24 @@ def topk_groups(gmax: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
+def topk_among_groups(logits, groups, group: int, sorted: bool = True):
+    """Torch's top ``k`` of the last dim among the ``k`` groups (``groups`` [..., k]) of
+    ``group`` columns: (values, columns), each [..., k]."""
+    k = groups.shape[-1]
+    cols = (groups.unsqueeze(-1) * group + torch.arange(group, device=logits.device)).flatten(-2)
+    top, j = logits.gather(-1, cols).topk(k, dim=-1, sorted=sorted)
+    return top, cols.gather(-1, j)
+
+
+def extend_beams(hist, beam, new):
+    """Each new beam's codes so far (``hist`` [S, beams, P] of the beam ``beam`` [S, k] it
+    extends, then ``new`` [S, k]) and its parent row ``s * beams + beam`` ([S * k])."""
+    s, beams, p = hist.shape
+    kept = hist.gather(1, beam.unsqueeze(-1).expand(*beam.shape, p))
+    parent = (torch.arange(s, device=beam.device).unsqueeze(1) * beams + beam).view(-1)
+    return torch.cat([kept, new.unsqueeze(-1)], -1), parent
+
+
 def topk_in_groups(logits, groups, group: int, lse, score=None):
     """Each row's top ``k`` logits among its ``k`` chosen groups (``groups`` [R, k]) of
     ``group`` columns, as log-probabilities (``logit - lse``, plus the row's beam ``score``):
@@ -509,12 +527,11 @@ def topk_in_groups(logits, groups, group: int, lse, score=None):
     top-k of the gathered logits is)."""
     r, k = groups.shape
     if not triton_usable(logits):
-        cols = (groups.unsqueeze(-1) * group + torch.arange(group, device=logits.device)).flatten(1)
-        top, j = logits.gather(-1, cols).topk(k, dim=-1, sorted=False)
+        top, cols = topk_among_groups(logits, groups, group, sorted=False)
         vals = top - lse.view(r, 1)
         if score is not None:
             vals = score.reshape(r, 1) + vals
-        return vals, cols.gather(-1, j)
+        return vals, cols
     logits, groups = logits.contiguous(), groups.contiguous()
     vals = torch.empty(r, k, device=logits.device, dtype=torch.float32)
     codes = torch.empty(r, k, device=logits.device, dtype=torch.int64)
@@ -536,11 +553,9 @@ def beam_select(vals, codes, hist, k: int):
     per = n // beams
     if not triton_usable(vals):
         scores, flat = vals.topk(k, dim=-1)
-        beam = torch.div(flat, per, rounding_mode="floor")
         new = codes.gather(1, flat)
-        kept = hist.gather(1, beam.unsqueeze(-1).expand(s, k, p))
-        parent = (torch.arange(s, device=vals.device).unsqueeze(1) * beams + beam).view(-1)
-        return scores, torch.cat([kept, new.unsqueeze(-1)], -1), parent, new
+        out, parent = extend_beams(hist, torch.div(flat, per, rounding_mode="floor"), new)
+        return scores, out, parent, new
     dev = vals.device
     scores = torch.empty(s, k, device=dev, dtype=torch.float32)
     out = torch.empty(s, k, p + 1, device=dev, dtype=torch.int64)
