@@ -82,6 +82,7 @@ def _assert_same(ref, out, max_diff=1e-4):
         {"layout": "packed", "topk_group": 4, "fused_ops": False},
         {"layout": "packed", "residual_gemm": False},
         {"layout": "padded", "residual_gemm": False, "gelu": "tanh_fused"},
+        {"layout": "packed", "decoder_tables": False},
     ],
     ids=[
         "packed",
@@ -95,6 +96,7 @@ def _assert_same(ref, out, max_diff=1e-4):
         "grouped-topk-unfused",
         "residual-add-in-norm",
         "residual-add-in-norm-padded",
+        "decoder-layer0-per-forward",
     ],
 )
 def test_engine_matches_reference_on_ragged_batches(model, rng, options):
@@ -329,6 +331,43 @@ def test_input_validity_reads_what_the_reference_reads(rng):
     want = valid_tokens(*(inp[k] for k in INPUT_NAMES), SMALL.codebook_sizes)
     assert torch.equal(valid, torch.from_numpy(want)) and lengths.tolist() == want.sum(1).tolist()
     assert torch.equal(ids, torch.stack(args[:3]))
+
+
+def test_inputs_packed_on_the_device_give_the_host_layout(rng):
+    """pack_inputs (the sync-free route) packs what tokens_from_arrays' packed route packs,
+    with the offsets packed_index gives, the padding positions last as one spare slot."""
+    for batch, seq in ((6, 40), (1, 1), (3, 5)):
+        inp = (
+            _ragged(rng, batch, seq)
+            if batch > 3
+            else random_inputs(batch, seq, SMALL.codebook_sizes, rng, ragged=True)
+        )
+        raw = torch.stack([torch.from_numpy(inp[k]) for k in INPUT_NAMES])
+        ids, pos, *offsets = fk.pack_inputs(raw, SMALL.codebook_sizes)
+        _, valid, lengths = fk.input_validity(*raw, SMALL.codebook_sizes)
+        rows, cols = valid.nonzero(as_tuple=True)
+        n = len(rows)
+        assert torch.equal(ids[:, :n], raw[:3, rows, cols]) and torch.equal(pos[:n], cols)
+        assert (ids[:, n:] == 0).all() and ids.shape == (3, batch * seq)
+        want = packed_index(lengths.tolist(), extra=[batch * seq - n])
+        for name, got in zip(("cu", "cu_mem", "null_idx", "tok_to_mem"), offsets, strict=True):
+            assert got.tolist() == want[name].tolist(), name
+
+
+@pytest.mark.parametrize("options", [{}, {"fused_ops": False}], ids=["fused", "unfused"])
+def test_small_device_inputs_skip_the_host_round_trip_and_match(model, rng, options):
+    """Inputs on the engine's device of at most sync_free_positions positions are packed by the
+    forward itself (kind "inputs", keyed by (B, T)); larger ones keep the synced packed route."""
+    engine = GpuEngine(model, EngineConfig(dtype="fp32", **options), device="cpu")
+    assert engine.layouts.sync_free == 0  # graphs off (a CPU): nothing to gain
+    engine.layouts.sync_free = 240
+    inp = _ragged(rng)  # 6 x 40: an empty history, holes, ids outside their codebooks
+    args = [torch.from_numpy(inp[k]) for k in INPUT_NAMES]
+    tokens, users = engine.tokens_from_arrays(*args)
+    assert (tokens.kind, tokens.key, users) == ("inputs", ("inputs", 6, 40), 6)
+    _assert_same(_reference(model, inp), _as_np(*engine.run(tokens, users)))
+    big = _ragged(rng, batch=7)
+    assert engine.tokens_from_arrays(*(big[k] for k in INPUT_NAMES))[0].kind == "packed"
 
 
 def test_packed_index_offsets():
@@ -593,6 +632,10 @@ def test_gpu_fused_beam_and_input_kernels_match_their_torch_forms(rng):
     got = fk.input_validity(*args, SMALL.codebook_sizes)
     want = fk.input_validity(*args, SMALL.codebook_sizes, fused=False)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    raw = torch.stack(args)  # the sync-free route's packing, one launch
+    got = fk.pack_inputs(raw, SMALL.codebook_sizes)
+    want = fk.pack_inputs(raw, SMALL.codebook_sizes, fused=False)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     for seed in range(3):
         _check_beam_step(*_beam_search_step("cuda", seed=seed))
     # the base preset's last level: 50 beams over 4096 codes in groups of 16
@@ -608,6 +651,7 @@ def test_gpu_fused_beam_and_input_kernels_match_their_torch_forms(rng):
         (True, {"residual_gemm": False}),
         (True, {"topk_group": 4}),
         (True, {"fused_inputs": False}),
+        (True, {"sync_free_positions": 0, "decoder_tables": False}),
     ],
     ids=[
         "eager",
@@ -615,6 +659,7 @@ def test_gpu_fused_beam_and_input_kernels_match_their_torch_forms(rng):
         "residual-add-in-norm",
         "fused-beam-kernels-every-level",
         "inputs-unfused",
+        "synced-inputs-layer0-per-forward",
     ],
 )
 def test_gpu_fused_and_unfused_engines_agree(model, rng, graphs, options):
@@ -631,6 +676,22 @@ def test_gpu_fused_and_unfused_engines_agree(model, rng, graphs, options):
                 args = [torch.from_numpy(a).cuda() for a in args]
             report = compare_outputs(_as_np(*plain(*args)), _as_np(*fused(*args)))
             assert report["recall_overlap"] >= 0.9 and report["finite_scores"], report
+
+
+@pytest.mark.gpu
+def test_gpu_small_device_inputs_replay_their_own_graph_without_a_sync(model, rng):
+    """Device inputs of <= sync_free_positions positions: one graph per (B, T), replayed on new
+    inputs (other holes, an empty history) with the answers of the synced route."""
+    fast = GpuEngine(model, EngineConfig(dtype="bf16"), device="cuda")
+    synced = GpuEngine(model, EngineConfig(dtype="bf16", sync_free_positions=0), device="cuda")
+    for _ in range(3):
+        inp = _ragged(rng)
+        args = [torch.from_numpy(inp[k]).cuda() for k in INPUT_NAMES]
+        assert fast.tokens_from_arrays(*args)[0].kind == "inputs"
+        a, b = fast(*args), synced(*args)
+        report = compare_outputs(_as_np(*b), _as_np(*a))
+        assert report["recall_overlap"] >= 0.9 and report["finite_scores"], report
+    assert list(fast.graphs.keys()) == [("inputs", 6, 40)]
 
 
 @pytest.mark.gpu

@@ -167,7 +167,9 @@ class Tokens:
 
     kind "dense": B x T, no padding; "padded": B x T with additive masks; "packed": the valid
     tokens of S user slots back to back, ``cu``/``cu_mem`` their int32 offsets in the token and
-    memory (null slot + tokens) matrices, ``max_len`` a bound on any slot's length.
+    memory (null slot + tokens) matrices, ``max_len`` a bound on any slot's length; "inputs":
+    the caller's B x T tensors (``inputs``; ``ids`` their [4, B * T] stack once materialized),
+    packed on the device by the forward itself (no host round trip).
     ``staged``/``layout``: the host copy of every index tensor in one buffer (see ``Staging``),
     when the layout was built on the host; ``buf`` the device buffer they are views of.
     """
@@ -189,6 +191,7 @@ class Tokens:
     staged: torch.Tensor | None = None
     layout: dict | None = None
     buf: torch.Tensor | None = None
+    inputs: tuple | None = None  # kind "inputs": (l1, l2, l3, mask), int64 [B, T] each
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.ids, self.pos]

@@ -78,6 +78,17 @@ class EngineConfig:
     # engine(l1, l2, l3, mask) on device tensors: the inputs read, checked and counted in one
     # Triton kernel (~8 launches before)
     fused_inputs: bool = True
+    # engine(l1, l2, l3, mask) on tensors already on the engine's GPU, of at most this many
+    # positions (B x T; 0: never): no host round trip. The inputs are packed on the device
+    # (kernels.pack_inputs) inside a CUDA graph keyed by (B, T), padding positions included as
+    # a spare slot: at a few hundred rows the GEMMs cost what fewer rows cost, while reading
+    # the lengths back stalls the GPU for the host's whole layout and launch (~0.1 ms)
+    sync_free_positions: int = 256
+    # fused_ops' decoder: layer 0 up to its cross-attention is, at the first beam step, the same
+    # for every user (the bos token; one key, so attention returns its value) and, at the
+    # second, a function of the first code alone: both computed once per engine (1 row, and a
+    # table of codebook_sizes[0] rows gathered by code) instead of ~10 launches per forward
+    decoder_tables: bool = True
     cuda_graphs: bool = True
     max_graphs: int = 512  # LRU bound on captured graphs (64 dense + ~200 mix keys warmed)
     capture_new_shapes: bool = True  # False: shapes first seen after freeze_graphs() run eagerly
@@ -110,6 +121,11 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(name, value, "an integer >= 1")
+        n = self.sync_free_positions
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= fk.PACK_MAX_POSITIONS:
+            raise ConfigError(
+                "sync_free_positions", n, f"an integer in [0, {fk.PACK_MAX_POSITIONS}] (0: off)"
+            )
         g = self.topk_group
         if isinstance(g, bool) or not isinstance(g, int) or g < 0 or g & (g - 1):
             raise ConfigError("topk_group", g, "0 or a power of 2")
@@ -123,7 +139,9 @@ def count_flops(config, lengths: Sequence[int], kv_cache: bool = False) -> dict:
     Counts every matrix product (linear layers, attention scores and values, output heads);
     embeddings, norms, softmax and top-k are not counted. ``kv_cache=False`` is the reference
     algorithm (``UGTModel.forward``: dense causal prefixes recomputed at each beam step), the
-    number the floor is computed from; ``kv_cache=True`` is what GpuEngine executes.
+    number the floor is computed from; ``kv_cache=True`` is what GpuEngine executes (with its
+    default ``decoder_tables``: layer 0's QKV, output and query projections of the first two
+    beam steps are computed once per engine, not per forward).
     """
     d, f, k = config.d_model, config.d_ff, config.num_recommendations
     c1, c2, c3 = config.codebook_sizes
@@ -146,7 +164,9 @@ def count_flops(config, lengths: Sequence[int], kv_cache: bool = False) -> dict:
         attn_self += beams * 2 * d * keys_self
         attn_cross += beams * queries * 2 * d  # x (memory length) below
     dec = config.n_decoder_layers
-    out["decoder_linear"] = 2 * users * lin * dec
+    # decoder_tables: layer 0's QKV (3), output and cross query (1 + 1) at steps 1 and 2
+    tables = 5 * d * d * (1 + k) if kv_cache else 0
+    out["decoder_linear"] = 2 * users * (lin * dec - tables)
     out["decoder_self_attention"] = 2 * users * attn_self * dec
     out["decoder_cross_attention"] = 2 * attn_cross * mem * dec
     out["heads"] = 2 * users * d * (c1 + k * c2 + k * c3)
@@ -165,6 +185,8 @@ class GpuEngine:
         self.config = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cuda = self.device.type == "cuda"
+        if cuda and self.device.index is None:  # "cuda": the current device, named
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = DTYPES[cfg.dtype]
         if not cuda and self.dtype != torch.float32:
             logger.info(
@@ -206,7 +228,9 @@ class GpuEngine:
         self.graphs = GraphCache(
             self.device, cfg.cuda_graphs and cuda, cfg.max_graphs, cfg.capture_new_shapes
         )
-        self.layouts = TokenLayouts(m, cfg, self.device, self.dtype, self.graphs)
+        self.layouts = TokenLayouts(m, cfg, self.device, self.dtype, self.graphs, kernel)
+        self._first_rows: list = []  # decoder_tables: every buffer a graph may read
+        self._tables = self._decoder_tables() if cfg.decoder_tables and cfg.fused_ops else None
 
     # -- building blocks ------------------------------------------------------------------
     def _sdpa(self, q, k, v, mask):
@@ -385,19 +409,63 @@ class GpuEngine:
             y = y + self._ffn(layer.ffn, layer.norm3(y))
         return y, new_cache
 
-    def _decode_fused(self, y, h, past, kvs, t: Tokens, beams: int, parent):
+    def _self_block(self, i: int, y, h, past, parent, beams: int):
+        """Decoder layer ``i``'s self-attention sub-layer up to its cross-attention's query:
+        (this step's QKV, the new residual stream, the query)."""
+        layer = self.m.decoder[i]
+        qkv = layer.self_attn.qkv(h)
+        o = fk.step_attention(qkv, [p[i] for p in past], parent, beams, self.h)
+        y, h = fk.add_layernorm(layer.self_attn.out(o), y, layer.norm2)
+        return qkv, y, layer.cross_attn.q(h)
+
+    def _decoder_tables(self):
+        """Layer 0's ``_self_block`` at the first two beam steps, which depend on no input and
+        on the first code alone: ((QKV, query, residual) [1, .] of step 1, the same
+        [codebook_sizes[0], .] of step 2 per first code)."""
+        m, d, lvl, norm1 = self.m, self.d, self.m.level_emb.weight, self.m.decoder[0].norm1
+        with torch.inference_mode():
+            y, h = fk.add_layernorm(m.bos.view(1, d), lvl[:1], norm1)
+            qkv1, y1, q1 = self._self_block(0, y, h, [], None, 1)
+            emb = m.code_emb[0].weight
+            c = emb.shape[0]
+            y, h = fk.add_layernorm(emb, lvl[1].expand(c, d), norm1)
+            past = [[qkv1.expand(c, -1).contiguous()]]  # step 1, layer 0
+            qkv2, y2, q2 = self._self_block(0, y, h, past, None, 1)
+        return (qkv1, q1, y1), (qkv2, q2, y2)
+
+    def _first_step_rows(self, s: int):
+        """Step 1's QKV and query rows for ``s`` users: views of a buffer filled outside any
+        graph capture (graphs keep reading it: a larger one never frees a smaller)."""
+        qkv, q, _ = self._tables[0]
+        rows = self._first_rows[-1] if self._first_rows else None
+        if rows is None or rows[0].shape[0] < s:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # copied by the graph itself (a capture's warm-up run fills the buffer first)
+                return qkv.expand(s, -1).contiguous(), q.expand(s, -1).contiguous()
+            rows = tuple(p.expand(max(s, 64), -1).contiguous() for p in (qkv, q))
+            self._first_rows.append(rows)
+        return rows[0][:s], rows[1][:s]
+
+    def _decode_fused(self, y, h, past, kvs, t: Tokens, beams: int, parent, start=None):
         """One beam step with fused add+LayerNorm; ``h`` is norm1 of ``y``. Self-attention reads
         the earlier steps' QKV outputs (``past``) through ``parent`` instead of a K/V cache.
+        ``start``: layer 0's ``_self_block`` from ``decoder_tables`` instead, (QKV, query,
+        residual stream, and the rows of it to gather or None).
         Returns (decoder_norm output in the heads' input dtype, this step's QKV per layer)."""
         m, layers = self.m, self.m.decoder
         qkvs = []
         for i, (layer, (mk, mv)) in enumerate(zip(layers, kvs, strict=True)):
-            qkv = layer.self_attn.qkv(h)
+            rows = None
+            if i == 0 and start is not None:
+                qkv, q, y, rows = start
+            else:
+                qkv, y, q = self._self_block(i, y, h, past, parent, beams)
             qkvs.append(qkv)
-            o = fk.step_attention(qkv, [p[i] for p in past], parent, beams, self.h)
-            y, h = fk.add_layernorm(layer.self_attn.out(o), y, layer.norm2)
-            c = layer.cross_attn.out(self._cross(layer.cross_attn.q(h), mk, mv, t, beams))
-            y, h = fk.add_layernorm(c, y, layer.norm3)
+            c = layer.cross_attn.out(self._cross(q, mk, mv, t, beams))
+            if rows is None:
+                y, h = fk.add_layernorm(c, y, layer.norm3)
+            else:  # the residual gathered from its table as the norm reads it
+                y, h = fk.add_layernorm(y, c, layer.norm3, x_rows=rows)
             f = self._ffn(layer.ffn, h)
             if i + 1 < len(layers):
                 y, h = fk.add_layernorm(f, y, layers[i + 1].norm1)
@@ -455,6 +523,8 @@ class GpuEngine:
         return scores, beam, code.reshape(s, k * k).gather(1, flat)
 
     def _forward(self, t: Tokens):
+        if t.kind == "inputs":
+            t = self._packed_on_device(t)
         if self.config.fused_ops:
             return self._forward_fused(t)
         m, k, d = self.m, self.k, self.d
@@ -489,12 +559,22 @@ class GpuEngine:
         m, k, d = self.m, self.k, self.d
         s, lvl, first = t.users, m.level_emb.weight, m.decoder[0].norm1
         kvs = self._memory_kv(self._encode_fused(t), t)
-        y, h = fk.add_layernorm(m.bos.view(1, d).expand(s, d), lvl[0].expand(s, d), first)
-        hn, qkv1 = self._decode_fused(y, h, [], kvs, t, 1, None)
+        if self._tables is not None:
+            start = (*self._first_step_rows(s), self._tables[0][2].expand(s, d), None)
+            hn, qkv1 = self._decode_fused(None, None, [], kvs, t, 1, None, start)
+        else:
+            y, h = fk.add_layernorm(m.bos.view(1, d).expand(s, d), lvl[0].expand(s, d), first)
+            hn, qkv1 = self._decode_fused(y, h, [], kvs, t, 1, None)
         scores, c1 = self._first_beams(self._head(hn, 0), k)
-        emb = m.code_emb[0].weight
-        y, h = fk.add_layernorm(emb, lvl[1].expand(s * k, d), first, x_rows=c1.view(-1))
-        hn, qkv2 = self._decode_fused(y, h, [qkv1], kvs, t, k, None)
+        if self._tables is not None:
+            qkv, q, y = self._tables[1]
+            rows = c1.view(-1)
+            start = (qkv.index_select(0, rows), q.index_select(0, rows), y, rows)
+            hn, qkv2 = self._decode_fused(None, None, [qkv1], kvs, t, k, None, start)
+        else:
+            emb = m.code_emb[0].weight
+            y, h = fk.add_layernorm(emb, lvl[1].expand(s * k, d), first, x_rows=c1.view(-1))
+            hn, qkv2 = self._decode_fused(y, h, [qkv1], kvs, t, k, None)
         hist = c1.view(s, k, 1)
         scores, hist, parent, c2 = self._next_beams(self._head(hn, 1).view(s, k, -1), scores, hist)
         emb = m.code_emb[1].weight
@@ -502,6 +582,18 @@ class GpuEngine:
         hn, _ = self._decode_fused(y, h, [qkv1, qkv2], kvs, t, k, parent)
         scores, hist, _, _ = self._next_beams(self._head(hn, 2).view(s, k, -1), scores, hist)
         return hist, scores
+
+    def _packed_on_device(self, t: Tokens) -> Tokens:
+        """The packed layout of raw inputs (kind "inputs", ``ids`` [4, B * T]), built on the
+        device: B users, then a spare slot holding the padding positions."""
+        b, w = t.users, t.max_len
+        ids, pos, cu, cu_mem, null_idx, t2m = fk.pack_inputs(
+            t.ids.view(4, b, w), self.sizes, fused=self.config.fused_ops
+        )
+        p = Tokens("packed", b + 1, b * w, ids, pos, cu, cu_mem, t2m, null_idx, t.cu_beams)
+        if self.kernel == "reference":  # its host loop needs the lengths (tests on the CPU)
+            p.lengths = tuple(cu.diff().tolist())
+        return p
 
     def _fused_group(self, c: int, k: int, beams: int) -> int:
         """The group size of the fused beam kernels for ``c`` codes, or 0 where they don't apply
@@ -548,7 +640,9 @@ class GpuEngine:
             label = f"{tb.users} users x {static.ids.shape[1]} tokens"
             entry = graphs.capture(key, static, self._forward, label)
         graph, static, outs = entry
-        if tb.staged is not None and static.buf is not None:
+        if tb.kind == "inputs":  # the caller's four tensors, stacked into the graph's input
+            torch.stack(tb.inputs, out=static.ids.view(4, tb.users, tb.max_len))
+        elif tb.staged is not None and static.buf is not None:
             layouts.staging.copy_to(tb.staged, static.buf)  # one host-to-device copy, all inputs
         else:
             tb = layouts.materialized(tb)
@@ -561,6 +655,9 @@ class GpuEngine:
 
     def _static_inputs(self, t: Tokens) -> Tokens:
         """A private copy of ``t``'s device tensors: the graph's inputs, refilled per replay."""
+        if t.kind == "inputs":
+            return Tokens("inputs", t.users, t.max_len, t.ids.clone(), None, key=t.key,
+                          cu_beams=t.cu_beams)  # fmt: skip
         if t.buf is not None:  # a host-built layout: static inputs are views of one buffer
             static = self.layouts.with_buffer(t, t.buf.clone())
             static.lengths = static.staged = None

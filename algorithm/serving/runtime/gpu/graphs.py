@@ -1,7 +1,7 @@
 """GpuEngine's CUDA graphs: one per layout key, composed into the engine.
 
 A key names a bucketed layout (("dense", users, width), ("packed", users, tokens), ("padded",
-users, width)). The least recently used graph is dropped past ``max_graphs``. After warm-up the
+users, width)), or ("inputs", users, width): raw device inputs the forward packs itself. The least recently used graph is dropped past ``max_graphs``. After warm-up the
 engine freezes the cache: with ``capture_new_shapes`` False a key without a graph is no longer
 captured mid-traffic (a capture stalls its batch for tens of ms); the engine runs such a batch
 in a larger warmed bucket (counted in ``rounded_up``) or eagerly (``eager_runs``).

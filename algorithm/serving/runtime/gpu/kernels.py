@@ -330,6 +330,56 @@ if TRITON:
             acc += v.to(tl.int32)
         tl.store(len_ptr + row, tl.sum(acc, 0).to(tl.int64))
 
+    @triton.jit
+    def _pack_kernel(
+        raw_ptr, ids_ptr, pos_ptr, cu_ptr, cum_ptr, null_ptr, t2m_ptr, B, T, c1, c2, c3,
+        BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):  # fmt: skip
+        # one program: B x T <= PACK_MAX_POSITIONS positions, read twice (lengths, then places)
+        n = B * T
+        cols = tl.arange(0, BLOCK_T)
+        ok = cols < T
+        slots = tl.arange(0, BLOCK_B)
+        lens = tl.zeros([BLOCK_B], tl.int64)
+        for b in range(0, B):
+            v = _valid_row(raw_ptr, b, T, n, cols, ok, c1, c2, c3)
+            lens += tl.where(slots == b, tl.sum(v.to(tl.int64), 0), 0)
+        total = tl.sum(lens, 0)
+        start = tl.cumsum(lens, 0) - lens  # each user's first packed token
+        real = slots < B
+        tl.store(cu_ptr + slots, start.to(tl.int32), mask=real)
+        tl.store(cum_ptr + slots, (start + slots).to(tl.int32), mask=real)
+        tl.store(null_ptr + slots, start + slots, mask=real)
+        tl.store(cu_ptr + B, total.to(tl.int32))  # the spare slot: every padding position
+        tl.store(cum_ptr + B, (total + B).to(tl.int32))
+        tl.store(null_ptr + B, total + B)
+        tl.store(cu_ptr + B + 1, n.to(tl.int32))
+        tl.store(cum_ptr + B + 1, (n + B + 1).to(tl.int32))
+        for b in range(0, B):
+            v = _valid_row(raw_ptr, b, T, n, cols, ok, c1, c2, c3)
+            first = tl.sum(tl.where(slots == b, start, 0), 0)
+            vi = v.to(tl.int64)
+            dest = tl.where(
+                v,
+                first + tl.cumsum(vi, 0) - 1,
+                total + (b * T - first) + tl.cumsum((1 - vi) * ok.to(tl.int64), 0) - 1,
+            )
+            slot = tl.where(v, b, B).to(tl.int64)
+            tl.store(pos_ptr + dest, cols.to(tl.int64), mask=ok)
+            tl.store(t2m_ptr + dest, dest + slot + 1, mask=ok)
+            for c in tl.static_range(3):
+                i = tl.load(raw_ptr + c * n + b * T + cols, mask=ok, other=0)
+                tl.store(ids_ptr + c * n + dest, tl.where(v, i, 0), mask=ok)
+
+    @triton.jit
+    def _valid_row(raw_ptr, b, T, n, cols, ok, c1, c2, c3):
+        off = b * T + cols
+        a = tl.load(raw_ptr + off, mask=ok, other=0)
+        d = tl.load(raw_ptr + n + off, mask=ok, other=0)
+        c = tl.load(raw_ptr + 2 * n + off, mask=ok, other=0)
+        m = tl.load(raw_ptr + 3 * n + off, mask=ok, other=0)
+        return ok & (m > 0) & (a >= 0) & (a < c1) & (d >= 0) & (d < c2) & (c >= 0) & (c < c3)
+
 
 # -- public -------------------------------------------------------------------------------------
 def add_layernorm(
@@ -407,6 +457,62 @@ def input_validity(l1, l2, l3, mask, sizes, sizes_tensor=None, fused=True):
         BLOCK=min(1024, triton.next_power_of_2(t)), num_warps=4,
     )  # fmt: skip
     return ids, valid.view(torch.bool), lengths
+
+
+# ``pack_inputs`` runs as one program: the sync-free route's inputs stay this small
+PACK_MAX_POSITIONS = 8192
+
+
+def pack_inputs(raw, sizes, fused=True):
+    """A packed layout of [B, T] inputs built on their device, without a host round trip.
+
+    ``raw``: int64 [4, B, T] (ids of the three levels, then the mask). Valid positions
+    (``mask > 0`` and every id inside its codebook, as ``input_validity``) are packed user by
+    user; the padding positions follow as one spare slot (slot B), ids 0. Returns (ids [3, N],
+    pos [N], cu int32 [B + 2], cu_mem int32 [B + 2], null_idx [B + 1], tok_to_mem [N]) with
+    N = B * T, the offsets ``packed_index`` gives for lengths (each user's valid count, then
+    N minus their sum). One launch on CUDA (``fused``, B * T <= ``PACK_MAX_POSITIONS``); else
+    the torch form (capturable too: no host syncs)."""
+    _, b, t = raw.shape
+    n = b * t
+    if not fused or not triton_usable(raw) or n > PACK_MAX_POSITIONS:
+        return _pack_inputs_torch(raw, sizes)
+    raw = raw.contiguous()
+    dev = raw.device
+    ids = torch.empty(3, n, device=dev, dtype=torch.int64)
+    pos = torch.empty(n, device=dev, dtype=torch.int64)
+    cu = torch.empty(b + 2, device=dev, dtype=torch.int32)
+    cu_mem = torch.empty(b + 2, device=dev, dtype=torch.int32)
+    null_idx = torch.empty(b + 1, device=dev, dtype=torch.int64)
+    tok_to_mem = torch.empty(n, device=dev, dtype=torch.int64)
+    _pack_kernel[(1,)](
+        raw, ids, pos, cu, cu_mem, null_idx, tok_to_mem, b, t, *sizes,
+        BLOCK_T=triton.next_power_of_2(t), BLOCK_B=triton.next_power_of_2(b), num_warps=4,
+    )  # fmt: skip
+    return ids, pos, cu, cu_mem, null_idx, tok_to_mem
+
+
+def _pack_inputs_torch(raw, sizes):
+    _, b, t = raw.shape
+    n, dev = b * t, raw.device
+    ids, valid, lengths = input_validity(*raw, sizes, fused=False)
+    v = valid.reshape(-1)
+    total = lengths.sum()
+    rank = torch.cumsum(v.long(), 0) - 1
+    spare = total + torch.cumsum((~v).long(), 0) - 1
+    dest = torch.where(v, rank, spare)
+    user = torch.arange(b, device=dev).repeat_interleave(t)
+    slot = torch.where(v, user, b)
+    packed = torch.zeros(3, n, device=dev, dtype=torch.int64)
+    packed[:, dest] = torch.where(valid, ids, 0).reshape(3, n)
+    pos = torch.empty(n, device=dev, dtype=torch.int64)
+    pos[dest] = torch.arange(t, device=dev).repeat(b)
+    tok_to_mem = torch.empty(n, device=dev, dtype=torch.int64)
+    tok_to_mem[dest] = dest + slot + 1
+    lens = torch.cat([lengths, (n - total).view(1)])
+    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+    cu_mem = cu + torch.arange(b + 2, device=dev)
+    return packed, pos, cu.int(), cu_mem.int(), cu_mem[:-1].clone(), tok_to_mem
 
 
 def embed_layernorm(ids, pos, tables, norm, num_warps: int = 4):

@@ -43,7 +43,7 @@ class TokenLayouts:
     into the staging buffer, so that the whole forward's inputs reach the device in one copy
     (straight into the graph's static buffer on replay)."""
 
-    def __init__(self, model, config, device, dtype, graphs):
+    def __init__(self, model, config, device, dtype, graphs, kernel: str = "reference"):
         self.m = model
         self.model_config = mc = model.config
         self.k, self.sizes = mc.num_recommendations, tuple(mc.codebook_sizes)
@@ -52,6 +52,13 @@ class TokenLayouts:
         self.staging = Staging(device, blocking=config.blocking_sync)
         self._sizes: dict = {}  # device -> the codebook sizes as a tensor there
         self._pos: dict = {}  # (users, width, device) -> positions of a B x T layout
+        self._beams: dict = {}  # slots -> cu_beams of the sync-free route (constant)
+        # the sync-free route: graphs replay it, and its attention reads offsets on the device
+        self.sync_free = (
+            config.sync_free_positions
+            if graphs.enabled and config.layout == "packed" and kernel != "reference"
+            else 0
+        )
 
     # -- device-side route -------------------------------------------------------------------
     def _device_tokens(
@@ -86,6 +93,8 @@ class TokenLayouts:
         l1, l2, l3, mask = (a.to(torch.int64) for a in args)
         self.m.check_inputs(l1, l2, l3, mask)
         b, t = l1.shape
+        if b * t <= self.sync_free and all(a.device == self.device for a in (l1, l2, l3, mask)):
+            return self.sync_free_tokens(l1, l2, l3, mask), b
         # few launches: each costs ~10-20 us of Python on the GPU hosts (fused: one)
         sizes = self._sizes.get(l1.device)
         if sizes is None:
@@ -105,6 +114,19 @@ class TokenLayouts:
             ), b
         rows, cols = valid.nonzero(as_tuple=True)
         return self._packed(ids[:, rows, cols], cols, lengths), b
+
+    def sync_free_tokens(self, l1, l2, l3, mask) -> Tokens:
+        """Kind "inputs": [B, T] device tensors the forward packs itself (``kernels.pack_inputs``:
+        B users, then a spare slot of the padding positions), in a graph keyed by (B, T)."""
+        b, t = l1.shape
+        beams = self._beams.get(b + 1)
+        if beams is None:
+            slots = torch.arange(b + 2, device=self.device, dtype=torch.int32)
+            beams = self._beams[b + 1] = {1: slots, self.k: slots * self.k}
+        key = ("inputs", b, t)
+        return Tokens(
+            "inputs", b, t, None, None, cu_beams=beams, key=key, inputs=(l1, l2, l3, mask)
+        )
 
     def _positions(self, users: int, width: int, like: torch.Tensor) -> torch.Tensor:
         """Each row's column index, [users * width] (kept per shape: the same every call)."""
@@ -291,4 +313,7 @@ class TokenLayouts:
         """``t`` with device tensors (one copy of the staged buffer; no-op if already there)."""
         if t.ids is not None:
             return t
+        if t.kind == "inputs":
+            ids = torch.stack(t.inputs).view(4, -1)
+            return Tokens(**{**t.__dict__, "ids": ids})
         return self.with_buffer(t, self.staging.copy_to(t.staged))
