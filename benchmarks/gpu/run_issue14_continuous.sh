@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, runs 6, 7, 9, 10, 11, 13-15, 17-20, 23 (SET=run6|run7|run10|run11|run12|run14|run15|run17|run18|run19|run20|run23): continuous batching (model.py's continuous_batching: execute() returns at once,
+# Issue 14, runs 6, 7, 9, 10, 11, 13-15, 17-20, 23, 26 (SET=run6|run7|run10|run11|run12|run14|run15|run17|run18|run19|run20|run23|run26): continuous batching (model.py's continuous_batching: execute() returns at once,
 # the pipeline queues on the GPU everything left with it whenever a slot frees, no queue delay)
 # against today's defaults and run 5's tuned pick, side by side in one run; then the GPU tests.
 # From the repository root on the GPU machine, wheels in .whl/ (see benchmarks/RESULTS.md):
@@ -95,6 +95,10 @@ elif [ "${SET:-run7}" = run23 ]; then  # run 23: continuous batching (the lone r
   COMMON='"slo_ms":30,"fixed_levels":[1,64],"mix_levels":[64],"pad_instances":[]'
   B='"engine_options":{"blocking_sync":true}'
   V+=",{\"name\":\"cont_i1_d1_block\",\"instances\":1,$C,$B}"
+elif [ "${SET:-run7}" = run26 ]; then  # run 26: EngineConfig.decoder_tables (layer 0 of the
+  # first two beam steps from tables), off then on, twice in turn, at the goals' three points
+  COMMON='"slo_ms":30,"fixed_levels":[1,64],"mix_levels":[64],"pad_instances":[]'
+  V=$(ab_pairs tables decoder_tables)
 else  # run 7: the same with a 100 us GIL switch interval (run 6's launch waited for the GIL)
   G='"gil_switch_interval_us":100'
   V+=",{\"name\":\"pipe_i2_d2_qd3000_gil100\",\"instances\":2,\"pipeline_depth\":2,\"max_queue_delay_us\":3000,$G,$S}"

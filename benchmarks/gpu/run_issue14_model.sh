@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Issue 14, run 25 on (SET=run25): the model alone (benchmarks/gpu/model_alone.py), before and
-# after in one run on one card, after the GPU tests.
+# Issue 14, runs 25-26 (SET=run25|run26): the model alone (benchmarks/gpu/model_alone.py),
+# before and after in one run on one card, after the GPU tests.
 #   run25: EngineConfig.decoder_tables (layer 0's first two beam steps from tables) and
 #          sync_free_positions (small device inputs packed on the device, no host round trip)
 #          off, then each on; sync_free_1024 also takes 1 x 1024 without the round trip.
+#   run26: the same after the sync-free layout lost its spare slot (the padding positions sit
+#          outside every slot: the decoder runs B users, not B + 1)
 # From the repository root on the GPU machine, wheels in .whl/ (see benchmarks/RESULTS.md):
 #   benchmarks/gpu/run_issue14_model.sh OUT_DIR TAG
 set -euo pipefail
@@ -15,6 +17,11 @@ case "${SET:-run25}" in
     V+=",\"tables\":{$E,\"sync_free_positions\":0}"
     V+=",\"tables_sync_free\":{$E}"
     V+=",\"sync_free_1024\":{$E,\"sync_free_positions\":1024}}"
+    ;;
+  run26)
+    V="{\"before\":{$E,\"sync_free_positions\":0,\"decoder_tables\":false}"
+    V+=",\"tables\":{$E,\"sync_free_positions\":0}"
+    V+=",\"tables_sync_free\":{$E}}"
     ;;
   *) echo "unknown SET=$SET" >&2; exit 2 ;;
 esac

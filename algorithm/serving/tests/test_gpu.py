@@ -335,7 +335,7 @@ def test_input_validity_reads_what_the_reference_reads(rng):
 
 def test_inputs_packed_on_the_device_give_the_host_layout(rng):
     """pack_inputs (the sync-free route) packs what tokens_from_arrays' packed route packs,
-    with the offsets packed_index gives, the padding positions last as one spare slot."""
+    with the offsets packed_index gives; the padding positions follow, outside every slot."""
     for batch, seq in ((6, 40), (1, 1), (3, 5)):
         inp = (
             _ragged(rng, batch, seq)
@@ -349,9 +349,13 @@ def test_inputs_packed_on_the_device_give_the_host_layout(rng):
         n = len(rows)
         assert torch.equal(ids[:, :n], raw[:3, rows, cols]) and torch.equal(pos[:n], cols)
         assert (ids[:, n:] == 0).all() and ids.shape == (3, batch * seq)
-        want = packed_index(lengths.tolist(), extra=[batch * seq - n])
-        for name, got in zip(("cu", "cu_mem", "null_idx", "tok_to_mem"), offsets, strict=True):
-            assert got.tolist() == want[name].tolist(), name
+        want = packed_index(lengths.tolist())
+        cu, cu_mem, null_idx, tok_to_mem = offsets
+        assert cu.tolist() == want["cu"].tolist() and cu_mem.tolist() == want["cu_mem"].tolist()
+        assert null_idx.tolist() == want["null_idx"].tolist()
+        assert tok_to_mem[:n].tolist() == want["tok_to_mem"].tolist()
+        # padding rows: after the last slot's memory, each its own
+        assert tok_to_mem[n:].tolist() == list(range(n + batch, batch * seq + batch))
 
 
 @pytest.mark.parametrize("options", [{}, {"fused_ops": False}], ids=["fused", "unfused"])

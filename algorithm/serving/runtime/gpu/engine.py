@@ -585,12 +585,12 @@ class GpuEngine:
 
     def _packed_on_device(self, t: Tokens) -> Tokens:
         """The packed layout of raw inputs (kind "inputs", ``ids`` [4, B * T]), built on the
-        device: B users, then a spare slot holding the padding positions."""
+        device: B users, the padding positions after them (``kernels.pack_inputs``)."""
         b, w = t.users, t.max_len
         ids, pos, cu, cu_mem, null_idx, t2m = fk.pack_inputs(
             t.ids.view(4, b, w), self.sizes, fused=self.config.fused_ops
         )
-        p = Tokens("packed", b + 1, b * w, ids, pos, cu, cu_mem, t2m, null_idx, t.cu_beams)
+        p = Tokens("packed", b, w, ids, pos, cu, cu_mem, t2m, null_idx, t.cu_beams)
         if self.kernel == "reference":  # its host loop needs the lengths (tests on the CPU)
             p.lengths = tuple(cu.diff().tolist())
         return p

@@ -350,11 +350,8 @@ if TRITON:
         tl.store(cu_ptr + slots, start.to(tl.int32), mask=real)
         tl.store(cum_ptr + slots, (start + slots).to(tl.int32), mask=real)
         tl.store(null_ptr + slots, start + slots, mask=real)
-        tl.store(cu_ptr + B, total.to(tl.int32))  # the spare slot: every padding position
+        tl.store(cu_ptr + B, total.to(tl.int32))
         tl.store(cum_ptr + B, (total + B).to(tl.int32))
-        tl.store(null_ptr + B, total + B)
-        tl.store(cu_ptr + B + 1, n.to(tl.int32))
-        tl.store(cum_ptr + B + 1, (n + B + 1).to(tl.int32))
         for b in range(0, B):
             v = _valid_row(raw_ptr, b, T, n, cols, ok, c1, c2, c3)
             first = tl.sum(tl.where(slots == b, start, 0), 0)
@@ -364,9 +361,8 @@ if TRITON:
                 first + tl.cumsum(vi, 0) - 1,
                 total + (b * T - first) + tl.cumsum((1 - vi) * ok.to(tl.int64), 0) - 1,
             )
-            slot = tl.where(v, b, B).to(tl.int64)
             tl.store(pos_ptr + dest, cols.to(tl.int64), mask=ok)
-            tl.store(t2m_ptr + dest, dest + slot + 1, mask=ok)
+            tl.store(t2m_ptr + dest, dest + tl.where(v, b + 1, B).to(tl.int64), mask=ok)
             for c in tl.static_range(3):
                 i = tl.load(raw_ptr + c * n + b * T + cols, mask=ok, other=0)
                 tl.store(ids_ptr + c * n + dest, tl.where(v, i, 0), mask=ok)
@@ -468,11 +464,12 @@ def pack_inputs(raw, sizes, fused=True):
 
     ``raw``: int64 [4, B, T] (ids of the three levels, then the mask). Valid positions
     (``mask > 0`` and every id inside its codebook, as ``input_validity``) are packed user by
-    user; the padding positions follow as one spare slot (slot B), ids 0. Returns (ids [3, N],
-    pos [N], cu int32 [B + 2], cu_mem int32 [B + 2], null_idx [B + 1], tok_to_mem [N]) with
-    N = B * T, the offsets ``packed_index`` gives for lengths (each user's valid count, then
-    N minus their sum). One launch on CUDA (``fused``, B * T <= ``PACK_MAX_POSITIONS``); else
-    the torch form (capturable too: no host syncs)."""
+    user, with the offsets ``packed_index`` gives for their lengths. The padding positions
+    follow outside every slot (ids 0; their memory rows after the last slot's): a forward
+    computes their rows and no slot reads them. Returns (ids [3, N], pos [N], cu int32
+    [B + 1], cu_mem int32 [B + 1], null_idx [B], tok_to_mem [N]) with N = B * T. One launch
+    on CUDA (``fused``, B * T <= ``PACK_MAX_POSITIONS``); else the torch form (capturable too:
+    no host copies or syncs)."""
     _, b, t = raw.shape
     n = b * t
     if not fused or not triton_usable(raw) or n > PACK_MAX_POSITIONS:
@@ -481,9 +478,9 @@ def pack_inputs(raw, sizes, fused=True):
     dev = raw.device
     ids = torch.empty(3, n, device=dev, dtype=torch.int64)
     pos = torch.empty(n, device=dev, dtype=torch.int64)
-    cu = torch.empty(b + 2, device=dev, dtype=torch.int32)
-    cu_mem = torch.empty(b + 2, device=dev, dtype=torch.int32)
-    null_idx = torch.empty(b + 1, device=dev, dtype=torch.int64)
+    cu = torch.empty(b + 1, device=dev, dtype=torch.int32)
+    cu_mem = torch.empty(b + 1, device=dev, dtype=torch.int32)
+    null_idx = torch.empty(b, device=dev, dtype=torch.int64)
     tok_to_mem = torch.empty(n, device=dev, dtype=torch.int64)
     _pack_kernel[(1,)](
         raw, ids, pos, cu, cu_mem, null_idx, tok_to_mem, b, t, *sizes,
@@ -495,23 +492,22 @@ def pack_inputs(raw, sizes, fused=True):
 def _pack_inputs_torch(raw, sizes):
     _, b, t = raw.shape
     n, dev = b * t, raw.device
-    ids, valid, lengths = input_validity(*raw, sizes, fused=False)
+    valid = raw[3] > 0  # input_validity's test, with no host tensor (graph capture)
+    for level, size in enumerate(sizes):
+        valid &= (raw[level] >= 0) & (raw[level] < size)
     v = valid.reshape(-1)
+    lengths = valid.sum(1)
     total = lengths.sum()
-    rank = torch.cumsum(v.long(), 0) - 1
-    spare = total + torch.cumsum((~v).long(), 0) - 1
-    dest = torch.where(v, rank, spare)
-    user = torch.arange(b, device=dev).repeat_interleave(t)
-    slot = torch.where(v, user, b)
+    dest = torch.where(v, v.long().cumsum(0), total + (~v).long().cumsum(0)) - 1
+    user = torch.arange(n, device=dev) // t
     packed = torch.zeros(3, n, device=dev, dtype=torch.int64)
-    packed[:, dest] = torch.where(valid, ids, 0).reshape(3, n)
+    packed[:, dest] = torch.where(valid, raw[:3], 0).reshape(3, n)
     pos = torch.empty(n, device=dev, dtype=torch.int64)
     pos[dest] = torch.arange(t, device=dev).repeat(b)
     tok_to_mem = torch.empty(n, device=dev, dtype=torch.int64)
-    tok_to_mem[dest] = dest + slot + 1
-    lens = torch.cat([lengths, (n - total).view(1)])
-    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
-    cu_mem = cu + torch.arange(b + 2, device=dev)
+    tok_to_mem[dest] = dest + torch.where(v, user + 1, b)
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    cu_mem = cu + torch.arange(b + 1, device=dev)
     return packed, pos, cu.int(), cu_mem.int(), cu_mem[:-1].clone(), tok_to_mem
 
 

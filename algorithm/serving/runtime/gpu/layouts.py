@@ -117,12 +117,12 @@ class TokenLayouts:
 
     def sync_free_tokens(self, l1, l2, l3, mask) -> Tokens:
         """Kind "inputs": [B, T] device tensors the forward packs itself (``kernels.pack_inputs``:
-        B users, then a spare slot of the padding positions), in a graph keyed by (B, T)."""
+        the padding positions after the B users), in a graph keyed by (B, T)."""
         b, t = l1.shape
-        beams = self._beams.get(b + 1)
+        beams = self._beams.get(b)
         if beams is None:
-            slots = torch.arange(b + 2, device=self.device, dtype=torch.int32)
-            beams = self._beams[b + 1] = {1: slots, self.k: slots * self.k}
+            slots = torch.arange(b + 1, device=self.device, dtype=torch.int32)
+            beams = self._beams[b] = {1: slots, self.k: slots * self.k}
         key = ("inputs", b, t)
         return Tokens(
             "inputs", b, t, None, None, cu_beams=beams, key=key, inputs=(l1, l2, l3, mask)
