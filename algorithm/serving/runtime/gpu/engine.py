@@ -80,15 +80,16 @@ class EngineConfig:
     fused_inputs: bool = True
     # engine(l1, l2, l3, mask) on tensors already on the engine's GPU, of at most this many
     # positions (B x T; 0: never): no host round trip. The inputs are packed on the device
-    # (kernels.pack_inputs) inside a CUDA graph keyed by (B, T), padding positions included as
-    # a spare slot: at a few hundred rows the GEMMs cost what fewer rows cost, while reading
-    # the lengths back stalls the GPU for the host's whole layout and launch (~0.1 ms)
+    # (kernels.pack_inputs) inside a CUDA graph keyed by (B, T), the padding positions after
+    # the users, outside every slot: at a few hundred rows the GEMMs cost what fewer rows cost,
+    # while reading the lengths back stalls the GPU for the host's layout and launch (H200,
+    # run 26: 1 x 128 1.01 -> 0.93 ms; run 25: 1 x 1024 1.23 -> 1.36 ms, hence 256)
     sync_free_positions: int = 256
     # fused_ops' decoder: layer 0 up to its cross-attention is, at the first beam step, the same
     # for every user (the bos token; one key, so attention returns its value) and, at the
     # second, a function of the first code alone: both computed once per engine (1 row, and a
     # table of codebook_sizes[0] rows gathered by code) instead of ~10 launches per forward
-    decoder_tables: bool = True
+    decoder_tables: bool = True  # (H200, run 26: ~0.03 ms per forward at every shape)
     cuda_graphs: bool = True
     max_graphs: int = 512  # LRU bound on captured graphs (64 dense + ~200 mix keys warmed)
     capture_new_shapes: bool = True  # False: shapes first seen after freeze_graphs() run eagerly
@@ -440,7 +441,8 @@ class GpuEngine:
         rows = self._first_rows[-1] if self._first_rows else None
         if rows is None or rows[0].shape[0] < s:
             if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                # copied by the graph itself (a capture's warm-up run fills the buffer first)
+                # no buffer this large yet (GraphCache.capture's warm-up run makes one before
+                # capturing): the graph copies the rows itself
                 return qkv.expand(s, -1).contiguous(), q.expand(s, -1).contiguous()
             rows = tuple(p.expand(max(s, 64), -1).contiguous() for p in (qkv, q))
             self._first_rows.append(rows)

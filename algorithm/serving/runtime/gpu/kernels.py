@@ -12,6 +12,10 @@ between its matrix products:
   needs no K/V cache copies, expansions or gathers;
 - ``logsumexp_groupmax``: one pass over fp32 logits (torch's takes several), optionally
   writing the max of each group of columns for a grouped top-k.
+- ``topk_groups`` / ``topk_in_groups`` / ``beam_select``: a beam level's grouped top-k, with the
+  next beams' histories and parents, in three launches;
+- ``input_validity``: ``engine(l1, l2, l3, mask)``'s inputs read and checked in one launch;
+  ``pack_inputs``: the same inputs packed on the device (the sync-free route: no host round trip).
 
 The torch versions are the reference (tests on CPU run them) and the fallback when Triton is
 absent. Every Triton kernel is CUDA-graph capturable: no host syncs, no allocations inside.
