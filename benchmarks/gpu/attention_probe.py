@@ -5,8 +5,9 @@ dense 64 x 1024 (today: torch SDPA, which picks cuDNN) and the packed log-normal
 
 For every kernel: the output's largest difference from an fp32 reference (a subset of users,
 torch SDPA in fp32 math), its median time over CUDA events, TFLOP/s (4 * S_q * S_k * D * H per
-user), and for FA4 its first call's time (JIT compilation) and whether a CUDA-graph replay
-gives the eager output. Writes one JSON; a kernel that fails says why in it.
+user), its first call's time (FA4: JIT compilation), and its time replayed in a CUDA graph
+(the engine replays graphs; FA4's eager call is bound by its Python launch) with whether the
+replay gives the eager output. Writes one JSON; a kernel that fails says why in it.
 
     python3 benchmarks/gpu/attention_probe.py --out $OUT/attention_probe.json
 (FA4 and its CUTLASS DSL wheels must be importable: run_issue14_fa4.sh installs them.)
@@ -73,6 +74,9 @@ def _row(name, fn, check, lengths, first_s=None) -> dict:
         ms = _events(fn)
         row["ms"] = ms
         row["tflops"] = _flops(lengths) / ms / 1e9
+        row.update(_graph_check(fn))
+        if "graph_ms" in row:
+            row["graph_tflops"] = _flops(lengths) / row["graph_ms"] / 1e9
     except Exception as e:  # a kernel that cannot run is a result too
         row["error"] = f"{type(e).__name__}: {e}"
         row["traceback"] = traceback.format_exc()[-2000:]
@@ -154,7 +158,6 @@ def main(argv=None) -> int:
                 qb, kb, vb = (x.view(b, -1, H, D) for x in (q, k, v))
                 fa4 = lambda qb=qb, kb=kb, vb=vb: flash_attn_func(qb, kb, vb)[0]  # noqa: E731
                 runs.append(_row("fa4_dense", fa4, check, lengths))
-                runs[-1].update(_graph_check(fa4))
 
         def fa2(q=q, k=k, v=v, cu_d=cu_d, longest=longest):
             return torch.ops.aten._flash_attention_forward(
@@ -171,7 +174,6 @@ def main(argv=None) -> int:
                 )[0]  # fmt: skip
 
             runs.append(_row("fa4_varlen", fa4v, check, lengths))
-            runs[-1].update(_graph_check(fa4v))
         result["shapes"][shape] = {"users": len(lengths), "tokens": n, "kernels": runs}
         Path(args.out).write_text(json.dumps(result, indent=1))
     log(f"wrote {args.out}")

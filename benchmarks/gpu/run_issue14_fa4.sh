@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, run 27: FlashAttention-4 (PyPI flash-attn-4, CuTe DSL, with a Hopper forward) against
+# Issue 14, runs 27-28: FlashAttention-4 (PyPI flash-attn-4, CuTe DSL, with a Hopper forward) against
 # the engine's attention kernels at its shapes, alone (benchmarks/gpu/attention_probe.py).
 # Its wheels (~100 MB, the CUTLASS DSL's compiler alone 92 MB) are over one call's 64 MiB carry,
 # so they reach the GPU machine in two calls, both halves into /tmp/fa4 there:
