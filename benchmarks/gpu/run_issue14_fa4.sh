@@ -6,7 +6,9 @@
 #   here:   benchmarks/gpu/run_issue14_fa4.sh --stage     (downloads, splits into .fa4a/ .fa4b/)
 #   call 1: carry .fa4a:  mkdir -p /tmp/fa4 && cp .fa4a/* /tmp/fa4/
 #   call 2: carry .fa4b, while the machine is still warm:
-#           cp .fa4b/* /tmp/fa4/ && benchmarks/gpu/run_issue14_fa4.sh OUT_DIR TAG
+#           cp .fa4b/* /tmp/fa4/ && [PART=model] benchmarks/gpu/run_issue14_fa4.sh OUT_DIR TAG
+# PART=probe (runs 27-28): attention_probe.py; PART=model (run 29): the GPU tests, then
+# model_alone.py with EngineConfig.varlen_kernel "flash" (today's) and "fa4" side by side.
 set -euo pipefail
 CU13=nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
 if [ "${1:-}" = --stage ]; then
@@ -33,5 +35,14 @@ SITE=$("$PY" -c 'import site; print(site.getsitepackages()[0])')
 echo "import site; site.addsitedir('/tmp/fa4site')" > "$SITE/ugt_fa4.pth"
 (cd / && "$PY" -c 'import algorithm' 2>/dev/null) || echo "$PWD" > "$SITE/ugt_repo.pth"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-"$PY" benchmarks/gpu/attention_probe.py --out "$OUT/gpu_issue14_${TAG}_attention.json" 2>&1 \
-  | tee "$OUT/gpu_issue14_${TAG}_attention.log"
+if [ "${PART:-probe}" = probe ]; then  # runs 27-28: the kernels alone
+  "$PY" benchmarks/gpu/attention_probe.py --out "$OUT/gpu_issue14_${TAG}_attention.json" 2>&1 \
+    | tee "$OUT/gpu_issue14_${TAG}_attention.log"
+else  # run 29 (PART=model): the GPU tests (FA4's included), then the engine with each kernel
+  PYTHONPATH=. timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider algorithm/serving/tests/test_gpu.py \
+    2>&1 | tail -25 | tee "$OUT/gpu_issue14_${TAG}_tests.txt" || true
+  E='"dtype":"bf16","gelu":"tanh_fused"'
+  "$PY" benchmarks/gpu/model_alone.py --out "$OUT/gpu_issue14_${TAG}_model.json" --rounds 5 \
+    --breakdown --no-pieces --variants "{\"flash\":{$E},\"fa4\":{$E,\"varlen_kernel\":\"fa4\"}}" \
+    2>&1 | tee "$OUT/gpu_issue14_${TAG}_model.log"
+fi

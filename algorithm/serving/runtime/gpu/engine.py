@@ -39,7 +39,7 @@ from algorithm.serving.runtime.gpu.layouts import TokenLayouts
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-VARLEN_KERNELS = ("auto", "flash", "cudnn", "reference")
+VARLEN_KERNELS = ("auto", "flash", "fa4", "cudnn", "reference")
 SDPA_BACKENDS = (None, "flash", "cudnn", "efficient", "math")
 LAYOUTS = ("packed", "padded")
 GELUS = ("exact", "tanh_fused")
@@ -54,7 +54,8 @@ class EngineConfig:
 
     dtype: str = "bf16"
     layout: str = "packed"  # "packed": no work on padding; "padded": pad-to-longest baseline
-    # packed attention: flash (CUDA fp16/bf16), cudnn, reference. cudnn: impractically slow with
+    # packed attention: flash (torch's FlashAttention-2, CUDA fp16/bf16), fa4 (FlashAttention-4's
+    # CuTe kernels, PyPI flash-attn-4, Hopper), cudnn, reference. cudnn: impractically slow with
     # torch 2.11 (issue 14 run 24: 128 histories' parity pass unfinished after ~290 s)
     varlen_kernel: str = "auto"
     dense_when_full: bool = True  # batches without padding: dense SDPA instead of varlen
@@ -133,6 +134,22 @@ class EngineConfig:
         return self
 
 
+def _fa4_varlen():
+    """FlashAttention-4's variable-length forward (``varlen_kernel="fa4"``), or a ConfigError
+    saying how to get it."""
+    try:
+        from flash_attn.cute.interface import flash_attn_varlen_func
+    except Exception as e:  # not installed, or its CUTLASS DSL finds no usable CUDA flavor
+        raise ConfigError(
+            "varlen_kernel",
+            "fa4",
+            f"FlashAttention-4 does not import here ({type(e).__name__}: {e})",
+            hint="pip install flash-attn-4 'nvidia-cutlass-dsl[cu13]' (cu12 for a CUDA 12 "
+            "driver); its Hopper forward needs an sm90 GPU. Or use varlen_kernel='flash'.",
+        ) from e
+    return flash_attn_varlen_func
+
+
 # -- FLOPs ------------------------------------------------------------------------------------
 def count_flops(config, lengths: Sequence[int], kv_cache: bool = False) -> dict:
     """FLOPs (2 per multiply-add) of one forward over users with these history lengths.
@@ -196,12 +213,13 @@ class GpuEngine:
         kernel = cfg.varlen_kernel
         if kernel == "auto":
             kernel = "flash" if cuda and self.dtype != torch.float32 else "reference"
-        if kernel in ("flash", "cudnn") and (not cuda or self.dtype == torch.float32):
+        if kernel in ("flash", "fa4", "cudnn") and (not cuda or self.dtype == torch.float32):
             raise ConfigError(
                 "varlen_kernel",
                 kernel,
                 "'reference' on CPU or in fp32 (flash needs CUDA fp16/bf16)",
             )
+        self._fa4 = _fa4_varlen() if kernel == "fa4" else None
         self.kernel = kernel
         self.model_config = mc = model.config
         self.k, self.h, self.d = mc.num_recommendations, mc.n_heads, mc.d_model
@@ -251,6 +269,16 @@ class GpuEngine:
 
     def _varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, len_q, len_k):
         """Per-segment attention over packed [total, H, Dh] q/k/v."""
+        if self._fa4 is not None:
+            return self._fa4(
+                q,
+                k,
+                v,
+                cu_seqlens_q=cu_q,
+                cu_seqlens_k=cu_k,
+                max_seqlen_q=max_q,
+                max_seqlen_k=max_k,
+            )[0]
         if self.kernel == "flash":
             return torch.ops.aten._flash_attention_forward(
                 q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False
