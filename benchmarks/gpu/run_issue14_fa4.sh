@@ -42,7 +42,7 @@ else  # run 29 (PART=model): the GPU tests (FA4's included), then the engine wit
   PYTHONPATH=. timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider algorithm/serving/tests/test_gpu.py \
     2>&1 | tail -25 | tee "$OUT/gpu_issue14_${TAG}_tests.txt" || true
   E='"dtype":"bf16","gelu":"tanh_fused"'
-  "$PY" benchmarks/gpu/model_alone.py --out "$OUT/gpu_issue14_${TAG}_model.json" --rounds 5 \
+  GPU_SCRIPT=benchmarks/gpu/model_alone.py benchmarks/gpu/run_gpu.sh --out "$OUT/gpu_issue14_${TAG}_model.json" --rounds 5 \
     --breakdown --no-pieces --variants "{\"flash\":{$E},\"fa4\":{$E,\"varlen_kernel\":\"fa4\"}}" \
     2>&1 | tee "$OUT/gpu_issue14_${TAG}_model.log"
 fi
