@@ -29,24 +29,14 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run_gpu import environment, log, lognormal_lengths  # noqa: E402
+from run_gpu import environment, log, lognormal_lengths, time_fn  # noqa: E402
 
 H, D = 8, 64
 
 
-def _events(fn, iters: int = 30, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(np.median(times))
+def _events(fn) -> float:
+    """Median ms per call over CUDA events (30 calls after 5 warm-up calls)."""
+    return time_fn(fn, torch.device("cuda"), iters=30, warmup=5)["median_ms"]
 
 
 def _reference(q, k, v, cu, users: int):
