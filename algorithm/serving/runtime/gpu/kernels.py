@@ -31,6 +31,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from algorithm.serving.runtime.gpu.batch import valid_tokens
+
 TRITON = importlib.util.find_spec("triton") is not None
 # add+LayerNorm launch shape (rows per program, warps): the fastest of 20 in kernels_smoke.py on
 # the H100 at 65536 x 512 bf16 (0.132 ms, 2.03 TB/s; torch's add then LayerNorm 0.191 ms)
@@ -326,7 +328,7 @@ if TRITON:
             b = tl.load(l2_ptr + off, mask=ok, other=0)
             c = tl.load(l3_ptr + off, mask=ok, other=0)
             m = tl.load(m_ptr + off, mask=ok, other=0)
-            v = ok & (m > 0) & (a >= 0) & (a < c1) & (b >= 0) & (b < c2) & (c >= 0) & (c < c3)
+            v = _valid(a, b, c, m, ok, c1, c2, c3)
             tl.store(ids_ptr + off, a, mask=ok)
             tl.store(ids_ptr + plane + off, b, mask=ok)
             tl.store(ids_ptr + 2 * plane + off, c, mask=ok)
@@ -378,7 +380,12 @@ if TRITON:
         d = tl.load(raw_ptr + n + off, mask=ok, other=0)
         c = tl.load(raw_ptr + 2 * n + off, mask=ok, other=0)
         m = tl.load(raw_ptr + 3 * n + off, mask=ok, other=0)
-        return ok & (m > 0) & (a >= 0) & (a < c1) & (d >= 0) & (d < c2) & (c >= 0) & (c < c3)
+        return _valid(a, d, c, m, ok, c1, c2, c3)
+
+    @triton.jit
+    def _valid(a, b, c, m, ok, c1, c2, c3):
+        """``batch.valid_tokens`` on loaded lanes (``ok``: the lanes inside the row)."""
+        return ok & (m > 0) & (a >= 0) & (a < c1) & (b >= 0) & (b < c2) & (c >= 0) & (c < c3)
 
 
 # -- public -------------------------------------------------------------------------------------
@@ -436,17 +443,14 @@ def add_layernorm(
     return (res if store_residual else None), dst
 
 
-def input_validity(l1, l2, l3, mask, sizes, sizes_tensor=None, fused=True):
+def input_validity(l1, l2, l3, mask, sizes, fused=True):
     """The engine's inputs read once: (ids [3, B, T] int64, valid [B, T] bool, lengths [B]
-    int64), valid where ``mask > 0`` and every id lies inside its codebook (``sizes``). All four
-    inputs are int64 [B, T]. One launch on CUDA (``fused``); else the torch form, with
-    ``sizes_tensor`` (the sizes on the inputs' device)."""
+    int64), valid where ``mask > 0`` and every id lies inside its codebook (``sizes``,
+    ``batch.valid_tokens``). All four inputs are int64 [B, T]. One launch on CUDA (``fused``);
+    else the torch form (no host tensor: capturable too)."""
     if not fused or not triton_usable(l1):
-        ids = torch.stack([l1, l2, l3])
-        if sizes_tensor is None:
-            sizes_tensor = torch.tensor(sizes, device=l1.device)
-        valid = (mask > 0) & ((ids >= 0) & (ids < sizes_tensor.view(3, 1, 1))).all(0)
-        return ids, valid, valid.sum(1)
+        valid = valid_tokens(l1, l2, l3, mask, sizes)
+        return torch.stack([l1, l2, l3]), valid, valid.sum(1)
     b, t = l1.shape
     l1, l2, l3, mask = (a.contiguous() for a in (l1, l2, l3, mask))
     ids = torch.empty(3, b, t, device=l1.device, dtype=torch.int64)
@@ -496,11 +500,8 @@ def pack_inputs(raw, sizes, fused=True):
 def _pack_inputs_torch(raw, sizes):
     _, b, t = raw.shape
     n, dev = b * t, raw.device
-    valid = raw[3] > 0  # input_validity's test, with no host tensor (graph capture)
-    for level, size in enumerate(sizes):
-        valid &= (raw[level] >= 0) & (raw[level] < size)
+    _, valid, lengths = input_validity(*raw, sizes, fused=False)
     v = valid.reshape(-1)
-    lengths = valid.sum(1)
     total = lengths.sum()
     dest = torch.where(v, v.long().cumsum(0), total + (~v).long().cumsum(0)) - 1
     user = torch.arange(n, device=dev) // t

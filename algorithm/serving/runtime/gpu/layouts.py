@@ -50,7 +50,6 @@ class TokenLayouts:
         self.config, self.device, self.dtype = config, device, dtype
         self.graphs = graphs
         self.staging = Staging(device, blocking=config.blocking_sync)
-        self._sizes: dict = {}  # device -> the codebook sizes as a tensor there
         self._pos: dict = {}  # (users, width, device) -> positions of a B x T layout
         self._beams: dict = {}  # slots -> cu_beams of the sync-free route (constant)
         # the sync-free route: graphs replay it, and its attention reads offsets on the device
@@ -96,11 +95,8 @@ class TokenLayouts:
         if b * t <= self.sync_free and all(a.device == self.device for a in (l1, l2, l3, mask)):
             return self.sync_free_tokens(l1, l2, l3, mask), b
         # few launches: each costs ~10-20 us of Python on the GPU hosts (fused: one)
-        sizes = self._sizes.get(l1.device)
-        if sizes is None:
-            sizes = self._sizes[l1.device] = torch.tensor(self.sizes, device=l1.device)
         ids, valid, lengths = fk.input_validity(
-            l1, l2, l3, mask, self.sizes, sizes, fused=self.config.fused_inputs
+            l1, l2, l3, mask, self.sizes, fused=self.config.fused_inputs
         )
         lengths = lengths.tolist()  # the one sync: bucketing needs the lengths on the host
         if self.config.layout == "padded":
